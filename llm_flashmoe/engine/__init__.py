@@ -1,0 +1,1 @@
+"""The inference engine: model math, caches, sampling and the generation loop."""

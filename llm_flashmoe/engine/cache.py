@@ -1,0 +1,72 @@
+"""Per-layer decoding state: KV caches and GatedDeltaNet states.
+
+A full-attention layer keeps keys and values of every past token
+(Hkv x Dh each: 30 KiB per token at 397B in bf16, both layers' worth).
+A linear-attention layer keeps a constant-size state: the last K-1 inputs of
+its causal conv and the recurrent matrix S (Hv x Dv x Dk, float32).
+The recurrent state cannot be rewound, so a cache is only ever extended;
+`ModelCache.tokens` records what it has seen so that a new prompt that
+extends it can skip the shared prefix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+
+_KV_STEP = 256  # grow KV buffers in blocks of this many tokens
+
+
+class KVCache:
+    def __init__(self):
+        self.keys: mx.array | None = None    # [1, Hkv, capacity, Dh]
+        self.values: mx.array | None = None
+        self.offset = 0
+
+    def update(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+        """Append k, v [1, Hkv, T, Dh]; return all keys/values so far."""
+        t = k.shape[2]
+        if self.keys is None or self.offset + t > self.keys.shape[2]:
+            grow = ((t + _KV_STEP - 1) // _KV_STEP) * _KV_STEP
+            shape = (1, k.shape[1], grow, k.shape[3])
+            new_k, new_v = mx.zeros(shape, k.dtype), mx.zeros(shape, v.dtype)
+            if self.keys is None:
+                self.keys, self.values = new_k, new_v
+            else:
+                self.keys = mx.concatenate([self.keys[:, :, : self.offset], new_k], axis=2)
+                self.values = mx.concatenate([self.values[:, :, : self.offset], new_v], axis=2)
+        self.keys[:, :, self.offset : self.offset + t] = k
+        self.values[:, :, self.offset : self.offset + t] = v
+        self.offset += t
+        return self.keys[:, :, : self.offset], self.values[:, :, : self.offset]
+
+    @property
+    def state(self) -> list[mx.array]:
+        return [a for a in (self.keys, self.values) if a is not None]
+
+
+class LinearAttentionState:
+    def __init__(self):
+        self.conv: mx.array | None = None       # [1, K-1, conv_dim]
+        self.recurrent: mx.array | None = None  # [1, Hv, Dv, Dk] float32
+
+    @property
+    def state(self) -> list[mx.array]:
+        return [a for a in (self.conv, self.recurrent) if a is not None]
+
+
+@dataclass
+class ModelCache:
+    layers: list
+    tokens: list[int] = field(default_factory=list)  # every token fed so far
+
+    @property
+    def offset(self) -> int:
+        return len(self.tokens)
+
+    def arrays(self) -> list[mx.array]:
+        return [a for c in self.layers for a in c.state]
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays())

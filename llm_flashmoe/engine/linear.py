@@ -1,0 +1,67 @@
+"""Linear layers as plain data: a dense or affine-quantized weight matrix.
+
+One `Linear` holds either a dense weight [out, in] or an MLX affine
+quantized triple (weight uint32 [out, in*bits/32], scales and biases
+[out, in/group]). A stack of experts is the same with a leading expert axis.
+The functions here are the plain-MLX reference for every matmul the model
+does; fused kernels are tested against them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+
+@dataclass
+class Linear:
+    weight: mx.array
+    scales: mx.array | None = None
+    biases: mx.array | None = None
+    bits: int = 0
+    group_size: int = 0
+
+    @property
+    def quantized(self) -> bool:
+        return self.scales is not None
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[-2]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        """x [..., in] -> [..., out]"""
+        if self.quantized:
+            return mx.quantized_matmul(
+                x, self.weight, self.scales, self.biases,
+                transpose=True, group_size=self.group_size, bits=self.bits,
+            )
+        return x @ self.weight.swapaxes(-1, -2)
+
+    def gather(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        """Per-row expert matmul: x [..., 1, in] with indices [...] into the
+        expert axis of this stacked weight -> [..., 1, out]."""
+        if self.quantized:
+            return mx.gather_qmm(
+                x, self.weight, self.scales, self.biases, rhs_indices=indices,
+                transpose=True, group_size=self.group_size, bits=self.bits,
+                sorted_indices=sorted_indices,
+            )
+        return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=indices,
+                            sorted_indices=sorted_indices)
+
+    def cast(self, dtype: mx.Dtype) -> "Linear":
+        """Floating parts in `dtype` (quantized codes stay uint32)."""
+        if self.quantized:
+            return Linear(self.weight, self.scales.astype(dtype), self.biases.astype(dtype),
+                          self.bits, self.group_size)
+        return Linear(self.weight.astype(dtype))
+
+
+def embedding_rows(table: Linear, ids: mx.array) -> mx.array:
+    """Rows `ids` of an embedding table (dense or quantized) -> [..., H]."""
+    if table.quantized:
+        return mx.dequantize(table.weight[ids], table.scales[ids], table.biases[ids],
+                             group_size=table.group_size, bits=table.bits)
+    return table.weight[ids]

@@ -1,0 +1,230 @@
+"""The Qwen3.5 MoE forward pass (SPEC section 2), batch of one sequence.
+
+    layer:  h = x + mixer(rmsnorm(x));  out = h + moe(rmsnorm(h))
+    mixer:  GatedDeltaNet (3 of every 4 layers) or gated full attention
+    model:  embed -> layers -> rmsnorm -> lm_head
+
+Shapes: T tokens in this call, H hidden, E experts, K experts per token,
+Hq/Hkv/Dh attention heads, Hk/Hv/Dk/Dv linear-attention heads.
+All weights are plain `Linear`s and arrays taken from the internal-name
+dict of checkpoint.py; the experts come from an `ExpertSource`.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from ..config import ModelConfig
+from ..errors import FlashMoeError
+from ..experts.source import ExpertSource
+from .cache import KVCache, LinearAttentionState, ModelCache
+from .linear import Linear, embedding_rows
+
+
+def rms_norm(x: mx.array, weight: mx.array | None, eps: float) -> mx.array:
+    return mx.fast.rms_norm(x, weight, eps)
+
+
+def l2_normalize(x: mx.array, eps: float = 1e-6) -> mx.array:
+    x32 = x.astype(mx.float32)
+    return (x32 * mx.rsqrt((x32 * x32).sum(-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+def take_linear(w: dict, name: str, cfg: ModelConfig, dtype) -> Linear:
+    q = cfg.quant_for(name)
+    if q is None:
+        return Linear(w[name + ".weight"].astype(dtype))
+    return Linear(w[name + ".weight"], w[name + ".scales"].astype(dtype),
+                  w[name + ".biases"].astype(dtype), q.bits, q.group_size)
+
+
+class GatedDeltaNet:
+    """Linear attention: a gated delta-rule recurrence over a causal conv."""
+
+    def __init__(self, cfg: ModelConfig, w: dict, p: str, dtype):
+        L = lambda n: take_linear(w, p + n, cfg, dtype)  # noqa: E731
+        self.in_proj_qkv, self.in_proj_z = L("in_proj_qkv"), L("in_proj_z")
+        self.in_proj_b, self.in_proj_a, self.out_proj = L("in_proj_b"), L("in_proj_a"), L("out_proj")
+        self.conv_weight = w[p + "conv1d.weight"].astype(dtype)         # [C, Kc]
+        self.dt_bias = w[p + "dt_bias"].astype(mx.float32)              # [Hv]
+        self.A = -mx.exp(w[p + "A_log"].astype(mx.float32))             # [Hv], negative decay rate
+        self.norm_weight = w[p + "norm.weight"].astype(dtype)           # [Dv]
+        self.Hk, self.Hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        self.Dk, self.Dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        self.eps = cfg.rms_norm_eps
+
+    def __call__(self, x: mx.array, state: LinearAttentionState) -> mx.array:
+        _, T, _ = x.shape
+        Hk, Hv, Dk, Dv = self.Hk, self.Hv, self.Dk, self.Dv
+        qkv = self.in_proj_qkv(x)                                   # [1, T, C]
+        z = self.in_proj_z(x).reshape(1, T, Hv, Dv)
+        b, a = self.in_proj_b(x), self.in_proj_a(x)                 # [1, T, Hv]
+
+        # Causal depthwise conv over the q|k|v stream, continuing from the
+        # last Kc-1 inputs of the previous call.
+        Kc = self.conv_weight.shape[1]
+        past = state.conv if state.conv is not None else mx.zeros((1, Kc - 1, qkv.shape[-1]), qkv.dtype)
+        conv_in = mx.concatenate([past, qkv], axis=1)               # [1, Kc-1+T, C]
+        state.conv = conv_in[:, -(Kc - 1):]
+        conv = sum(conv_in[:, j : j + T] * self.conv_weight[:, j] for j in range(Kc))
+        qkv = conv * mx.sigmoid(conv)                               # SiLU
+
+        q, k, v = mx.split(qkv, [Hk * Dk, 2 * Hk * Dk], axis=-1)
+        q = l2_normalize(q.reshape(1, T, Hk, Dk)) * (Dk ** -0.5)
+        k = l2_normalize(k.reshape(1, T, Hk, Dk))
+        v = v.reshape(1, T, Hv, Dv)
+
+        g = self.A * mx.logaddexp(a.astype(mx.float32) + self.dt_bias, 0.0)   # A * softplus(a + dt_bias)
+        beta = mx.sigmoid(b)
+        if state.recurrent is None:
+            state.recurrent = mx.zeros((1, Hv, Dv, Dk), mx.float32)
+        # S = S*exp(g); delta = (v - S k)*beta; S += outer(delta, k); o = S q
+        o, state.recurrent = mx.fast.gated_delta_update(q, k, v, mx.exp(g), beta, state.recurrent)
+
+        # Gated RMSNorm: rmsnorm(o) * w * silu(z), the gate in float32.
+        o = rms_norm(o, self.norm_weight, self.eps)
+        z32 = z.astype(mx.float32)
+        o = (o.astype(mx.float32) * z32 * mx.sigmoid(z32)).astype(x.dtype)
+        return self.out_proj(o.reshape(1, T, Hv * Dv))
+
+
+class Attention:
+    """Gated full attention with q/k RMSNorm, partial rope and GQA."""
+
+    def __init__(self, cfg: ModelConfig, w: dict, p: str, dtype):
+        L = lambda n: take_linear(w, p + n, cfg, dtype)  # noqa: E731
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = L("q_proj"), L("k_proj"), L("v_proj"), L("o_proj")
+        self.q_norm = w[p + "q_norm.weight"].astype(dtype)
+        self.k_norm = w[p + "k_norm.weight"].astype(dtype)
+        self.Hq, self.Hkv, self.Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.rope_dims, self.rope_theta, self.eps = cfg.rope_dims, cfg.rope_theta, cfg.rms_norm_eps
+
+    def __call__(self, x: mx.array, cache: KVCache) -> mx.array:
+        _, T, _ = x.shape
+        Hq, Hkv, Dh = self.Hq, self.Hkv, self.Dh
+        qg = self.q_proj(x).reshape(1, T, Hq, 2 * Dh)
+        q, gate = qg[..., :Dh], qg[..., Dh:].reshape(1, T, Hq * Dh)
+        k = self.k_proj(x).reshape(1, T, Hkv, Dh)
+        v = self.v_proj(x).reshape(1, T, Hkv, Dh).transpose(0, 2, 1, 3)
+
+        q = rms_norm(q, self.q_norm, self.eps).transpose(0, 2, 1, 3)   # [1, Hq, T, Dh]
+        k = rms_norm(k, self.k_norm, self.eps).transpose(0, 2, 1, 3)   # [1, Hkv, T, Dh]
+        start = cache.offset
+        q = mx.fast.rope(q, self.rope_dims, traditional=False, base=self.rope_theta, scale=1.0, offset=start)
+        k = mx.fast.rope(k, self.rope_dims, traditional=False, base=self.rope_theta, scale=1.0, offset=start)
+        keys, values = cache.update(k, v)
+
+        # Causal within this chunk; every earlier token is visible.
+        mask = None
+        if T > 1:
+            cols = mx.arange(start + T)[None, :]
+            rows = mx.arange(start, start + T)[:, None]
+            mask = cols <= rows                                          # [T, start+T]
+        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=Dh ** -0.5, mask=mask)
+        out = out.transpose(0, 2, 1, 3).reshape(1, T, Hq * Dh)
+        return self.o_proj(out * mx.sigmoid(gate))
+
+
+class SparseMoE:
+    """Router softmax (float32) -> top-K -> selected SwiGLU experts, plus the
+    shared expert scaled by its sigmoid gate."""
+
+    def __init__(self, cfg: ModelConfig, w: dict, p: str, layer: int, experts: ExpertSource, k: int, dtype):
+        L = lambda n: take_linear(w, p + n, cfg, dtype)  # noqa: E731
+        self.router = L("gate")
+        self.shared_gate_proj, self.shared_up_proj = L("shared_expert.gate_proj"), L("shared_expert.up_proj")
+        self.shared_down_proj, self.shared_expert_gate = L("shared_expert.down_proj"), L("shared_expert_gate")
+        self.layer, self.experts, self.k, self.dtype = layer, experts, k, dtype
+        self.norm_topk_prob = cfg.norm_topk_prob
+
+    def route(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        """x [T, H] -> expert ids [T, K] and their weights [T, K]."""
+        probs = mx.softmax(self.router(x).astype(mx.float32), axis=-1)        # [T, E]
+        inds = mx.argpartition(-probs, kth=self.k - 1, axis=-1)[:, : self.k]
+        scores = mx.take_along_axis(probs, inds, axis=-1)
+        if self.norm_topk_prob:
+            scores = scores / scores.sum(axis=-1, keepdims=True)
+        return inds, scores
+
+    def __call__(self, x: mx.array) -> mx.array:
+        B, T, H = x.shape
+        x2 = x.reshape(T, H)
+        inds, scores = self.route(x2)
+        inds_np = np.array(inds)                         # the read below needs the ids now
+        batch = self.experts.fetch(self.layer, np.unique(inds_np))
+        rows = batch.lookup[inds_np]                     # [T, K] rows of the fetched stacks
+
+        xe = x2[:, None, None, :]                        # [T, 1, 1, H]
+        idx = mx.array(rows)
+        order = None
+        if rows.size >= 64:                               # sort by expert so each is read once
+            flat = rows.reshape(-1)
+            order_np = np.argsort(flat, kind="stable")
+            order = mx.array(np.argsort(order_np))
+            xe = x2[mx.array(order_np // self.k)][:, None, :]                  # [T*K, 1, H]
+            idx = mx.array(flat[order_np])
+        g = batch.gate.gather(xe, idx, sorted_indices=order is not None)
+        u = batch.up.gather(xe, idx, sorted_indices=order is not None)
+        hidden = (g * mx.sigmoid(g) * u).astype(self.dtype)
+        y = batch.down.gather(hidden, idx, sorted_indices=order is not None)   # [..., 1, H]
+        if order is not None:
+            y = y[order].reshape(T, self.k, 1, H)
+        y = y.reshape(T, self.k, H)
+        y = (y * scores[..., None].astype(y.dtype)).sum(axis=1)                  # [T, H]
+
+        sg = self.shared_gate_proj(x2)
+        shared = self.shared_down_proj(sg * mx.sigmoid(sg) * self.shared_up_proj(x2))
+        shared = mx.sigmoid(self.shared_expert_gate(x2)) * shared
+        return (y + shared).astype(x.dtype).reshape(B, T, H)
+
+
+class DecoderLayer:
+    def __init__(self, cfg, w, i, experts, k, dtype):
+        p = f"layers.{i}."
+        self.is_linear = cfg.is_linear(i)
+        self.input_norm = w[p + "input_layernorm.weight"].astype(dtype)
+        self.post_norm = w[p + "post_attention_layernorm.weight"].astype(dtype)
+        if self.is_linear:
+            self.mixer = GatedDeltaNet(cfg, w, p + "linear_attn.", dtype)
+        else:
+            self.mixer = Attention(cfg, w, p + "self_attn.", dtype)
+        self.moe = SparseMoE(cfg, w, p + "mlp.", i, experts, k, dtype)
+        self.eps = cfg.rms_norm_eps
+
+    def __call__(self, x: mx.array, cache) -> mx.array:
+        h = x + self.mixer(rms_norm(x, self.input_norm, self.eps), cache)
+        return h + self.moe(rms_norm(h, self.post_norm, self.eps))
+
+
+class Qwen35Model:
+    """Tokens in, logits out, state in a `ModelCache`."""
+
+    def __init__(self, cfg: ModelConfig, weights: dict, experts: ExpertSource, *,
+                 dtype=mx.float32, experts_per_token: int | None = None):
+        k = cfg.num_experts_per_tok if experts_per_token is None else experts_per_token
+        if not isinstance(k, int) or not 1 <= k <= cfg.num_experts_per_tok:
+            raise FlashMoeError(
+                f"experts_per_token must be between 1 and the model's top-k "
+                f"({cfg.num_experts_per_tok}), got {k!r}."
+            )
+        self.cfg, self.dtype, self.experts, self.experts_per_token = cfg, dtype, experts, k
+        self.embed = take_linear(weights, "embed_tokens", cfg, dtype)
+        self.layers = [DecoderLayer(cfg, weights, i, experts, k, dtype) for i in range(cfg.num_hidden_layers)]
+        self.norm = weights["norm.weight"].astype(dtype)
+        self.lm_head = self.embed if cfg.tie_word_embeddings else take_linear(weights, "lm_head", cfg, dtype)
+
+    def make_cache(self) -> ModelCache:
+        return ModelCache([LinearAttentionState() if l.is_linear else KVCache() for l in self.layers])
+
+    def __call__(self, tokens: list[int] | np.ndarray, cache: ModelCache, *, last_only: bool = False) -> mx.array:
+        """Feed `tokens` (continuing `cache`) -> logits [T, V] (or [1, V])."""
+        ids = mx.array(np.asarray(tokens, dtype=np.int32))
+        x = embedding_rows(self.embed, ids).astype(self.dtype)[None]      # [1, T, H]
+        for layer, c in zip(self.layers, cache.layers):
+            x = layer(x, c)
+        if last_only:
+            x = x[:, -1:]
+        x = rms_norm(x, self.norm, self.cfg.rms_norm_eps)
+        cache.tokens.extend(int(t) for t in tokens)
+        return self.lm_head(x[0]).astype(mx.float32)

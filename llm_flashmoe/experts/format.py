@@ -1,0 +1,3 @@
+"""The packed expert format of a converted model directory (see README)."""
+
+MANIFEST_NAME = "experts.json"

@@ -1,0 +1,61 @@
+"""Where the MoE block gets its experts' weights from.
+
+The model never indexes expert weights itself: for each layer it asks an
+`ExpertSource` for the experts the router chose and gets an `ExpertBatch`,
+stacks of gate/up/down weights plus a lookup table from global expert id to
+row of those stacks. `ResidentExperts` (everything in memory) and the
+SSD-backed `ExpertStore` (experts/store.py) are interchangeable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from ..engine.linear import Linear
+
+
+@dataclass
+class ExpertBatch:
+    gate: Linear  # stacked [n, I, H(packed)]
+    up: Linear    # stacked [n, I, H(packed)]
+    down: Linear  # stacked [n, H, I(packed)]
+    lookup: np.ndarray  # int32 [E]: global expert id -> row in the stacks (-1: absent)
+
+
+@dataclass
+class ExpertStats:
+    """Counters since the last `reset`, summed over layers."""
+
+    experts: int = 0
+    bytes: int = 0
+    read_seconds: float = 0.0
+    cache_hits: int = 0
+
+    def reset(self) -> None:
+        self.experts = self.bytes = self.cache_hits = 0
+        self.read_seconds = 0.0
+
+
+class ExpertSource(Protocol):
+    stats: ExpertStats
+
+    def fetch(self, layer: int, expert_ids: np.ndarray) -> ExpertBatch:
+        """The weights of `expert_ids` (sorted, unique) of MoE layer `layer`."""
+        ...
+
+
+@dataclass
+class ResidentExperts:
+    """All experts of all layers held in memory (tests, small models)."""
+
+    layers: list[tuple[Linear, Linear, Linear]]  # per layer: full [E, ...] stacks
+    stats: ExpertStats = field(default_factory=ExpertStats)
+
+    def fetch(self, layer: int, expert_ids: np.ndarray) -> ExpertBatch:
+        gate, up, down = self.layers[layer]
+        n_experts = gate.weight.shape[0]
+        self.stats.experts += len(expert_ids)
+        return ExpertBatch(gate, up, down, np.arange(n_experts, dtype=np.int32))
