@@ -23,6 +23,10 @@ Malformed output never raises. What it becomes:
   doesn't name, a missing `</parameter>`, `</function>` or `</tool_call>`,
   stray text inside the block: the call is still made, with the raw string
   for that value and a warning saying what was wrong.
+- A value ends at the first `</parameter>` followed (after whitespace) by
+  another `<parameter=` or the end of the call, so values may quote XML and
+  even this format. The price: when a `</parameter>` is missing but a later
+  one exists, the two values run together (without a warning).
 - A call cut off by the end of generation (neither `</function>` nor
   `</tool_call>` came) or a block without `<function=NAME>`: answer text
   holding the raw markup, since running half a call could do harm.
