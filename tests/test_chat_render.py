@@ -280,6 +280,21 @@ def test_tool_message_reasoning_roundtrip_keys_match_transformers_aliases():
     assert converted == [{"thinking": "r", "role": "assistant", "content": "a", "reasoning_content": "r"}]
 
 
+def test_message_text_is_trimmed():
+    # Like Qwen3.5's own template: layout comes from the turn markers, so
+    # stray whitespace around a message's text is dropped (an all-blank
+    # system prompt adds nothing after the tools block).
+    messages = [system("  \n"), user("\n  Hi  \n"), assistant(" a "), user(" b"),
+                assistant("", tool_calls=[ToolCall(None, "get_weather", {"city": "X"})]),
+                tool_result(None, "get_weather", "\n  r  \n")]
+    for template in (None, synthetic_template()):
+        text = render_prompt(messages, [WEATHER], template=template)
+        assert text.startswith("<|im_start|>system\n# Tools")
+        assert "one.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\na<|im_end|>\n" in text
+        assert "<|im_start|>user\n<tool_response>\nr\n</tool_response><|im_end|>\n" in text
+        assert render_prompt([system(" s "), user("u")], template=template).startswith("<|im_start|>system\ns<|im_end|>")
+
+
 def test_consecutive_tool_results_are_one_user_turn_even_without_assistant_before():
     text = render_prompt([tool_result("1", "f", "a"), tool_result("2", "f", "b"), user("ok")])
     assert text.startswith(

@@ -63,7 +63,8 @@ def _turn(role: str, text: str) -> str:
 def _argument_text(value) -> str:
     # Strings go in raw (the model writes them raw); everything else as JSON,
     # so that history shows objects, arrays, true/false and null as the
-    # parser reads them back.
+    # parser reads them back. (Qwen3.5's own template writes booleans and
+    # None as Python's True/None; the parser accepts those too.)
     return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
@@ -91,17 +92,19 @@ def _assistant_body(message: Message, keep_reasoning: bool) -> str:
 
 def _render_builtin(messages: list[Message], tools: list[ToolSpec], thinking: bool) -> str:
     parts = []
+    # Message text is trimmed: the turn markers carry the layout.
     has_system = bool(messages) and messages[0].role == "system"
+    system_text = messages[0].content.strip() if has_system else ""
     if tools:
         block = TOOLS_HEADER
         for tool in tools:
             block += "\n" + json.dumps(tool.to_openai(), ensure_ascii=False)
         block += "\n</tools>" + TOOL_INSTRUCTIONS
-        if has_system:
-            block += "\n\n" + messages[0].content
+        if system_text:
+            block += "\n\n" + system_text
         parts.append(_turn("system", block))
     elif has_system:
-        parts.append(_turn("system", messages[0].content))
+        parts.append(_turn("system", system_text))
 
     # Reasoning of earlier turns is dropped; the turns after the last user
     # message (one tool round) keep theirs so the model continues its thought.
@@ -109,15 +112,15 @@ def _render_builtin(messages: list[Message], tools: list[ToolSpec], thinking: bo
     for index, message in enumerate(messages):
         if message.role == "system":
             if index > 0:
-                parts.append(_turn("system", message.content))
+                parts.append(_turn("system", message.content.strip()))
         elif message.role == "user":
-            parts.append(_turn("user", message.content))
+            parts.append(_turn("user", message.content.strip()))
         elif message.role == "assistant":
             parts.append(_turn("assistant", _assistant_body(message, keep_reasoning=index > last_user)))
         else:  # tool results: a run of them is one user turn
             if index == 0 or messages[index - 1].role != "tool":
                 parts.append("<|im_start|>user")
-            parts.append(f"\n<tool_response>\n{message.content}\n</tool_response>")
+            parts.append(f"\n<tool_response>\n{message.content.strip()}\n</tool_response>")
             if index == len(messages) - 1 or messages[index + 1].role != "tool":
                 parts.append("<|im_end|>\n")
     parts.append(GENERATION_PROMPT_THINKING if thinking else GENERATION_PROMPT_NO_THINKING)
