@@ -25,7 +25,7 @@ def is_packed_dir(model_dir: str | Path) -> bool:
     """True for a directory written by `llm flashmoe convert` (experts streamed)."""
     from ..experts import format as expert_format
 
-    return (Path(model_dir) / expert_format.MANIFEST_NAME).exists()
+    return expert_format.is_packed_dir(model_dir)
 
 
 def load_model(model_dir: str | Path, *, experts_per_token: int | None = None, dtype=None):
@@ -43,7 +43,7 @@ def load_model(model_dir: str | Path, *, experts_per_token: int | None = None, d
     if is_packed_dir(model_dir):
         from ..experts.store import open_packed_model
 
-        weights, experts = open_packed_model(model_dir, cfg)
+        weights, experts = open_packed_model(model_dir, cfg, dtype=dtype)
     else:
         weights = load_tensors(model_dir, cfg, experts=True)
         layers = []
