@@ -155,8 +155,13 @@ def write_synthetic(dest: str | Path, *, preset: str = "tiny", layout: str = "hf
 
     if preset not in PRESETS:
         raise FlashMoeError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+    if layout == "packed":  # straight into the streamed layout, no published checkpoint in between
+        from .experts.convert import write_packed_synthetic
+
+        return write_packed_synthetic(dest, preset=preset, layers=layers, seed=seed, fast_experts=fast_experts,
+                                      progress=progress)
     if layout not in ("hf", "mlx"):
-        raise FlashMoeError(f"unknown layout {layout!r}; choose hf (bf16) or mlx (4-bit).")
+        raise FlashMoeError(f"unknown layout {layout!r}; choose hf (bf16), mlx (4-bit) or packed.")
     dest = Path(dest)
     if dest.exists() and any(dest.iterdir()):
         raise FlashMoeError(f"{dest} is not empty; choose a new directory.")
@@ -253,7 +258,9 @@ def _generate(cfg: ModelConfig, mod: ModuleSpec, layout: str, maker: WeightMaker
         leaf = mod.name.rsplit(".", 1)[-1]
         if layout == "mlx" and leaf in ("input_layernorm", "post_attention_layernorm", "q_norm", "k_norm", "norm") \
                 and not mod.name.endswith("linear_attn.norm"):
-            v = v + 1.0  # MLX files store 1 + w
+            # MLX files store 1 + w, computed as a conversion of the bf16 weights does:
+            # rounded to bf16 first, so the two layouts give bit-identical converted norms.
+            v = np.array(_bf16(v).astype(mx.float32)) + 1.0
         if mod.name.endswith("linear_attn.norm"):
             v = v + 1.0  # the gated norm weight is used as is: centre it on one
         yield decl[0][0], (v if leaf == "A_log" else _bf16(v))
@@ -314,8 +321,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m llm_flashmoe.synth", description=__doc__.split("\n")[0])
     ap.add_argument("dest", help="directory to create")
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    ap.add_argument("--layout", choices=["hf", "mlx"], default="hf",
-                    help="hf: Hugging Face bf16; mlx: MLX 4-bit as published")
+    ap.add_argument("--layout", choices=["hf", "mlx", "packed"], default="hf",
+                    help="hf: Hugging Face bf16; mlx: MLX 4-bit as published; packed: converted (streamed experts)")
     ap.add_argument("--layers", type=int, default=None, help="number of layers (default: the preset's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fast-experts", action=argparse.BooleanOptionalAction, default=None,
