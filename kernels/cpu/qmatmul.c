@@ -1,0 +1,330 @@
+/* Affine-quantized matrix times float32 activations: y[t] = W x[t].
+ *
+ * The activations are rearranged once per call so that the weights need
+ * no shuffles: a vector lane holds one packing unit of a row (a 32-bit
+ * word of 2-, 4- or 8-bit codes, or 3 bytes of 3-bit codes: P codes), a
+ * block is 16 lanes (16*P columns), and code s of every lane is taken with
+ * one shift and one mask. xp[(b*P + s)*16 + i] = x[b*16*P + i*P + s]
+ * matches that order. Scales and biases are applied per lane after the
+ * block's dot products: sum_j (q_j*s + b) x_j = s*sum q_j x_j + b*sum x_j,
+ * with xl[b*16 + i] the lane sums of x.
+ *
+ * Rows are split into tasks over all threads. Up to 4 tokens share one
+ * decode of the weights (prompt chunks); more tokens are tiled by 4. */
+#include "fm_cpu.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define FM_AVX512 1
+#include <immintrin.h>
+#endif
+
+#define FM_INLINE static inline __attribute__((always_inline))
+#define TOK_TILE 4
+
+/* Codes per packing unit and bytes per unit. */
+static int codes_per_unit(int bits) { return bits == 3 ? 8 : 32 / bits; }
+
+int fm_supported(int bits, int group) {
+    return (bits == 2 || bits == 3 || bits == 4 || bits == 8) &&
+           (group == 32 || group == 64 || group == 128);
+}
+
+static float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, f;
+    if (exp == 0) {
+        if (man == 0) f = sign;
+        else { /* subnormal */
+            float v = ldexpf((float)man, -24);
+            memcpy(&f, &v, 4);
+            f |= sign;
+        }
+    } else if (exp == 31) f = sign | 0x7f800000u | (man << 13);
+    else f = sign | ((exp + 112) << 23) | (man << 13);
+    float out;
+    memcpy(&out, &f, 4);
+    return out;
+}
+
+static inline float load_scale(const void *p, int64_t i, int type) {
+    if (type == FM_F32) return ((const float *)p)[i];
+    uint16_t h = ((const uint16_t *)p)[i];
+    if (type == FM_BF16) {
+        uint32_t f = (uint32_t)h << 16;
+        float out;
+        memcpy(&out, &f, 4);
+        return out;
+    }
+    return half_to_float(h);
+}
+
+/* ---- activation layout ---- */
+
+static int64_t xp_stride(const fm_xprep *p) { return p->nb * p->P * 16; }
+static int64_t xl_stride(const fm_xprep *p) { return p->nb * 16; }
+
+int fm_xprep_alloc(fm_xprep *p, int bits, int64_t cols, int64_t T) {
+    const int P = codes_per_unit(bits);
+    p->P = P;
+    p->cols = cols;
+    p->nb = (cols + 16 * P - 1) / (16 * P);
+    p->xp = aligned_alloc(64, (size_t)(T * xp_stride(p) * 4 + 64));
+    p->xl = aligned_alloc(64, (size_t)(T * xl_stride(p) * 4 + 64));
+    return p->xp && p->xl;
+}
+
+void fm_xprep_free(fm_xprep *p) {
+    free(p->xp);
+    free(p->xl);
+    p->xp = p->xl = NULL;
+}
+
+/* Token t's activations x (cols floats) into slot t of the layout. */
+void fm_xprep_fill(fm_xprep *p, int64_t t, const float *x) {
+    const int P = p->P;
+    float *xp = p->xp + t * xp_stride(p), *xl = p->xl + t * xl_stride(p);
+    for (int64_t b = 0; b < p->nb; b++) {
+        for (int i = 0; i < 16; i++) {
+            float sum = 0.f;
+            for (int s = 0; s < P; s++) {
+                int64_t c = b * 16 * P + (int64_t)i * P + s;
+                float v = c < p->cols ? x[c] : 0.f;
+                xp[(b * P + s) * 16 + i] = v;
+                sum += v;
+            }
+            xl[b * 16 + i] = sum;
+        }
+    }
+}
+
+/* ---- one row against up to TOK_TILE tokens ---- */
+
+#ifdef FM_AVX512
+FM_INLINE __m512 load_scales16(const void *p, int64_t first, int count, int type) {
+    __mmask16 m = (__mmask16)((1u << count) - 1);
+    if (type == FM_F32) return _mm512_maskz_loadu_ps(m, (const float *)p + first);
+    __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)p + first);
+    if (type == FM_BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return _mm512_cvtph_ps(h);
+}
+
+FM_INLINE __m512i load_units(const uint8_t *w, int bits, int lanes) {
+    if (bits != 3) {
+        if (lanes == 16) return _mm512_loadu_si512(w);
+        return _mm512_maskz_loadu_epi32((__mmask16)((1u << lanes) - 1), w);
+    }
+    /* 3-bit: lane i takes bytes 3i..3i+2; the top byte is never used by a code. */
+    __m512i raw = _mm512_maskz_loadu_epi8((__mmask64)((1ull << (3 * lanes)) - 1), w);
+#ifdef __AVX512VBMI__
+    const __m512i idx = _mm512_set_epi8(
+        0, 47, 46, 45, 0, 44, 43, 42, 0, 41, 40, 39, 0, 38, 37, 36, 0, 35, 34, 33, 0, 32, 31, 30,
+        0, 29, 28, 27, 0, 26, 25, 24, 0, 23, 22, 21, 0, 20, 19, 18, 0, 17, 16, 15, 0, 14, 13, 12,
+        0, 11, 10, 9, 0, 8, 7, 6, 0, 5, 4, 3, 0, 2, 1, 0);
+    return _mm512_permutexvar_epi8(idx, raw);
+#else
+    uint8_t tmp[64];
+    uint32_t u[16];
+    _mm512_storeu_si512(tmp, raw);
+    for (int i = 0; i < 16; i++) u[i] = tmp[3 * i] | (tmp[3 * i + 1] << 8) | ((uint32_t)tmp[3 * i + 2] << 16);
+    return _mm512_loadu_si512(u);
+#endif
+}
+
+FM_INLINE void row_dot(const fm_qmat *m, int64_t r, const fm_xprep *xp, int64_t t0, int NT, int bits,
+                       float *res) {
+    const int P = bits == 3 ? 8 : 32 / bits, U = bits == 3 ? 3 : 4;
+    const int64_t cols = m->cols, ngroups = cols / m->group, BE = 16 * P;
+    const int gpb = BE >= m->group ? (int)(BE / m->group) : 1;
+    const uint8_t *w = (const uint8_t *)m->w + r * (cols * bits / 8);
+    const int64_t srow = r * ngroups;
+    const __m512i mask = _mm512_set1_epi32((1 << bits) - 1);
+    __m512i gidx = _mm512_setzero_si512();
+    {
+        int32_t g[16];
+        for (int i = 0; i < 16; i++) g[i] = (i * P) / m->group;
+        gidx = _mm512_loadu_si512(g);
+    }
+    const float *xpt[TOK_TILE], *xlt[TOK_TILE];
+    __m512 tot[TOK_TILE];
+    for (int t = 0; t < NT; t++) {
+        xpt[t] = xp->xp + (t0 + t) * xp_stride(xp);
+        xlt[t] = xp->xl + (t0 + t) * xl_stride(xp);
+        tot[t] = _mm512_setzero_ps();
+    }
+    for (int64_t b = 0; b < xp->nb; b++) {
+        int64_t left = cols - b * BE;
+        int lanes = left >= BE ? 16 : (int)(left / P);
+        __m512i L = load_units(w + b * 16 * U, bits, lanes);
+        __m512 acc[TOK_TILE];
+        for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
+#pragma GCC unroll 16
+        for (int s = 0; s < P; s++) {
+            __m512 q = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(L, bits * s), mask));
+            for (int t = 0; t < NT; t++)
+                acc[t] = _mm512_fmadd_ps(q, _mm512_load_ps(xpt[t] + (b * P + s) * 16), acc[t]);
+        }
+        int64_t first = (b * BE) / m->group;
+        int count = ngroups - first < gpb ? (int)(ngroups - first) : gpb;
+        __m512 sv = _mm512_permutexvar_ps(gidx, load_scales16(m->scales, srow + first, count, m->scale_type));
+        __m512 bv = _mm512_permutexvar_ps(gidx, load_scales16(m->biases, srow + first, count, m->scale_type));
+        for (int t = 0; t < NT; t++) {
+            tot[t] = _mm512_fmadd_ps(acc[t], sv, tot[t]);
+            tot[t] = _mm512_fmadd_ps(bv, _mm512_load_ps(xlt[t] + b * 16), tot[t]);
+        }
+    }
+    for (int t = 0; t < NT; t++) res[t] = _mm512_reduce_add_ps(tot[t]);
+}
+#else
+/* Portable path: the same layout in plain loops, left to the compiler's
+ * vectoriser (NEON, AVX2). */
+FM_INLINE void row_dot(const fm_qmat *m, int64_t r, const fm_xprep *xp, int64_t t0, int NT, int bits,
+                       float *res) {
+    const int P = bits == 3 ? 8 : 32 / bits, U = bits == 3 ? 3 : 4;
+    const int64_t cols = m->cols, ngroups = cols / m->group, BE = 16 * P;
+    const uint8_t *w = (const uint8_t *)m->w + r * (cols * bits / 8);
+    const int64_t srow = r * ngroups;
+    const uint32_t mask = (1u << bits) - 1;
+    float tot[TOK_TILE][16];
+    memset(tot, 0, sizeof tot);
+    for (int64_t b = 0; b < xp->nb; b++) {
+        int64_t left = cols - b * BE;
+        int lanes = left >= BE ? 16 : (int)(left / P);
+        uint32_t L[16];
+        for (int i = 0; i < 16; i++) {
+            const uint8_t *u = w + (b * 16 + i) * U;
+            L[i] = i >= lanes ? 0 : (U == 4 ? (uint32_t)u[0] | (uint32_t)u[1] << 8 | (uint32_t)u[2] << 16 | (uint32_t)u[3] << 24
+                                         : (uint32_t)u[0] | (uint32_t)u[1] << 8 | (uint32_t)u[2] << 16);
+        }
+        float sv[16], bv[16];
+        for (int i = 0; i < 16; i++) {
+            int64_t g = ((b * 16 + i) * P) / m->group;
+            if (g >= ngroups) g = ngroups - 1; /* lanes past the end carry zero activations */
+            sv[i] = load_scale(m->scales, srow + g, m->scale_type);
+            bv[i] = load_scale(m->biases, srow + g, m->scale_type);
+        }
+        for (int t = 0; t < NT; t++) {
+            const float *xpt = xp->xp + (t0 + t) * xp_stride(xp) + b * P * 16;
+            const float *xlt = xp->xl + (t0 + t) * xl_stride(xp) + b * 16;
+            float acc[16] = {0};
+            for (int s = 0; s < P; s++)
+                for (int i = 0; i < 16; i++) acc[i] += (float)((L[i] >> (bits * s)) & mask) * xpt[s * 16 + i];
+            for (int i = 0; i < 16; i++) tot[t][i] += acc[i] * sv[i] + bv[i] * xlt[i];
+        }
+    }
+    for (int t = 0; t < NT; t++) {
+        float s = 0.f;
+        for (int i = 0; i < 16; i++) s += tot[t][i];
+        res[t] = s;
+    }
+}
+#endif
+
+FM_INLINE void rows_bits(const fm_rows_args *a, int64_t r0, int64_t r1, int bits) {
+    float res[TOK_TILE];
+    const int64_t s0 = a->slot0;
+    for (int64_t t0 = 0; t0 < a->T; t0 += TOK_TILE) {
+        int NT = a->T - t0 < TOK_TILE ? (int)(a->T - t0) : TOK_TILE;
+        for (int64_t r = r0; r < r1; r++) {
+            switch (NT) { /* constant token counts let the compiler keep accumulators in registers */
+            case 1: row_dot(a->m, r, a->xp, s0 + t0, 1, bits, res); break;
+            case 2: row_dot(a->m, r, a->xp, s0 + t0, 2, bits, res); break;
+            case 3: row_dot(a->m, r, a->xp, s0 + t0, 3, bits, res); break;
+            default: row_dot(a->m, r, a->xp, s0 + t0, 4, bits, res); break;
+            }
+            for (int t = 0; t < NT; t++) {
+                float v = a->coef ? res[t] * a->coef[t0 + t] : res[t];
+                float *o = a->out[t0 + t] + r;
+                *o = a->accumulate ? *o + v : v;
+            }
+        }
+    }
+}
+
+void fm_rows(const fm_rows_args *a, int64_t r0, int64_t r1) {
+    switch (a->m->bits) {
+    case 2: rows_bits(a, r0, r1, 2); break;
+    case 3: rows_bits(a, r0, r1, 3); break;
+    case 4: rows_bits(a, r0, r1, 4); break;
+    default: rows_bits(a, r0, r1, 8); break;
+    }
+}
+
+/* ---- fm_qmm: several matrices sharing one input ---- */
+
+typedef struct {
+    int n_mats;
+    const fm_qmat *mats;
+    fm_xprep *prep[9]; /* by bits */
+    int64_t T;
+    float *const *outs; /* per matrix: [T, rows] */
+    int64_t *task_mat, *task_r0, *task_r1;
+    float **rowptrs; /* per matrix: T pointers into outs */
+} qmm_ctx;
+
+static void qmm_task(void *vctx, long i) {
+    qmm_ctx *c = vctx;
+    int mi = (int)c->task_mat[i];
+    fm_rows_args a = {&c->mats[mi], c->prep[c->mats[mi].bits], 0, c->T, c->rowptrs + mi * c->T, NULL, 0};
+    fm_rows(&a, c->task_r0[i], c->task_r1[i]);
+}
+
+/* Rows per task: enough work per task to hide the claim, and a few tasks
+ * per thread so uneven threads balance. */
+int64_t fm_rows_per_task(int64_t rows, int64_t cols, int bits, int64_t total_rows) {
+    int64_t target = 64 * 1024 * 8 / (cols * bits + 1); /* ~64 KiB of codes */
+    int64_t fair = total_rows / ((int64_t)fm_threads() * 8);
+    int64_t n = target < fair ? target : fair;
+    if (n < 1) n = 1;
+    if (n > rows) n = rows;
+    return n;
+}
+
+int fm_qmm(int n_mats, const fm_qmat *mats, const float *x, int64_t T, float *const *outs) {
+    if (n_mats <= 0 || T <= 0) return 0;
+    int64_t cols = mats[0].cols, total_rows = 0;
+    for (int i = 0; i < n_mats; i++) {
+        if (mats[i].cols != cols || !fm_supported(mats[i].bits, mats[i].group) || cols % mats[i].group) return -1;
+        total_rows += mats[i].rows;
+    }
+    qmm_ctx c = {.n_mats = n_mats, .mats = mats, .T = T, .outs = outs};
+    fm_xprep preps[9];
+    memset(preps, 0, sizeof preps);
+    int rc = 0;
+    for (int i = 0; i < n_mats; i++) {
+        int bits = mats[i].bits;
+        if (!c.prep[bits]) {
+            if (!fm_xprep_alloc(&preps[bits], bits, cols, T)) { rc = -2; goto done; }
+            for (int64_t t = 0; t < T; t++) fm_xprep_fill(&preps[bits], t, x + t * cols);
+            c.prep[bits] = &preps[bits];
+        }
+    }
+    int64_t n_tasks = 0;
+    for (int i = 0; i < n_mats; i++) {
+        int64_t per = fm_rows_per_task(mats[i].rows, cols, mats[i].bits, total_rows);
+        n_tasks += (mats[i].rows + per - 1) / per;
+    }
+    c.task_mat = malloc(sizeof(int64_t) * 3 * n_tasks);
+    c.rowptrs = malloc(sizeof(float *) * n_mats * T);
+    if (!c.task_mat || !c.rowptrs) { rc = -2; goto done; }
+    c.task_r0 = c.task_mat + n_tasks;
+    c.task_r1 = c.task_r0 + n_tasks;
+    int64_t k = 0;
+    for (int i = 0; i < n_mats; i++) {
+        int64_t per = fm_rows_per_task(mats[i].rows, cols, mats[i].bits, total_rows);
+        for (int64_t r = 0; r < mats[i].rows; r += per, k++) {
+            c.task_mat[k] = i;
+            c.task_r0[k] = r;
+            c.task_r1[k] = r + per < mats[i].rows ? r + per : mats[i].rows;
+        }
+        for (int64_t t = 0; t < T; t++) c.rowptrs[i * T + t] = outs[i] + t * mats[i].rows;
+    }
+    fm_parallel(qmm_task, &c, n_tasks);
+done:
+    free(c.task_mat);
+    free(c.rowptrs);
+    for (int b = 0; b < 9; b++) fm_xprep_free(&preps[b]);
+    return rc;
+}

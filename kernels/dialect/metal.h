@@ -1,0 +1,24 @@
+//@@ header
+// Dialect layer, Metal side: names the kernel sources use for what differs between backends.
+#include <metal_stdlib>
+using namespace metal;
+#define DEVICE_FN inline
+#define GLOBAL device
+#define SHARED threadgroup
+#define SHARED_PTR threadgroup
+#define BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
+#define UNROLL _Pragma("clang loop unroll(full)")
+typedef long i64;
+DEVICE_FN float shfl_xor(float v, int o) { return simd_shuffle_xor(v, ushort(o)); }
+DEVICE_FN int shfl_xor(int v, int o) { return simd_shuffle_xor(v, ushort(o)); }
+DEVICE_FN float f_exp(float x) { return metal::exp(x); }
+DEVICE_FN float f_log1p(float x) { return metal::log(1.0f + x); }
+DEVICE_FN float f_rsqrt(float x) { return metal::rsqrt(x); }
+DEVICE_FN float f_cos(float x) { return metal::precise::cos(x); }
+DEVICE_FN float f_sin(float x) { return metal::precise::sin(x); }
+DEVICE_FN float f_rint(float x) { return metal::rint(x); }
+//@@ prologue
+const int gx = int(threadgroup_position_in_grid.x);
+const int gy = int(threadgroup_position_in_grid.y);
+const int tid = int(thread_position_in_threadgroup.x);
+const int nthreads = int(threads_per_threadgroup.x);

@@ -1,0 +1,234 @@
+"""Check and time every fused kernel against its plain-MLX twin on this GPU.
+
+    python -m llm_flashmoe.kernels.check [--backend cuda|metal] [--quick]
+
+For each kernel and shape set (397b, tiny, odd): fresh random inputs, outputs
+poisoned with NaN before the call, the result compared with the twin
+(error = max |kernel - twin| / max |twin|, bound per dtype), then both timed
+(median over runs after warm-up; each run evaluates REPS independent calls in
+one graph, between mx.synchronize calls, and reports the time per call).
+Prints one table; exits 1 if any kernel fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+import mlx.core as mx
+import numpy as np
+
+from ..engine.linear import Linear
+from . import active_backend, plain
+from .gpu import GpuKernels
+
+BOUND = {mx.float32: 2e-4, mx.bfloat16: 2e-2, mx.float16: 4e-3}
+REPS = 20
+
+
+def qlinear(out_f, in_f, bits=4, gs=64, dtype=mx.bfloat16, experts=None):
+    shape = (out_f, in_f) if experts is None else (experts, out_f, in_f)
+    w = mx.random.normal(shape) * (in_f ** -0.5)
+    q, s, b = mx.quantize(w, group_size=gs, bits=bits)
+    return Linear(q, s.astype(dtype), b.astype(dtype), bits, gs)
+
+
+def rnd(shape, dtype=mx.bfloat16, scale=1.0):
+    return (mx.random.normal(shape) * scale).astype(dtype)
+
+
+# -- cases: name -> list of (shape label, (fused fn, twin fn, args builder)) ----------
+
+def case_qmv(label, dtype):
+    K, Ns, bits, gs = {
+        "397b": (4096, [12288, 8192, 64, 64], 4, 64),
+        "397b-4096": (4096, [4096], 4, 64),
+        "397b-2bit": (4096, [4096], 2, 64),
+        "397b-3bit": (4096, [4096], 3, 64),
+        "397b-8bit": (4096, [4096], 8, 64),
+        "tiny": (256, [1024, 256, 16, 16], 4, 64),
+        "odd": (96, [37, 5], 3, 32),
+    }[label]
+    lins = [qlinear(n, K, bits, gs, dtype) for n in Ns]
+    x = rnd((1, K), dtype)
+    return lambda o: o.qmv(x, lins), lambda: plain.qmv(x, lins)
+
+
+MOE_SHAPES = {"397b": (512, 4, 4096, 1024, 1024, 64), "tiny": (64, 4, 256, 128, 128, 64),
+              "odd": (40, 3, 160, 96, 64, 32)}
+
+
+def moe_inputs(label, dtype):
+    E, K, H, I, Is, gs = MOE_SHAPES[label]
+    d = dict(E=E, K=K, x=rnd((H,), dtype), res=rnd((H,), dtype),
+             router=qlinear(E, H, 4, gs, dtype), sgate=qlinear(1, H, 4, gs, dtype),
+             gate=qlinear(I, H, 4, gs, dtype, E), up=qlinear(I, H, 4, gs, dtype, E),
+             down=qlinear(H, I, 4, gs, dtype, E), sg=qlinear(Is, H, 4, gs, dtype),
+             su=qlinear(Is, H, 4, gs, dtype), sd=qlinear(H, Is, 4, gs, dtype))
+    d["rows"] = mx.array(np.random.choice(E, K, replace=False).astype(np.int32))
+    d["w"] = mx.softmax(mx.random.normal((K,)))
+    return d
+
+
+def case_moe_route(label, dtype):
+    E, K = MOE_SHAPES[label][:2]
+    logits = rnd((E,), dtype, 2.0)
+    def sort(r):
+        ids, w = r
+        order = mx.argsort(ids)
+        return [ids[order].astype(mx.float32), w[order]]
+    return lambda o: sort(o.moe_route(logits, K, True)), lambda: sort(plain.moe_route(logits, K, True))
+
+
+def case_moe_gate_up(label, dtype):
+    d = moe_inputs(label, dtype)
+    args = (d["x"], d["rows"], d["gate"], d["up"], d["sg"], d["su"])
+    return lambda o: o.moe_gate_up(*args), lambda: plain.moe_gate_up(*args)
+
+
+def case_moe_down(label, dtype):
+    d = moe_inputs(label, dtype)
+    K, I, Is = d["K"], d["gate"].weight.shape[1], d["sg"].out_features
+    args = (rnd((K, I), dtype), d["rows"], d["w"], d["down"], rnd((Is,), dtype), d["sd"], rnd((1,), dtype), d["res"])
+    return lambda o: o.moe_down(*args), lambda: plain.moe_down(*args)
+
+
+def moe_block(o, d, fused):
+    """The whole MoE block at decode: router + shared gate, top-k, experts, shared expert, residual."""
+    x1 = d["x"].reshape(1, -1)
+    logits, sgl = o.qmv(x1, [d["router"], d["sgate"]])
+    ids, w = o.moe_route(logits, d["K"], True)
+    h, hs = o.moe_gate_up(d["x"], ids, d["gate"], d["up"], d["sg"], d["su"])
+    return o.moe_down(h, ids, w, d["down"], hs, d["sd"], sgl, d["res"])
+
+
+def case_moe_block(label, dtype):
+    d = moe_inputs(label, dtype)
+    return lambda o: moe_block(o, d, True), lambda: moe_block(plain, d, False)
+
+
+def case_attention(label, dtype):
+    Hq, Hkv, Dh, n, cap = {"397b": (32, 2, 256, 1000, 1024), "397b-short": (32, 2, 256, 64, 256),
+                           "tiny": (8, 2, 256, 37, 256), "odd": (6, 3, 64, 7, 9)}[label]
+    q, qg = rnd((Hq, Dh), dtype), rnd((Hq * 2 * Dh,), dtype)
+    keys, values = rnd((1, Hkv, cap, Dh), dtype), rnd((1, Hkv, cap, Dh), dtype)
+    args = (q, keys, values, n, qg)
+    return lambda o: o.decode_attention(*args), lambda: plain.decode_attention(*args)
+
+
+def case_qk_norm_rope(label, dtype):
+    Hq, Hkv, Dh, rope, pos = {"397b": (32, 2, 256, 64, 123), "tiny": (8, 2, 256, 64, 7),
+                              "odd": (3, 1, 64, 16, 5000)}[label]
+    args = (rnd((Hq * 2 * Dh,), dtype), rnd((Hkv * Dh,), dtype), rnd((Dh,), dtype, 0.2) + 1,
+            rnd((Dh,), dtype, 0.2) + 1, pos, rope, 1e7, 1e-6, Hkv)
+    return lambda o: o.qk_norm_rope(*args), lambda: plain.qk_norm_rope(*args)
+
+
+def case_gdn(label, dtype):
+    Hk, Hv, Dk, Dv = {"397b": (16, 64, 128, 128), "tiny": (4, 16, 128, 128), "odd": (2, 6, 64, 32)}[label]
+    C = 2 * Hk * Dk + Hv * Dv
+    args = (rnd((C,), dtype), rnd((Hv * Dv,), dtype), rnd((Hv,), dtype), rnd((Hv,), dtype),
+            rnd((1, 3, C), dtype), rnd((C, 4), dtype, 0.5), -mx.exp(mx.random.normal((Hv,)) * 0.5),
+            mx.random.normal((Hv,)), rnd((Dv,), dtype, 0.2) + 1, mx.random.normal((1, Hv, Dv, Dk)) * 0.1,
+            Hk, Dk, 1e-6)
+    return lambda o: o.gdn_step(*args), lambda: plain.gdn_step(*args)
+
+
+def case_add_rms_norm(label, dtype):
+    M, H = {"397b": (1, 4096), "tiny": (1, 256), "odd": (3, 100)}[label]
+    args = (rnd((M, H), dtype), rnd((M, H), dtype), rnd((H,), dtype, 0.2) + 1, 1e-6)
+    return lambda o: o.add_rms_norm(*args), lambda: plain.add_rms_norm(*args)
+
+
+CASES = [
+    ("qmv", case_qmv, ["397b", "397b-4096", "397b-2bit", "397b-3bit", "397b-8bit", "tiny", "odd"]),
+    ("moe_route", case_moe_route, ["397b", "tiny", "odd"]),
+    ("moe_gate_up", case_moe_gate_up, ["397b", "tiny", "odd"]),
+    ("moe_down", case_moe_down, ["397b", "tiny", "odd"]),
+    ("MoE block", case_moe_block, ["397b", "tiny", "odd"]),
+    ("decode_attention", case_attention, ["397b", "397b-short", "tiny", "odd"]),
+    ("qk_norm_rope", case_qk_norm_rope, ["397b", "tiny", "odd"]),
+    ("gdn_step", case_gdn, ["397b", "tiny", "odd"]),
+    ("add_rms_norm", case_add_rms_norm, ["397b", "tiny", "odd"]),
+]
+
+
+def _flat(r):
+    if isinstance(r, (list, tuple)):
+        return [a for x in r for a in _flat(x)]
+    return [r]
+
+
+def rel_err(got, ref) -> float:
+    worst = 0.0
+    for g, r in zip(_flat(got), _flat(ref)):
+        g32, r32 = np.array(g.astype(mx.float32)), np.array(r.astype(mx.float32))
+        if g32.shape != r32.shape or not np.isfinite(g32).all():
+            return math.inf
+        worst = max(worst, float(np.abs(g32 - r32).max() / max(np.abs(r32).max(), 1e-30)))
+    return worst
+
+
+def time_call(fn, runs: int) -> float:
+    """Median microseconds per call, REPS calls per graph."""
+    for _ in range(3):
+        mx.eval(*[_flat(fn()) for _ in range(REPS)])
+    mx.synchronize()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        mx.eval(*[_flat(fn()) for _ in range(REPS)])
+        mx.synchronize()
+        times.append((time.perf_counter() - t0) / REPS * 1e6)
+    return float(np.median(times))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backend", default=None)
+    ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--dtypes", default="bfloat16,float32")
+    ap.add_argument("--only", default=None, help="comma-separated kernel names")
+    args = ap.parse_args(argv)
+    backend = args.backend or active_backend()
+    if backend not in ("cuda", "metal"):
+        print(f"no GPU kernel backend here (active: {backend}); run on a Metal or CUDA device.")
+        return 2
+    fused = GpuKernels(backend, poison=True)
+    mx.random.seed(int(time.time()))
+    np.random.seed(int(time.time()) % 2**31)
+    fails = 0
+    print(f"backend {backend}, device {mx.default_device()}, {REPS} calls per graph, median of {args.runs}")
+    print(f"{'kernel':18} {'shape':11} {'dtype':8} {'rel.err':>9} {'bound':>7} {'ok':3} "
+          f"{'fused us':>9} {'plain us':>9} {'speedup':>7}")
+    for name, make, labels in CASES:
+        if args.only and name not in args.only.split(","):
+            continue
+        for label in labels:
+            for dt in args.dtypes.split(","):
+                dtype = getattr(mx, dt)
+                if dtype == mx.float32 and name in ("MoE block",) :
+                    continue
+                f, t = make(label, dtype)
+                try:
+                    got = f(fused)
+                    mx.eval(_flat(got))
+                    err = rel_err(got, t())
+                except Exception as e:  # report, keep going
+                    print(f"{name:18} {label:11} {dt:8} ERROR {type(e).__name__}: {str(e)[:400]}")
+                    fails += 1
+                    continue
+                ok = err <= BOUND[dtype]
+                fails += not ok
+                tf = time_call(lambda: f(fused), args.runs)
+                tp = time_call(t, args.runs)
+                print(f"{name:18} {label:11} {dt:8} {err:9.2e} {BOUND[dtype]:7.0e} {'yes' if ok else 'NO':3} "
+                      f"{tf:9.1f} {tp:9.1f} {tp / tf:6.2f}x", flush=True)
+    print("all kernels pass" if not fails else f"{fails} FAILED")
+    return 1 if fails else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Launchers for the fused kernels on MLX's Metal and CUDA backends.
+
+Each op builds (once per shape/bit-width combination) the kernel from the
+dialect sources (source.py) and launches it; anything a kernel does not
+cover (dense weights, odd widths, prefill) goes to the plain-MLX twin.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import mlx.core as mx
+
+from ..engine.linear import Linear
+from . import plain
+from .source import render
+
+QBITS = (2, 3, 4, 8)
+QGROUPS = (32, 64, 128)
+
+
+class GpuKernels:
+    """The fused ops of one backend ('metal' or 'cuda')."""
+
+    def __init__(self, backend: str, poison: bool = False):
+        self.backend = backend
+        # poison: fill every output with NaN before the launch (the check script), so
+        # that an element a kernel fails to write shows up.
+        self._fill = {"init_value": float("nan")} if poison else {}
+        self._make = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
+        self._kernels: dict = {}
+
+    def kernel(self, name: str, inputs: tuple, outputs: tuple, defines: dict):
+        key = (name, inputs, tuple(defines.items()))
+        k = self._kernels.get(key)
+        if k is None:
+            header, body = render(name, self.backend, defines)
+            tag = zlib.crc32(repr(key).encode()) & 0xFFFFFFFF
+            k = self._make(name=f"fm_{name}_{tag:08x}", input_names=list(inputs),
+                           output_names=list(outputs), source=body, header=header)
+            self._kernels[key] = k
+        return k
+
+    def table(self) -> dict:
+        return {n: getattr(self, n) for n in plain.OPS}
+
+    # -- family 1 ---------------------------------------------------------
+    def qmv(self, x: mx.array, linears: list[Linear]) -> list[mx.array]:
+        K = x.shape[-1]
+        if not (1 <= len(linears) <= 4 and K % 32 == 0 and all(_q2d(l, K) for l in linears)):
+            return plain.qmv(x, linears)
+        M = math.prod(x.shape[:-1])
+        n = len(linears)
+        defines = {"KDIM": K, "NSLOT": n}
+        inputs, args = ["x"], [x]
+        for i, lin in enumerate(linears):
+            defines.update({f"N{i}": lin.out_features, f"B{i}": lin.bits, f"G{i}": lin.group_size})
+            inputs += [f"w{i}", f"s{i}", f"b{i}"]
+            args += [lin.weight, lin.scales, lin.biases]
+        rows = sum(l.out_features for l in linears)
+        k = self.kernel("qmv", tuple(inputs), tuple(f"y{i}" for i in range(n)), defines)
+        outs = k(inputs=args, template=[("T", x.dtype)], grid=(_ceil(rows, 8) * 256, M, 1),
+                 threadgroup=(256, 1, 1), output_shapes=[(*x.shape[:-1], l.out_features) for l in linears],
+                 output_dtypes=[x.dtype] * n, **self._fill)
+        return list(outs)
+
+    # -- family 2 ---------------------------------------------------------
+    def moe_route(self, logits: mx.array, k: int, norm_topk: bool):
+        E = logits.size
+        if E > 4096 or k > 32:
+            return plain.moe_route(logits, k, norm_topk)
+        kern = self.kernel("moe_route", ("logits",), ("ids", "weights"), {"NE": E, "KE": k, "NORM": bool(norm_topk)})
+        ids, w = kern(inputs=[logits.reshape(-1)], template=[("T", logits.dtype)], grid=(256, 1, 1),
+                      threadgroup=(256, 1, 1), output_shapes=[(k,), (k,)], output_dtypes=[mx.int32, mx.float32], **self._fill)
+        return ids, w
+
+    def moe_gate_up(self, x, rows, gate: Linear, up: Linear, shared_gate: Linear, shared_up: Linear):
+        H, K = x.size, rows.size
+        if not (H % 32 == 0 and _q3d(gate, H) and _q3d(up, H) and _same_q(gate, up)
+                and _q2d(shared_gate, H) and _q2d(shared_up, H) and _same_q(shared_gate, shared_up)):
+            return plain.moe_gate_up(x, rows, gate, up, shared_gate, shared_up)
+        I, Is = gate.weight.shape[1], shared_gate.out_features
+        defines = {"HD": H, "KE": K, "IE": I, "BE": gate.bits, "GE": gate.group_size,
+                   "IS": Is, "BS": shared_gate.bits, "GS": shared_gate.group_size}
+        names = ("x", "ids", "gw", "gs", "gb", "uw", "us", "ub", "sgw", "sgs", "sgb", "suw", "sus", "sub")
+        kern = self.kernel("moe_gate_up", names, ("h", "hs"), defines)
+        args = [x.reshape(-1), rows.astype(mx.int32), *_parts(gate), *_parts(up), *_parts(shared_gate), *_parts(shared_up)]
+        h, hs = kern(inputs=args, template=[("T", x.dtype)], grid=(_ceil(K * I + Is, 8) * 256, 1, 1),
+                     threadgroup=(256, 1, 1), output_shapes=[(K, I), (Is,)], output_dtypes=[x.dtype, x.dtype], **self._fill)
+        return h, hs
+
+    def moe_down(self, h, rows, weights, down: Linear, hs, shared_down: Linear, shared_gate_logit, residual):
+        K, I = h.shape
+        Is, H = hs.size, residual.size
+        if not (I % 32 == 0 and Is % 32 == 0 and _q3d(down, I) and down.weight.shape[1] == H
+                and _q2d(shared_down, Is) and shared_down.out_features == H):
+            return plain.moe_down(h, rows, weights, down, hs, shared_down, shared_gate_logit, residual)
+        defines = {"HD": H, "KE": K, "IE": I, "BE": down.bits, "GE": down.group_size,
+                   "IS": Is, "BS": shared_down.bits, "GS": shared_down.group_size}
+        names = ("h", "ids", "weights", "dw", "ds", "db", "hs", "sdw", "sds", "sdb", "sg", "res")
+        kern = self.kernel("moe_down", names, ("out",), defines)
+        args = [h, rows.astype(mx.int32), weights.astype(mx.float32), *_parts(down), hs.reshape(-1),
+                *_parts(shared_down), shared_gate_logit.reshape(-1), residual.reshape(-1)]
+        return kern(inputs=args, template=[("T", residual.dtype)], grid=(_ceil(H, 8) * 256, 1, 1),
+                    threadgroup=(256, 1, 1), output_shapes=[(H,)], output_dtypes=[residual.dtype], **self._fill)[0]
+
+    # -- family 3 ---------------------------------------------------------
+    def decode_attention(self, q, keys, values, n: int, qg):
+        Hq, Dh = q.shape
+        Hkv = keys.shape[1]
+        if not (Dh % 32 == 0 and Dh <= 512 and Hq % Hkv == 0 and keys.dtype == q.dtype == values.dtype):
+            return plain.decode_attention(q, keys, values, n, qg)
+        kern = self.kernel("decode_attention", ("q", "keys", "values", "n_ctx", "qg"), ("out",),
+                           {"HQ": Hq, "HKV": Hkv, "DH": Dh, "NWARPS": 8})
+        return kern(inputs=[q, keys, values, mx.array([n], mx.int32), qg.reshape(-1)], template=[("T", q.dtype)],
+                    grid=(Hq * 256, 1, 1), threadgroup=(256, 1, 1), output_shapes=[(Hq * Dh,)],
+                    output_dtypes=[q.dtype], **self._fill)[0]
+
+    # -- family 4 ---------------------------------------------------------
+    def qk_norm_rope(self, qg, k, q_w, k_w, pos: int, rope_dims: int, theta: float, eps: float, n_kv_heads: int):
+        Dh = q_w.size
+        Hq = qg.size // (2 * Dh)
+        if not (Dh % 32 == 0 and Dh <= 1024 and rope_dims % 2 == 0 and rope_dims <= Dh):
+            return plain.qk_norm_rope(qg, k, q_w, k_w, pos, rope_dims, theta, eps, n_kv_heads)
+        defines = {"HQ": Hq, "HKV": n_kv_heads, "DH": Dh, "ROPE": rope_dims,
+                   "LOG_THETA": float(math.log(theta)), "EPS": float(eps)}
+        kern = self.kernel("qk_norm_rope", ("qg", "k", "qw", "kw", "pos"), ("qo", "ko"), defines)
+        qo, ko = kern(inputs=[qg.reshape(-1), k.reshape(-1), q_w, k_w, mx.array([pos], mx.int32)],
+                      template=[("T", qg.dtype)], grid=((Hq + n_kv_heads) * Dh, 1, 1), threadgroup=(Dh, 1, 1),
+                      output_shapes=[(Hq, Dh), (n_kv_heads, Dh)], output_dtypes=[qg.dtype, qg.dtype], **self._fill)
+        return qo, ko
+
+    # -- family 5 ---------------------------------------------------------
+    def gdn_step(self, qkv, z, b, a, conv_state, conv_w, A, dt_bias, norm_w, state, n_key_heads, key_dim, eps):
+        Hk, Dk = n_key_heads, key_dim
+        Hv = b.size
+        Dv = z.size // Hv
+        C, Kc = conv_w.shape
+        if not (Dk % 32 == 0 and Dv % 32 == 0 and 2 * Dk <= 256 and Dv <= 256 and Kc >= 2 and Hv % Hk == 0
+                and C == qkv.size == 2 * Hk * Dk + Hv * Dv):
+            return plain.gdn_step(qkv, z, b, a, conv_state, conv_w, A, dt_bias, norm_w, state, Hk, Dk, eps)
+        if conv_state is None:
+            conv_state = mx.zeros((1, Kc - 1, C), qkv.dtype)
+        if state is None:
+            state = mx.zeros((1, Hv, Dv, Dk), mx.float32)
+        defines = {"HK": Hk, "HV": Hv, "DK": Dk, "DV": Dv, "KC": Kc, "EPS": float(eps)}
+        names = ("qkv", "z", "b", "a", "conv_state", "conv_w", "A", "dt_bias", "norm_w", "state")
+        kern = self.kernel("gdn_step", names, ("out", "conv_out", "state_out"), defines)
+        args = [qkv.reshape(-1), z.reshape(-1), b.reshape(-1), a.reshape(-1), conv_state, conv_w,
+                A.astype(mx.float32), dt_bias.astype(mx.float32), norm_w, state]
+        out, conv_out, state_out = kern(
+            inputs=args, template=[("T", qkv.dtype)], grid=(Hv * 256, 1, 1), threadgroup=(256, 1, 1),
+            output_shapes=[(Hv * Dv,), (1, Kc - 1, C), (1, Hv, Dv, Dk)],
+            output_dtypes=[qkv.dtype, qkv.dtype, mx.float32], **self._fill)
+        return out, conv_out, state_out
+
+    # -- family 6 ---------------------------------------------------------
+    def add_rms_norm(self, x, y, w, eps: float):
+        H = x.shape[-1]
+        M = x.size // H
+        threads = 1024 if H >= 4096 else 256
+        kern = self.kernel("add_rms_norm", ("x", "y", "w"), ("h", "n"), {"HD": H, "EPS": float(eps)})
+        h, n = kern(inputs=[x, y, w], template=[("T", x.dtype)], grid=(M * threads, 1, 1),
+                    threadgroup=(threads, 1, 1), output_shapes=[x.shape, x.shape], output_dtypes=[x.dtype, x.dtype], **self._fill)
+        return h, n
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _parts(lin: Linear):
+    return lin.weight, lin.scales, lin.biases
+
+
+def _q2d(lin: Linear, in_features: int) -> bool:
+    """A 2-D affine-quantized matrix with `in_features` inputs that the kernels cover."""
+    return (lin.quantized and lin.weight.ndim == 2 and lin.bits in QBITS and lin.group_size in QGROUPS
+            and lin.weight.shape[1] * 32 // lin.bits == in_features)
+
+
+def _q3d(lin: Linear, in_features: int) -> bool:
+    return (lin.quantized and lin.weight.ndim == 3 and lin.bits in QBITS and lin.group_size in QGROUPS
+            and lin.weight.shape[2] * 32 // lin.bits == in_features)
+
+
+def _same_q(a: Linear, b: Linear) -> bool:
+    return a.bits == b.bits and a.group_size == b.group_size and a.weight.shape == b.weight.shape

@@ -1,0 +1,123 @@
+"""Plain-MLX twins of the fused kernels: the reference each kernel is checked against.
+
+Every function takes and returns exactly what its kernel does (one decode
+token, batch 1) and says it in the same MLX ops as engine/qwen35.py, so a
+twin runs on any device, the CPU included. Shapes: H hidden, K experts per
+token, I/Is expert/shared width, Hq/Hkv/Dh attention, Hk/Hv/Dk/Dv linear
+attention, C = 2*Hk*Dk + Hv*Dv conv channels.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from ..engine.linear import Linear
+
+
+def qmv(x: mx.array, linears: list[Linear]) -> list[mx.array]:
+    """x [M, in] -> [l(x) for l in linears], each [M, out_l]."""
+    return [lin(x) for lin in linears]
+
+
+def moe_route(logits: mx.array, k: int, norm_topk: bool) -> tuple[mx.array, mx.array]:
+    """Router logits [E] -> top-k expert ids int32 [k] and their softmax weights float32 [k]."""
+    probs = mx.softmax(logits.reshape(-1).astype(mx.float32), axis=-1)
+    ids = mx.argpartition(-probs, kth=k - 1)[:k]
+    w = probs[ids]
+    if norm_topk:
+        w = w / w.sum()
+    return ids.astype(mx.int32), w
+
+
+def moe_gate_up(x: mx.array, rows: mx.array, gate: Linear, up: Linear,
+                shared_gate: Linear, shared_up: Linear) -> tuple[mx.array, mx.array]:
+    """x [H], rows int32 [K] of the expert stacks -> h [K, I] = silu(gate x) * up x, and the shared hs [Is]."""
+    H, K = x.size, rows.size
+    xe = x.reshape(1, 1, 1, H)
+    idx = rows.reshape(1, K)
+    g, u = gate.gather(xe, idx), up.gather(xe, idx)                 # [1, K, 1, I]
+    h = (g * mx.sigmoid(g) * u).astype(x.dtype).reshape(K, -1)
+    x1 = x.reshape(1, H)
+    sg = shared_gate(x1)
+    hs = (sg * mx.sigmoid(sg) * shared_up(x1)).reshape(-1)
+    return h, hs
+
+
+def moe_down(h: mx.array, rows: mx.array, weights: mx.array, down: Linear, hs: mx.array,
+             shared_down: Linear, shared_gate_logit: mx.array, residual: mx.array) -> mx.array:
+    """residual [H] + sum_k weights[k] * down_{rows[k]}(h[k]) + sigmoid(logit) * shared_down(hs) -> [H]."""
+    K, I = h.shape
+    y = down.gather(h.reshape(1, K, 1, I), rows.reshape(1, K)).reshape(K, -1)   # [K, H]
+    y = (y * weights[:, None].astype(y.dtype)).sum(axis=0)
+    shared = mx.sigmoid(shared_gate_logit.reshape(-1)) * shared_down(hs.reshape(1, -1)).reshape(-1)
+    return residual.reshape(-1) + (y + shared).astype(residual.dtype)
+
+
+def decode_attention(q: mx.array, keys: mx.array, values: mx.array, n: int, qg: mx.array) -> mx.array:
+    """q [Hq, Dh] attends over the first n of keys/values [1, Hkv, capacity, Dh]; the
+    output is gated by sigmoid of the second half of each head of qg [Hq, 2*Dh] -> [Hq*Dh]."""
+    Hq, Dh = q.shape
+    out = mx.fast.scaled_dot_product_attention(
+        q.reshape(1, Hq, 1, Dh), keys[:, :, :n], values[:, :, :n], scale=Dh ** -0.5)
+    gate = qg.reshape(Hq, 2 * Dh)[:, Dh:]
+    return (out.reshape(Hq, Dh) * mx.sigmoid(gate)).reshape(-1)
+
+
+def qk_norm_rope(qg: mx.array, k: mx.array, q_w: mx.array, k_w: mx.array, pos: int,
+                 rope_dims: int, theta: float, eps: float, n_kv_heads: int) -> tuple[mx.array, mx.array]:
+    """RMSNorm of each query head (first half of qg [Hq, 2*Dh]) and key head (k [Hkv*Dh]),
+    then rope on their first rope_dims dims at position pos -> q [Hq, Dh], k [Hkv, Dh]."""
+    Dh = q_w.size
+    q = qg.reshape(1, -1, 1, 2 * Dh)[..., :Dh]                      # [1, Hq, 1, Dh]
+    kk = k.reshape(1, n_kv_heads, 1, Dh)
+    q = mx.fast.rope(mx.fast.rms_norm(q, q_w, eps), rope_dims, traditional=False, base=theta,
+                     scale=1.0, offset=pos)
+    kk = mx.fast.rope(mx.fast.rms_norm(kk, k_w, eps), rope_dims, traditional=False, base=theta,
+                      scale=1.0, offset=pos)
+    return q.reshape(-1, Dh), kk.reshape(-1, Dh)
+
+
+def gdn_step(qkv, z, b, a, conv_state, conv_w, A, dt_bias, norm_w, state, n_key_heads: int,
+             key_dim: int, eps: float):
+    """One GatedDeltaNet token: qkv [C], z [Hv*Dv], b and a [Hv], conv_state [1, Kc-1, C] (or None),
+    conv_w [C, Kc], A = -exp(A_log) and dt_bias [Hv] float32, norm_w [Dv], state [1, Hv, Dv, Dk]
+    float32 (or None) -> out [Hv*Dv], new conv_state, new state."""
+    Hk, Dk = n_key_heads, key_dim
+    Hv = b.size
+    Dv = z.size // Hv
+    C = qkv.size
+    Kc = conv_w.shape[1]
+    if conv_state is None:
+        conv_state = mx.zeros((1, Kc - 1, C), qkv.dtype)
+    conv_in = mx.concatenate([conv_state, qkv.reshape(1, 1, C)], axis=1)   # [1, Kc, C]
+    conv = (conv_in[0] * conv_w.T).sum(axis=0)                               # [C]
+    y = conv * mx.sigmoid(conv)
+    q, k, v = mx.split(y, [Hk * Dk, 2 * Hk * Dk])
+
+    def l2n(t):
+        t32 = t.astype(mx.float32)
+        return (t32 * mx.rsqrt((t32 * t32).sum(-1, keepdims=True) + 1e-6)).astype(t.dtype)
+
+    q = l2n(q.reshape(1, 1, Hk, Dk)) * (Dk ** -0.5)
+    k = l2n(k.reshape(1, 1, Hk, Dk))
+    v = v.reshape(1, 1, Hv, Dv)
+    g = A * mx.logaddexp(a.reshape(1, 1, Hv).astype(mx.float32) + dt_bias, 0.0)
+    beta = mx.sigmoid(b.reshape(1, 1, Hv))
+    if state is None:
+        state = mx.zeros((1, Hv, Dv, Dk), mx.float32)
+    o, state = mx.fast.gated_delta_update(q, k, v, mx.exp(g), beta, state)
+    o = mx.fast.rms_norm(o, norm_w, eps)
+    z32 = z.reshape(1, 1, Hv, Dv).astype(mx.float32)
+    o = (o.astype(mx.float32) * z32 * mx.sigmoid(z32)).astype(qkv.dtype)
+    return o.reshape(-1), conv_in[:, 1:], state
+
+
+def add_rms_norm(x: mx.array, y: mx.array, w: mx.array, eps: float) -> tuple[mx.array, mx.array]:
+    """h = x + y; n = rmsnorm(h) * w  (rows of the last axis)."""
+    h = x + y
+    return h, mx.fast.rms_norm(h, w, eps)
+
+
+OPS = {name: globals()[name] for name in (
+    "qmv", "moe_route", "moe_gate_up", "moe_down", "decode_attention", "qk_norm_rope",
+    "gdn_step", "add_rms_norm")}

@@ -1,0 +1,77 @@
+"""Kernel sources: the shared dialect in `kernels/` -> Metal or CUDA source text.
+
+A kernel's generated source is `(header, body)` for `mx.fast.metal_kernel` /
+`mx.fast.cuda_kernel`:
+
+    header = dialect header (backend) + #defines + common.kern + family helpers
+    body   = dialect prologue (backend) + kernel body
+
+so the Metal and CUDA texts of a kernel differ only in the dialect layer.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+KERNEL_DIR = Path(__file__).resolve().parents[2] / "kernels"
+BACKENDS = ("metal", "cuda")
+# kernel name -> family file
+KERNELS = {
+    "qmv": "qmv",
+    "moe_route": "moe", "moe_gate_up": "moe", "moe_down": "moe",
+    "decode_attention": "attention",
+    "qk_norm_rope": "qk_norm_rope",
+    "gdn_step": "gated_delta",
+    "add_rms_norm": "rms_norm",
+}
+
+
+def _sections(path: Path) -> dict[str, str]:
+    """`//@@ NAME` markers split a file into named sections (text before the first is dropped)."""
+    out, name, lines = {}, None, []
+    for line in path.read_text().splitlines():
+        if line.startswith("//@@ "):
+            if name is not None:
+                out[name] = "\n".join(lines) + "\n"
+            name, lines = line[5:].strip(), []
+        else:
+            lines.append(line)
+    if name is not None:
+        out[name] = "\n".join(lines) + "\n"
+    return out
+
+
+@lru_cache(maxsize=None)
+def dialect(backend: str) -> dict[str, str]:
+    """{'header': ..., 'prologue': ...} for `backend`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {backend!r}")
+    return _sections(KERNEL_DIR / "dialect" / f"{backend}.h")
+
+
+@lru_cache(maxsize=None)
+def family(name: str) -> dict[str, str]:
+    return _sections(KERNEL_DIR / f"{name}.kern")
+
+
+def defines_text(defines: dict) -> str:
+    return "".join(f"#define {k} {_literal(v)}\n" for k, v in defines.items())
+
+
+def _literal(v) -> str:
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, float):
+        return repr(v) + "f"
+    return str(v)
+
+
+def render(kernel: str, backend: str, defines: dict | None = None) -> tuple[str, str]:
+    """The (header, body) of `kernel` for `backend`, with `defines` as #defines."""
+    fam = family(KERNELS[kernel])
+    d = dialect(backend)
+    header = (d["header"] + defines_text(defines or {}) + family("common")["helpers"]
+              + fam.get("helpers", ""))
+    body = d["prologue"] + fam["kernel " + kernel]
+    return header, body
