@@ -17,7 +17,8 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import FlashMoeError
-from ..experts.source import ExpertSource
+from ..experts.source import ExpertSource, ResidentExperts
+from .. import kernels
 from .cache import KVCache, LinearAttentionState, ModelCache
 from .linear import Linear, embedding_rows
 
@@ -53,9 +54,12 @@ class GatedDeltaNet:
         self.Hk, self.Hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
         self.Dk, self.Dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
         self.eps = cfg.rms_norm_eps
+        self.ops = kernels.ops()
 
     def __call__(self, x: mx.array, state: LinearAttentionState) -> mx.array:
         _, T, _ = x.shape
+        if T == 1 and self.ops is not None:
+            return self.decode_fused(x, state)
         Hk, Hv, Dk, Dv = self.Hk, self.Hv, self.Dk, self.Dv
         qkv = self.in_proj_qkv(x)                                   # [1, T, C]
         z = self.in_proj_z(x).reshape(1, T, Hv, Dv)
@@ -88,6 +92,14 @@ class GatedDeltaNet:
         o = (o.astype(mx.float32) * z32 * mx.sigmoid(z32)).astype(x.dtype)
         return self.out_proj(o.reshape(1, T, Hv * Dv))
 
+    def decode_fused(self, x: mx.array, state: LinearAttentionState) -> mx.array:
+        """One token, the same math as above through the fused kernels."""
+        qkv, z, b, a = self.ops.qmv(x.reshape(1, -1), [self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a])
+        o, state.conv, state.recurrent = self.ops.gdn_step(
+            qkv, z, b, a, state.conv, self.conv_weight, self.A, self.dt_bias, self.norm_weight,
+            state.recurrent, self.Hk, self.Dk, self.eps)
+        return self.ops.qmv(o.reshape(1, -1), [self.out_proj])[0].reshape(x.shape)
+
 
 class Attention:
     """Gated full attention with q/k RMSNorm, partial rope and GQA."""
@@ -99,9 +111,12 @@ class Attention:
         self.k_norm = w[p + "k_norm.weight"].astype(dtype)
         self.Hq, self.Hkv, self.Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.rope_dims, self.rope_theta, self.eps = cfg.rope_dims, cfg.rope_theta, cfg.rms_norm_eps
+        self.ops = kernels.ops()
 
     def __call__(self, x: mx.array, cache: KVCache) -> mx.array:
         _, T, _ = x.shape
+        if T == 1 and self.ops is not None:
+            return self.decode_fused(x, cache)
         Hq, Hkv, Dh = self.Hq, self.Hkv, self.Dh
         qg = self.q_proj(x).reshape(1, T, Hq, 2 * Dh)
         q, gate = qg[..., :Dh], qg[..., Dh:].reshape(1, T, Hq * Dh)
@@ -125,6 +140,16 @@ class Attention:
         out = out.transpose(0, 2, 1, 3).reshape(1, T, Hq * Dh)
         return self.o_proj(out * mx.sigmoid(gate))
 
+    def decode_fused(self, x: mx.array, cache: KVCache) -> mx.array:
+        """One token, the same math as above through the fused kernels."""
+        Hkv, Dh = self.Hkv, self.Dh
+        qg, k, v = self.ops.qmv(x.reshape(1, -1), [self.q_proj, self.k_proj, self.v_proj])
+        q, k = self.ops.qk_norm_rope(qg, k, self.q_norm, self.k_norm, cache.offset, self.rope_dims,
+                                     self.rope_theta, self.eps, Hkv)
+        cache.update(k.reshape(1, Hkv, 1, Dh), v.reshape(1, Hkv, 1, Dh))
+        out = self.ops.decode_attention(q, cache.keys, cache.values, cache.offset, qg)
+        return self.ops.qmv(out.reshape(1, -1), [self.o_proj])[0].reshape(x.shape)
+
 
 class SparseMoE:
     """Router softmax (float32) -> top-K -> selected SwiGLU experts, plus the
@@ -137,6 +162,7 @@ class SparseMoE:
         self.shared_down_proj, self.shared_expert_gate = L("shared_expert.down_proj"), L("shared_expert_gate")
         self.layer, self.experts, self.k, self.dtype = layer, experts, k, dtype
         self.norm_topk_prob = cfg.norm_topk_prob
+        self.ops = kernels.ops()
 
     def route(self, x: mx.array) -> tuple[mx.array, mx.array]:
         """x [T, H] -> expert ids [T, K] and their weights [T, K]."""
@@ -147,8 +173,11 @@ class SparseMoE:
             scores = scores / scores.sum(axis=-1, keepdims=True)
         return inds, scores
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, residual: mx.array) -> mx.array:
+        """residual + moe(x)"""
         B, T, H = x.shape
+        if T == 1 and self.ops is not None:
+            return self.decode_fused(x, residual)
         x2 = x.reshape(T, H)
         inds, scores = self.route(x2)
         inds_np = np.array(inds)                         # the read below needs the ids now
@@ -176,7 +205,24 @@ class SparseMoE:
         sg = self.shared_gate_proj(x2)
         shared = self.shared_down_proj(sg * mx.sigmoid(sg) * self.shared_up_proj(x2))
         shared = mx.sigmoid(self.shared_expert_gate(x2)) * shared
-        return (y + shared).astype(x.dtype).reshape(B, T, H)
+        return residual + (y + shared).astype(x.dtype).reshape(B, T, H)
+
+    def decode_fused(self, x: mx.array, residual: mx.array) -> mx.array:
+        """One token, the same math as above through the fused kernels."""
+        x1 = x.reshape(1, -1)
+        logits, shared_logit = self.ops.qmv(x1, [self.router, self.shared_expert_gate])
+        ids, scores = self.ops.moe_route(logits, self.k, self.norm_topk_prob)
+        if isinstance(self.experts, ResidentExperts):    # rows are the ids: no wait for the router
+            gate, up, down = self.experts.layers[self.layer]
+            rows = ids
+            self.experts.stats.experts += self.k
+        else:
+            ids_np = np.array(ids)
+            batch = self.experts.fetch(self.layer, np.unique(ids_np))
+            gate, up, down, rows = batch.gate, batch.up, batch.down, mx.array(batch.lookup[ids_np])
+        h, hs = self.ops.moe_gate_up(x1, rows, gate, up, self.shared_gate_proj, self.shared_up_proj)
+        out = self.ops.moe_down(h, rows, scores, down, hs, self.shared_down_proj, shared_logit, residual)
+        return out.reshape(x.shape)
 
 
 class DecoderLayer:
@@ -191,10 +237,15 @@ class DecoderLayer:
             self.mixer = Attention(cfg, w, p + "self_attn.", dtype)
         self.moe = SparseMoE(cfg, w, p + "mlp.", i, experts, k, dtype)
         self.eps = cfg.rms_norm_eps
+        self.ops = kernels.ops()
 
     def __call__(self, x: mx.array, cache) -> mx.array:
-        h = x + self.mixer(rms_norm(x, self.input_norm, self.eps), cache)
-        return h + self.moe(rms_norm(h, self.post_norm, self.eps))
+        y = self.mixer(rms_norm(x, self.input_norm, self.eps), cache)
+        if self.ops is None:
+            h = x + y
+            return self.moe(rms_norm(h, self.post_norm, self.eps), residual=h)    # h + moe(norm(h))
+        h, n = self.ops.add_rms_norm(x, y, self.post_norm, self.eps)             # h = x + y, n = norm(h)
+        return self.moe(n, residual=h)
 
 
 class Qwen35Model:
