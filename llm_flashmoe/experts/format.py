@@ -105,7 +105,9 @@ class Manifest:
         d = {k: d[k] for k in order}
         # One line per layer keeps the file readable and diffable.
         layers = d.pop("layers")
+        comps = d.pop("components")
         text = json.dumps(d, indent=1)[:-2]
+        text += ',\n "components": [\n  ' + ",\n  ".join(json.dumps(c, separators=(",", ":")) for c in comps) + "\n ]"
         rows = ",\n  ".join(json.dumps(l, separators=(",", ":")) for l in layers)
         return text + ',\n "layers": [\n  ' + rows + "\n ]\n}\n"
 
@@ -186,6 +188,21 @@ def is_packed_dir(model_dir: str | Path) -> bool:
     """True for a directory written (or being written) by `llm flashmoe convert`."""
     d = Path(model_dir)
     return any((d / n).exists() for n in (MANIFEST_NAME, COMPLETE_NAME, STATE_NAME, RESIDENT_NAME))
+
+
+def conversion_status(model_dir: str | Path) -> str:
+    """"complete", or "incomplete: ..." saying what to do, from the files alone (no checksums)."""
+    d = Path(model_dir)
+    if not (d / COMPLETE_NAME).exists():
+        try:
+            st = json.loads((d / STATE_NAME).read_text())
+            done = f"{len(st.get('layers_done', {}))} of {st.get('num_layers', '?')} layers done; "
+        except (OSError, ValueError):
+            done = ""
+        return f"incomplete: conversion not finished ({done}run the same convert command again to resume)"
+    if not (d / MANIFEST_NAME).is_file():
+        return f"incomplete: {MANIFEST_NAME} missing (re-convert the model)"
+    return "complete"
 
 
 def read_manifest(model_dir: str | Path) -> Manifest:

@@ -36,6 +36,7 @@ from . import format as fmt
 from .source import ExpertBatch, ExpertStats
 
 PAGE = 4096
+INLINE_BYTES = 256 << 10  # smaller fetches are read by the calling thread alone
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", None)
 
 
@@ -204,11 +205,12 @@ class ExpertStore:
         base, stride, nbytes, probe = m.header_bytes, m.expert_stride, m.expert_bytes, self.probe
         jobs = [(fd, buf.iovecs[r], base + int(e) * stride, nbytes, probe) for r, e in enumerate(expert_ids)]
         t0 = time.perf_counter()
-        if n <= 1 or self.threads == 1:
+        if n <= 1 or self.threads == 1 or n * nbytes < INLINE_BYTES:
             hits = _read_jobs(jobs)
-        else:
+        else:  # this thread reads one share itself: one fewer wake-up to wait for
             parts = min(self.threads, n)
-            hits = sum(self._pool.map(_read_jobs, [jobs[k::parts] for k in range(parts)]))
+            futures = [self._pool.submit(_read_jobs, jobs[k::parts]) for k in range(1, parts)]
+            hits = _read_jobs(jobs[0::parts]) + sum(f.result() for f in futures)
         dt = time.perf_counter() - t0
         s = self.stats
         s.experts += n
@@ -235,6 +237,12 @@ class ExpertStore:
         lookup = np.full(self.manifest.num_experts, -1, np.int32)
         lookup[expert_ids] = np.arange(n, dtype=np.int32)
         return ExpertBatch(lin[0], lin[1], lin[2], lookup)
+
+    def set_threads(self, threads: int) -> None:
+        """Use `threads` reader threads from now on."""
+        self._pool.shutdown(wait=True)
+        self.threads = threads
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="flashmoe-read")
 
     # -- page cache -----------------------------------------------------------
     def drop_page_cache(self) -> None:

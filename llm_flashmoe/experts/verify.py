@@ -27,6 +27,11 @@ class VerifyReport:
     def ok(self) -> bool:
         return not self.problems
 
+    def __str__(self) -> str:
+        head = (f"{self.model_dir}: {'OK' if self.ok else 'DAMAGED'}: {self.experts_checked} experts, "
+                f"{self.bytes_read / 1e9:.2f} GB checked in {self.seconds:.1f} s")
+        return "\n".join([head, *("  " + p for p in self.problems)])
+
 
 def verify_model(model_dir: str | Path, progress: bool = True) -> VerifyReport:
     """Check sizes, headers and crc32 of every expert and of the resident weights.
@@ -76,6 +81,23 @@ def verify_model(model_dir: str | Path, progress: bool = True) -> VerifyReport:
     return report
 
 
+def main(argv=None) -> int:
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m llm_flashmoe.experts.verify", description=__doc__.split("\n")[0])
+    ap.add_argument("model_dir")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        report = verify_model(args.model_dir, progress=not args.no_progress)
+    except FlashMoeError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 1
+    print(report)
+    return 0 if report.ok else 1
+
+
 def _check_experts(fd: int, m: fmt.Manifest, crcs: list[int], bar: Progress, report: VerifyReport) -> list[int]:
     per = max(1, READ_BYTES // m.expert_stride)
     buf = bytearray(per * m.expert_stride)
@@ -112,3 +134,7 @@ def _crc_resident(path: Path, size: int, bar: Progress, report: VerifyReport) ->
             report.bytes_read += len(chunk)
             bar.advance(len(chunk))
     return crc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
