@@ -133,20 +133,32 @@ FM_INLINE __m512i load_units(const uint8_t *w, int bits, int lanes) {
 #endif
 }
 
+/* Bytes ahead of the current block to prefetch. The loop does enough work
+ * per cache line that out-of-order execution alone keeps too few misses in
+ * flight (measured: ~4 GB/s per core without, on a 19 GB/s-per-core VM). */
+#define PF_AHEAD 2048
+
 FM_INLINE void row_dot(const fm_qmat *m, int64_t r, const fm_xprep *xp, int64_t t0, int NT, int bits,
-                       float *res) {
+                       int group, float *res) {
     const int P = bits == 3 ? 8 : 32 / bits, U = bits == 3 ? 3 : 4;
-    const int64_t cols = m->cols, ngroups = cols / m->group, BE = 16 * P;
-    const int gpb = BE >= m->group ? (int)(BE / m->group) : 1;
-    const uint8_t *w = (const uint8_t *)m->w + r * (cols * bits / 8);
+    const int64_t cols = m->cols, ngroups = cols / group, BE = 16 * P;
+    const int gpb = BE >= group ? (int)(BE / group) : 1;
+    const int64_t row_bytes = cols * bits / 8;
+    const uint8_t *w = (const uint8_t *)m->w + r * row_bytes;
     const int64_t srow = r * ngroups;
-    const __m512i mask = _mm512_set1_epi32((1 << bits) - 1);
-    __m512i gidx = _mm512_setzero_si512();
-    {
-        int32_t g[16];
-        for (int i = 0; i < 16; i++) g[i] = (i * P) / m->group;
-        gidx = _mm512_loadu_si512(g);
+    const int ssize = m->scale_type == FM_F32 ? 4 : 2;
+    /* Scales and biases of a row a few rows ahead. */
+    for (int64_t o = 0; o < ngroups * ssize; o += 64) {
+        _mm_prefetch((const char *)m->scales + (srow + 4 * ngroups) * ssize + o, _MM_HINT_T0);
+        _mm_prefetch((const char *)m->biases + (srow + 4 * ngroups) * ssize + o, _MM_HINT_T0);
     }
+    const __m512i mask = _mm512_set1_epi32((1 << bits) - 1);
+    const __m512 table = _mm512_cvtepi32_ps(
+        _mm512_and_si512(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), mask));
+    const __m512i gidx = _mm512_srli_epi32(
+        _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                           _mm512_set1_epi32(P)),
+        __builtin_ctz(group));
     const float *xpt[TOK_TILE], *xlt[TOK_TILE];
     __m512 tot[TOK_TILE];
     for (int t = 0; t < NT; t++) {
@@ -157,16 +169,22 @@ FM_INLINE void row_dot(const fm_qmat *m, int64_t r, const fm_xprep *xp, int64_t 
     for (int64_t b = 0; b < xp->nb; b++) {
         int64_t left = cols - b * BE;
         int lanes = left >= BE ? 16 : (int)(left / P);
+        _mm_prefetch((const char *)w + b * 16 * U + PF_AHEAD, _MM_HINT_T0);
+        if (U == 3) _mm_prefetch((const char *)w + b * 16 * U + PF_AHEAD + 64, _MM_HINT_T0);
         __m512i L = load_units(w + b * 16 * U, bits, lanes);
         __m512 acc[TOK_TILE];
         for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
 #pragma GCC unroll 16
         for (int s = 0; s < P; s++) {
-            __m512 q = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(L, bits * s), mask));
+            __m512i shifted = s ? _mm512_srli_epi32(L, bits * s) : L;
+            /* Codes of up to 4 bits: a 16-entry table lookup on the low 4 bits
+             * replaces mask + int->float conversion. */
+            __m512 q = bits <= 4 ? _mm512_permutexvar_ps(shifted, table)
+                                 : _mm512_cvtepi32_ps(_mm512_and_si512(shifted, mask));
             for (int t = 0; t < NT; t++)
                 acc[t] = _mm512_fmadd_ps(q, _mm512_load_ps(xpt[t] + (b * P + s) * 16), acc[t]);
         }
-        int64_t first = (b * BE) / m->group;
+        int64_t first = (b * BE) / group;
         int count = ngroups - first < gpb ? (int)(ngroups - first) : gpb;
         __m512 sv = _mm512_permutexvar_ps(gidx, load_scales16(m->scales, srow + first, count, m->scale_type));
         __m512 bv = _mm512_permutexvar_ps(gidx, load_scales16(m->biases, srow + first, count, m->scale_type));
@@ -181,9 +199,9 @@ FM_INLINE void row_dot(const fm_qmat *m, int64_t r, const fm_xprep *xp, int64_t 
 /* Portable path: the same layout in plain loops, left to the compiler's
  * vectoriser (NEON, AVX2). */
 FM_INLINE void row_dot(const fm_qmat *m, int64_t r, const fm_xprep *xp, int64_t t0, int NT, int bits,
-                       float *res) {
+                       int group, float *res) {
     const int P = bits == 3 ? 8 : 32 / bits, U = bits == 3 ? 3 : 4;
-    const int64_t cols = m->cols, ngroups = cols / m->group, BE = 16 * P;
+    const int64_t cols = m->cols, ngroups = cols / group, BE = 16 * P;
     const uint8_t *w = (const uint8_t *)m->w + r * (cols * bits / 8);
     const int64_t srow = r * ngroups;
     const uint32_t mask = (1u << bits) - 1;
@@ -200,7 +218,7 @@ FM_INLINE void row_dot(const fm_qmat *m, int64_t r, const fm_xprep *xp, int64_t 
         }
         float sv[16], bv[16];
         for (int i = 0; i < 16; i++) {
-            int64_t g = ((b * 16 + i) * P) / m->group;
+            int64_t g = ((b * 16 + i) * P) / group;
             if (g >= ngroups) g = ngroups - 1; /* lanes past the end carry zero activations */
             sv[i] = load_scale(m->scales, srow + g, m->scale_type);
             bv[i] = load_scale(m->biases, srow + g, m->scale_type);
@@ -222,17 +240,17 @@ FM_INLINE void row_dot(const fm_qmat *m, int64_t r, const fm_xprep *xp, int64_t 
 }
 #endif
 
-FM_INLINE void rows_bits(const fm_rows_args *a, int64_t r0, int64_t r1, int bits) {
+FM_INLINE void rows_bits(const fm_rows_args *a, int64_t r0, int64_t r1, int bits, int group) {
     float res[TOK_TILE];
     const int64_t s0 = a->slot0;
     for (int64_t t0 = 0; t0 < a->T; t0 += TOK_TILE) {
         int NT = a->T - t0 < TOK_TILE ? (int)(a->T - t0) : TOK_TILE;
         for (int64_t r = r0; r < r1; r++) {
             switch (NT) { /* constant token counts let the compiler keep accumulators in registers */
-            case 1: row_dot(a->m, r, a->xp, s0 + t0, 1, bits, res); break;
-            case 2: row_dot(a->m, r, a->xp, s0 + t0, 2, bits, res); break;
-            case 3: row_dot(a->m, r, a->xp, s0 + t0, 3, bits, res); break;
-            default: row_dot(a->m, r, a->xp, s0 + t0, 4, bits, res); break;
+            case 1: row_dot(a->m, r, a->xp, s0 + t0, 1, bits, group, res); break;
+            case 2: row_dot(a->m, r, a->xp, s0 + t0, 2, bits, group, res); break;
+            case 3: row_dot(a->m, r, a->xp, s0 + t0, 3, bits, group, res); break;
+            default: row_dot(a->m, r, a->xp, s0 + t0, 4, bits, group, res); break;
             }
             for (int t = 0; t < NT; t++) {
                 float v = a->coef ? res[t] * a->coef[t0 + t] : res[t];
@@ -243,12 +261,20 @@ FM_INLINE void rows_bits(const fm_rows_args *a, int64_t r0, int64_t r1, int bits
     }
 }
 
+/* One specialisation per (bits, group): shifts and group arithmetic become constants. */
+#define FM_GROUPS(bits)                                                 \
+    switch (a->m->group) {                                              \
+    case 32: rows_bits(a, r0, r1, bits, 32); break;                     \
+    case 64: rows_bits(a, r0, r1, bits, 64); break;                     \
+    default: rows_bits(a, r0, r1, bits, 128); break;                    \
+    }
+
 void fm_rows(const fm_rows_args *a, int64_t r0, int64_t r1) {
     switch (a->m->bits) {
-    case 2: rows_bits(a, r0, r1, 2); break;
-    case 3: rows_bits(a, r0, r1, 3); break;
-    case 4: rows_bits(a, r0, r1, 4); break;
-    default: rows_bits(a, r0, r1, 8); break;
+    case 2: FM_GROUPS(2); break;
+    case 3: FM_GROUPS(3); break;
+    case 4: FM_GROUPS(4); break;
+    default: FM_GROUPS(8); break;
     }
 }
 
