@@ -1,0 +1,152 @@
+"""The expert store: what it reads, and every damaged directory refused before a token."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from llm_flashmoe.bench import format_table, run_bench
+from llm_flashmoe.engine.load import load_model
+from llm_flashmoe.errors import FlashMoeError
+from llm_flashmoe.experts import format as fmt
+from llm_flashmoe.experts.convert import convert_checkpoint
+from llm_flashmoe.experts.store import ExpertStore
+from llm_flashmoe.experts.verify import main as verify_main
+from llm_flashmoe.experts.verify import verify_model
+
+
+@pytest.fixture(scope="module")
+def packed(tiny_mlx, tmp_path_factory):
+    return convert_checkpoint(tiny_mlx, tmp_path_factory.mktemp("store") / "packed", progress=False)
+
+
+@pytest.fixture
+def damaged(packed, tmp_path):
+    """A private copy to break."""
+    return shutil.copytree(packed, tmp_path / "copy")
+
+
+def test_fetch_returns_the_requested_experts_bit_exact(packed, tiny_mlx):
+    ref = load_model(tiny_mlx, dtype=mx.float32).experts  # ResidentExperts
+    store = ExpertStore(packed, dtype=mx.float32)
+    ids = np.array([0, 5, 17, 63])
+    batch = store.fetch(3, ids)
+    assert batch.lookup[ids].tolist() == [0, 1, 2, 3] and (batch.lookup >= 0).sum() == 4
+    gate, up, down = ref.layers[3]
+    for got, full in ((batch.gate, gate), (batch.up, up), (batch.down, down)):
+        for part in ("weight", "scales", "biases"):
+            assert mx.array_equal(getattr(got, part), getattr(full, part)[mx.array(ids)]).item()
+        assert (got.bits, got.group_size) == (full.bits, full.group_size)
+    # The batch stays valid across the next fetch (two buffer sets alternate).
+    other = store.fetch(4, np.array([1, 2]))
+    assert mx.array_equal(batch.down.weight, down.weight[mx.array(ids)]).item()
+    assert other.gate.weight.shape[0] == 2
+    # The copying fallback (MLX memory not host-writable) reads the same bytes.
+    copying = ExpertStore(packed, dtype=mx.float32, zero_copy=False)
+    b2 = copying.fetch(3, ids)
+    assert mx.array_equal(b2.up.scales, batch.up.scales).item()
+    assert mx.array_equal(b2.down.weight, batch.down.weight).item()
+    store.close()
+    copying.close()
+
+
+def test_stats_and_page_cache_hits(packed):
+    store = ExpertStore(packed, threads=2)
+    ids = np.arange(0, 64, 3)  # 22 experts: enough bytes for the thread pool
+    store.drop_page_cache()
+    store.read_experts(1, ids)
+    cold_hits = store.stats.cache_hits
+    store.stats.reset()
+    store.read_experts(1, ids)
+    s = store.stats
+    assert s.experts == len(ids) and s.bytes == len(ids) * store.manifest.expert_bytes and s.read_seconds > 0
+    if store.hit_method == "RWF_NOWAIT":
+        assert s.cache_hits == len(ids)  # just read: all from the page cache
+        assert cold_hits < len(ids)
+    store.close()
+
+
+def test_truncated_expert_file_is_refused_before_any_token(damaged):
+    path = damaged / fmt.layer_file_name(5)
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 1000)
+    with pytest.raises(FlashMoeError, match="experts-005.bin is truncated"):
+        load_model(damaged)
+    report = verify_model(damaged, progress=False)
+    assert not report.ok and "truncated" in str(report)
+
+
+def test_flipped_byte_is_found_by_verify(damaged, capsys):
+    assert verify_model(damaged, progress=False).ok
+    m = fmt.read_manifest(damaged)
+    path = damaged / fmt.layer_file_name(2)
+    offset = m.header_bytes + 9 * m.expert_stride + 12345
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x10]))
+    report = verify_model(damaged, progress=False)
+    assert not report.ok and report.experts_checked == len(m.layers) * m.num_experts
+    assert len(report.problems) == 1 and "experts-002.bin: 1 expert(s) fail their checksum (9)" in report.problems[0]
+    assert verify_main([str(damaged), "--no-progress"]) == 1
+    assert "DAMAGED" in capsys.readouterr().out
+
+
+def test_missing_manifest(damaged):
+    (damaged / fmt.MANIFEST_NAME).unlink()
+    with pytest.raises(FlashMoeError, match="experts.json is missing.*Re-convert"):
+        load_model(damaged)
+    assert fmt.conversion_status(damaged).startswith("incomplete: experts.json missing")
+
+
+def test_manifest_from_another_conversion_of_the_same_config(damaged, tiny_mlx, tmp_path):
+    other = convert_checkpoint(tiny_mlx, tmp_path / "other", progress=False)
+    shutil.copy(other / fmt.MANIFEST_NAME, damaged / fmt.MANIFEST_NAME)
+    with pytest.raises(FlashMoeError, match="belongs to another conversion"):
+        load_model(damaged)
+
+
+def test_manifest_from_another_model(damaged, tmp_path):
+    from llm_flashmoe.synth import write_synthetic
+
+    other = write_synthetic(tmp_path / "two-layers", preset="tiny", layout="packed", layers=2, progress=False)
+    shutil.copy(other / fmt.MANIFEST_NAME, damaged / fmt.MANIFEST_NAME)
+    with pytest.raises(FlashMoeError, match="does not belong to .*config.json"):
+        load_model(damaged)
+    # Even with the other model's config beside it, the files say whose they are.
+    shutil.copy(other / "config.json", damaged / "config.json")
+    with pytest.raises(FlashMoeError, match="another conversion|another model"):
+        load_model(damaged)
+
+
+def test_swapped_layer_files(damaged):
+    a, b = damaged / fmt.layer_file_name(1), damaged / fmt.layer_file_name(6)
+    a.rename(damaged / "tmp")
+    b.rename(a)
+    (damaged / "tmp").rename(b)
+    with pytest.raises(FlashMoeError, match="holds layer 6, not layer 1"):
+        load_model(damaged)
+
+
+def test_manifest_of_a_newer_format(damaged):
+    path = damaged / fmt.MANIFEST_NAME
+    d = json.loads(path.read_text())
+    d["format_version"] = 99
+    path.write_text(json.dumps(d))
+    with pytest.raises(FlashMoeError, match="format version 99"):
+        load_model(damaged)
+
+
+def test_bench_reports_every_figure(packed):
+    r = run_bench(packed, tokens=3, prompt_tokens=2, progress=False)
+    assert r["cold"]["tokens"] == r["warm"]["tokens"] and len(r["warm"]["tokens"]) == 3
+    for key in ("raw_pread_gb_s", "store_gb_s", "store_replay_gb_s", "hit_rate", "expert_io_ms_per_layer",
+                "prompt_tok_s", "ttft_s", "bytes_per_token"):
+        assert r["warm"][key] >= 0, key
+    table = format_table(r)
+    assert "raw pread GB/s" in table and "peak RSS" in table and "routing overlap" in table
