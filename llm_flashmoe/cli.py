@@ -83,33 +83,35 @@ def _human_bytes(n: float) -> str:
 
 
 def _manifest(path: Path) -> dict | None:
+    """The packed directory's manifest as JSON (None: not a packed directory)."""
     from .experts import format as expert_format
 
-    manifest_path = path / expert_format.MANIFEST_NAME
-    if not manifest_path.is_file():
+    if not expert_format.is_packed_dir(path):
         return None
     try:
-        return json.loads(manifest_path.read_text(encoding="utf-8"))
+        return json.loads((path / expert_format.MANIFEST_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
 
 
 def _completeness(path: Path) -> str:
     """"complete", or what is missing, judged from the files alone (no checksums: see verify)."""
+    from .experts import format as expert_format
+
     if not path.is_dir():
         return "missing"
+    if expert_format.is_packed_dir(path):
+        status = expert_format.conversion_status(path)
+        if status != "complete":
+            return status
     for needed in ("config.json", "tokenizer.json"):
         if not (path / needed).is_file():
             return f"incomplete: no {needed}"
     manifest = _manifest(path)
     if manifest is not None:
-        from .experts import format as expert_format
-
-        check = getattr(expert_format, "conversion_status", None)
-        if check is not None:
-            return check(path)
-        if manifest.get("complete") is False:
-            return "incomplete: conversion not finished (run convert again to resume)"
+        missing = [layer["file"] for layer in manifest.get("layers", []) if not (path / layer["file"]).is_file()]
+        if missing or not (path / expert_format.RESIDENT_NAME).is_file():
+            return f"incomplete: {', '.join(missing) or expert_format.RESIDENT_NAME} missing; re-convert the model"
         return "complete"
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -147,7 +149,7 @@ def describe(path: Path) -> dict:
     )
     expert_bits = None
     if manifest:
-        expert_bits = manifest.get("expert_bits") or manifest.get("bits")
+        expert_bits = manifest.get("bits")
     if expert_bits is None:
         q = cfg.quant_for("layers.0.mlp.experts.gate_proj")
         expert_bits = q.bits if q else 16
@@ -168,8 +170,8 @@ def flashmoe():
 @flashmoe.command()
 @click.argument("src", type=click.Path(file_okay=False, path_type=Path))
 @click.argument("dest", required=False, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--expert-bits", type=click.Choice(["2", "3", "4"]), default=None,
-              help="Re-quantize experts to this many bits (default: keep 4)")
+@click.option("--expert-bits", type=click.Choice(["2", "3", "4", "8"]), default=None,
+              help="Re-quantize experts to this many bits (default: keep the source's; 4 from Hugging Face)")
 @click.option("--name", default=None, help="Register the result under this model name")
 @click.option("--no-register", is_flag=True, help="Convert only; do not register the result")
 @_friendly
@@ -189,7 +191,10 @@ def convert(src, dest, expert_bits, name, no_register):
     convert_checkpoint = _engine_function(
         "convert_checkpoint", (".experts.convert",), "expert streaming, issue 4"
     )
-    convert_checkpoint(src, dest, expert_bits=int(expert_bits) if expert_bits else None, progress=True)
+    try:
+        convert_checkpoint(src, dest, expert_bits=int(expert_bits) if expert_bits else None, progress=True)
+    except KeyboardInterrupt:
+        raise click.ClickException(f"Interrupted: run the same command again to resume into {dest}.") from None
     if not no_register:
         registry.add(name, dest)
         click.echo(f"Registered {dest} as {name}: try  llm -m {name} 'Hello'")
@@ -263,7 +268,7 @@ def info(name_or_dir):
     click.echo(f"{label}")
     for key, value in details.items():
         if key == "size_bytes":
-            value = _human_bytes(value)
+            key, value = "size", _human_bytes(value)
         click.echo(f"  {key}: {value}")
     if "layers" in details:
         from .config import load_config
@@ -279,11 +284,11 @@ def info(name_or_dir):
 def verify(name_or_dir):
     """Check every expert's checksum in a converted directory."""
     _label, path = _resolve_dir(name_or_dir)
-    verify_model = _engine_function(
-        "verify_model", (".experts.convert", ".experts.store", ".experts.format"), "expert streaming, issue 4"
-    )
-    result = verify_model(path, progress=True)
-    click.echo(f"{path}: OK" if result in (None, True) else str(result))
+    verify_model = _engine_function("verify_model", (".experts.verify",), "expert streaming, issue 4")
+    report = verify_model(path, progress=True)
+    click.echo(str(report))
+    if not report.ok:
+        sys.exit(1)
 
 
 @flashmoe.command(context_settings={"ignore_unknown_options": True})

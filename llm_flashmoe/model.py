@@ -150,6 +150,10 @@ def check_model_dir(name: str, model_dir: Path) -> None:
             f"The directory of model {name}, {model_dir}, does not exist or is empty. If it moved, "
             f"run `llm flashmoe add NEW_DIR --name {name}`; to forget it, `llm flashmoe remove {name}`."
         )
+    from .experts import format as expert_format
+
+    if expert_format.is_packed_dir(model_dir) and expert_format.conversion_status(model_dir) != "complete":
+        expert_format.read_manifest(model_dir)  # raises the message saying how to resume
     if not (model_dir / "config.json").is_file():
         raise FlashMoeError(
             f"{model_dir} has no config.json, so it is not a complete model directory (an interrupted "
