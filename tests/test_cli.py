@@ -1,0 +1,84 @@
+"""`llm flashmoe ...` commands through llm's CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from llm.cli import cli
+
+from llm_flashmoe import registry
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLM_USER_PATH", str(tmp_path / "llm"))
+    return tmp_path / "llm"
+
+
+def invoke(*args, input=None):
+    return CliRunner().invoke(cli, list(args), input=input)
+
+
+def test_add_list_info_remove(home, tiny_hf):
+    result = invoke("flashmoe", "add", str(tiny_hf), "--name", "mini", "--alias", "m2")
+    assert result.exit_code == 0 and "complete" in result.output, result.output
+    assert "FlashMoE: mini (aliases: m2)" in invoke("models").output
+
+    rows = {r["name"]: r for r in json.loads(invoke("flashmoe", "list", "--json").output)}
+    assert rows["qwen3.5-397b-flash"]["status"] == "missing"
+    mini = rows["mini"]
+    assert mini["aliases"] == ["m2"] and mini["status"] == "complete"
+    assert (mini["layers"], mini["experts"], mini["top_k"], mini["expert_bits"]) == (8, 64, 4, 16)
+    assert mini["size_bytes"] > 100e6
+    assert "8 layers, 64 experts" in invoke("flashmoe", "list").output
+
+    result = invoke("flashmoe", "info", "m2")
+    assert result.exit_code == 0 and "default experts_per_token: 4" in result.output
+
+    assert invoke("flashmoe", "remove", "mini").exit_code == 0
+    assert "FlashMoE: mini" not in invoke("models").output
+
+
+def test_user_errors_are_one_paragraph(home, tmp_path):
+    (tmp_path / "empty").mkdir()
+    for args in (["add", str(tmp_path / "empty")], ["remove", "nothing"], ["info", "nothing"],
+                 ["info", "qwen3.5-397b-flash"], ["render", "nothing", "-"]):
+        result = invoke("flashmoe", *args, input="[]")
+        text = result.output.strip()
+        assert result.exit_code == 1 and text.startswith("Error:") and "\n\n" not in text, (args, text)
+    assert registry.PUBLISHED_CHECKPOINT in invoke("flashmoe", "info", "flashmoe").output
+
+
+def test_render_prints_the_prompt(home, tiny_hf):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    result = CliRunner().invoke(cli, ["flashmoe", "render", str(tiny_hf), "-", "--no-thinking"],
+                                input=json.dumps(messages))
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>")
+    assert result.stdout.endswith("<think>\n\n</think>\n\n")
+    assert "tokens]" in result.stderr
+
+
+def test_convert_registers_and_verify_checks(home, tiny_hf, tmp_path):
+    dest = tmp_path / "packed"
+    result = invoke("flashmoe", "convert", str(tiny_hf), str(dest), "--name", "packed-tiny")
+    assert result.exit_code == 0, result.output
+    assert registry.get("packed-tiny").path == dest.resolve()
+    result = invoke("flashmoe", "verify", "packed-tiny")
+    assert result.exit_code == 0 and "OK" in result.output, result.output
+    (dest / "complete").unlink()
+    result = invoke("flashmoe", "verify", str(dest))
+    assert result.exit_code == 1 and "unfinished conversion" in result.output
+
+
+def test_demo_runs_the_tiny_model(home, tiny_hf):
+    # The demo writes its model once; here the session's copy stands in for it.
+    (home / "flashmoe").mkdir(parents=True)
+    (home / "flashmoe" / "tiny").symlink_to(tiny_hf)
+    result = invoke("flashmoe", "demo", "--max-tokens", "4")
+    assert result.exit_code == 0, result.output
+    assert "random weights" in result.stderr and "4 tokens at" in result.stderr
+    assert result.stdout.strip()
+    assert registry.TINY_NAME in invoke("models").output
