@@ -22,8 +22,7 @@ typedef struct {
     const int32_t *offsets; /* [n_exp+1] */
     const float *coef;      /* [pairs] */
     fm_xprep *px, *pu, *ph; /* per expert: x for gate, x for up (may alias px), hidden for down */
-    float *g, *u;           /* [pairs, I_max] */
-    int64_t I_max;
+    float *u;               /* up results [pairs, h_stride] */
     float **gptr, **uptr, **yptr; /* per pair */
     int64_t *task_e, *task_r0, *task_r1;
 } moe_ctx;
@@ -53,50 +52,72 @@ static void down_task(void *vc, long i) {
     }
 }
 
-int fm_moe(int n_exp, const fm_qmat *gate, const fm_qmat *up, const fm_qmat *down, const int32_t *offsets,
-           const int32_t *tok, const float *coef, const float *x, int64_t T, float *y, int accumulate) {
-    if (n_exp <= 0) return 0;
-    const int64_t H = gate[0].cols, pairs = offsets[n_exp];
-    int64_t I_max = 0, total_rows = 0;
+static int check_experts(int n_exp, const fm_qmat *gate, const fm_qmat *up, const fm_qmat *down) {
+    const int64_t H = gate ? gate[0].cols : down[0].rows;
     for (int e = 0; e < n_exp; e++) {
-        const fm_qmat *g = &gate[e], *u = &up[e], *d = &down[e];
-        if (g->cols != H || u->cols != H || d->rows != H || u->rows != g->rows || d->cols != g->rows) return -1;
-        if (!fm_supported(g->bits, g->group) || !fm_supported(u->bits, u->group) ||
-            !fm_supported(d->bits, d->group) || H % g->group || H % u->group || d->cols % d->group)
-            return -1;
-        if (g->rows > I_max) I_max = g->rows;
-        if (offsets[e + 1] > offsets[e]) total_rows += g->rows;
+        if (gate) {
+            const fm_qmat *g = &gate[e], *u = &up[e];
+            if (g->cols != H || u->cols != H || u->rows != g->rows || !fm_supported(g->bits, g->group) ||
+                !fm_supported(u->bits, u->group) || H % g->group || H % u->group)
+                return -1;
+        }
+        if (down) {
+            const fm_qmat *d = &down[e];
+            if (d->rows != H || !fm_supported(d->bits, d->group) || d->cols % d->group) return -1;
+            if (gate && d->cols != gate[e].rows) return -1;
+        }
+    }
+    return 0;
+}
+
+static void free_preps(moe_ctx *c) {
+    if (!c->px) return;
+    for (int e = 0; e < c->n_exp; e++) {
+        if (c->pu[e].xp != c->px[e].xp) fm_xprep_free(&c->pu[e]);
+        fm_xprep_free(&c->px[e]);
+        fm_xprep_free(&c->ph[e]);
+    }
+    free(c->px);
+}
+
+static int64_t task_capacity(int n_exp, const fm_qmat *m, int64_t at_least) {
+    int64_t n = at_least;
+    for (int e = 0; e < n_exp; e++) n += m[e].rows; /* one row per task at most */
+    return n;
+}
+
+/* Phase 1. h[p] (row p of [pairs, h_stride]) = silu(gate_e x_t) * up_e x_t for every pair p
+ * (token t = tok[p]) of expert e. */
+int fm_moe_gate_up(int n_exp, const fm_qmat *gate, const fm_qmat *up, const int32_t *offsets,
+                   const int32_t *tok, const float *x, int64_t T, float *h, int64_t h_stride) {
+    if (n_exp <= 0) return 0;
+    if (check_experts(n_exp, gate, up, NULL)) return -1;
+    const int64_t H = gate[0].cols, pairs = offsets[n_exp];
+    int64_t total_rows = 0;
+    for (int e = 0; e < n_exp; e++) {
+        if (gate[e].rows > h_stride || offsets[e + 1] < offsets[e]) return -1;
+        if (offsets[e + 1] > offsets[e]) total_rows += gate[e].rows;
     }
     for (int64_t p = 0; p < pairs; p++)
         if (tok[p] < 0 || tok[p] >= T) return -1;
-    if (!accumulate) memset(y, 0, sizeof(float) * T * H);
     if (pairs == 0) return 0;
-
     int rc = 0;
-    moe_ctx c = {.n_exp = n_exp, .gate = gate, .up = up, .down = down, .offsets = offsets, .coef = coef,
-                 .I_max = I_max};
+    moe_ctx c = {.n_exp = n_exp, .gate = gate, .up = up, .offsets = offsets};
+    int64_t cap = task_capacity(n_exp, gate, 1);
     c.px = calloc(3 * n_exp, sizeof(fm_xprep));
-    c.g = malloc(sizeof(float) * 2 * pairs * I_max);
-    c.gptr = malloc(sizeof(float *) * 3 * pairs);
-    int64_t max_tasks = 0;
-    for (int e = 0; e < n_exp; e++) max_tasks += gate[e].rows; /* one row per task at most */
-    if (H > max_tasks) max_tasks = H;
-    c.task_e = malloc(sizeof(int64_t) * 3 * max_tasks);
-    if (!c.px || !c.g || !c.gptr || !c.task_e) { rc = -2; goto done; }
+    c.u = malloc(sizeof(float) * pairs * h_stride);
+    c.gptr = malloc(sizeof(float *) * 2 * pairs);
+    c.task_e = malloc(sizeof(int64_t) * 3 * cap);
+    if (!c.px || !c.u || !c.gptr || !c.task_e) { rc = -2; goto done; }
     c.pu = c.px + n_exp;
     c.ph = c.pu + n_exp;
-    c.u = c.g + pairs * I_max;
     c.uptr = c.gptr + pairs;
-    c.yptr = c.uptr + pairs;
-    c.task_r0 = c.task_e + max_tasks;
-    c.task_r1 = c.task_r0 + max_tasks;
-
+    c.task_r0 = c.task_e + cap;
+    c.task_r1 = c.task_r0 + cap;
     for (int64_t p = 0; p < pairs; p++) {
-        c.gptr[p] = c.g + p * I_max;
-        c.uptr[p] = c.u + p * I_max;
-        c.yptr[p] = y + (int64_t)tok[p] * H;
+        c.gptr[p] = h + p * h_stride; /* gate results land in h and become h in place */
+        c.uptr[p] = c.u + p * h_stride;
     }
-    /* Phase 1: gate and up. */
     long n_tasks = 0;
     for (int e = 0; e < n_exp; e++) {
         int64_t p0 = offsets[e], n = offsets[e + 1] - p0;
@@ -117,35 +138,74 @@ int fm_moe(int n_exp, const fm_qmat *gate, const fm_qmat *up, const fm_qmat *dow
         }
     }
     fm_parallel(gate_up_task, &c, n_tasks);
+done:
+    free_preps(&c);
+    free(c.u);
+    free(c.gptr);
+    free(c.task_e);
+    return rc;
+}
 
-    /* Phase 2: down, accumulated into y by output rows. */
-    int max_down_bits = 0;
+/* Phase 2. y[tok[p]] (+)= coef[p] * down_e h[p] over all pairs p; y is [T, H]. */
+int fm_moe_down(int n_exp, const fm_qmat *down, const int32_t *offsets, const int32_t *tok, const float *coef,
+                const float *h, int64_t h_stride, int64_t T, float *y, int accumulate) {
+    if (n_exp <= 0) return 0;
+    if (check_experts(n_exp, NULL, NULL, down)) return -1;
+    const int64_t H = down[0].rows, pairs = offsets[n_exp];
+    int64_t I_max = 0;
+    for (int e = 0; e < n_exp; e++) {
+        if (down[e].cols > h_stride || offsets[e + 1] < offsets[e]) return -1;
+        if (down[e].cols > I_max) I_max = down[e].cols;
+    }
+    for (int64_t p = 0; p < pairs; p++)
+        if (tok[p] < 0 || tok[p] >= T) return -1;
+    if (!accumulate) memset(y, 0, sizeof(float) * T * H);
+    if (pairs == 0) return 0;
+    int rc = 0;
+    moe_ctx c = {.n_exp = n_exp, .down = down, .offsets = offsets, .coef = coef};
+    c.px = calloc(3 * n_exp, sizeof(fm_xprep));
+    c.yptr = malloc(sizeof(float *) * pairs);
+    c.task_e = malloc(sizeof(int64_t) * 3 * (H + 1));
+    if (!c.px || !c.yptr || !c.task_e) { rc = -2; goto done; }
+    c.pu = c.px + n_exp;
+    c.ph = c.pu + n_exp;
+    c.task_r0 = c.task_e + H + 1;
+    c.task_r1 = c.task_r0 + H + 1;
+    for (int64_t p = 0; p < pairs; p++) c.yptr[p] = y + (int64_t)tok[p] * H;
+    int max_bits = 0;
     for (int e = 0; e < n_exp; e++) {
         int64_t p0 = offsets[e], n = offsets[e + 1] - p0;
         if (n == 0) continue;
         if (!fm_xprep_alloc(&c.ph[e], down[e].bits, down[e].cols, n)) { rc = -2; goto done; }
-        for (int64_t p = 0; p < n; p++) fm_xprep_fill(&c.ph[e], p, c.gptr[p0 + p]);
-        if (down[e].bits > max_down_bits) max_down_bits = down[e].bits;
+        for (int64_t p = 0; p < n; p++) fm_xprep_fill(&c.ph[e], p, h + (p0 + p) * h_stride);
+        if (down[e].bits > max_bits) max_bits = down[e].bits;
     }
-    int64_t per = fm_rows_per_task(H, I_max * n_exp, max_down_bits, H);
-    n_tasks = 0;
+    int64_t per = fm_rows_per_task(H, I_max * n_exp, max_bits, H);
+    long n_tasks = 0;
     for (int64_t r = 0; r < H; r += per, n_tasks++) {
         c.task_r0[n_tasks] = r;
         c.task_r1[n_tasks] = r + per < H ? r + per : H;
     }
     fm_parallel(down_task, &c, n_tasks);
-
 done:
-    if (c.px) {
-        for (int e = 0; e < n_exp; e++) {
-            if (c.pu[e].xp != c.px[e].xp) fm_xprep_free(&c.pu[e]);
-            fm_xprep_free(&c.px[e]);
-            fm_xprep_free(&c.ph[e]);
-        }
-    }
-    free(c.px);
-    free(c.g);
-    free(c.gptr);
+    free_preps(&c);
+    free(c.yptr);
     free(c.task_e);
+    return rc;
+}
+
+/* Both phases: y[t] (+)= sum over pairs of coef * down_e(silu(gate_e x_t) * up_e x_t). */
+int fm_moe(int n_exp, const fm_qmat *gate, const fm_qmat *up, const fm_qmat *down, const int32_t *offsets,
+           const int32_t *tok, const float *coef, const float *x, int64_t T, float *y, int accumulate) {
+    if (n_exp <= 0) return 0;
+    if (check_experts(n_exp, gate, up, down)) return -1;
+    int64_t I_max = 1, pairs = offsets[n_exp];
+    for (int e = 0; e < n_exp; e++)
+        if (gate[e].rows > I_max) I_max = gate[e].rows;
+    float *h = malloc(sizeof(float) * (pairs > 0 ? pairs : 1) * I_max);
+    if (!h) return -2;
+    int rc = fm_moe_gate_up(n_exp, gate, up, offsets, tok, x, T, h, I_max);
+    if (rc == 0) rc = fm_moe_down(n_exp, down, offsets, tok, coef, h, I_max, T, y, accumulate);
+    free(h);
     return rc;
 }

@@ -119,6 +119,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.fm_moe.argtypes = [I32, ctypes.POINTER(QMat), ctypes.POINTER(QMat), ctypes.POINTER(QMat),
                            P, P, P, P, I64, P, I32]
     lib.fm_moe.restype = I32
+    lib.fm_moe_gate_up.argtypes = [I32, ctypes.POINTER(QMat), ctypes.POINTER(QMat), P, P, P, I64, P, I64]
+    lib.fm_moe_gate_up.restype = I32
+    lib.fm_moe_down.argtypes = [I32, ctypes.POINTER(QMat), P, P, P, P, I64, I64, P, I32]
+    lib.fm_moe_down.restype = I32
 
 
 def load(quiet: bool = False) -> ctypes.CDLL | None:

@@ -103,3 +103,48 @@ def moe(lib, gate: list[QMat], up: list[QMat], down: list[QMat], offsets: np.nda
     if rc != 0:
         raise ValueError(f"fm_moe rejected its arguments (code {rc})")
     return y
+
+
+def _pairs(n: int, offsets, tokens, coef=None):
+    offsets = np.ascontiguousarray(offsets, np.int32)
+    tokens = np.ascontiguousarray(tokens, np.int32)
+    if offsets.shape != (n + 1,) or len(tokens) != offsets[-1]:
+        raise ValueError("moe: offsets/tokens do not describe the experts' pairs")
+    if coef is not None:
+        coef = np.ascontiguousarray(coef, np.float32)
+        if len(coef) != len(tokens):
+            raise ValueError("moe: one coefficient per pair")
+    return offsets, tokens, coef
+
+
+def moe_gate_up(lib, gate: list[QMat], up: list[QMat], offsets, tokens, x: np.ndarray,
+                h: np.ndarray | None = None) -> np.ndarray:
+    """h[p] = silu(gate_e x_t) * up_e x_t for every pair p -> float32 [pairs, max width]."""
+    x = _f32_2d(x)
+    n = len(gate)
+    offsets, tokens, _ = _pairs(n, offsets, tokens)
+    width = max(g.rows for g in gate)
+    if h is None:
+        h = np.empty((len(tokens), width), np.float32)
+    if len(up) != n or h.shape[0] != len(tokens) or h.dtype != np.float32 or not h.flags.c_contiguous:
+        raise ValueError("moe_gate_up: bad expert list or output")
+    rc = lib.fm_moe_gate_up(n, (QMat * n)(*gate), (QMat * n)(*up), offsets.ctypes.data, tokens.ctypes.data,
+                            x.ctypes.data, x.shape[0], h.ctypes.data, h.shape[1])
+    if rc != 0:
+        raise ValueError(f"fm_moe_gate_up rejected its arguments (code {rc})")
+    return h
+
+
+def moe_down(lib, down: list[QMat], offsets, tokens, coef, h: np.ndarray, y: np.ndarray,
+             accumulate: bool = True) -> np.ndarray:
+    """y[tokens[p]] (+)= coef[p] * down_e h[p] over all pairs; y float32 [T, H], written in place."""
+    n = len(down)
+    offsets, tokens, coef = _pairs(n, offsets, tokens, coef)
+    h = np.ascontiguousarray(h, np.float32)
+    if y.dtype != np.float32 or not y.flags.c_contiguous or y.ndim != 2 or h.shape[0] != len(tokens):
+        raise ValueError("moe_down: bad output or hidden activations")
+    rc = lib.fm_moe_down(n, (QMat * n)(*down), offsets.ctypes.data, tokens.ctypes.data, coef.ctypes.data,
+                         h.ctypes.data, h.shape[1], y.shape[0], y.ctypes.data, int(accumulate))
+    if rc != 0:
+        raise ValueError(f"fm_moe_down rejected its arguments (code {rc})")
+    return y

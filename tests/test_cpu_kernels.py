@@ -1,0 +1,190 @@
+"""The C CPU kernels (kernels/cpu/) against the plain-MLX path they replace.
+
+Fresh random inputs every run; shapes include odd ones (rows not a multiple
+of anything, in-features not a multiple of a 16-lane block, widths of the
+shared expert unlike the routed ones). Error = max |kernel - MLX| / max |MLX|.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from llm_flashmoe.cpu import build, engine as cpu_engine, ops
+from llm_flashmoe.engine.linear import Linear
+from llm_flashmoe.kernels import plain
+
+TOL = 2e-5
+pytestmark = pytest.mark.skipif(build.find_compiler() is None, reason="no C compiler")
+
+
+@pytest.fixture(scope="module")
+def lib():
+    lib = build.load()
+    assert lib is not None
+    return lib
+
+
+@pytest.fixture(scope="module")
+def portable_lib(tmp_path_factory):
+    """The same sources built without AVX-512: the portable path (NEON/AVX2 machines)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("portable build variant is exercised on x86 only")
+    path = build.build(extra_flags=["-mno-avx512f"], out_dir=tmp_path_factory.mktemp("portable"))
+    lib = ctypes.CDLL(str(path))
+    build._declare(lib)
+    return lib
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def quantized(shape, bits, group, scale_dtype=mx.float32, seed=None) -> Linear:
+    rng = np.random.default_rng(seed)
+    w = mx.array(rng.standard_normal(shape).astype(np.float32) * shape[-1] ** -0.5)
+    q, s, b = mx.quantize(w, group_size=group, bits=bits)
+    return Linear(q, s.astype(scale_dtype), b.astype(scale_dtype), bits, group)
+
+
+def reference(lin: Linear, x: np.ndarray) -> np.ndarray:
+    """MLX's own quantized matmul with float32 scales."""
+    return np.asarray(mx.quantized_matmul(mx.array(x), lin.weight, lin.scales.astype(mx.float32),
+                                          lin.biases.astype(mx.float32), transpose=True,
+                                          group_size=lin.group_size, bits=lin.bits))
+
+
+QMM_CASES = [  # (rows, cols, tokens)
+    (1, 128, 1), (7, 384, 3), (33, 640, 5), (64, 4096, 1), (130, 256, 9),
+]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_qmm_matches_mlx(lib, bits, group):
+    rng = np.random.default_rng()
+    for rows, cols, T in QMM_CASES + [(5, 96, 2)] * (group == 32):
+        for st in (mx.float32, mx.bfloat16, mx.float16):
+            lin = quantized((rows, cols), bits, group, st)
+            x = rng.standard_normal((T, cols)).astype(np.float32)
+            (y,) = ops.qmm(lib, [cpu_engine.linear_qmat(lin)], x)
+            assert rel_err(y, reference(lin, x)) < TOL, (bits, group, rows, cols, T, st)
+
+
+def test_qmm_several_matrices_share_input(lib):
+    rng = np.random.default_rng()
+    lins = [quantized((r, 512), b, g) for r, b, g in [(300, 4, 64), (17, 8, 64), (64, 2, 32), (5, 3, 128)]]
+    x = rng.standard_normal((4, 512)).astype(np.float32)
+    outs = ops.qmm(lib, [cpu_engine.linear_qmat(l) for l in lins], x)
+    for lin, y in zip(lins, outs):
+        assert y.shape == (4, lin.out_features)
+        assert rel_err(y, reference(lin, x)) < TOL
+
+
+def test_portable_path_matches_mlx(portable_lib):
+    rng = np.random.default_rng()
+    for bits in (2, 3, 4, 8):
+        for rows, cols, T in [(7, 384, 3), (33, 640, 5), (16, 4096, 1)]:
+            lin = quantized((rows, cols), bits, 64, mx.bfloat16)
+            x = rng.standard_normal((T, cols)).astype(np.float32)
+            (y,) = ops.qmm(portable_lib, [cpu_engine.linear_qmat(lin)], x)
+            assert rel_err(y, reference(lin, x)) < TOL, (bits, rows, cols, T)
+
+
+def test_qmm_rejects_bad_arguments(lib):
+    lin = quantized((8, 128), 4, 64)
+    with pytest.raises(ValueError):
+        ops.qmat(*cpu_engine.linear_views(lin), bits=5, group=64)
+    with pytest.raises(ValueError):  # rows past the end of the arrays
+        ops.qmat(*cpu_engine.linear_views(lin), bits=4, group=64, rows=9)
+
+
+def moe_reference(x, experts, pairs):
+    """y[t] = sum over (e, t, c) of c * down_e(silu(gate_e x_t) * up_e x_t), in MLX."""
+    y = np.zeros_like(x)
+    for e, t, c in pairs:
+        g, u, d = experts[e]
+        xt = mx.array(x[t : t + 1])
+        a, b = g(xt), u(xt)
+        y[t] += c * np.asarray(d(a * mx.sigmoid(a) * b))[0]
+    return y
+
+
+@pytest.mark.parametrize("H,I,Is,bits,group", [(256, 128, 128, 4, 64), (160, 96, 64, 3, 32), (512, 64, 192, 2, 64)])
+def test_moe_matches_mlx(lib, H, I, Is, bits, group):
+    """Several tokens, experts shared between tokens, a shared expert of another width and 8 bits."""
+    rng = np.random.default_rng()
+    E, T, K = 6, 5, 3
+    experts = [tuple(quantized(s, bits, group) for s in [(I, H), (I, H), (H, I)]) for _ in range(E)]
+    experts.append(tuple(quantized(s, 8, 32) for s in [(Is, H), (Is, H), (H, Is)]))  # shared
+    x = rng.standard_normal((T, H)).astype(np.float32)
+    pairs = []
+    for t in range(T):
+        for e in rng.choice(E, K, replace=False):
+            pairs.append((int(e), t, float(rng.random())))
+        pairs.append((E, t, float(rng.random())))
+    pairs.sort(key=lambda p: p[0])
+    offsets = np.searchsorted([p[0] for p in pairs], np.arange(E + 2)).astype(np.int32)
+    toks = np.array([p[1] for p in pairs], np.int32)
+    coef = np.array([p[2] for p in pairs], np.float32)
+    q = [[cpu_engine.linear_qmat(ex[j]) for ex in experts] for j in range(3)]
+    ref = moe_reference(x, experts, pairs)
+    y = ops.moe(lib, q[0], q[1], q[2], offsets, toks, coef, x)
+    assert rel_err(y, ref) < TOL
+    # The two phases separately, accumulating onto a residual.
+    h = ops.moe_gate_up(lib, q[0], q[1], offsets, toks, x)
+    res = rng.standard_normal((T, H)).astype(np.float32)
+    y2 = ops.moe_down(lib, q[2], offsets, toks, coef, h, res.copy())
+    assert rel_err(y2, ref + res) < TOL
+
+
+def test_moe_397b_shapes(lib):
+    """Real 397B expert shapes (hidden 4096, width 1024, 4-bit group 64, bf16 scales), K=4 + shared."""
+    rng = np.random.default_rng()
+    stack = [quantized((8, *s), 4, 64, mx.bfloat16) for s in [(1024, 4096), (1024, 4096), (4096, 1024)]]
+    shared = [quantized(s, 4, 64, mx.bfloat16) for s in [(1024, 4096), (1024, 4096), (4096, 1024)]]
+    gate, up, down = (Linear(l.weight, l.scales, l.biases, 4, 64) for l in stack)
+    x = mx.array(rng.standard_normal((1, 4096)).astype(np.float32))
+    rows = mx.array(rng.choice(8, 4, replace=False).astype(np.int32))
+    w = mx.softmax(mx.array(rng.standard_normal(4).astype(np.float32)))
+    logit, residual = mx.array([0.3]), mx.array(rng.standard_normal(4096).astype(np.float32))
+    h, hs = cpu_engine.moe_gate_up(x, rows, gate, up, shared[0], shared[1])
+    h_ref, hs_ref = plain.moe_gate_up(x, rows, gate, up, shared[0], shared[1])
+    assert rel_err(h, h_ref) < TOL and rel_err(hs, hs_ref) < TOL
+    y = cpu_engine.moe_down(h, rows, w, down, hs, shared[2], logit, residual)
+    y_ref = plain.moe_down(h_ref, rows, w, down, hs_ref, shared[2], logit, residual)
+    assert y.shape == y_ref.shape and rel_err(y - residual, y_ref - residual) < TOL
+
+
+def test_qmv_op_falls_back_for_dense_and_keeps_order():
+    rng = np.random.default_rng()
+    lins = [quantized((12288, 4096), 4, 64), Linear(mx.array(rng.standard_normal((3, 4096)).astype(np.float32))),
+            quantized((64, 4096), 8, 64)]
+    x = mx.array(rng.standard_normal((1, 4096)).astype(np.float32))
+    for y, r in zip(cpu_engine.qmv(x, lins), plain.qmv(x, lins)):
+        assert y.shape == r.shape and rel_err(y, r) < TOL
+
+
+def test_no_compiler_falls_back_with_one_line_notice(monkeypatch, capsys):
+    from llm_flashmoe import kernels
+
+    monkeypatch.setattr(build, "_state", {})
+    monkeypatch.setattr(build, "find_compiler", lambda: None)
+    monkeypatch.delenv("FLASHMOE_KERNELS", raising=False)
+    assert build.load() is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "plain-MLX" in err
+    if mx.default_device() == mx.cpu:
+        assert kernels.active_backend() == "plain"
+
+
+def test_kernels_off_disables(monkeypatch):
+    from llm_flashmoe import kernels
+
+    monkeypatch.setenv("FLASHMOE_KERNELS", "off")
+    assert build.load() is None and kernels.ops() is None
