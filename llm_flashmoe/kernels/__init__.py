@@ -29,9 +29,22 @@ def _gpu_table(backend: str) -> dict[str, Callable]:
     return GpuKernels(backend).table()
 
 
+def _cpu_table() -> dict[str, Callable]:
+    from ..cpu.engine import table
+
+    return table()
+
+
+def _cpu_kernels_available() -> bool:
+    from ..cpu.build import load
+
+    return load() is not None  # prints the one-line notice when it cannot build
+
+
 # backend name -> () -> {op name: implementation}
 _TABLES: dict[str, Callable[[], dict[str, Callable]]] = {
     "twin": lambda: dict(plain.OPS),
+    "cpu": _cpu_table,
     "metal": lambda: _gpu_table("metal"),
     "cuda": lambda: _gpu_table("cuda"),
 }
@@ -54,7 +67,7 @@ def active_backend() -> str:
     if want not in ("", "auto"):
         return want
     if mx.default_device() == mx.cpu:
-        return "cpu" if "cpu" in _TABLES else "plain"
+        return "cpu" if "cpu" in _TABLES and _cpu_kernels_available() else "plain"
     if mx.metal.is_available():
         return "metal"
     if mx.cuda.is_available():
