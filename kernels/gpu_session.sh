@@ -14,6 +14,5 @@ if [ "$what" = check ] || [ "$what" = all ]; then
 fi
 if [ "$what" = decode ] || [ "$what" = all ]; then
   python3 -m llm_flashmoe.kernels.decode_bench --preset tiny --layers 8 --no-timing 2>&1 | grep -v "^synth" | tee -a "$out/decode.log"
-  python3 -m llm_flashmoe.kernels.decode_bench --preset 397b --layers 2 --no-timing 2>&1 | grep -v "^synth" | tee -a "$out/decode.log"
   python3 -m llm_flashmoe.kernels.decode_bench --preset 397b --layers ${LAYERS:-4} 2>&1 | grep -v "^synth" | tee -a "$out/decode.log"
 fi

@@ -30,6 +30,8 @@ class GpuKernels:
         self._fill = {"init_value": float("nan")} if poison else {}
         self._make = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
         self._kernels: dict = {}
+        # static threadgroup memory a kernel may declare (the staged input vector)
+        self.max_shared = 32768 if backend == "metal" else 49152
 
     def kernel(self, name: str, inputs: tuple, outputs: tuple, defines: dict):
         key = (name, inputs, tuple(defines.items()))
@@ -48,7 +50,8 @@ class GpuKernels:
     # -- family 1 ---------------------------------------------------------
     def qmv(self, x: mx.array, linears: list[Linear]) -> list[mx.array]:
         K = x.shape[-1]
-        if not (1 <= len(linears) <= 4 and K % 32 == 0 and all(_q2d(l, K) for l in linears)):
+        if not (1 <= len(linears) <= 4 and K % 32 == 0 and _xs_bytes(K) <= self.max_shared
+                and all(_q2d(l, K) for l in linears)):
             return plain.qmv(x, linears)
         M = math.prod(x.shape[:-1])
         n = len(linears)
@@ -77,12 +80,12 @@ class GpuKernels:
 
     def moe_gate_up(self, x, rows, gate: Linear, up: Linear, shared_gate: Linear, shared_up: Linear):
         H, K = x.size, rows.size
-        if not (H % 32 == 0 and _q3d(gate, H) and _q3d(up, H) and _same_q(gate, up)
+        if not (H % 32 == 0 and _xs_bytes(H) <= self.max_shared and _q3d(gate, H) and _q3d(up, H) and _same_q(gate, up)
                 and _q2d(shared_gate, H) and _q2d(shared_up, H) and _same_q(shared_gate, shared_up)):
             return plain.moe_gate_up(x, rows, gate, up, shared_gate, shared_up)
         I, Is = gate.weight.shape[1], shared_gate.out_features
         defines = {"HD": H, "KE": K, "IE": I, "BE": gate.bits, "GE": gate.group_size,
-                   "IS": Is, "BS": shared_gate.bits, "GS": shared_gate.group_size}
+                   "SHI": Is, "SHB": shared_gate.bits, "SHG": shared_gate.group_size}
         names = ("x", "ids", "gw", "gs", "gb", "uw", "us", "ub", "sgw", "sgs", "sgb", "suw", "sus", "sub")
         kern = self.kernel("moe_gate_up", names, ("h", "hs"), defines)
         args = [x.reshape(-1), rows.astype(mx.int32), *_parts(gate), *_parts(up), *_parts(shared_gate), *_parts(shared_up)]
@@ -93,11 +96,11 @@ class GpuKernels:
     def moe_down(self, h, rows, weights, down: Linear, hs, shared_down: Linear, shared_gate_logit, residual):
         K, I = h.shape
         Is, H = hs.size, residual.size
-        if not (I % 32 == 0 and Is % 32 == 0 and _q3d(down, I) and down.weight.shape[1] == H
+        if not (I % 32 == 0 and Is % 32 == 0 and _xs_bytes(K * I) + _xs_bytes(Is) <= self.max_shared and _q3d(down, I) and down.weight.shape[1] == H
                 and _q2d(shared_down, Is) and shared_down.out_features == H):
             return plain.moe_down(h, rows, weights, down, hs, shared_down, shared_gate_logit, residual)
         defines = {"HD": H, "KE": K, "IE": I, "BE": down.bits, "GE": down.group_size,
-                   "IS": Is, "BS": shared_down.bits, "GS": shared_down.group_size}
+                   "SHI": Is, "SHB": shared_down.bits, "SHG": shared_down.group_size}
         names = ("h", "ids", "weights", "dw", "ds", "db", "hs", "sdw", "sds", "sdb", "sg", "res")
         kern = self.kernel("moe_down", names, ("out",), defines)
         args = [h, rows.astype(mx.int32), weights.astype(mx.float32), *_parts(down), hs.reshape(-1),
@@ -168,6 +171,11 @@ class GpuKernels:
 
 def _ceil(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _xs_bytes(n: int) -> int:
+    """Threadgroup memory of an input vector of n staged as padded float chunks (stage_x)."""
+    return n // 32 * 33 * 4
 
 
 def _parts(lin: Linear):
