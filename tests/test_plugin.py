@@ -82,7 +82,7 @@ def test_chat_reuses_state_and_continue_rebuilds_the_same_prompt(llm_home, tiny_
         # Only the new tokens ran: the last answer as rendered, the new user
         # turn and the generation prompt; everything before came from the cache.
         assert stats["cached_prompt_tokens"] >= previous["prompt_tokens"] - 8
-        assert stats["processed_prompt_tokens"] < 40
+        assert stats["processed_prompt_tokens"] < 60
 
     def history(rows):
         from llm_flashmoe.chat import Message
