@@ -24,7 +24,7 @@ typedef struct {
 typedef void (*fm_task_fn)(void *ctx, long task);
 
 /* pool.c */
-int fm_set_threads(int n);
+int fm_set_threads(int n, long spin_us); /* spin_us < 0: default */
 int fm_threads(void);
 void fm_parallel(fm_task_fn fn, void *ctx, long n_tasks);
 

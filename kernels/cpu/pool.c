@@ -1,14 +1,25 @@
 /* A persistent thread pool: fm_parallel(fn, ctx, n) runs fn(ctx, i) for
  * i in [0, n) on all threads, the caller included, and returns when all
- * are done. Workers spin briefly before sleeping: the gaps between kernel
- * calls of one decode step are tens of microseconds, a futex wake-up is
- * about as long, and the machine may be shared, so the spin stays short. */
+ * tasks are done.
+ *
+ * The caller waits for tasks, not for threads: a worker that is asleep or
+ * descheduled (these machines are shared) when a call starts simply misses
+ * it, and the caller and the awake workers do its share. A worker that
+ * wakes into a call announces itself (`active`) and checks the call is
+ * still open; the caller closes the call and then waits only for announced
+ * workers, so nobody touches a finished call's context.
+ *
+ * Workers spin for a while (FLASHMOE_CPU_SPIN_US, default 2000 us) before
+ * sleeping: the gaps between kernel calls of one decode step are shorter
+ * than that, and a futex wake-up costs 50 us on an idle machine and
+ * milliseconds on a busy one. */
 #include "fm_cpu.h"
 
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
+#include <time.h>
 #include <unistd.h>
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -20,25 +31,35 @@
 #endif
 
 #define FM_MAX_THREADS 256
-#define SPIN_ROUNDS 20000 /* ~ tens of microseconds of pause instructions */
 
 static struct {
     int n_threads; /* the caller included */
-    pthread_t threads[FM_MAX_THREADS];
+    long spin_ns;
     pthread_mutex_t mu;
     pthread_cond_t wake;
-    atomic_uint generation; /* bumped once per fm_parallel call */
+    atomic_uint generation; /* the current call */
+    atomic_uint closed;     /* the last call whose tasks are all claimed and done */
+    atomic_int active;      /* workers inside a call */
     atomic_long next;       /* next task index to claim */
-    atomic_int busy;        /* workers still inside the current call */
+    atomic_long done;       /* tasks finished */
     long n_tasks;
     fm_task_fn fn;
     void *ctx;
 } pool = {.n_threads = 1, .mu = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER};
 
+static long now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000000000L + ts.tv_nsec;
+}
+
 static void run_tasks(void) {
-    long i;
-    while ((i = atomic_fetch_add_explicit(&pool.next, 1, memory_order_relaxed)) < pool.n_tasks)
+    long i, mine = 0;
+    while ((i = atomic_fetch_add_explicit(&pool.next, 1, memory_order_relaxed)) < pool.n_tasks) {
         pool.fn(pool.ctx, i);
+        mine++;
+    }
+    if (mine) atomic_fetch_add_explicit(&pool.done, mine, memory_order_release);
 }
 
 static void *worker(void *arg) {
@@ -46,33 +67,38 @@ static void *worker(void *arg) {
     unsigned seen = atomic_load(&pool.generation);
     for (;;) {
         unsigned g;
-        int spins = 0;
-        while ((g = atomic_load_explicit(&pool.generation, memory_order_acquire)) == seen) {
-            if (++spins < SPIN_ROUNDS) { cpu_relax(); continue; }
-            pthread_mutex_lock(&pool.mu);
-            while ((g = atomic_load_explicit(&pool.generation, memory_order_acquire)) == seen)
-                pthread_cond_wait(&pool.wake, &pool.mu);
-            pthread_mutex_unlock(&pool.mu);
-            break;
+        long start = now_ns();
+        for (int spins = 0; (g = atomic_load_explicit(&pool.generation, memory_order_acquire)) == seen; spins++) {
+            cpu_relax();
+            if ((spins & 255) == 255 && now_ns() - start > pool.spin_ns) {
+                pthread_mutex_lock(&pool.mu);
+                while ((g = atomic_load_explicit(&pool.generation, memory_order_acquire)) == seen)
+                    pthread_cond_wait(&pool.wake, &pool.mu);
+                pthread_mutex_unlock(&pool.mu);
+                break;
+            }
         }
         seen = g;
-        run_tasks();
-        atomic_fetch_sub_explicit(&pool.busy, 1, memory_order_release);
+        atomic_fetch_add(&pool.active, 1);             /* seq_cst: pairs with the caller's close */
+        if (atomic_load(&pool.closed) != g) run_tasks(); /* else: missed it, the others did the work */
+        atomic_fetch_sub_explicit(&pool.active, 1, memory_order_release);
     }
     return NULL;
 }
 
-int fm_set_threads(int n) {
+int fm_set_threads(int n, long spin_us) {
     if (pool.n_threads > 1) return pool.n_threads; /* started once per process */
     if (n <= 0) {
         long c = sysconf(_SC_NPROCESSORS_ONLN);
         n = c > 0 ? (int)c : 1;
     }
     if (n > FM_MAX_THREADS) n = FM_MAX_THREADS;
+    pool.spin_ns = (spin_us >= 0 ? spin_us : 2000) * 1000L;
     int started = 1;
     for (int t = 1; t < n; t++) {
-        if (pthread_create(&pool.threads[t], NULL, worker, NULL) != 0) break;
-        pthread_detach(pool.threads[t]);
+        pthread_t th;
+        if (pthread_create(&th, NULL, worker, NULL) != 0) break;
+        pthread_detach(th);
         started++;
     }
     pool.n_threads = started;
@@ -87,19 +113,21 @@ void fm_parallel(fm_task_fn fn, void *ctx, long n_tasks) {
         for (long i = 0; i < n_tasks; i++) fn(ctx, i);
         return;
     }
+    /* No worker is inside a call here (the previous call waited for them). */
     pool.fn = fn;
     pool.ctx = ctx;
     pool.n_tasks = n_tasks;
     atomic_store_explicit(&pool.next, 0, memory_order_relaxed);
-    atomic_store_explicit(&pool.busy, pool.n_threads - 1, memory_order_relaxed);
+    atomic_store_explicit(&pool.done, 0, memory_order_relaxed);
     pthread_mutex_lock(&pool.mu);
-    atomic_fetch_add_explicit(&pool.generation, 1, memory_order_release);
+    unsigned g = atomic_fetch_add_explicit(&pool.generation, 1, memory_order_release) + 1;
     pthread_cond_broadcast(&pool.wake);
     pthread_mutex_unlock(&pool.mu);
     run_tasks();
-    /* A worker that was descheduled (shared machine) must get the core back. */
-    for (long spins = 0; atomic_load_explicit(&pool.busy, memory_order_acquire) > 0; spins++) {
-        if (spins < SPIN_ROUNDS) cpu_relax();
-        else sched_yield();
+    for (long spins = 0; atomic_load_explicit(&pool.done, memory_order_acquire) < n_tasks; spins++) {
+        if (spins < 100000) cpu_relax();
+        else sched_yield(); /* a worker holding a task was descheduled: give it the core */
     }
+    atomic_store(&pool.closed, g); /* seq_cst: late workers now skip this call */
+    while (atomic_load(&pool.active) > 0) cpu_relax();
 }

@@ -297,12 +297,15 @@ static void qmm_task(void *vctx, long i) {
     fm_rows(&a, c->task_r0[i], c->task_r1[i]);
 }
 
-/* Rows per task: enough work per task to hide the claim, and a few tasks
- * per thread so uneven threads balance. */
+/* Rows per task: a few tasks per thread so that a late or slow thread is
+ * balanced out, but at least ~32 KiB of codes per task, so that a small
+ * matrix stays on the calling thread instead of paying for a wake-up. */
 int64_t fm_rows_per_task(int64_t rows, int64_t cols, int bits, int64_t total_rows) {
-    int64_t target = 64 * 1024 * 8 / (cols * bits + 1); /* ~64 KiB of codes */
-    int64_t fair = total_rows / ((int64_t)fm_threads() * 8);
-    int64_t n = target < fair ? target : fair;
+    int64_t row_bytes = cols * bits / 8 + 1;
+    int64_t fair = total_rows / ((int64_t)fm_threads() * 4);
+    int64_t least = (32 * 1024 + row_bytes - 1) / row_bytes;
+    int64_t n = fair < 4 * least ? fair : 4 * least; /* bounded tasks for big matrices */
+    if (n < least) n = least;
     if (n < 1) n = 1;
     if (n > rows) n = rows;
     return n;

@@ -112,7 +112,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     from .ops import QMat
 
     P, I64, I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.fm_set_threads.argtypes, lib.fm_set_threads.restype = [I32], I32
+    lib.fm_set_threads.argtypes, lib.fm_set_threads.restype = [I32, ctypes.c_long], I32
     lib.fm_threads.argtypes, lib.fm_threads.restype = [], I32
     lib.fm_qmm.argtypes = [I32, ctypes.POINTER(QMat), P, I64, P]
     lib.fm_qmm.restype = I32
@@ -138,7 +138,8 @@ def load(quiet: bool = False) -> ctypes.CDLL | None:
         threads = int(os.environ.get("FLASHMOE_CPU_THREADS", "0") or 0)
         if threads <= 0 and hasattr(os, "sched_getaffinity"):
             threads = len(os.sched_getaffinity(0))
-        lib.fm_set_threads(threads)
+        spin_us = int(os.environ.get("FLASHMOE_CPU_SPIN_US", "-1") or -1)
+        lib.fm_set_threads(threads, spin_us)
     except (RuntimeError, OSError) as e:
         lib = None
         if not quiet:

@@ -57,8 +57,11 @@ def expert_qmats(stack: Linear, rows: np.ndarray) -> list[cops.QMat]:
                       w_offset=int(r) * w_row, s_offset=int(r) * s_row) for r in rows]
 
 
-def _f32(x: mx.array) -> np.ndarray:
-    return host_view(x.astype(mx.float32) if x.dtype != mx.float32 else x)
+def _f32(x: mx.array, cols: int | None = None) -> np.ndarray:
+    """Host float32 view; reshaped (in numpy: an MLX reshape would be one more graph node
+    to evaluate) to [-1, cols] if cols is given."""
+    v = host_view(x.astype(mx.float32) if x.dtype != mx.float32 else x)
+    return v.reshape(-1, cols) if cols else v
 
 
 def qmv(x: mx.array, linears: list[Linear]) -> list[mx.array]:
@@ -67,10 +70,11 @@ def qmv(x: mx.array, linears: list[Linear]) -> list[mx.array]:
     fast = [i for i, l in enumerate(linears) if kernel_ready(l)]
     out: list = [None] * len(linears)
     if fast:
-        xn = _f32(x.reshape(-1, x.shape[-1]))
+        xn = _f32(x, x.shape[-1])
         res = cops.qmm(lib, [linear_qmat(linears[i]) for i in fast], xn)
         for i, r in zip(fast, res):
-            out[i] = mx.array(r).astype(x.dtype) if x.dtype != mx.float32 else mx.array(r)
+            y = mx.array(r.reshape(*x.shape[:-1], r.shape[-1]))
+            out[i] = y.astype(x.dtype) if x.dtype != mx.float32 else y
     for i, l in enumerate(linears):
         if out[i] is None:
             out[i] = l(x)
@@ -92,7 +96,7 @@ def moe_gate_up(x: mx.array, rows: mx.array, gate: Linear, up: Linear,
     u = expert_qmats(up, r) + [linear_qmat(shared_up)]
     # Every expert (the shared one last) sees the single token 0.
     h = cops.moe_gate_up(lib, g, u, np.arange(K + 2, dtype=np.int32), np.zeros(K + 1, np.int32),
-                         _f32(x.reshape(1, -1)))
+                         _f32(x, x.size))
     return mx.array(h[:K, :I]), mx.array(h[K, :Is])
 
 
@@ -106,16 +110,16 @@ def moe_down(h: mx.array, rows: mx.array, weights: mx.array, down: Linear, hs: m
     lib = load()
     r = np.asarray(rows).reshape(-1)
     K = len(r)
-    hn, hsn = _f32(h), _f32(hs.reshape(-1))
+    hn, hsn = _f32(h, h.shape[-1]), _f32(hs).reshape(-1)
     width = max(hn.shape[1], hsn.shape[0])
     hh = np.zeros((K + 1, width), np.float32)
     hh[:K, : hn.shape[1]] = hn
     hh[K, : hsn.shape[0]] = hsn
     logit = float(np.asarray(shared_gate_logit.astype(mx.float32)).reshape(-1)[0])
     coef = np.empty(K + 1, np.float32)
-    coef[:K] = _f32(weights.reshape(-1))
+    coef[:K] = _f32(weights).reshape(-1)
     coef[K] = 1.0 / (1.0 + np.exp(-logit))
-    y = np.array(_f32(residual.reshape(1, -1)), copy=True)
+    y = np.array(_f32(residual, residual.size), copy=True)
     d = expert_qmats(down, r) + [linear_qmat(shared_down)]
     cops.moe_down(lib, d, np.arange(K + 2, dtype=np.int32), np.zeros(K + 1, np.int32), coef, hh, y)
     out = mx.array(y.reshape(-1))
