@@ -201,12 +201,7 @@ def _set_experts_per_token(loaded: LoadedModel, k: int) -> None:
     if model.experts_per_token == k:
         return
     _check_k(model.cfg, k)
-    if hasattr(model, "set_experts_per_token"):
-        model.set_experts_per_token(k)
-    else:
-        for layer in model.layers:
-            layer.moe.k = k
-        model.experts_per_token = k
+    model.set_experts_per_token(k)
     # States computed with another K would mix two models' outputs.
     loaded.session.reset()
 
@@ -388,6 +383,7 @@ class FlashMoeModel(llm.Model):
             max_tokens=max_tokens,
             stop_token_ids=sorted(set(tokenizer.eos_token_ids) | set(cfg.eos_token_ids)),
             logits_processors=processors,
+            vocab_size=tokenizer.vocab_size,
         )
         try:
             for token in tokens:

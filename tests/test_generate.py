@@ -83,3 +83,24 @@ def test_conversation_reuses_state_and_matches_fresh_run(model):
     turn3 = turn2 + out2[:-1] + [7, 8]
     list(s.generate(turn3, params=greedy, max_tokens=2))
     assert s.stats.processed_tokens == 2
+
+
+def test_padding_rows_never_sampled(model):
+    # Push every padding id above the real tokens: still none is chosen.
+    def favour_padding(out, logits):
+        logits = logits.copy()
+        logits[248077:] = 1e4
+        return logits
+
+    s = Session(model)
+    got = list(s.generate([1, 2, 3], params=SamplingParams(temperature=0), max_tokens=4,
+                          logits_processors=[favour_padding], vocab_size=248077))
+    assert len(got) == 4 and all(t < 248077 for t in got)
+
+
+def test_set_experts_per_token(model):
+    model.set_experts_per_token(2)
+    try:
+        assert all(layer.moe.k == 2 for layer in model.layers)
+    finally:
+        model.set_experts_per_token(4)

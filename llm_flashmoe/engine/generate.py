@@ -182,8 +182,12 @@ class Session:
         max_tokens: int = 256,
         stop_token_ids: Sequence[int] = (),
         logits_processors: Sequence[LogitsProcessor] = (),
+        vocab_size: int | None = None,
     ) -> Iterator[int]:
         """Yield generated token ids; `self.stats` describes the call when done.
+
+        `vocab_size`: the tokenizer's size; the embedding rows past it are
+        padding with no token and are never sampled.
 
         Stops at a stop token (not yielded), after `max_tokens`, or when the
         caller stops iterating.
@@ -216,6 +220,8 @@ class Session:
                 row = np.array(logits[-1], dtype=np.float32)
                 for proc in logits_processors:
                     row = proc(out, row)
+                if vocab_size is not None:
+                    row[vocab_size:] = -np.inf
                 token = sampler(row)
                 if not out:
                     stats.time_to_first_token = time.perf_counter() - t0

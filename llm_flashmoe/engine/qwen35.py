@@ -254,16 +254,25 @@ class Qwen35Model:
     def __init__(self, cfg: ModelConfig, weights: dict, experts: ExpertSource, *,
                  dtype=mx.float32, experts_per_token: int | None = None):
         k = cfg.num_experts_per_tok if experts_per_token is None else experts_per_token
-        if not isinstance(k, int) or not 1 <= k <= cfg.num_experts_per_tok:
-            raise FlashMoeError(
-                f"experts_per_token must be between 1 and the model's top-k "
-                f"({cfg.num_experts_per_tok}), got {k!r}."
-            )
-        self.cfg, self.dtype, self.experts, self.experts_per_token = cfg, dtype, experts, k
+        self.cfg, self.dtype, self.experts = cfg, dtype, experts
         self.embed = take_linear(weights, "embed_tokens", cfg, dtype)
-        self.layers = [DecoderLayer(cfg, weights, i, experts, k, dtype) for i in range(cfg.num_hidden_layers)]
+        self.layers = [DecoderLayer(cfg, weights, i, experts, cfg.num_experts_per_tok, dtype)
+                       for i in range(cfg.num_hidden_layers)]
         self.norm = weights["norm.weight"].astype(dtype)
         self.lm_head = self.embed if cfg.tie_word_embeddings else take_linear(weights, "lm_head", cfg, dtype)
+        self.set_experts_per_token(k)
+
+    def set_experts_per_token(self, k: int) -> None:
+        """Route each token to its top `k` experts (at most the model's top-k).
+        Caches computed with another K belong to another model: start new ones."""
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.cfg.num_experts_per_tok:
+            raise FlashMoeError(
+                f"experts_per_token must be between 1 and the model's top-k "
+                f"({self.cfg.num_experts_per_tok}), got {k!r}."
+            )
+        self.experts_per_token = k
+        for layer in self.layers:
+            layer.moe.k = k
 
     def make_cache(self) -> ModelCache:
         return ModelCache([LinearAttentionState() if l.is_linear else KVCache() for l in self.layers])
