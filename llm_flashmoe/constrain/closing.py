@@ -27,6 +27,7 @@ import re
 
 from .tool_grammar import JSON, LITERAL, RAW, TOOL_CALL_END_ID, TOOL_CALL_START_ID, value_kind
 
+_STRUCTURAL = re.compile(r'["\\{}\[\],:<>\n]')
 _TAG = re.compile(r"<(function|parameter)=([^>\n]*)>$")
 _PARAMETER_END = "\n</parameter>"
 _AFTER_VALUE = "\n</parameter>\n"
@@ -142,6 +143,15 @@ class OutputScanner:
         self.json = JsonScanner()
         self._skip_newline = True
 
+    def in_free_text(self) -> bool:
+        """Inside a JSON string or a raw parameter value, where plain text changes no structure."""
+        if not self.in_call:
+            return self.json.in_string and not self.json.escape and not self.json.hex_left
+        if self.value == RAW:
+            # Not when the tail could be the start of "\n</parameter>".
+            return not self._skip_newline and _closing_texts(self.tail, _PARAMETER_END)[0] == _PARAMETER_END
+        return self.value == JSON and self.json.in_string and not self.json.escape and not self.json.hex_left
+
     def preferences(self) -> list[str]:
         if not self.in_call:
             return self.json.preferences()
@@ -152,6 +162,16 @@ class OutputScanner:
         if self.value in (RAW, LITERAL, JSON):
             return _closing_texts(self.tail, _AFTER_VALUE)
         return []
+
+
+def plain_text(raw: bytes) -> bool:
+    """Bytes that, inside free text, leave the way out as long as it was: whole
+    UTF-8 characters and nothing that quotes, escapes, nests or tags."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return bool(text) and _STRUCTURAL.search(text) is None
 
 
 def _closing_texts(tail: str, target: str) -> list[str]:
@@ -166,19 +186,22 @@ def _closing_texts(tail: str, target: str) -> list[str]:
 
 
 def closing_token(matcher, scanner: OutputScanner, mask, vocabulary) -> int | None:
-    """The policy's next token in the matcher's current state (None: nothing is allowed)."""
-    mask.fill(matcher)
+    """The policy's next token in the matcher's current state (None: nothing is allowed).
+
+    Candidates are checked one by one (microseconds); a whole mask (up to a
+    millisecond) is computed only when none fits and the grammar forces nothing.
+    """
     for token_id in (TOOL_CALL_END_ID,) + vocabulary.eos_ids:
-        if mask.allows(token_id):
+        if matcher.validate_tokens([token_id]):
             return token_id
     for text in scanner.preferences():
         token_id = vocabulary.id_of(text)
-        if token_id is not None and mask.allows(token_id):
+        if token_id is not None and matcher.validate_tokens([token_id]):
             return token_id
     forced = matcher.compute_ff_tokens()
     if forced:
         return forced[0]
-    return mask.first_allowed()
+    return mask.fill(matcher).first_allowed()
 
 
 def closing_plan(matcher, scanner: OutputScanner, mask, vocabulary, limit: int) -> list[int] | None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .closing import OutputScanner, closing_plan, closing_token
+from .closing import OutputScanner, closing_plan, closing_token, plain_text
 from .grammar import TokenMask, force, grammar_vocabulary
 from .schema_grammar import answer_grammar
 from .tool_grammar import TOOL_CALL_START_ID, tool_call_grammar
@@ -25,12 +25,16 @@ from .tool_grammar import TOOL_CALL_START_ID, tool_call_grammar
 THINK_END_ID = 248069  # </think>
 NEWLINE_ID = 198
 
-# How far ahead of the closing point the plan is recomputed every step: one
-# token can open a structure that needs this many more to close (a JSON
-# object with several required keys). Further out it is recomputed every
-# `_REPLAN_EVERY` steps.
-_SLACK = 64
+# Budget keeping (closing.py): the closing plan is recomputed every step once
+# the budget left is within `_REPLAN_SLACK` of its length (one token can open
+# a structure that needs many more to close), else every `_REPLAN_EVERY`
+# steps. Within `_CHECK_SLACK` of it, the model's `_CHECKED` best tokens are
+# each checked (is the end still reachable after it?) and only those that
+# pass may be sampled.
+_REPLAN_SLACK = 64
 _REPLAN_EVERY = 8
+_CHECK_SLACK = 24
+_CHECKED = 8
 _PLAN_LIMIT = 1024
 
 
@@ -129,13 +133,40 @@ class ConstrainedDecoding:
             self._shortest[which] = n + (len(plan) if plan is not None else _PLAN_LIMIT)
         return self._shortest[which]
 
-    def _must_close(self, left: int, step: int) -> bool:
-        if left > self._plan_length + _SLACK and step - self._planned_at < _REPLAN_EVERY:
+    def _plan_length_now(self, left: int, step: int) -> int:
+        if left <= self._plan_length + _REPLAN_SLACK or step - self._planned_at >= _REPLAN_EVERY:
+            plan = closing_plan(self.matcher, self.scanner, self.mask, self.vocabulary, _PLAN_LIMIT)
+            self._plan_length = len(plan) if plan is not None else _PLAN_LIMIT
+            self._planned_at = step
+        return self._plan_length
+
+    def _reachable_after(self, token_id: int, left: int) -> bool:
+        """Can the structure still end within `left` tokens if `token_id` comes next?"""
+        matcher, scanner = self.matcher.deep_copy(), self.scanner.copy()
+        if not matcher.consume_token(token_id):
             return False
-        plan = closing_plan(self.matcher, self.scanner, self.mask, self.vocabulary, _PLAN_LIMIT)
-        self._plan_length = len(plan) if plan is not None else _PLAN_LIMIT
-        self._planned_at = step
-        return left <= self._plan_length
+        scanner.feed(token_id, self.vocabulary.text_of(token_id))
+        if matcher.is_stopped():
+            return True
+        plan = closing_plan(matcher, scanner, self.mask, self.vocabulary, left)
+        return plan is not None and len(plan) <= left - 1
+
+    def _keep_reachable(self, masked: np.ndarray, left: int) -> np.ndarray | None:
+        """`masked` reduced to its best tokens after which the end stays reachable."""
+        row = masked.reshape(-1)
+        best = np.argpartition(-row, _CHECKED)[:_CHECKED]
+        best = best[np.isfinite(row[best])]
+        in_text = self.scanner.in_free_text() and left - 1 >= self._plan_length
+        token_bytes = self.vocabulary.tokenizer.token_bytes
+        keep = [
+            int(t) for t in best
+            if (in_text and plain_text(token_bytes(int(t)))) or self._reachable_after(int(t), left)
+        ]
+        if not keep:
+            return None
+        out = np.full_like(masked, -np.inf)
+        out[..., keep] = masked[..., keep]
+        return out
 
     # --- the processor ---
 
@@ -145,15 +176,23 @@ class ConstrainedDecoding:
         left = None if self.max_tokens is None else self.max_tokens - step  # this step included
         if self.matcher is None:
             return self._free(logits, left)
-        if left is not None and self._must_close(left, step):
-            token_id = closing_token(self.matcher, self.scanner, self.mask, self.vocabulary)
-            if token_id is not None:
-                return force(logits, token_id)
+        plan_length = None if left is None else self._plan_length_now(left, step)
+        if plan_length is not None and left <= plan_length:
+            return self._close(logits)
         self.mask.fill(self.matcher)
         if self.mask.first_allowed() is None:
-            self.matcher = None  # a grammar with no way on: leave the model free rather than stuck
+            self.matcher = self.active = None  # no way on: leave the model free rather than stuck
             return logits
-        return self.mask.apply(logits)
+        masked = self.mask.apply(logits)
+        if plan_length is not None and left <= plan_length + _CHECK_SLACK:
+            masked = self._keep_reachable(masked, left)
+            if masked is None:
+                return self._close(logits)
+        return masked
+
+    def _close(self, logits: np.ndarray) -> np.ndarray:
+        token_id = closing_token(self.matcher, self.scanner, self.mask, self.vocabulary)
+        return logits if token_id is None else force(logits, token_id)
 
     def _free(self, logits: np.ndarray, left: int | None) -> np.ndarray:
         if left is None:
