@@ -85,6 +85,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--no-timing", action="store_true")
+    ap.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the engine's)")
     args = ap.parse_args(argv)
     from ..engine.load import load_model
     from . import ops as kernel_ops
@@ -92,8 +93,8 @@ def main(argv=None) -> int:
     dest = Path(args.dir or f"/tmp/fm-{args.preset}-{args.layers}")
     build(dest, args.preset, args.layers)
     t0 = time.perf_counter()
-    model = load_model(dest, experts_per_token=min(args.k, 10 if args.preset == "397b" else 4))
-    mx.eval([l.__dict__ for l in []])
+    model = load_model(dest, experts_per_token=min(args.k, 10 if args.preset == "397b" else 4),
+                       dtype=getattr(mx, args.dtype) if args.dtype else None)
     print(f"loaded {dest} in {time.perf_counter() - t0:.1f} s, dtype {model.dtype}, "
           f"K={model.experts_per_token}, {len(model.layers)} layers", flush=True)
     fused = kernel_ops()
