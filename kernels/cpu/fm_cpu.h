@@ -32,6 +32,7 @@ void fm_parallel(fm_task_fn fn, void *ctx, long n_tasks);
 /* qmatmul.c, internal: activations rearranged for one code width (see qmatmul.c). */
 typedef struct {
     int P;        /* codes per packing unit */
+    float xscale; /* activations are stored times this (a power of two) */
     int64_t cols; /* in features */
     int64_t nb;   /* blocks of 16 units */
     float *xp;    /* [slots][nb*P*16] */

@@ -69,6 +69,11 @@ static int64_t xl_stride(const fm_xprep *p) { return p->nb * 16; }
 int fm_xprep_alloc(fm_xprep *p, int bits, int64_t cols, int64_t T) {
     const int P = codes_per_unit(bits);
     p->P = P;
+#ifdef FM_AVX512
+    p->xscale = (float)(1 << bits); /* see row_dot: codes enter as 1 + q/2^bits */
+#else
+    p->xscale = 1.f;
+#endif
     p->cols = cols;
     p->nb = (cols + 16 * P - 1) / (16 * P);
     p->xp = aligned_alloc(64, (size_t)(T * xp_stride(p) * 4 + 64));
@@ -92,7 +97,7 @@ void fm_xprep_fill(fm_xprep *p, int64_t t, const float *x) {
             for (int s = 0; s < P; s++) {
                 int64_t c = b * 16 * P + (int64_t)i * P + s;
                 float v = c < p->cols ? x[c] : 0.f;
-                xp[(b * P + s) * 16 + i] = v;
+                xp[(b * P + s) * 16 + i] = v * p->xscale; /* a power of two: exact */
                 sum += v;
             }
             xl[b * 16 + i] = sum;
@@ -103,12 +108,15 @@ void fm_xprep_fill(fm_xprep *p, int64_t t, const float *x) {
 /* ---- one row against up to TOK_TILE tokens ---- */
 
 #ifdef FM_AVX512
-FM_INLINE __m512 load_scales16(const void *p, int64_t first, int count, int type) {
+/* The scales of groups first..first+count-1 placed on the lanes of their
+ * codes (gidx: lane -> group within the block) as float32. */
+FM_INLINE __m512 load_scales16(const void *p, int64_t first, int count, int type, __m512i gidx, __m512i gidx16) {
     __mmask16 m = (__mmask16)((1u << count) - 1);
-    if (type == FM_F32) return _mm512_maskz_loadu_ps(m, (const float *)p + first);
-    __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)p + first);
-    if (type == FM_BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    return _mm512_cvtph_ps(h);
+    if (type == FM_F32) return _mm512_permutexvar_ps(gidx, _mm512_maskz_loadu_ps(m, (const float *)p + first));
+    __m512i h = _mm512_zextsi256_si512(_mm256_maskz_loadu_epi16(m, (const uint16_t *)p + first));
+    /* bfloat16 is the top half of a float32: one word shuffle into the high halves. */
+    if (type == FM_BF16) return _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, gidx16, h));
+    return _mm512_permutexvar_ps(gidx, _mm512_cvtph_ps(_mm512_castsi512_si256(h)));
 }
 
 FM_INLINE __m512i load_units(const uint8_t *w, int bits, int lanes) {
@@ -138,6 +146,13 @@ FM_INLINE __m512i load_units(const uint8_t *w, int bits, int lanes) {
  * flight (measured: ~4 GB/s per core without, on a 19 GB/s-per-core VM). */
 #define PF_AHEAD 2048
 
+/* A code q becomes the float 1 + q/2^bits by placing it in the top of the
+ * mantissa of 1.0 (one shift, one bitwise op): no conversion instruction,
+ * and the shift/shuffle ports, the bottleneck on AVX-512 machines that
+ * split 512-bit ops (Zen 4), get one op per 16 codes instead of two or
+ * three. The activations are pre-scaled by 2^bits, so a lane accumulates
+ * acc = 2^bits * sum x + sum q x, and the lane sums of x take the 2^bits
+ * back out exactly enough (one float op on values of like magnitude). */
 FM_INLINE void row_dot(const fm_qmat *m, int64_t r, const fm_xprep *xp, int64_t t0, int NT, int bits,
                        int group, float *res) {
     const int P = bits == 3 ? 8 : 32 / bits, U = bits == 3 ? 3 : 4;
@@ -152,13 +167,13 @@ FM_INLINE void row_dot(const fm_qmat *m, int64_t r, const fm_xprep *xp, int64_t 
         _mm_prefetch((const char *)m->scales + (srow + 4 * ngroups) * ssize + o, _MM_HINT_T0);
         _mm_prefetch((const char *)m->biases + (srow + 4 * ngroups) * ssize + o, _MM_HINT_T0);
     }
-    const __m512i mask = _mm512_set1_epi32((1 << bits) - 1);
-    const __m512 table = _mm512_cvtepi32_ps(
-        _mm512_and_si512(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), mask));
-    const __m512i gidx = _mm512_srli_epi32(
-        _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                           _mm512_set1_epi32(P)),
-        __builtin_ctz(group));
+    const int top = 23 - bits; /* lowest mantissa bit of the code */
+    const __m512i cmask = _mm512_set1_epi32(((1 << bits) - 1) << top);
+    const __m512i one = _mm512_set1_epi32(0x3F800000);
+    const __m512 two_b = _mm512_set1_ps((float)(1 << bits));
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i gidx = _mm512_srli_epi32(_mm512_mullo_epi32(lane, _mm512_set1_epi32(P)), __builtin_ctz(group));
+    const __m512i gidx16 = _mm512_slli_epi32(gidx, 16); /* word 2i+1 of dword i = gidx[i] */
     const float *xpt[TOK_TILE], *xlt[TOK_TILE];
     __m512 tot[TOK_TILE];
     for (int t = 0; t < NT; t++) {
@@ -176,21 +191,21 @@ FM_INLINE void row_dot(const fm_qmat *m, int64_t r, const fm_xprep *xp, int64_t 
         for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
 #pragma GCC unroll 16
         for (int s = 0; s < P; s++) {
-            __m512i shifted = s ? _mm512_srli_epi32(L, bits * s) : L;
-            /* Codes of up to 4 bits: a 16-entry table lookup on the low 4 bits
-             * replaces mask + int->float conversion. */
-            __m512 q = bits <= 4 ? _mm512_permutexvar_ps(shifted, table)
-                                 : _mm512_cvtepi32_ps(_mm512_and_si512(shifted, mask));
+            const int sh = top - bits * s;
+            __m512i v = sh > 0 ? _mm512_slli_epi32(L, sh) : sh < 0 ? _mm512_srli_epi32(L, -sh) : L;
+            __m512 q = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(v, cmask, one, 0xEA)); /* (v&cmask)|one */
             for (int t = 0; t < NT; t++)
                 acc[t] = _mm512_fmadd_ps(q, _mm512_load_ps(xpt[t] + (b * P + s) * 16), acc[t]);
         }
         int64_t first = (b * BE) / group;
         int count = ngroups - first < gpb ? (int)(ngroups - first) : gpb;
-        __m512 sv = _mm512_permutexvar_ps(gidx, load_scales16(m->scales, srow + first, count, m->scale_type));
-        __m512 bv = _mm512_permutexvar_ps(gidx, load_scales16(m->biases, srow + first, count, m->scale_type));
+        __m512 sv = load_scales16(m->scales, srow + first, count, m->scale_type, gidx, gidx16);
+        __m512 bv = load_scales16(m->biases, srow + first, count, m->scale_type, gidx, gidx16);
         for (int t = 0; t < NT; t++) {
-            tot[t] = _mm512_fmadd_ps(acc[t], sv, tot[t]);
-            tot[t] = _mm512_fmadd_ps(bv, _mm512_load_ps(xlt[t] + b * 16), tot[t]);
+            __m512 xl = _mm512_load_ps(xlt[t] + b * 16);
+            __m512 qx = _mm512_fnmadd_ps(two_b, xl, acc[t]); /* sum q x */
+            tot[t] = _mm512_fmadd_ps(qx, sv, tot[t]);
+            tot[t] = _mm512_fmadd_ps(bv, xl, tot[t]);
         }
     }
     for (int t = 0; t < NT; t++) res[t] = _mm512_reduce_add_ps(tot[t]);

@@ -1,0 +1,194 @@
+"""Achieved weight bandwidth of the CPU kernels, beside a reference measured
+in the same run: numpy reductions over 1 GiB buffers, one per core, in
+parallel threads. Every figure is a ratio to that reference (the machines
+are shared; absolute numbers drift with the neighbours' load).
+
+    python -m llm_flashmoe.cpu.bench [--rounds 5] [--no-head] [--model DIR]
+
+`kernel_figures()` times the 397B-shaped matvecs (K=4 routed experts plus
+the shared one through the MoE kernel; the linear-attention projections;
+the output head) on random weights larger than the caches. `decode_figures()`
+times whole decode steps of a model held in RAM (e.g. a synthetic `397b`
+checkpoint) per layer against bytes read per layer / reference bandwidth.
+The reference is re-measured in every round, interleaved with the kernels,
+and each figure is the best round (the one least disturbed by neighbours).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import threading
+import time
+
+import numpy as np
+
+GIB = 1 << 30
+
+
+def reference_bandwidth(threads: int | None = None, nbytes: int = GIB, buffers: list | None = None) -> float:
+    """Bytes/s of `threads` numpy float32 sums over `nbytes` each, run in parallel threads."""
+    threads = threads or len(os.sched_getaffinity(0))
+    bufs = buffers or [np.ones(nbytes // 4, np.float32) for _ in range(threads)]
+    ts = [threading.Thread(target=np.add.reduce, args=(b,)) for b in bufs]
+    t0 = time.perf_counter()
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return sum(b.nbytes for b in bufs) / (time.perf_counter() - t0)
+
+
+def _random_qmat(rng, rows, cols, bits=4, group=64, scale_dtype=np.float32, copies=1):
+    from . import ops
+
+    keep, mats = [], []
+    for _ in range(copies):
+        w = rng.integers(0, 2**32, (rows, cols * bits // 32), dtype=np.uint32)
+        if scale_dtype == "bf16":
+            s = (rng.standard_normal((rows, cols // group)).astype(np.float32) * 0.01).view(np.uint32)
+            s = (s >> 16).astype(np.uint16)
+            b = s.copy()
+        else:
+            s = rng.standard_normal((rows, cols // group)).astype(scale_dtype) * 0.01
+            b = s.copy()
+        keep.append((w, s, b))
+        mats.append(ops.qmat(w, s, b, bits, group))
+    nbytes = sum(a.nbytes for a in keep[0])
+    return keep, mats, nbytes
+
+
+def kernel_figures(rounds: int = 5, head: bool = True, seed: int = 0, pool_experts: int = 40) -> dict:
+    """{name: {"GB/s", "ratio"}} for the 397B-shaped matvecs, with "reference GB/s"."""
+    from . import ops
+    from .build import load
+
+    lib = load()
+    if lib is None:
+        raise RuntimeError("CPU kernels unavailable")
+    rng = np.random.default_rng(seed)
+    H, I = 4096, 1024
+    # Routed experts as the expert store holds them (bf16 scales), more than fit in any cache.
+    eg, g_m, g_b = _random_qmat(rng, I, H, scale_dtype="bf16", copies=pool_experts)
+    eu, u_m, u_b = _random_qmat(rng, I, H, scale_dtype="bf16", copies=pool_experts)
+    ed, d_m, d_b = _random_qmat(rng, H, I, scale_dtype="bf16", copies=pool_experts)
+    # Resident weights (float32 scales, as the engine holds them on the CPU); two copies so a
+    # round never finds the last round's weights in cache.
+    sh = [_random_qmat(rng, r, c, copies=2) for r, c in [(I, H), (I, H), (H, I)]]
+    proj_in = [_random_qmat(rng, r, H, copies=2) for r in (12288, 8192, 64, 64)]
+    proj_out = _random_qmat(rng, H, 8192, copies=2)
+    lm = _random_qmat(rng, 248320, H) if head else None
+    threads = lib.fm_threads()
+    ref_bufs = [np.ones(GIB // 4, np.float32) for _ in range(threads)]
+    x = rng.standard_normal((1, H)).astype(np.float32)
+    x2 = rng.standard_normal((1, 8192)).astype(np.float32)
+    K = 4
+    best: dict[str, float] = {}
+
+    def timed(name, nbytes, fn):
+        t0 = time.perf_counter()
+        fn()
+        bw = nbytes / (time.perf_counter() - t0)
+        best[name] = max(best.get(name, 0.0), bw)
+
+    for r in range(rounds):
+        timed("reference", 1, lambda: None)  # placeholder key order
+        best["reference"] = max(best.get("reference", 0.0) if r else 0.0, reference_bandwidth(buffers=ref_bufs))
+        c = r % 2
+        for _ in range(3):
+            ids = rng.choice(pool_experts, K, replace=False)
+            gate = [g_m[i] for i in ids] + [sh[0][1][c]]
+            up = [u_m[i] for i in ids] + [sh[1][1][c]]
+            down = [d_m[i] for i in ids] + [sh[2][1][c]]
+            nbytes = K * (g_b + u_b + d_b) + sh[0][2] + sh[1][2] + sh[2][2]
+            offs, toks = np.arange(K + 2, dtype=np.int32), np.zeros(K + 1, np.int32)
+            coef = np.full(K + 1, 0.25, np.float32)
+            timed("moe experts (K=4 + shared)", nbytes, lambda: ops.moe(lib, gate, up, down, offs, toks, coef, x))
+        timed("projections in (qkv, z, b, a)", sum(p[2] for p in proj_in),
+              lambda: ops.qmm(lib, [p[1][c] for p in proj_in], x))
+        timed("projection out (8192 -> 4096)", proj_out[2], lambda: ops.qmm(lib, [proj_out[1][c]], x2))
+        if lm is not None:
+            timed("lm_head (248320 x 4096)", lm[2], lambda: ops.qmm(lib, lm[1], x))
+    ref = best.pop("reference")
+    out = {"threads": threads, "reference GB/s": round(ref / 1e9, 2)}
+    for k, v in best.items():
+        out[k] = {"GB/s": round(v / 1e9, 2), "ratio": round(v / ref, 3)}
+    return out
+
+
+def _linear_bytes(lin) -> int:
+    return sum(a.nbytes for a in (lin.weight, lin.scales, lin.biases) if a is not None)
+
+
+def layer_bytes(model, i: int, k: int) -> int:
+    """Bytes a decode step reads in layer i: resident weights, k experts, recurrent state."""
+    from ..engine.linear import Linear
+
+    layer = model.layers[i]
+    total = 0
+    for block in (layer.mixer, layer.moe):
+        for v in vars(block).values():
+            if isinstance(v, Linear):
+                total += _linear_bytes(v)
+    gate, up, down = model.experts.layers[i]
+    E = gate.weight.shape[0]
+    total += k * sum(_linear_bytes(l) for l in (gate, up, down)) // E
+    if layer.is_linear:
+        m = layer.mixer
+        total += m.Hv * m.Dv * m.Dk * 4
+    return total
+
+
+def decode_figures(model_dir: str, k: int = 4, tokens: int = 8, rounds: int = 3) -> dict:
+    """Per-layer decode time of a model held in RAM against bytes read per layer / reference."""
+    import mlx.core as mx
+
+    from ..engine.load import load_model
+    from ..engine.linear import embedding_rows
+
+    model = load_model(model_dir, dtype=mx.float32, experts_per_token=k)
+    backend = model.layers[0].ops.backend if model.layers[0].ops is not None else "plain"
+    cache = model.make_cache()
+    model([1, 2, 3], cache, last_only=True)
+    n_layers = len(model.layers)
+    per_layer_bytes = sum(layer_bytes(model, i, k) for i in range(n_layers)) / n_layers
+    threads = len(os.sched_getaffinity(0))
+    ref_bufs = [np.ones(GIB // 4, np.float32) for _ in range(threads)]
+    best_ref, best_layer = 0.0, float("inf")
+    rng = np.random.default_rng(0)
+    for _ in range(rounds):
+        best_ref = max(best_ref, reference_bandwidth(buffers=ref_bufs))
+        for _ in range(tokens):
+            ids = mx.array(rng.integers(0, 248000, 1).astype(np.int32))
+            x = embedding_rows(model.embed, ids).astype(model.dtype)[None]
+            mx.eval(x)
+            t0 = time.perf_counter()
+            for layer, c in zip(model.layers, cache.layers):
+                x = layer(x, c)
+            mx.eval(x)
+            best_layer = min(best_layer, (time.perf_counter() - t0) / n_layers)
+            cache.tokens.append(0)
+    bound = per_layer_bytes / best_ref
+    return {"backend": backend, "layers": n_layers, "k": k, "reference GB/s": round(best_ref / 1e9, 2),
+            "bytes per layer (MB)": round(per_layer_bytes / 1e6, 1), "ms per layer": round(best_layer * 1e3, 2),
+            "bound ms per layer": round(bound * 1e3, 2), "time / bound": round(best_layer / bound, 3)}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--no-head", action="store_true")
+    ap.add_argument("--model", help="also time decode per layer of this model (held in RAM)")
+    ap.add_argument("--skip-kernels", action="store_true")
+    args = ap.parse_args(argv)
+    load = os.getloadavg()[0]
+    print(json.dumps({"load average (1 min)": round(load, 2)}))
+    if not args.skip_kernels:
+        print(json.dumps(kernel_figures(args.rounds, head=not args.no_head), indent=1))
+    if args.model:
+        print(json.dumps(decode_figures(args.model, rounds=args.rounds), indent=1))
+
+
+if __name__ == "__main__":
+    main()
