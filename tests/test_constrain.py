@@ -81,7 +81,7 @@ def test_schema_answers_from_an_untrained_model_validate(thinking):
     processors = [processor]
     if thinking:
         processors.insert(0, ThinkingBudget(6))
-    for seed in range(50 if not thinking else 10):
+    for seed in range(50 if not thinking else 5):
         ids = sample(RandomModel(seed), processors, max_tokens=80)
         events = parse(tokenizer(), ids, starts_in_reasoning=thinking)
         assert any(isinstance(e, ReasoningText) for e in events) == thinking or not thinking
