@@ -1,0 +1,217 @@
+"""Kernel twins against straightforward numpy, the dialect split, and the engine wiring (CPU)."""
+
+from __future__ import annotations
+
+import re
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from llm_flashmoe import kernels
+from llm_flashmoe.engine.linear import Linear
+from llm_flashmoe.kernels import plain, source
+
+RNG = np.random.default_rng(0)
+
+
+def qlin(out_f, in_f, bits=4, gs=64, experts=None):
+    shape = (out_f, in_f) if experts is None else (experts, out_f, in_f)
+    q, s, b = mx.quantize(mx.array(RNG.normal(size=shape).astype(np.float32) * in_f ** -0.5), group_size=gs, bits=bits)
+    return Linear(q, s, b, bits, gs)
+
+
+def np_dequant(lin: Linear) -> np.ndarray:
+    """The affine format by hand: little-endian bit stream of `bits`-bit codes per row."""
+    w = np.array(lin.weight)
+    lead, words = w.shape[:-1], w.shape[-1]
+    n = words * 32 // lin.bits
+    bits = np.unpackbits(w.view(np.uint8).reshape(*lead, words * 4), axis=-1, bitorder="little")
+    codes = (bits.reshape(*lead, n, lin.bits) * (1 << np.arange(lin.bits))).sum(-1)
+    rep = lambda a: np.repeat(np.array(a.astype(mx.float32)), lin.group_size, axis=-1)  # noqa: E731
+    return codes * rep(lin.scales) + rep(lin.biases)
+
+
+def close(a, b, tol=2e-5):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert np.abs(a - b).max() <= tol * max(np.abs(b).max(), 1.0), np.abs(a - b).max()
+
+
+def sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def rmsnorm(x, w, eps=1e-6):
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
+
+
+@pytest.mark.parametrize("bits,gs,K,N", [(4, 64, 256, 48), (2, 32, 128, 20), (3, 32, 96, 7), (8, 128, 256, 5)])
+def test_qmv_matches_numpy(bits, gs, K, N):
+    lins = [qlin(N, K, bits, gs), qlin(3, K, bits, gs)]
+    x = RNG.normal(size=(1, K)).astype(np.float32)
+    for got, lin in zip(plain.qmv(mx.array(x), lins), lins):
+        close(got, x @ np_dequant(lin).T)
+
+
+def test_moe_twins_match_numpy():
+    E, K, H, I, Is = 12, 3, 64, 32, 64
+    gate, up, down = qlin(I, H, 4, 32, E), qlin(I, H, 4, 32, E), qlin(H, I, 4, 32, E)
+    sg, su, sd = qlin(Is, H, 4, 32), qlin(Is, H, 4, 32), qlin(H, Is, 4, 32)
+    logits = RNG.normal(size=E).astype(np.float32)
+    x, res = RNG.normal(size=H).astype(np.float32), RNG.normal(size=H).astype(np.float32)
+    ids, w = plain.moe_route(mx.array(logits), K, True)
+    p = np.exp(logits - logits.max()); p /= p.sum()
+    want = np.argsort(-p)[:K]
+    assert sorted(np.array(ids).tolist()) == sorted(want.tolist())
+    close(np.sort(np.array(w)), np.sort(p[want] / p[want].sum()))
+
+    h, hs = plain.moe_gate_up(mx.array(x), ids, gate, up, sg, su)
+    G, U, D = np_dequant(gate), np_dequant(up), np_dequant(down)
+    silu = lambda t: t * sigmoid(t)  # noqa: E731
+    ids_np = np.array(ids)
+    want_h = np.stack([silu(G[e] @ x) * (U[e] @ x) for e in ids_np])
+    want_hs = silu(np_dequant(sg) @ x) * (np_dequant(su) @ x)
+    close(h, want_h)
+    close(hs, want_hs)
+
+    logit = np.float32(0.3)
+    out = plain.moe_down(h, ids, w, down, hs, sd, mx.array([float(logit)]), mx.array(res))
+    want = res + sum(wk * (D[e] @ hk) for wk, e, hk in zip(np.array(w), ids_np, want_h))
+    want = want + sigmoid(logit) * (np_dequant(sd) @ want_hs)
+    close(out, want)
+
+
+def test_decode_attention_matches_numpy():
+    Hq, Hkv, Dh, cap, n = 4, 2, 32, 16, 9
+    q = RNG.normal(size=(Hq, Dh)).astype(np.float32)
+    keys, values = (RNG.normal(size=(1, Hkv, cap, Dh)).astype(np.float32) for _ in range(2))
+    qg = RNG.normal(size=(Hq * 2 * Dh,)).astype(np.float32)
+    got = plain.decode_attention(mx.array(q), mx.array(keys), mx.array(values), n, mx.array(qg))
+    want = []
+    for h in range(Hq):
+        kv = h // (Hq // Hkv)
+        s = keys[0, kv, :n] @ q[h] / np.sqrt(Dh)
+        p = np.exp(s - s.max()); p /= p.sum()
+        want.append((p @ values[0, kv, :n]) * sigmoid(qg.reshape(Hq, 2 * Dh)[h, Dh:]))
+    close(got, np.concatenate(want))
+
+
+def test_qk_norm_rope_matches_numpy():
+    Hq, Hkv, Dh, rope, pos, theta = 3, 1, 32, 8, 11, 1e4
+    qg = RNG.normal(size=(Hq, 2 * Dh)).astype(np.float32)
+    k = RNG.normal(size=(Hkv, Dh)).astype(np.float32)
+    qw, kw = (1 + 0.1 * RNG.normal(size=Dh)).astype(np.float32), (1 + 0.1 * RNG.normal(size=Dh)).astype(np.float32)
+    gq, gk = plain.qk_norm_rope(mx.array(qg.reshape(-1)), mx.array(k.reshape(-1)), mx.array(qw), mx.array(kw),
+                                pos, rope, theta, 1e-6, Hkv)
+
+    def ref(x):
+        x = x.copy()
+        half = rope // 2
+        ang = pos * theta ** (-np.arange(half) * 2 / rope)
+        x1, x2 = x[..., :half].copy(), x[..., half:rope].copy()
+        x[..., :half] = x1 * np.cos(ang) - x2 * np.sin(ang)
+        x[..., half:rope] = x2 * np.cos(ang) + x1 * np.sin(ang)
+        return x
+
+    close(gq, ref(rmsnorm(qg[:, :Dh], qw)), 1e-4)
+    close(gk, ref(rmsnorm(k, kw)), 1e-4)
+
+
+def test_gdn_step_matches_numpy():
+    Hk, Hv, Dk, Dv, Kc = 2, 4, 32, 16, 4
+    C = 2 * Hk * Dk + Hv * Dv
+    f = lambda *s: RNG.normal(size=s).astype(np.float32)  # noqa: E731
+    qkv, z, b, a, cs, cw = f(C), f(Hv * Dv), f(Hv), f(Hv), f(1, Kc - 1, C), f(C, Kc) * 0.5
+    A, dt, nw, S = -np.exp(f(Hv) * 0.5), f(Hv), 1 + 0.1 * f(Dv), f(1, Hv, Dv, Dk) * 0.1
+    o, cs2, S2 = plain.gdn_step(*(mx.array(t) for t in (qkv, z, b, a, cs, cw, A, dt, nw, S)), Hk, Dk, 1e-6)
+
+    conv_in = np.concatenate([cs[0], qkv[None]], 0)
+    y = (conv_in * cw.T).sum(0)
+    y = y * sigmoid(y)
+    q, k, v = y[: Hk * Dk].reshape(Hk, Dk), y[Hk * Dk: 2 * Hk * Dk].reshape(Hk, Dk), y[2 * Hk * Dk:].reshape(Hv, Dv)
+    q = q / np.sqrt((q * q).sum(-1, keepdims=True) + 1e-6) * Dk ** -0.5
+    k = k / np.sqrt((k * k).sum(-1, keepdims=True) + 1e-6)
+    decay = np.exp(A * np.logaddexp(a + dt, 0))
+    beta = sigmoid(b)
+    St = S[0].copy()
+    out = np.zeros((Hv, Dv), np.float32)
+    for h in range(Hv):
+        hk = h // (Hv // Hk)
+        St[h] *= decay[h]
+        delta = (v[h] - St[h] @ k[hk]) * beta[h]
+        St[h] += np.outer(delta, k[hk])
+        oh = St[h] @ q[hk]
+        zz = z.reshape(Hv, Dv)[h]
+        out[h] = rmsnorm(oh, nw) * zz * sigmoid(zz)
+    close(o, out.reshape(-1), 1e-4)
+    close(cs2, conv_in[None, 1:])
+    close(S2, St[None], 1e-4)
+
+
+def test_add_rms_norm_matches_numpy():
+    x, y, w = RNG.normal(size=(3, 40)), RNG.normal(size=(3, 40)), 1 + 0.1 * RNG.normal(size=40)
+    h, n = plain.add_rms_norm(*(mx.array(t.astype(np.float32)) for t in (x, y, w)), 1e-6)
+    close(h, x + y)
+    close(n, rmsnorm(x + y, w))
+
+
+# -- sources ---------------------------------------------------------------
+
+@pytest.mark.parametrize("kernel", sorted(source.KERNELS))
+def test_metal_and_cuda_differ_only_in_the_dialect(kernel):
+    defines = {"KDIM": 64, "NSLOT": 1}
+    gen = {b: source.render(kernel, b, defines) for b in source.BACKENDS}
+    stripped = set()
+    for b, (header, body) in gen.items():
+        d = source.dialect(b)
+        assert header.startswith(d["header"]) and body.startswith(d["prologue"])
+        stripped.add((header[len(d["header"]):], body[len(d["prologue"]):]))
+        assert "kernel " + kernel in source.family(source.KERNELS[kernel])
+    assert len(stripped) == 1
+    # the shared part uses only dialect names for what differs between backends
+    shared = "".join(next(iter(stripped)))
+    for word in ("__syncthreads", "threadgroup_barrier", "__shared__", "__shfl", "simd_", "blockIdx",
+                 "threadIdx", "thread_position", "__device__", "metal::"):
+        assert word not in shared, word
+
+
+def test_generated_sources_declare_what_mlx_needs():
+    _, body = source.render("qmv", "metal", {})
+    assert "threadgroup_position_in_grid" in body and "thread_position_in_threadgroup" in body
+    _, body = source.render("qmv", "cuda", {})
+    assert "blockIdx" in body and "threadIdx" in body
+    assert re.search(r"#define K 3\b", source.render("qmv", "cuda", {"K": 3})[0])
+
+
+# -- dispatch and engine ----------------------------------------------------
+
+def test_dispatch_plain_on_cpu_and_off(monkeypatch):
+    monkeypatch.setenv("FLASHMOE_KERNELS", "auto")
+    o = kernels.ops()                                # CPU: native kernels if they build, else plain
+    assert o is None or o.backend == "cpu"
+    monkeypatch.setenv("FLASHMOE_KERNELS", "off")
+    assert kernels.ops() is None
+    monkeypatch.setenv("FLASHMOE_KERNELS", "twin")
+    assert kernels.ops().backend == "twin"
+
+
+def test_partial_backend_falls_back_to_twins():
+    calls = []
+    kernels.register_backend("test-cpu", lambda: {"add_rms_norm": lambda *a: calls.append(1) or plain.add_rms_norm(*a)})
+    o = kernels.ops("test-cpu")
+    assert o.qmv is plain.qmv
+    o.add_rms_norm(mx.ones((1, 4)), mx.ones((1, 4)), mx.ones((4,)), 1e-6)
+    assert calls == [1]
+
+
+def test_engine_decode_through_twins_matches_plain(tmp_path, monkeypatch):
+    from llm_flashmoe import synth
+    from llm_flashmoe.engine.load import load_model
+    from llm_flashmoe.kernels.decode_bench import compare
+
+    monkeypatch.setattr(synth, "_write_tokenizer", lambda d: None)
+    synth.write_synthetic(tmp_path / "m", preset="tiny", layout="mlx", layers=4)
+    model = load_model(tmp_path / "m", dtype=mx.float32)
+    err, top1 = compare(model, kernels.ops("twin"), [3, 1, 4, 1, 5], 4)
+    assert err < 1e-4 and top1 == 1.0
