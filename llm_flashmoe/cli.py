@@ -8,7 +8,6 @@ that needs them, so `llm --help` stays fast.
 from __future__ import annotations
 
 import functools
-import importlib
 import json
 import os
 import shutil
@@ -32,23 +31,6 @@ def _friendly(command):
             raise click.ClickException(str(error)) from None
 
     return wrapper
-
-
-def _engine_function(name: str, modules: tuple[str, ...], issue: str):
-    """A function another part of the project provides, imported only now."""
-    for module_name in modules:
-        try:
-            module = importlib.import_module(module_name, __package__)
-        except ModuleNotFoundError as error:
-            if error.name and error.name.startswith("llm_flashmoe"):
-                continue
-            raise
-        if hasattr(module, name):
-            return getattr(module, name)
-    raise FlashMoeError(
-        f"This build of llm-flashmoe does not include {name} yet ({issue}). "
-        "Update the plugin (`pip install -U llm-flashmoe`, or `git pull && pip install -e .`)."
-    )
 
 
 def _resolve_dir(name_or_dir: str) -> tuple[str, Path]:
@@ -188,9 +170,8 @@ def convert(src, dest, expert_bits, name, no_register):
     if name is None:
         name = registry.BUILTIN_NAME if cfg.num_experts == 512 else src.resolve().name.lower()
     dest = dest or registry.data_dir() / name
-    convert_checkpoint = _engine_function(
-        "convert_checkpoint", (".experts.convert",), "expert streaming, issue 4"
-    )
+    from .experts.convert import convert_checkpoint
+
     try:
         convert_checkpoint(src, dest, expert_bits=int(expert_bits) if expert_bits else None, progress=True)
     except KeyboardInterrupt:
@@ -284,7 +265,8 @@ def info(name_or_dir):
 def verify(name_or_dir):
     """Check every expert's checksum in a converted directory."""
     _label, path = _resolve_dir(name_or_dir)
-    verify_model = _engine_function("verify_model", (".experts.verify",), "expert streaming, issue 4")
+    from .experts.verify import verify_model
+
     report = verify_model(path, progress=True)
     click.echo(str(report))
     if not report.ok:
@@ -301,12 +283,8 @@ def bench(name_or_dir, bench_args):
     Extra arguments go to the benchmark (`python -m llm_flashmoe.bench --help`).
     """
     _label, path = _resolve_dir(name_or_dir)
-    issue = "expert streaming benchmark, issue 4"
-    try:
-        main = _engine_function("main", (".bench",), issue)
-    except FlashMoeError:
-        _engine_function("run_bench", (".bench",), issue)(path)
-        return
+    from .bench import main
+
     code = main([str(path), *bench_args])
     if code:
         sys.exit(code)
@@ -315,8 +293,8 @@ def bench(name_or_dir, bench_args):
 @flashmoe.command()
 @click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--preset", type=click.Choice(["tiny", "397b"]), default="tiny", show_default=True)
-@click.option("--layout", type=click.Choice(["hf", "mlx"]), default="hf", show_default=True,
-              help="hf: Hugging Face bf16; mlx: MLX 4-bit as published")
+@click.option("--layout", type=click.Choice(["hf", "mlx", "packed"]), default="hf", show_default=True,
+              help="hf: Hugging Face bf16; mlx: MLX 4-bit as published; packed: converted, experts streamed")
 @click.option("--layers", type=int, default=None, help="Number of layers (default: the preset's)")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--name", default=None, help="Also register it under this model name")

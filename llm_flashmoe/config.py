@@ -255,5 +255,6 @@ def internal_module_path(name: str) -> str:
     """
     for p in _PREFIXES:
         if name.startswith(p):
-            return name[len(p):]
-    return name
+            name = name[len(p):]
+            break
+    return name.replace(".mlp.switch_mlp.", ".mlp.experts.")

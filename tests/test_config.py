@@ -54,3 +54,11 @@ def test_bad_quantization():
     raw["quantization"]["bits"] = 7
     with pytest.raises(FlashMoeError, match="quantization.bits"):
         parse_config(raw)
+
+
+def test_switch_mlp_override_maps_to_experts():
+    raw = make_config("tiny", quant_bits=4)
+    raw["quantization"]["language_model.model.layers.2.mlp.switch_mlp.down_proj"] = {"group_size": 64, "bits": 2}
+    cfg = parse_config(raw)
+    assert cfg.quant_for("layers.2.mlp.experts.down_proj").bits == 2
+    assert cfg.quant_for("layers.2.mlp.experts.up_proj").bits == 4
