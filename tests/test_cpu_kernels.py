@@ -197,3 +197,20 @@ def test_kernels_off_disables(monkeypatch):
 
     monkeypatch.setenv("FLASHMOE_KERNELS", "off")
     assert build.load() is None and kernels.ops() is None
+
+
+@pytest.mark.parametrize("Hk,Hv,Dk,Dv", [(16, 64, 128, 128), (4, 16, 128, 128), (3, 6, 40, 24)])
+def test_gdn_step_matches_mlx(lib, Hk, Hv, Dk, Dv):
+    """Three steps from an empty state (None) through the conv history, against the twin."""
+    rng = np.random.default_rng()
+    r = lambda *s: mx.array(rng.standard_normal(s).astype(np.float32))  # noqa: E731
+    C, Kc = 2 * Hk * Dk + Hv * Dv, 4
+    conv_w, A, dt_bias, norm_w = r(C, Kc) * 0.5, -mx.exp(r(Hv) * 0.5), r(Hv), 1 + 0.1 * r(Dv)
+    ours = ref = (None, None)
+    for _ in range(3):
+        qkv, z, b, a = r(C), r(Hv * Dv), r(Hv), r(Hv)
+        o, conv, st = cpu_engine.gdn_step(qkv, z, b, a, ours[0], conv_w, A, dt_bias, norm_w, ours[1], Hk, Dk, 1e-6)
+        o_r, conv_r, st_r = plain.gdn_step(qkv, z, b, a, ref[0], conv_w, A, dt_bias, norm_w, ref[1], Hk, Dk, 1e-6)
+        assert o.shape == o_r.shape and conv.shape == conv_r.shape and st.shape == st_r.shape
+        assert rel_err(o, o_r) < 1e-4 and rel_err(st, st_r) < 1e-5 and rel_err(conv, conv_r) == 0
+        ours, ref = (conv, st), (conv_r, st_r)

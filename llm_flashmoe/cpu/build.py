@@ -79,7 +79,7 @@ def build(extra_flags: list[str] | None = None, out_dir: Path | None = None) -> 
     headers = sorted(SOURCE_DIR.glob("*.h"))
     if not sources:
         raise RuntimeError(f"kernel sources not found in {SOURCE_DIR}")
-    flags = ["-O3", "-std=c11", "-fPIC", "-shared", "-pthread", "-D_GNU_SOURCE",
+    flags = ["-O3", "-std=c11", "-fPIC", "-shared", "-pthread", "-D_GNU_SOURCE", "-fopenmp-simd",
              *arch_flags(), *(extra_flags or [])]
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     h = hashlib.sha256()
@@ -123,6 +123,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.fm_moe_gate_up.restype = I32
     lib.fm_moe_down.argtypes = [I32, ctypes.POINTER(QMat), P, P, P, P, I64, I64, P, I32]
     lib.fm_moe_down.restype = I32
+    lib.fm_gdn_step.argtypes = [P] * 10 + [I32] * 5 + [ctypes.c_float, P, P, P]
+    lib.fm_gdn_step.restype = I32
 
 
 def load(quiet: bool = False) -> ctypes.CDLL | None:

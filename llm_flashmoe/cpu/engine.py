@@ -126,9 +126,47 @@ def moe_down(h: mx.array, rows: mx.array, weights: mx.array, down: Linear, hs: m
     return out.astype(residual.dtype) if residual.dtype != mx.float32 else out
 
 
+def new_host_array(shape: tuple[int, ...]) -> tuple[mx.array, np.ndarray]:
+    """A new MLX array and a writable host view of its memory, for a kernel to fill."""
+    a = mx.zeros(shape, mx.float32)
+    mx.eval(a)
+    v = np.asarray(a)
+    if not (v.flags.writeable and v.flags.c_contiguous):
+        raise RuntimeError("MLX memory is not host-writable here")
+    return a, v
+
+
+def gdn_step(qkv, z, b, a, conv_state, conv_w, A, dt_bias, norm_w, state, n_key_heads: int,
+             key_dim: int, eps: float):
+    """One GatedDeltaNet token (see kernels/plain.py for the contract) -> out [Hv*Dv],
+    new conv_state [1, Kc-1, C], new state [1, Hv, Dv, Dk] float32."""
+    lib = load()
+    Hk, Dk = n_key_heads, key_dim
+    Hv = b.size
+    Dv = z.size // Hv
+    C = qkv.size
+    Kc = conv_w.shape[1]
+    new_conv, conv_v = new_host_array((1, Kc - 1, C))
+    new_state, state_v = new_host_array((1, Hv, Dv, Dk))
+    out = np.empty(Hv * Dv, np.float32)
+    ins = [_f32(t).reshape(-1) for t in (qkv, z, b, a)]
+    cin = _f32(conv_state).reshape(-1) if conv_state is not None else None
+    sin = _f32(state).reshape(-1) if state is not None else None
+    consts = [_f32(t).reshape(-1) for t in (conv_w, A, dt_bias, norm_w)]
+    ptr = lambda arr: None if arr is None else arr.ctypes.data  # noqa: E731
+    rc = lib.fm_gdn_step(*[ptr(t) for t in ins], ptr(cin), *[ptr(t) for t in consts], ptr(sin),
+                         Hk, Hv, Dk, Dv, Kc, eps, conv_v.ctypes.data, state_v.ctypes.data, out.ctypes.data)
+    if rc != 0:
+        raise ValueError(f"fm_gdn_step rejected its arguments (code {rc})")
+    o = mx.array(out)
+    if qkv.dtype != mx.float32:
+        o, new_conv = o.astype(qkv.dtype), new_conv.astype(qkv.dtype)
+    return o, new_conv, new_state
+
+
 def table() -> dict:
     """{op name: implementation} for kernels.ops(); the rest use the plain-MLX twins
     (all of them when the library cannot be built)."""
     if load() is None:
         return {}
-    return {"qmv": qmv, "moe_gate_up": moe_gate_up, "moe_down": moe_down}
+    return {"qmv": qmv, "moe_gate_up": moe_gate_up, "moe_down": moe_down, "gdn_step": gdn_step}
