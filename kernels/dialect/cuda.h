@@ -15,6 +15,7 @@ DEVICE_FN float f_rsqrt(float x) { return rsqrtf(x); }
 DEVICE_FN float f_cos(float x) { return cosf(x); }
 DEVICE_FN float f_sin(float x) { return sinf(x); }
 DEVICE_FN float f_rint(float x) { return rintf(x); }
+DEVICE_FN float f_as_float(uint32_t u) { return __uint_as_float(u); }
 //@@ prologue
 const int gx = int(blockIdx.x);
 const int gy = int(blockIdx.y);

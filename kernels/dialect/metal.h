@@ -17,6 +17,7 @@ DEVICE_FN float f_rsqrt(float x) { return metal::rsqrt(x); }
 DEVICE_FN float f_cos(float x) { return metal::precise::cos(x); }
 DEVICE_FN float f_sin(float x) { return metal::precise::sin(x); }
 DEVICE_FN float f_rint(float x) { return metal::rint(x); }
+DEVICE_FN float f_as_float(uint32_t u) { return as_type<float>(u); }
 //@@ prologue
 const int gx = int(threadgroup_position_in_grid.x);
 const int gy = int(threadgroup_position_in_grid.y);

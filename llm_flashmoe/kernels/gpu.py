@@ -8,6 +8,7 @@ cover (dense weights, odd widths, prefill) goes to the plain-MLX twin.
 from __future__ import annotations
 
 import math
+import os
 import zlib
 
 import mlx.core as mx
@@ -18,6 +19,8 @@ from .source import render
 
 QBITS = (2, 3, 4, 8)
 QGROUPS = (32, 64, 128)
+# rows per warp in qmv: each staged input serves this many rows (FLASHMOE_QMV_ROWS to try others)
+QMV_ROWS = int(os.environ.get("FLASHMOE_QMV_ROWS", "4"))
 
 
 class GpuKernels:
@@ -55,15 +58,15 @@ class GpuKernels:
             return plain.qmv(x, linears)
         M = math.prod(x.shape[:-1])
         n = len(linears)
-        defines = {"KDIM": K, "NSLOT": n}
+        defines = {"KDIM": K, "NSLOT": n, "QMV_R": QMV_ROWS}
         inputs, args = ["x"], [x]
         for i, lin in enumerate(linears):
             defines.update({f"N{i}": lin.out_features, f"B{i}": lin.bits, f"G{i}": lin.group_size})
             inputs += [f"w{i}", f"s{i}", f"b{i}"]
             args += [lin.weight, lin.scales, lin.biases]
-        rows = sum(l.out_features for l in linears)
+        warps = sum(_ceil(l.out_features, QMV_ROWS) for l in linears)
         k = self.kernel("qmv", tuple(inputs), tuple(f"y{i}" for i in range(n)), defines)
-        outs = k(inputs=args, template=[("T", x.dtype)], grid=(_ceil(rows, 8) * 256, M, 1),
+        outs = k(inputs=args, template=[("T", x.dtype)], grid=(_ceil(warps, 8) * 256, M, 1),
                  threadgroup=(256, 1, 1), output_shapes=[(*x.shape[:-1], l.out_features) for l in linears],
                  output_dtypes=[x.dtype] * n, **self._fill)
         return list(outs)
