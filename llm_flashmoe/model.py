@@ -82,6 +82,9 @@ class FlashMoeOptions(llm.Options):
     context_length: Optional[int] = Field(
         None, ge=1, description="Most tokens of conversation plus answer (default: the model's limit)"
     )
+    constrain_tools: Optional[bool] = Field(
+        None, description="Mask tokens that would break a tool call's format or argument types (default on)"
+    )
 
     @field_validator("stop")
     @classmethod
@@ -299,6 +302,7 @@ def _reasoning_event(text: str):
 class FlashMoeModel(llm.Model):
     can_stream = True
     supports_tools = True
+    supports_schema = True
     Options = FlashMoeOptions
 
     def __init__(self, model_id: str, model_dir: Path):
@@ -357,6 +361,15 @@ class FlashMoeModel(llm.Model):
             from .chat.thinking_budget import ThinkingBudget
 
             processors.append(ThinkingBudget(options.thinking_budget, starts_in_reasoning=starts_in_reasoning))
+        # Tool calls and --schema answers valid by construction (constrain/).
+        from .constrain import constraint_processor
+
+        constraint = constraint_processor(
+            tokenizer, tools=tools, schema=prompt.schema, max_tokens=max_tokens,
+            starts_in_reasoning=starts_in_reasoning, constrain_tools=options.constrain_tools is not False,
+        )
+        if constraint is not None:
+            processors.append(constraint)
         processors.extend(TEST_LOGITS_PROCESSORS)
 
         stops = options.stop
