@@ -215,3 +215,20 @@ def test_engine_decode_through_twins_matches_plain(tmp_path, monkeypatch):
     model = load_model(tmp_path / "m", dtype=mx.float32)
     err, top1 = compare(model, kernels.ops("twin"), [3, 1, 4, 1, 5], 4)
     assert err < 1e-4 and top1 == 1.0
+
+
+def test_kernel_sources_ship_with_the_package():
+    """The sources are found inside the package (so a regular install works) and
+    pyproject's package data names every file the generator reads."""
+    import tomllib
+    from pathlib import Path
+
+    pkg = Path(kernels.__file__).parent.parent
+    assert source.KERNEL_DIR.parent == Path(source.__file__).parent
+    needed = [source.KERNEL_DIR / f"{fam}.kern" for fam in {*source.KERNELS.values(), "common"}]
+    needed += [source.KERNEL_DIR / "dialect" / f"{b}.h" for b in source.BACKENDS]
+    assert all(p.is_file() for p in needed)
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["llm_flashmoe"]
+    shipped = {p for pat in patterns for p in pkg.glob(pat)}
+    assert set(needed) <= shipped

@@ -14,7 +14,10 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-KERNEL_DIR = Path(__file__).resolve().parents[2] / "kernels"
+# The sources live once, in the checkout's top-level kernels/; the package reaches them
+# through its `sources` link, which a built wheel turns into a copy (package data in
+# pyproject.toml), so editable and regular installs find them at the same place.
+KERNEL_DIR = Path(__file__).parent / "sources"
 BACKENDS = ("metal", "cuda")
 # kernel name -> family file
 KERNELS = {
@@ -29,6 +32,11 @@ KERNELS = {
 
 def _sections(path: Path) -> dict[str, str]:
     """`//@@ NAME` markers split a file into named sections (text before the first is dropped)."""
+    if not path.is_file():
+        from ..errors import FlashMoeError
+
+        raise FlashMoeError(f"kernel source {path} is missing: reinstall llm-flashmoe, or run with "
+                            "FLASHMOE_KERNELS=off to use the plain-MLX path.")
     out, name, lines = {}, None, []
     for line in path.read_text().splitlines():
         if line.startswith("//@@ "):
