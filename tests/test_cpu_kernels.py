@@ -214,3 +214,18 @@ def test_gdn_step_matches_mlx(lib, Hk, Hv, Dk, Dv):
         assert o.shape == o_r.shape and conv.shape == conv_r.shape and st.shape == st_r.shape
         assert rel_err(o, o_r) < 1e-4 and rel_err(st, st_r) < 1e-5 and rel_err(conv, conv_r) == 0
         ours, ref = (conv, st), (conv_r, st_r)
+
+
+def test_route_and_add_rms_norm_match_mlx():
+    rng = np.random.default_rng()
+    logits = mx.array(rng.standard_normal(512).astype(np.float32) * 3)
+    for norm in (True, False):
+        ids, w = cpu_engine.moe_route(logits, 4, norm)
+        ids_r, w_r = plain.moe_route(logits, 4, norm)
+        o, o_r = np.argsort(np.asarray(ids)), np.argsort(np.asarray(ids_r))
+        assert np.array_equal(np.asarray(ids)[o], np.asarray(ids_r)[o_r])
+        assert rel_err(np.asarray(w)[o], np.asarray(w_r)[o_r]) < 1e-6
+    x, y = (mx.array(rng.standard_normal((1, 1, 4096)).astype(np.float32)) for _ in range(2))
+    wn = mx.array(rng.standard_normal(4096).astype(np.float32))
+    for a, b in zip(cpu_engine.add_rms_norm(x, y, wn, 1e-6), plain.add_rms_norm(x, y, wn, 1e-6)):
+        assert a.shape == b.shape and rel_err(a, b) < 1e-6

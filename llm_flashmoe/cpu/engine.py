@@ -164,9 +164,39 @@ def gdn_step(qkv, z, b, a, conv_state, conv_w, A, dt_bias, norm_w, state, n_key_
     return o, new_conv, new_state
 
 
+# Small ops in numpy on the calling thread: as MLX ops each would cost an
+# evaluation, a hand-off to MLX's stream thread that takes longer than the
+# arithmetic (25 us on an idle machine, milliseconds on a busy one).
+
+def moe_route(logits: mx.array, k: int, norm_topk: bool) -> tuple[mx.array, mx.array]:
+    """Router logits [E] -> top-k expert ids int32 [k] and their softmax weights float32 [k]."""
+    lg = _f32(logits).reshape(-1)
+    p = np.exp(lg - lg.max())
+    p /= p.sum()
+    ids = np.argpartition(-p, k - 1)[:k].astype(np.int32)
+    w = p[ids]
+    if norm_topk:
+        w = w / w.sum()
+    return mx.array(ids), mx.array(w.astype(np.float32))
+
+
+def add_rms_norm(x: mx.array, y: mx.array, w: mx.array, eps: float) -> tuple[mx.array, mx.array]:
+    """h = x + y; n = rmsnorm(h) * w  (rows of the last axis)."""
+    if x.dtype != mx.float32 or y.dtype != mx.float32 or x.shape != y.shape:
+        from ..kernels import plain
+
+        return plain.add_rms_norm(x, y, w, eps)
+    n_cols = x.shape[-1]
+    h = _f32(x, n_cols) + _f32(y, n_cols)
+    ms = np.einsum("ij,ij->i", h, h, dtype=np.float32) / np.float32(n_cols)
+    n = h * (np.float32(1.0) / np.sqrt(ms + np.float32(eps)))[:, None] * _f32(w).reshape(-1)
+    return mx.array(h.reshape(x.shape)), mx.array(n.astype(np.float32).reshape(x.shape))
+
+
 def table() -> dict:
     """{op name: implementation} for kernels.ops(); the rest use the plain-MLX twins
     (all of them when the library cannot be built)."""
     if load() is None:
         return {}
-    return {"qmv": qmv, "moe_gate_up": moe_gate_up, "moe_down": moe_down, "gdn_step": gdn_step}
+    return {"qmv": qmv, "moe_gate_up": moe_gate_up, "moe_down": moe_down, "gdn_step": gdn_step,
+            "moe_route": moe_route, "add_rms_norm": add_rms_norm}
