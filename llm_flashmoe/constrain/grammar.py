@@ -22,8 +22,7 @@ class GrammarVocabulary:
     """llguidance's view of one tokenizer (built once: about 2 s for 248k tokens)."""
 
     def __init__(self, tokenizer):
-        import llguidance
-
+        llguidance = import_llguidance()
         self.tokenizer = tokenizer
         self.size = tokenizer.vocab_size                     # real ids, specials included
         self.eos_ids = tuple(tokenizer.eos_token_ids)
@@ -48,8 +47,7 @@ class GrammarVocabulary:
 
     def matcher(self, lark: str, what: str):
         """A fresh matcher for a Lark grammar; `what` names it in errors."""
-        import llguidance
-
+        llguidance = import_llguidance()
         matcher = llguidance.LLMatcher(self.ll, lark, log_level=0)
         if matcher.is_error():
             raise FlashMoeError(
@@ -58,6 +56,18 @@ class GrammarVocabulary:
                 "constraint off."
             )
         return matcher
+
+
+def import_llguidance():
+    try:
+        import llguidance
+    except ImportError as error:
+        raise FlashMoeError(
+            "Constrained decoding (tool calls, --schema) needs the llguidance package: "
+            "`pip install llguidance` (or reinstall llm-flashmoe). Tool calls also work "
+            "unconstrained with -o constrain_tools false."
+        ) from error
+    return llguidance
 
 
 def grammar_vocabulary(tokenizer) -> GrammarVocabulary:
