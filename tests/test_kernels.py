@@ -232,3 +232,25 @@ def test_kernel_sources_ship_with_the_package():
     patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["llm_flashmoe"]
     shipped = {p for pat in patterns for p in pkg.glob(pat)}
     assert set(needed) <= shipped
+
+
+def test_bf16_tolerance_check_through_twins(tmp_path, monkeypatch):
+    """The acceptance-4 check on CPU: twins in bf16 against plain float32 on the same weights."""
+    from llm_flashmoe import synth
+    from llm_flashmoe.engine.load import load_model
+    from llm_flashmoe.kernels import decode_bench
+    from llm_flashmoe.kernels.decode_bench import tolerance_check
+
+    monkeypatch.setattr(synth, "_write_tokenizer", lambda d: None)
+    synth.write_synthetic(tmp_path / "m", preset="tiny", layout="mlx", layers=4)
+    ref = load_model(tmp_path / "m", dtype=mx.float32)
+    model = load_model(tmp_path / "m", dtype=mx.bfloat16)
+    (r,) = tolerance_check(ref, model, kernels.ops("twin"), [3, 1, 4, 1, 5], 2, layers=(1,))
+    p, f = r["plain"], r["fused"]
+    assert r["layers"] == 1 and 1e-4 < p["rel"] < 0.3            # bf16 really rounds, and not wildly
+    # the twins regroup the same bf16 ops: the same size of error (a few steps are noisy)
+    assert f["rel"] < 3 * p["rel"] and 0 < p["top1"] <= 1
+    assert r["ok"] == (f["rel"] <= max(decode_bench.TOLERANCE_RATIO * p["rel"], decode_bench.TOLERANCE_FLOOR))
+    # float32 against itself: no error, passes on the floor
+    (r,) = tolerance_check(ref, ref, kernels.ops("twin"), [3, 1, 4], 2, layers=(1,))
+    assert r["ok"] and r["plain"]["rel"] == 0 and r["fused"]["rel"] < 1e-5

@@ -7,7 +7,11 @@ then for each path (plain: FLASHMOE_KERNELS=off; fused: the active backend):
 prefills a prompt with the plain path, decodes N tokens and reports the
 median ms per token, the embedding+head alone, and ms per layer. It also
 feeds the same tokens through both paths and reports the largest logit
-difference relative to the largest logit, and top-1 agreement.
+difference relative to the largest logit, and top-1 agreement; and, for a
+bf16 model, the tolerance check: fused and plain bf16 each against the plain
+path in float32 on the same weights (`tolerance_check`), on the first
+--check-layers layers; the fused path passes if its error is at most
+TOLERANCE_RATIO times the plain path's. Exits 1 if it fails.
 """
 
 from __future__ import annotations
@@ -58,22 +62,72 @@ def decode_times(model, prompt, steps: int, embed_head_only: bool = False) -> li
     return times[2:]
 
 
+def logits_run(model, ops, prompt, steps: int) -> list[np.ndarray]:
+    """Prefill `prompt` on the plain path, then decode `steps` given tokens (the prompt's,
+    cycled) through `ops` -> float32 logits of the prefill's last token and of each step."""
+    with_ops(model, None)
+    cache = model.make_cache()
+    outs = [model(prompt, cache, last_only=True)]
+    with_ops(model, ops)
+    for t in range(steps):
+        outs.append(model([int(prompt[t % len(prompt)])], cache, last_only=True))
+    mx.eval(outs)
+    with_ops(model, None)
+    return [np.array(x.astype(mx.float32)).reshape(-1) for x in outs]
+
+
 def compare(model, fused, prompt, steps: int) -> tuple[float, float]:
     """Same tokens through both paths -> (max |diff| / max |logit|, top-1 agreement)."""
-    res = {}
-    for name, o in (("plain", None), ("fused", fused)):
-        with_ops(model, o)
-        cache = model.make_cache()
-        with_ops(model, None)
-        outs = [model(prompt, cache, last_only=True)]       # prefill: plain path for both
-        with_ops(model, o)
-        for t in range(steps):
-            outs.append(model([int(prompt[t % len(prompt)])], cache, last_only=True))
-        mx.eval(outs)
-        res[name] = [np.array(x.astype(mx.float32)) for x in outs]
-    errs = [np.abs(a - b).max() / np.abs(b).max() for a, b in zip(res["fused"], res["plain"])]
-    top1 = np.mean([a.argmax() == b.argmax() for a, b in zip(res["fused"], res["plain"])])
+    got, ref = logits_run(model, fused, prompt, steps), logits_run(model, None, prompt, steps)
+    errs = [np.abs(a - b).max() / np.abs(b).max() for a, b in zip(got, ref)]
+    top1 = np.mean([a.argmax() == b.argmax() for a, b in zip(got, ref)])
     return float(max(errs)), float(top1)
+
+
+def logits_error(got: list[np.ndarray], ref: list[np.ndarray]) -> dict:
+    """Decode-step logits against a reference: mean of |a - r|_2 / |r|_2 (rel), the largest
+    max |a - r| / max |r| (max), and how often the arg-max agrees (top1)."""
+    return {"rel": float(np.mean([np.linalg.norm(a - r) / np.linalg.norm(r) for a, r in zip(got, ref)])),
+            "max": float(max(np.abs(a - r).max() / np.abs(r).max() for a, r in zip(got, ref))),
+            "top1": float(np.mean([a.argmax() == r.argmax() for a, r in zip(got, ref)]))}
+
+
+# The fused path is within bf16 tolerance when its error against float32 is at most this
+# many times the plain path's in the same dtype (kernels keep float32 inside, the plain
+# path rounds after each op, so neither is "the" bf16 answer; float32 is the arbiter).
+TOLERANCE_RATIO = 1.5
+TOLERANCE_FLOOR = 1e-4      # both near float32 exact: noise, not a failure
+
+
+def tolerance_check(ref_model, model, fused, prompt, steps: int, layers=(None,)) -> list[dict]:
+    """Fused and plain `model` (bf16) each against the plain float32 `ref_model` (same
+    weights), on the first n layers for each n in `layers` (None: all)."""
+    rows = []
+    for n in layers:
+        saved = ref_model.layers, model.layers
+        if n is not None:
+            ref_model.layers, model.layers = ref_model.layers[:n], model.layers[:n]
+        try:
+            ref = logits_run(ref_model, None, prompt, steps)[1:]
+            plain = logits_error(logits_run(model, None, prompt, steps)[1:], ref)
+            got = logits_error(logits_run(model, fused, prompt, steps)[1:], ref)
+        finally:
+            ref_model.layers, model.layers = saved
+        ok = got["rel"] <= max(TOLERANCE_RATIO * plain["rel"], TOLERANCE_FLOOR)
+        rows.append({"layers": len(model.layers) if n is None else n, "plain": plain, "fused": got, "ok": ok})
+    return rows
+
+
+def print_tolerance(rows, label: str, dtype) -> None:
+    print(f"logits vs plain float32 ({label}, {dtype}, decode steps only): fused passes if its rel. "
+          f"error <= {TOLERANCE_RATIO}x plain's")
+    print(f"{'layers':>6} {'plain rel':>10} {'fused rel':>10} {'ratio':>6} {'plain max':>10} {'fused max':>10} "
+          f"{'plain top1':>10} {'fused top1':>10} ok")
+    for r in rows:
+        p, f = r["plain"], r["fused"]
+        print(f"{r['layers']:6d} {p['rel']:10.3e} {f['rel']:10.3e} {f['rel'] / max(p['rel'], 1e-30):6.2f} "
+              f"{p['max']:10.3e} {f['max']:10.3e} {p['top1']:10.2f} {f['top1']:10.2f} "
+              f"{'yes' if r['ok'] else 'NO'}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -86,6 +140,9 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the engine's)")
+    ap.add_argument("--check-steps", type=int, default=16,
+                    help="decode steps of the bf16-tolerance check against float32 (0: skip)")
+    ap.add_argument("--check-layers", default="all", help="comma-separated layer counts for that check, e.g. 2,all")
     args = ap.parse_args(argv)
     from ..engine.load import load_model
     from . import ops as kernel_ops
@@ -106,8 +163,16 @@ def main(argv=None) -> int:
     err, top1 = compare(model, fused, prompt, 8)
     print(f"logits fused vs plain ({fused.backend}, {args.preset} L={len(model.layers)}): "
           f"max rel diff {err:.3e}, top-1 agreement {top1:.2f}", flush=True)
+    tol_ok = True
+    if model.dtype != mx.float32 and args.check_steps > 0:
+        ref = load_model(dest, experts_per_token=model.experts_per_token, dtype=mx.float32)
+        layers = [int(n) if n != "all" else None for n in args.check_layers.split(",")]
+        rows = tolerance_check(ref, model, fused, prompt, args.check_steps, layers)
+        print_tolerance(rows, f"{fused.backend}, {args.preset}", model.dtype)
+        tol_ok = all(r["ok"] for r in rows)
+        del ref
     if args.no_timing:
-        return 0
+        return 0 if tol_ok else 1
     L = len(model.layers)
     rows = {}
     for name, o in (("plain", None), ("fused", fused)):
@@ -119,7 +184,7 @@ def main(argv=None) -> int:
               f"{(tok - eh) / L * 1e3:7.1f} us/layer  -> 60 layers: {eh + 60 * (tok - eh) / L:7.1f} ms/token",
               flush=True)
     print(f"speedup per layer {rows['plain'][2] / rows['fused'][2]:.2f}x")
-    return 0
+    return 0 if tol_ok else 1
 
 
 if __name__ == "__main__":
