@@ -48,7 +48,7 @@ def run(*args):
 
 def test_schema_answer_is_valid_json_and_logged(llm_home):
     out = run("-m", "flashmoe-tiny", "Plan a trip.", "--schema", json.dumps(SCHEMA),
-              "-o", "max_tokens", "48", "-o", "thinking_budget", "4", "-o", "seed", "3")
+              "-o", "max_tokens", "36", "-o", "thinking_budget", "4", "-o", "seed", "3")
     [row] = json.loads(run("logs", "--json", "-n", "0"))
     assert row["reasoning"]  # thinking on: the schema holds only after </think>
     data = json.loads(row["response"])
@@ -85,7 +85,7 @@ class PushIntoACall:
 def test_constrained_call_from_a_random_model_is_executed(llm_home, monkeypatch):
     monkeypatch.setattr(flash_model, "TEST_LOGITS_PROCESSORS", [PushIntoACall()])
     run("-m", "flashmoe-tiny", "Add 2 and 3.", "--functions", ADD, "--cl", "5",
-        "-o", "max_tokens", "48", "-o", "thinking", "false", "-o", "seed", "0")
+        "-o", "max_tokens", "40", "-o", "thinking", "false", "-o", "seed", "0")
     rows = json.loads(run("logs", "--json", "-n", "0"))
     [call] = rows[0]["tool_calls"]
     assert call["name"] == "add"
@@ -98,6 +98,6 @@ def test_constrained_call_from_a_random_model_is_executed(llm_home, monkeypatch)
 def test_constrain_tools_option_turns_it_off(llm_home, monkeypatch):
     monkeypatch.setattr(flash_model, "TEST_LOGITS_PROCESSORS", [PushIntoACall()])
     run("-m", "flashmoe-tiny", "Add.", "--functions", ADD, "-o", "constrain_tools", "false",
-        "-o", "max_tokens", "12", "-o", "thinking", "false", "-o", "seed", "0")
+        "-o", "max_tokens", "6", "-o", "thinking", "false", "-o", "seed", "0")
     [row] = json.loads(run("logs", "--json", "-n", "0"))
     assert row["tool_calls"] == []  # the random model never finishes a call on its own

@@ -69,6 +69,7 @@ def test_schema_answers_validate(engine):
 def test_forced_tool_calls_parse_and_type_check(engine):
     """Acceptance 2 (and 3): pushed into a call, the model writes valid calls within the budget."""
     model, tokenizer, samples = engine
+    samples = samples if FULL else 1
     prompt = tokenizer.encode(render_prompt([user("Weather in Paris, or a table for 4?")], TOOLS))
     processor = ConstrainedDecoding(tokenizer, tools=TOOLS, max_tokens=CALL_TOKENS)
     session = Session(model)
