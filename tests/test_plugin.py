@@ -97,17 +97,20 @@ def test_chat_reuses_state_and_continue_rebuilds_the_same_prompt(llm_home, tiny_
     assert turns[2]["response_json"]["prompt_sha256"] == expected_sha(tiny_hf, history(turns[:2]) + [Message("user", "three")])
 
     # A new process: llm -c rebuilds the conversation from the log alone.
-    flash_model.forget_loaded_models()
-    result = run("-c", "four", *FAST)
-    assert result.exit_code == 0, result.output
+    proc = subprocess.run([sys.executable, "-m", "llm", "-c", "four", *FAST], capture_output=True, text=True,
+                          env={**os.environ, "LLM_USER_PATH": str(llm_home)}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
     fourth = logs()[-1]
     assert fourth["conversation_id"] == turns[0]["conversation_id"]
     stats = fourth["response_json"]
     assert stats["cached_prompt_tokens"] == 0 and stats["processed_prompt_tokens"] == stats["prompt_tokens"]
     assert stats["prompt_sha256"] == expected_sha(tiny_hf, history(turns) + [Message("user", "four")])
-    # And in the same process the next -c reuses that state again.
+    # Back in this process, -c picks up the turn the other process added,
+    # reusing the state this process kept from turn 3.
     result = run("-c", "five", *FAST)
-    assert logs()[-1]["response_json"]["cached_prompt_tokens"] >= stats["prompt_tokens"] - 8
+    fifth = logs()[-1]["response_json"]
+    assert fifth["cached_prompt_tokens"] >= turns[2]["response_json"]["prompt_tokens"] - 8
+    assert fifth["prompt_sha256"] == expected_sha(tiny_hf, history(logs()[:4]) + [Message("user", "five")])
 
 
 @pytest.mark.parametrize(
