@@ -18,7 +18,6 @@ import pytest
 from click.testing import CliRunner
 from llm.cli import cli
 
-from llm_flashmoe import model as flash_model
 from llm_flashmoe import registry
 
 # Short answers: the tiny model is random, only the plumbing is under test.
