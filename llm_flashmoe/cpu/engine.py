@@ -19,28 +19,49 @@ from . import ops as cops
 from .build import load
 
 
+def host_views(arrays: list[mx.array]) -> list[np.ndarray]:
+    """numpy views of MLX arrays' memory (bfloat16 seen as uint16 bits), float32 made
+    contiguous. One evaluation for all of them: each evaluation of pending work is a
+    hand-off to MLX's stream thread."""
+    arrays = [a.view(mx.uint16) if a.dtype == mx.bfloat16 else a for a in arrays]
+    mx.eval(*arrays)
+    out = []
+    for a in arrays:
+        v = np.asarray(a)
+        out.append(v if v.flags.c_contiguous else np.ascontiguousarray(v))
+    return out
+
+
 def host_view(a: mx.array) -> np.ndarray:
-    """A numpy view of an MLX array's memory (bfloat16 seen as uint16 bits)."""
-    if a.dtype == mx.bfloat16:
-        a = a.view(mx.uint16)
-    mx.eval(a)
-    v = np.asarray(a)
-    return v if v.flags.c_contiguous else np.ascontiguousarray(v)
+    return host_views([a])[0]
 
 
 def kernel_ready(lin: Linear) -> bool:
     return lin.quantized and cops.supported(lin.bits, lin.group_size)
 
 
-def linear_views(lin: Linear) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(codes, scales, biases) host views of a quantized Linear, cached on it:
-    resident weights are converted to views once per model."""
+def prepare(linears: list[Linear], arrays: list[mx.array] = ()) -> list[np.ndarray]:
+    """Host views of the quantized Linears (cached on each: resident weights are
+    converted once per model) and float32 host views of `arrays`, in one evaluation."""
+    todo = [l for l in linears if not _cached(l)]
+    todo = list({id(l): l for l in todo}.values())
+    f32 = [a.astype(mx.float32) if a.dtype != mx.float32 else a for a in arrays]
+    views = host_views([t for l in todo for t in (l.weight, l.scales, l.biases)] + f32)
+    for i, l in enumerate(todo):
+        l.__dict__["_cpu_views"] = (l.weight, tuple(views[3 * i : 3 * i + 3]))
+    return views[3 * len(todo):]
+
+
+def _cached(lin: Linear) -> bool:
     cached = lin.__dict__.get("_cpu_views")
-    if cached is not None and cached[0] is lin.weight:
-        return cached[1]
-    views = (host_view(lin.weight), host_view(lin.scales), host_view(lin.biases))
-    lin.__dict__["_cpu_views"] = (lin.weight, views)
-    return views
+    return cached is not None and cached[0] is lin.weight
+
+
+def linear_views(lin: Linear) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(codes, scales, biases) host views of a quantized Linear."""
+    if not _cached(lin):
+        prepare([lin])
+    return lin.__dict__["_cpu_views"][1]
 
 
 def linear_qmat(lin: Linear) -> cops.QMat:
@@ -70,8 +91,8 @@ def qmv(x: mx.array, linears: list[Linear]) -> list[mx.array]:
     fast = [i for i, l in enumerate(linears) if kernel_ready(l)]
     out: list = [None] * len(linears)
     if fast:
-        xn = _f32(x, x.shape[-1])
-        res = cops.qmm(lib, [linear_qmat(linears[i]) for i in fast], xn)
+        (xn,) = prepare([linears[i] for i in fast], [x])
+        res = cops.qmm(lib, [linear_qmat(linears[i]) for i in fast], xn.reshape(-1, x.shape[-1]))
         for i, r in zip(fast, res):
             y = mx.array(r.reshape(*x.shape[:-1], r.shape[-1]))
             out[i] = y.astype(x.dtype) if x.dtype != mx.float32 else y
@@ -89,14 +110,15 @@ def moe_gate_up(x: mx.array, rows: mx.array, gate: Linear, up: Linear,
 
         return plain.moe_gate_up(x, rows, gate, up, shared_gate, shared_up)
     lib = load()
-    r = np.asarray(rows).reshape(-1)
+    xn, r = prepare([gate, up, shared_gate, shared_up], [x, rows])
+    r = r.reshape(-1).astype(np.int64)
     K = len(r)
     I, Is = gate.weight.shape[-2], shared_gate.out_features
     g = expert_qmats(gate, r) + [linear_qmat(shared_gate)]
     u = expert_qmats(up, r) + [linear_qmat(shared_up)]
     # Every expert (the shared one last) sees the single token 0.
     h = cops.moe_gate_up(lib, g, u, np.arange(K + 2, dtype=np.int32), np.zeros(K + 1, np.int32),
-                         _f32(x, x.size))
+                         xn.reshape(1, -1))
     return mx.array(h[:K, :I]), mx.array(h[K, :Is])
 
 
@@ -108,32 +130,21 @@ def moe_down(h: mx.array, rows: mx.array, weights: mx.array, down: Linear, hs: m
 
         return plain.moe_down(h, rows, weights, down, hs, shared_down, shared_gate_logit, residual)
     lib = load()
-    r = np.asarray(rows).reshape(-1)
+    hn, hsn, r, wn, logit, res = prepare([down, shared_down], [h, hs, rows, weights, shared_gate_logit, residual])
+    r = r.reshape(-1).astype(np.int64)
     K = len(r)
-    hn, hsn = _f32(h, h.shape[-1]), _f32(hs).reshape(-1)
-    width = max(hn.shape[1], hsn.shape[0])
-    hh = np.zeros((K + 1, width), np.float32)
+    hn, hsn = hn.reshape(K, -1), hsn.reshape(-1)
+    hh = np.zeros((K + 1, max(hn.shape[1], hsn.shape[0])), np.float32)
     hh[:K, : hn.shape[1]] = hn
     hh[K, : hsn.shape[0]] = hsn
-    logit = float(np.asarray(shared_gate_logit.astype(mx.float32)).reshape(-1)[0])
     coef = np.empty(K + 1, np.float32)
-    coef[:K] = _f32(weights).reshape(-1)
-    coef[K] = 1.0 / (1.0 + np.exp(-logit))
-    y = np.array(_f32(residual, residual.size), copy=True)
+    coef[:K] = wn.reshape(-1)
+    coef[K] = 1.0 / (1.0 + np.exp(-float(logit.reshape(-1)[0])))
+    y = np.array(res.reshape(1, -1), copy=True)
     d = expert_qmats(down, r) + [linear_qmat(shared_down)]
     cops.moe_down(lib, d, np.arange(K + 2, dtype=np.int32), np.zeros(K + 1, np.int32), coef, hh, y)
     out = mx.array(y.reshape(-1))
     return out.astype(residual.dtype) if residual.dtype != mx.float32 else out
-
-
-def new_host_array(shape: tuple[int, ...]) -> tuple[mx.array, np.ndarray]:
-    """A new MLX array and a writable host view of its memory, for a kernel to fill."""
-    a = mx.zeros(shape, mx.float32)
-    mx.eval(a)
-    v = np.asarray(a)
-    if not (v.flags.writeable and v.flags.c_contiguous):
-        raise RuntimeError("MLX memory is not host-writable here")
-    return a, v
 
 
 def gdn_step(qkv, z, b, a, conv_state, conv_w, A, dt_bias, norm_w, state, n_key_heads: int,
@@ -146,19 +157,23 @@ def gdn_step(qkv, z, b, a, conv_state, conv_w, A, dt_bias, norm_w, state, n_key_
     Dv = z.size // Hv
     C = qkv.size
     Kc = conv_w.shape[1]
-    new_conv, conv_v = new_host_array((1, Kc - 1, C))
-    new_state, state_v = new_host_array((1, Hv, Dv, Dk))
+    # The new state lives in MLX memory the kernel writes through a view: no copy after.
+    new_state = mx.zeros((1, Hv, Dv, Dk), mx.float32)
+    given = [t for t in (conv_state, state) if t is not None]
+    views = prepare([], [qkv, z, b, a, conv_w, A, dt_bias, norm_w, new_state] + given)
+    ins, consts, state_v = views[:4], views[4:8], views[8]
+    cin = views[9] if conv_state is not None else None
+    sin = views[-1] if state is not None else None
+    if not (state_v.flags.writeable and state_v.flags.c_contiguous):
+        raise RuntimeError("MLX memory is not host-writable here")
+    conv_v = np.empty((1, Kc - 1, C), np.float32)
     out = np.empty(Hv * Dv, np.float32)
-    ins = [_f32(t).reshape(-1) for t in (qkv, z, b, a)]
-    cin = _f32(conv_state).reshape(-1) if conv_state is not None else None
-    sin = _f32(state).reshape(-1) if state is not None else None
-    consts = [_f32(t).reshape(-1) for t in (conv_w, A, dt_bias, norm_w)]
     ptr = lambda arr: None if arr is None else arr.ctypes.data  # noqa: E731
     rc = lib.fm_gdn_step(*[ptr(t) for t in ins], ptr(cin), *[ptr(t) for t in consts], ptr(sin),
                          Hk, Hv, Dk, Dv, Kc, eps, conv_v.ctypes.data, state_v.ctypes.data, out.ctypes.data)
     if rc != 0:
         raise ValueError(f"fm_gdn_step rejected its arguments (code {rc})")
-    o = mx.array(out)
+    o, new_conv = mx.array(out), mx.array(conv_v)
     if qkv.dtype != mx.float32:
         o, new_conv = o.astype(qkv.dtype), new_conv.astype(qkv.dtype)
     return o, new_conv, new_state
@@ -170,7 +185,8 @@ def gdn_step(qkv, z, b, a, conv_state, conv_w, A, dt_bias, norm_w, state, n_key_
 
 def moe_route(logits: mx.array, k: int, norm_topk: bool) -> tuple[mx.array, mx.array]:
     """Router logits [E] -> top-k expert ids int32 [k] and their softmax weights float32 [k]."""
-    lg = _f32(logits).reshape(-1)
+    (lg,) = prepare([], [logits])
+    lg = lg.reshape(-1)
     p = np.exp(lg - lg.max())
     p /= p.sum()
     ids = np.argpartition(-p, k - 1)[:k].astype(np.int32)
@@ -187,9 +203,10 @@ def add_rms_norm(x: mx.array, y: mx.array, w: mx.array, eps: float) -> tuple[mx.
 
         return plain.add_rms_norm(x, y, w, eps)
     n_cols = x.shape[-1]
-    h = _f32(x, n_cols) + _f32(y, n_cols)
+    xn, yn, wn = prepare([], [x, y, w])
+    h = xn.reshape(-1, n_cols) + yn.reshape(-1, n_cols)
     ms = np.einsum("ij,ij->i", h, h, dtype=np.float32) / np.float32(n_cols)
-    n = h * (np.float32(1.0) / np.sqrt(ms + np.float32(eps)))[:, None] * _f32(w).reshape(-1)
+    n = h * (np.float32(1.0) / np.sqrt(ms + np.float32(eps)))[:, None] * wn.reshape(-1)
     return mx.array(h.reshape(x.shape)), mx.array(n.astype(np.float32).reshape(x.shape))
 
 
