@@ -23,7 +23,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-SOURCE_DIR = Path(__file__).resolve().parents[2] / "kernels" / "cpu"
+# kernels/cpu/ of the checkout, reached through the package's `kernels/sources` link (a copy
+# in a built wheel, see pyproject.toml), so editable and regular installs find it alike.
+SOURCE_DIR = Path(__file__).resolve().parent.parent / "kernels" / "sources" / "cpu"
 _state: dict = {}
 
 
