@@ -229,3 +229,27 @@ def test_route_and_add_rms_norm_match_mlx():
     wn = mx.array(rng.standard_normal(4096).astype(np.float32))
     for a, b in zip(cpu_engine.add_rms_norm(x, y, wn, 1e-6), plain.add_rms_norm(x, y, wn, 1e-6)):
         assert a.shape == b.shape and rel_err(a, b) < 1e-6
+
+
+def test_concurrent_callers_get_correct_results(lib):
+    """ctypes releases the GIL: calls from several Python threads share one pool."""
+    import threading
+
+    rng = np.random.default_rng()
+    lin = quantized((2048, 1024), 4, 64)
+    xs = [rng.standard_normal((1, 1024)).astype(np.float32) for _ in range(4)]
+    refs = [reference(lin, x) for x in xs]
+    q = cpu_engine.linear_qmat(lin)
+    errors = []
+
+    def work(i):
+        for _ in range(20):
+            (y,) = ops.qmm(lib, [q], xs[i])
+            errors.append(qmm_err(y, lin, xs[i]) if not np.allclose(y, refs[i], rtol=1e-4, atol=1e-5) else 0.0)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 80 and max(errors) < TOL

@@ -36,6 +36,7 @@ static struct {
     int n_threads; /* the caller included */
     long spin_ns;
     pthread_mutex_t mu;
+    pthread_mutex_t call_mu; /* one call at a time: ctypes lets Python threads in concurrently */
     pthread_cond_t wake;
     atomic_uint generation; /* the current call */
     atomic_uint closed;     /* the last call whose tasks are all claimed and done */
@@ -45,7 +46,8 @@ static struct {
     long n_tasks;
     fm_task_fn fn;
     void *ctx;
-} pool = {.n_threads = 1, .mu = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER};
+} pool = {.n_threads = 1, .mu = PTHREAD_MUTEX_INITIALIZER, .call_mu = PTHREAD_MUTEX_INITIALIZER,
+          .wake = PTHREAD_COND_INITIALIZER};
 
 static long now_ns(void) {
     struct timespec ts;
@@ -113,6 +115,7 @@ void fm_parallel(fm_task_fn fn, void *ctx, long n_tasks) {
         for (long i = 0; i < n_tasks; i++) fn(ctx, i);
         return;
     }
+    pthread_mutex_lock(&pool.call_mu);
     /* No worker is inside a call here (the previous call waited for them). */
     pool.fn = fn;
     pool.ctx = ctx;
@@ -130,4 +133,5 @@ void fm_parallel(fm_task_fn fn, void *ctx, long n_tasks) {
     }
     atomic_store(&pool.closed, g); /* seq_cst: late workers now skip this call */
     while (atomic_load(&pool.active) > 0) cpu_relax();
+    pthread_mutex_unlock(&pool.call_mu);
 }
