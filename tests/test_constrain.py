@@ -64,6 +64,18 @@ def test_a_call_the_model_writes_well_passes_the_grammar_unchanged():
     assert call.arguments == {"guests": 4, "outdoor": False, "names": ["Ann", "Bo"], "contact": {"phone": "555 0100"}}
 
 
+def test_a_finished_answer_ends_the_turn():
+    """A JSON value that can take no more bytes stops the grammar before <|im_end|>."""
+    processor = ConstrainedDecoding(tokenizer(), schema={"type": "object", "properties": {"a": {"type": "integer"}},
+                                                        "required": ["a"], "additionalProperties": False},
+                                    max_tokens=256, starts_in_reasoning=False)
+    ids = tokenizer().encode('{"a": 12}')
+    logits = np.zeros(248320, np.float32)
+    for n in range(len(ids)):
+        assert np.isfinite(processor(ids[:n], logits)[ids[n]])
+    assert np.flatnonzero(np.isfinite(processor(ids, logits))).tolist() == [248046]
+
+
 def test_calls_start_only_when_they_can_finish():
     processor = ConstrainedDecoding(tokenizer(), tools=TOOLS, max_tokens=120)
     shortest = processor.shortest("call")

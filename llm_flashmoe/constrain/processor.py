@@ -75,6 +75,7 @@ class ConstrainedDecoding:
         self._seen = 0
         self._in_reasoning = self.starts_in_reasoning
         self._answered = False
+        self._answer_complete = False  # the JSON is whole: only the end of turn may follow
         self.matcher = None      # the grammar in force, or None while free
         self.scanner = None
         self.active = None       # "call" or "answer": which grammar is in force
@@ -115,6 +116,9 @@ class ConstrainedDecoding:
             return
         self.scanner.feed(token_id, self.vocabulary.text_of(token_id))
         if self.matcher.is_stopped():
+            # A call is over: free text again. An answer whose JSON can take
+            # no more bytes stops before the end-of-turn token is written.
+            self._answer_complete = self.active == "answer" and token_id not in self.vocabulary.eos_ids
             self.matcher = self.active = None
 
     # --- budget ---
@@ -174,6 +178,8 @@ class ConstrainedDecoding:
         self._observe(generated_ids)
         step = len(generated_ids)
         left = None if self.max_tokens is None else self.max_tokens - step  # this step included
+        if self._answer_complete:
+            return force(logits, self.vocabulary.eos_ids[0])
         if self.matcher is None:
             return self._free(logits, left)
         plan_length = None if left is None else self._plan_length_now(left, step)
