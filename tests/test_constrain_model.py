@@ -28,7 +28,7 @@ from llm_flashmoe.engine.sampling import SamplingParams
 FULL = int(os.environ.get("FLASHMOE_ACCEPTANCE", "0"))
 SAMPLES = FULL or 2
 SCHEMA_TOKENS = 256 if FULL else 40
-CALL_TOKENS = 256 if FULL else 48
+CALL_TOKENS = 256 if FULL else 80  # the shortest whole call is about 63 tokens
 PARAMS = dict(temperature=1.0, top_p=0.95, top_k=20)
 
 
