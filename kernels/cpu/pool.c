@@ -9,10 +9,11 @@
  * still open; the caller closes the call and then waits only for announced
  * workers, so nobody touches a finished call's context.
  *
- * Workers spin for a while (FLASHMOE_CPU_SPIN_US, default 2000 us) before
- * sleeping: the gaps between kernel calls of one decode step are shorter
- * than that, and a futex wake-up costs 50 us on an idle machine and
- * milliseconds on a busy one. */
+ * Workers spin for a while (FLASHMOE_CPU_SPIN_US, default 300 us) before
+ * sleeping: back-to-back kernel calls (gate/up then down, consecutive
+ * projections) find them awake, while MLX's own work between calls (which
+ * may use every core: BLAS threads) does not compete with spinning workers
+ * for long; measured in a decode step, 2000 us made MLX's ops 2-4x slower. */
 #include "fm_cpu.h"
 
 #include <pthread.h>
@@ -95,7 +96,7 @@ int fm_set_threads(int n, long spin_us) {
         n = c > 0 ? (int)c : 1;
     }
     if (n > FM_MAX_THREADS) n = FM_MAX_THREADS;
-    pool.spin_ns = (spin_us >= 0 ? spin_us : 2000) * 1000L;
+    pool.spin_ns = (spin_us >= 0 ? spin_us : 300) * 1000L;
     int started = 1;
     for (int t = 1; t < n; t++) {
         pthread_t th;
