@@ -12,6 +12,7 @@ so each check is 12,800 decode steps: about 20 minutes there).
 from __future__ import annotations
 
 import os
+import time
 
 import jsonschema
 import mlx.core as mx
@@ -81,28 +82,53 @@ def test_forced_tool_calls_parse_and_type_check(engine):
         check_tool_calls(parse(tokenizer, ids, TOOLS, starts_in_reasoning=True))
 
 
+class Timed:
+    """A processor wrapper that adds up the time spent in it during decoding
+    (the first call belongs to the time to first token, as in the engine's stats)."""
+
+    def __init__(self, processor):
+        self.processor, self.seconds = processor, 0.0
+
+    def __call__(self, generated, logits):
+        t0 = time.perf_counter()
+        try:
+            return self.processor(generated, logits)
+        finally:
+            if generated:
+                self.seconds += time.perf_counter() - t0
+
+
 def test_constrained_decoding_keeps_speed(engine, capsys):
-    """Acceptance 4: masks over the full vocabulary cost < 20% of a decode step."""
+    """Acceptance 4: masks over the full vocabulary cost < 20% of a decode step.
+
+    Asserted on the constraint's share of the constrained runs' own decode
+    time (robust on a shared machine); the end-to-end ratio of interleaved
+    free and constrained runs is printed alongside (it swings with load).
+    """
     model, tokenizer, samples = engine
     if samples < SAMPLES:
         pytest.skip("measured on the 4-bit model")
     prompt = tokenizer.encode(render_prompt([user("Make up an order.")], thinking=False))
     session = Session(model)
-    n = 24
+    n = 64  # free JSON, then the checks near the budget's end, then the forced closing
     seconds = {"free": 0.0, "constrained": 0.0}
     tokens = {"free": 0, "constrained": 0}
+    in_constraint = 0.0
     for round_ in range(2):  # interleaved, so machine load hits both alike
         for kind in ("free", "constrained"):
             processors = []
             if kind == "constrained":
-                processors = [ConstrainedDecoding(tokenizer, schema=ORDER_SCHEMA, max_tokens=n,
-                                                  starts_in_reasoning=False)]
+                processors = [Timed(ConstrainedDecoding(tokenizer, schema=ORDER_SCHEMA, max_tokens=n,
+                                                        starts_in_reasoning=False))]
             _generate(session, tokenizer, prompt, processors, n, round_)
             seconds[kind] += session.stats.decode_seconds
             tokens[kind] += max(session.stats.generated_tokens - 1, 0)
+            in_constraint += sum(p.seconds for p in processors)
     speed = {kind: tokens[kind] / seconds[kind] for kind in seconds}
-    ratio = speed["constrained"] / speed["free"]
+    share = in_constraint / seconds["constrained"]
     with capsys.disabled():
         print(f"\n  decode tokens/s: free {speed['free']:.2f}, constrained {speed['constrained']:.2f} "
-              f"(ratio {ratio:.2f})")
-    assert ratio >= 0.8
+              f"(end to end {speed['constrained'] / speed['free']:.2f}); constraint share of decode time "
+              f"{share:.1%} ({in_constraint / tokens['constrained'] * 1000:.2f} ms/token), speed ratio "
+              f"{1 - share:.2f}")
+    assert 1 - share >= 0.8

@@ -80,6 +80,8 @@ class ConstrainedDecoding:
         self.scanner = None
         self.active = None       # "call" or "answer": which grammar is in force
         self._plan_length = 0
+        self._plan: list[int] | None = None     # the latest closing plan
+        self._closing: list[int] = []           # what is left of the plan being forced
         self._planned_at = -_REPLAN_EVERY
         if self._answer_grammar is not None and not self._in_reasoning:
             self._start("answer")
@@ -107,6 +109,11 @@ class ConstrainedDecoding:
         self._seen = len(generated_ids)
 
     def _advance(self, token_id: int) -> None:
+        # While closing, the forced plan is followed token by token.
+        if self._closing and self._closing[0] == token_id:
+            self._closing.pop(0)
+        else:
+            self._closing = []
         if self.active == "answer":
             self._answered = True  # even if it breaks below: one answer per reply
         if not self.matcher.consume_token(token_id):
@@ -139,8 +146,8 @@ class ConstrainedDecoding:
 
     def _plan_length_now(self, left: int, step: int) -> int:
         if left <= self._plan_length + _REPLAN_SLACK or step - self._planned_at >= _REPLAN_EVERY:
-            plan = closing_plan(self.matcher, self.scanner, self.mask, self.vocabulary, _PLAN_LIMIT)
-            self._plan_length = len(plan) if plan is not None else _PLAN_LIMIT
+            self._plan = closing_plan(self.matcher, self.scanner, self.mask, self.vocabulary, _PLAN_LIMIT)
+            self._plan_length = len(self._plan) if self._plan is not None else _PLAN_LIMIT
             self._planned_at = step
         return self._plan_length
 
@@ -182,8 +189,14 @@ class ConstrainedDecoding:
             return force(logits, self.vocabulary.eos_ids[0])
         if self.matcher is None:
             return self._free(logits, left)
+        if self._closing:
+            return force(logits, self._closing[0])
         plan_length = None if left is None else self._plan_length_now(left, step)
         if plan_length is not None and left <= plan_length:
+            if self._plan:
+                # The policy is deterministic: its plan is what it would force step by step.
+                self._closing = list(self._plan)
+                return force(logits, self._closing[0])
             return self._close(logits)
         self.mask.fill(self.matcher)
         if self.mask.first_allowed() is None:
