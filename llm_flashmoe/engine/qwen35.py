@@ -285,10 +285,14 @@ class Qwen35Model:
             x = layer(x, c)
         if last_only:
             x = x[:, -1:]
-        x = rms_norm(x, self.norm, self.cfg.rms_norm_eps)
         cache.tokens.extend(int(t) for t in tokens)
+        return self.head(x[0])
+
+    def head(self, x: mx.array) -> mx.array:
+        """Final norm and lm_head: hidden states [T, H] -> float32 logits [T, V]."""
+        x = rms_norm(x, self.norm, self.cfg.rms_norm_eps)
         ops = self.layers[0].ops if self.layers else None
-        if ops is not None and ops.backend == "cpu" and x.shape[1] <= 4:
+        if ops is not None and ops.backend == "cpu" and x.shape[0] <= 4:
             # The head is the largest matvec; MLX's CPU op runs it at ~1 GB/s.
-            return ops.qmv(x[0], [self.lm_head])[0].astype(mx.float32)
-        return self.lm_head(x[0]).astype(mx.float32)
+            return ops.qmv(x, [self.lm_head])[0].astype(mx.float32)
+        return self.lm_head(x).astype(mx.float32)
