@@ -224,7 +224,7 @@ def test_route_and_add_rms_norm_match_mlx():
         ids_r, w_r = plain.moe_route(logits, 4, norm)
         o, o_r = np.argsort(np.asarray(ids)), np.argsort(np.asarray(ids_r))
         assert np.array_equal(np.asarray(ids)[o], np.asarray(ids_r)[o_r])
-        assert rel_err(np.asarray(w)[o], np.asarray(w_r)[o_r]) < 1e-6
+        assert rel_err(np.asarray(w)[o], np.asarray(w_r)[o_r]) < 1e-5  # float32 softmax, other summation order
     x, y = (mx.array(rng.standard_normal((1, 1, 4096)).astype(np.float32)) for _ in range(2))
     wn = mx.array(rng.standard_normal(4096).astype(np.float32))
     for a, b in zip(cpu_engine.add_rms_norm(x, y, wn, 1e-6), plain.add_rms_norm(x, y, wn, 1e-6)):
