@@ -30,7 +30,7 @@ REAL_LAYERS = 60
 
 def run_bench(model_dir: str | Path, *, tokens: int = 16, prompt_tokens: int = 4, experts_per_token: int | None = None,
               threads: int | None = None, cold: bool = True, warm: bool = True, seed: int = 0,
-              progress: bool = True) -> dict:
+              constraints: bool = True, progress: bool = True) -> dict:
     """Measure `model_dir` (a converted directory); -> a dict of figures (see `format_table`)."""
     import mlx.core as mx
 
@@ -109,6 +109,11 @@ def run_bench(model_dir: str | Path, *, tokens: int = 16, prompt_tokens: int = 4
     res["expert_compute_ms_per_layer"] = _expert_compute_ms(model, store, trace)
     res["head_ms"] = _head_ms(model)
     res["routing_overlap"] = _overlap(trace, cfg.num_hidden_layers)
+    if constraints:
+        from .constrain.cost import measure_constraint_cost
+
+        say("constraints: the same decode, free and constrained to a JSON schema")
+        res["constraints"] = measure_constraint_cost(model, model_dir, tokens=max(tokens, 8))
     res["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     res["mlx_active_bytes"] = mx.get_active_memory()
     res["mlx_peak_bytes"] = mx.get_peak_memory()
@@ -296,6 +301,12 @@ def format_table(r: dict) -> str:
     out.append(f"| peak RSS GB | {r['peak_rss_bytes'] / 1e9:.2f} |" + " |" * (len(phases) - 1))
     out.append(f"| MLX active / peak GB | {r['mlx_active_bytes'] / 1e9:.2f} / {r['mlx_peak_bytes'] / 1e9:.2f} |"
                + " |" * (len(phases) - 1))
+    if "constraints" in r:
+        c = r["constraints"]
+        out.append(f"| decode tokens/s free / JSON-schema constrained (warm) | {c['free_tok_s']:.2f} / "
+                   f"{c['constrained_tok_s']:.2f} |" + " |" * (len(phases) - 1))
+        out.append(f"| constraint share of decode time | {c['constraint_share']:.1%} "
+                   f"({c['constraint_ms_per_token']:.2f} ms/token) |" + " |" * (len(phases) - 1))
     head = (f"{r['model_dir']}: {r['layers']} layers, {r['experts']} experts, K={r['experts_per_token']}, "
             f"{r['bits']}-bit experts of {r['expert_bytes']:,} bytes, {r['threads']} reader threads, "
             f"zero-copy {'on' if r['zero_copy'] else 'off'}, {r['dtype']}")
@@ -311,12 +322,13 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="reader threads (default: the store's)")
     ap.add_argument("--no-cold", action="store_true", help="skip the cold-cache run")
     ap.add_argument("--no-warm", action="store_true", help="skip the warm-cache run")
+    ap.add_argument("--no-constraints", action="store_true", help="skip measuring the cost of constrained decoding")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
     try:
         r = run_bench(args.model_dir, tokens=args.tokens, prompt_tokens=args.prompt_tokens,
                       experts_per_token=args.experts_per_token, threads=args.threads,
-                      cold=not args.no_cold, warm=not args.no_warm)
+                      cold=not args.no_cold, warm=not args.no_warm, constraints=not args.no_constraints)
     except FlashMoeError as e:
         print(f"Error: {e}", file=sys.stderr)
         return 1

@@ -150,3 +150,6 @@ def test_bench_reports_every_figure(packed):
         assert r["warm"][key] >= 0, key
     table = format_table(r)
     assert "raw pread GB/s" in table and "peak RSS" in table and "routing overlap" in table
+    c = r["constraints"]
+    assert c["free_tok_s"] > 0 and c["constrained_tok_s"] > 0 and 0 <= c["constraint_share"] < 1
+    assert "JSON-schema constrained" in table
