@@ -146,7 +146,8 @@ class Attention:
         qg, k, v = self.ops.qmv(x.reshape(1, -1), [self.q_proj, self.k_proj, self.v_proj])
         q, k = self.ops.qk_norm_rope(qg, k, self.q_norm, self.k_norm, cache.offset, self.rope_dims,
                                      self.rope_theta, self.eps, Hkv)
-        cache.update(k.reshape(1, Hkv, 1, Dh), v.reshape(1, Hkv, 1, Dh))
+        # The cache holds MLX arrays (a backend may hand back host arrays).
+        cache.update(*(mx.array(t, dtype=self.q_norm.dtype).reshape(1, Hkv, 1, Dh) for t in (k, v)))
         out = self.ops.decode_attention(q, cache.keys, cache.values, cache.offset, qg)
         return self.ops.qmv(out.reshape(1, -1), [self.o_proj])[0].reshape(x.shape)
 
@@ -240,7 +241,8 @@ class DecoderLayer:
         self.ops = kernels.ops()
 
     def __call__(self, x: mx.array, cache) -> mx.array:
-        y = self.mixer(rms_norm(x, self.input_norm, self.eps), cache)
+        norm = rms_norm if self.ops is None else self.ops.rms_norm
+        y = self.mixer(norm(x, self.input_norm, self.eps), cache)
         if self.ops is None:
             h = x + y
             return self.moe(rms_norm(h, self.post_norm, self.eps), residual=h)    # h + moe(norm(h))
@@ -290,9 +292,10 @@ class Qwen35Model:
 
     def head(self, x: mx.array) -> mx.array:
         """Final norm and lm_head: hidden states [T, H] -> float32 logits [T, V]."""
-        x = rms_norm(x, self.norm, self.cfg.rms_norm_eps)
         ops = self.layers[0].ops if self.layers else None
         if ops is not None and ops.backend == "cpu" and x.shape[0] <= 4:
             # The head is the largest matvec; MLX's CPU op runs it at ~1 GB/s.
-            return ops.qmv(x, [self.lm_head])[0].astype(mx.float32)
+            x = ops.rms_norm(x, self.norm, self.cfg.rms_norm_eps)
+            return mx.array(ops.qmv(x, [self.lm_head])[0], dtype=mx.float32)
+        x = rms_norm(x, self.norm, self.cfg.rms_norm_eps)
         return self.lm_head(x).astype(mx.float32)

@@ -86,6 +86,7 @@ class Ops:
     qk_norm_rope: Callable
     gdn_step: Callable
     add_rms_norm: Callable
+    rms_norm: Callable
 
 
 def ops(backend: str | None = None) -> Ops | None:

@@ -112,6 +112,11 @@ def gdn_step(qkv, z, b, a, conv_state, conv_w, A, dt_bias, norm_w, state, n_key_
     return o.reshape(-1), conv_in[:, 1:], state
 
 
+def rms_norm(x: mx.array, w: mx.array, eps: float) -> mx.array:
+    """rmsnorm(x) * w (rows of the last axis)."""
+    return mx.fast.rms_norm(x, w, eps)
+
+
 def add_rms_norm(x: mx.array, y: mx.array, w: mx.array, eps: float) -> tuple[mx.array, mx.array]:
     """h = x + y; n = rmsnorm(h) * w  (rows of the last axis)."""
     h = x + y
@@ -120,4 +125,4 @@ def add_rms_norm(x: mx.array, y: mx.array, w: mx.array, eps: float) -> tuple[mx.
 
 OPS = {name: globals()[name] for name in (
     "qmv", "moe_route", "moe_gate_up", "moe_down", "decode_attention", "qk_norm_rope",
-    "gdn_step", "add_rms_norm")}
+    "gdn_step", "add_rms_norm", "rms_norm")}
