@@ -1,15 +1,27 @@
-"""The "cpu" backend of `kernels.ops()`: MLX arrays in and out, C kernels inside.
+"""The "cpu" backend of `kernels.ops()`: a decode step in numpy and C, no MLX inside.
 
-On the CPU, MLX arrays live in host memory and `np.asarray` of an evaluated
-array is a view, so weights reach the kernels without copies: resident
-weights through views cached on their `Linear`, streamed experts through
-views of the expert store's buffers. Each op evaluates its inputs first (a
-sync point; on the CPU MLX runs eagerly enough that this costs little) and
-returns small new arrays. Ops not listed in `table()` fall back to their
-plain-MLX twins in kernels/plain.py.
+A decode step's activations travel between these ops as float32 numpy
+arrays: no op evaluates an MLX graph, so no op waits on MLX's stream
+thread (each such hand-off cost 0.1-1 ms on these 2-core machines, more
+than the arithmetic of most ops). MLX arrays still come in where they must
+(the embedding row, the state of the caches, resident weights) and are seen
+through numpy views: resident weights and constants once per model (views
+cached on their `Linear` or by identity), state once per step.
+
+What goes back into MLX: the state kept in the caches (conv and recurrent
+state, the new key/value rows) so that prompt processing and snapshots keep
+working on MLX arrays, and the logits. `rms_norm` and `add_rms_norm` give
+back what they are given: MLX for MLX (prompt processing runs the plain-MLX
+layers), numpy for numpy.
+
+Ops not listed in `table()` fall back to their plain-MLX twins in kernels/plain.py.
 """
 
 from __future__ import annotations
+
+import ctypes
+import math
+import sys
 
 import mlx.core as mx
 import numpy as np
@@ -19,37 +31,61 @@ from . import ops as cops
 from .build import load
 
 
-def host_views(arrays: list[mx.array]) -> list[np.ndarray]:
-    """numpy views of MLX arrays' memory (bfloat16 seen as uint16 bits), float32 made
-    contiguous. One evaluation for all of them: each evaluation of pending work is a
-    hand-off to MLX's stream thread."""
-    arrays = [a.view(mx.uint16) if a.dtype == mx.bfloat16 else a for a in arrays]
-    mx.eval(*arrays)
-    out = []
-    for a in arrays:
-        v = np.asarray(a)
-        out.append(v if v.flags.c_contiguous else np.ascontiguousarray(v))
-    return out
+def host_views(arrays: list) -> list[np.ndarray]:
+    """numpy views of arrays' memory (bfloat16 seen as uint16 bits), float32 made contiguous.
+    numpy arrays pass through; the MLX ones are evaluated together (one hand-off to MLX's
+    stream thread for all, none if all are evaluated already)."""
+    out: list = list(arrays)
+    todo = [i for i, a in enumerate(arrays) if not isinstance(a, np.ndarray)]
+    if todo:
+        mxs = [arrays[i].view(mx.uint16) if arrays[i].dtype == mx.bfloat16 else arrays[i] for i in todo]
+        mx.eval(*mxs)
+        for i, a in zip(todo, mxs):
+            out[i] = np.asarray(a)
+    return [v if v.flags.c_contiguous else np.ascontiguousarray(v) for v in out]
 
 
-def host_view(a: mx.array) -> np.ndarray:
+def host_view(a) -> np.ndarray:
     return host_views([a])[0]
+
+
+def f32(arrays: list) -> list[np.ndarray]:
+    """Host float32 arrays of MLX or numpy arrays (views where already float32)."""
+    conv = [a.astype(mx.float32) if isinstance(a, mx.array) and a.dtype != mx.float32 else a for a in arrays]
+    return [v if v.dtype == np.float32 else v.astype(np.float32) for v in host_views(conv)]
+
+
+# Constants of a layer (conv weights, norms, gate parameters) as host float32 arrays, by
+# identity: converted once per model, not per token. The entry keeps the MLX array alive
+# so that its id stays its own.
+_consts: dict[int, tuple[mx.array, np.ndarray]] = {}
+
+
+def const_views(arrays: list[mx.array]) -> list[np.ndarray]:
+    missing = [a for a in arrays if _consts.get(id(a), (None,))[0] is not a]
+    if missing:
+        if len(_consts) > 4096:  # models come and go in one process (tests): stay bounded
+            _consts.clear()
+        for a, v in zip(missing, f32(missing)):
+            _consts[id(a)] = (a, v)
+    return [_consts[id(a)][1] for a in arrays]
 
 
 def kernel_ready(lin: Linear) -> bool:
     return lin.quantized and cops.supported(lin.bits, lin.group_size)
 
 
-def prepare(linears: list[Linear], arrays: list[mx.array] = ()) -> list[np.ndarray]:
+def prepare(linears: list[Linear], arrays: list = ()) -> list[np.ndarray]:
     """Host views of the quantized Linears (cached on each: resident weights are
     converted once per model) and float32 host views of `arrays`, in one evaluation."""
     todo = [l for l in linears if not _cached(l)]
     todo = list({id(l): l for l in todo}.values())
-    f32 = [a.astype(mx.float32) if a.dtype != mx.float32 else a for a in arrays]
-    views = host_views([t for l in todo for t in (l.weight, l.scales, l.biases)] + f32)
+    views = host_views([t for l in todo for t in (l.weight, l.scales, l.biases)])
     for i, l in enumerate(todo):
-        l.__dict__["_cpu_views"] = (l.weight, tuple(views[3 * i : 3 * i + 3]))
-    return views[3 * len(todo):]
+        w, s, b = views[3 * i : 3 * i + 3]
+        qm = cops.qmat(w, s, b, l.bits, l.group_size) if l.weight.ndim == 2 else None
+        l.__dict__["_cpu_views"] = (l.weight, (w, s, b), qm)
+    return f32(list(arrays))
 
 
 def _cached(lin: Linear) -> bool:
@@ -65,8 +101,9 @@ def linear_views(lin: Linear) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def linear_qmat(lin: Linear) -> cops.QMat:
-    w, s, b = linear_views(lin)
-    return cops.qmat(w, s, b, lin.bits, lin.group_size)
+    if not _cached(lin):
+        prepare([lin])
+    return lin.__dict__["_cpu_views"][2]
 
 
 def expert_qmats(stack: Linear, rows: np.ndarray) -> list[cops.QMat]:
@@ -78,136 +115,281 @@ def expert_qmats(stack: Linear, rows: np.ndarray) -> list[cops.QMat]:
                       w_offset=int(r) * w_row, s_offset=int(r) * s_row) for r in rows]
 
 
-def _f32(x: mx.array, cols: int | None = None) -> np.ndarray:
-    """Host float32 view; reshaped (in numpy: an MLX reshape would be one more graph node
-    to evaluate) to [-1, cols] if cols is given."""
-    v = host_view(x.astype(mx.float32) if x.dtype != mx.float32 else x)
-    return v.reshape(-1, cols) if cols else v
+class _QmmCall:
+    """The ctypes arguments of one fm_qmm over a fixed list of matrices, built once per
+    list (a call site of the model: the same Linears every token)."""
+
+    def __init__(self, linears: list[Linear]):
+        self.linears = linears
+        self.weights = [l.weight for l in linears]
+        mats = [linear_qmat(l) for l in linears]
+        self.mats = (cops.QMat * len(mats))(*mats)
+        self.rows = [m.rows for m in mats]
+        self.cols = mats[0].cols
+
+    def valid(self, linears: list[Linear]) -> bool:
+        return len(linears) == len(self.linears) and all(
+            a is b and a.weight is w for a, b, w in zip(linears, self.linears, self.weights))
+
+    def __call__(self, lib, x: np.ndarray) -> list[np.ndarray]:
+        T = x.shape[0]
+        outs = [np.empty((T, r), np.float32) for r in self.rows]
+        ptrs = (ctypes.c_void_p * len(outs))(*[o.ctypes.data for o in outs])
+        rc = lib.fm_qmm(len(outs), self.mats, x.ctypes.data, T, ptrs)
+        if rc != 0:
+            raise ValueError(f"fm_qmm rejected its arguments (code {rc})")
+        return outs
 
 
-def qmv(x: mx.array, linears: list[Linear]) -> list[mx.array]:
-    """x [M, in] -> [l(x) for l in linears], each [M, out_l]."""
+def _qmm_call(linears: list[Linear]) -> _QmmCall:
+    """The cached call for this list of Linears, kept on the first of them."""
+    key = tuple(id(l) for l in linears)
+    calls = linears[0].__dict__.setdefault("_cpu_calls", {})
+    call = calls.get(key)
+    if call is None or not call.valid(linears):
+        call = calls[key] = _QmmCall(linears)
+    return call
+
+
+def qmv(x, linears: list[Linear]) -> list[np.ndarray]:
+    """x [M, in] -> [l(x) for l in linears], each float32 [M, out_l] (numpy)."""
     lib = load()
-    fast = [i for i, l in enumerate(linears) if kernel_ready(l)]
-    out: list = [None] * len(linears)
-    if fast:
-        (xn,) = prepare([linears[i] for i in fast], [x])
-        res = cops.qmm(lib, [linear_qmat(linears[i]) for i in fast], xn.reshape(-1, x.shape[-1]))
-        for i, r in zip(fast, res):
-            y = mx.array(r.reshape(*x.shape[:-1], r.shape[-1]))
-            out[i] = y.astype(x.dtype) if x.dtype != mx.float32 else y
-    for i, l in enumerate(linears):
-        if out[i] is None:
-            out[i] = l(x)
+    (xn,) = f32([x])
+    xn = xn.reshape(-1, xn.shape[-1])
+    fast = [l for l in linears if kernel_ready(l)]
+    res = iter(_qmm_call(fast)(lib, xn) if fast else [])
+    out = []
+    for l in linears:
+        out.append(next(res) if kernel_ready(l) else f32([l(mx.array(xn))])[0])
     return out
 
 
-def moe_gate_up(x: mx.array, rows: mx.array, gate: Linear, up: Linear,
-                shared_gate: Linear, shared_up: Linear) -> tuple[mx.array, mx.array]:
+_ARANGE = np.arange(64, dtype=np.int32)
+_ZEROS = np.zeros(64, dtype=np.int32)
+
+
+def moe_gate_up(x, rows, gate: Linear, up: Linear, shared_gate: Linear,
+                shared_up: Linear) -> tuple[np.ndarray, np.ndarray]:
     """x [H], rows int32 [K] of the expert stacks -> h [K, I] = silu(gate x) * up x, and the shared hs [Is]."""
     if not all(kernel_ready(l) for l in (gate, up, shared_gate, shared_up)):
         from ..kernels import plain
 
-        return plain.moe_gate_up(x, rows, gate, up, shared_gate, shared_up)
+        return plain.moe_gate_up(*(mx.array(t) for t in (x, rows)), gate, up, shared_gate, shared_up)
     lib = load()
-    xn, r = prepare([gate, up, shared_gate, shared_up], [x, rows])
-    r = r.reshape(-1).astype(np.int64)
+    xn = f32([x])[0]
+    r = host_view(rows).reshape(-1)
     K = len(r)
     I, Is = gate.weight.shape[-2], shared_gate.out_features
     g = expert_qmats(gate, r) + [linear_qmat(shared_gate)]
     u = expert_qmats(up, r) + [linear_qmat(shared_up)]
     # Every expert (the shared one last) sees the single token 0.
-    h = cops.moe_gate_up(lib, g, u, np.arange(K + 2, dtype=np.int32), np.zeros(K + 1, np.int32),
-                         xn.reshape(1, -1))
-    return mx.array(h[:K, :I]), mx.array(h[K, :Is])
+    h = np.empty((K + 1, max(I, Is)), np.float32)
+    rc = lib.fm_moe_gate_up(K + 1, (cops.QMat * (K + 1))(*g), (cops.QMat * (K + 1))(*u), _ARANGE.ctypes.data,
+                            _ZEROS.ctypes.data, xn.ctypes.data, 1, h.ctypes.data, h.shape[1])
+    if rc != 0:
+        raise ValueError(f"fm_moe_gate_up rejected its arguments (code {rc})")
+    return h[:K, :I], h[K, :Is]
 
 
-def moe_down(h: mx.array, rows: mx.array, weights: mx.array, down: Linear, hs: mx.array,
-             shared_down: Linear, shared_gate_logit: mx.array, residual: mx.array) -> mx.array:
+def moe_down(h, rows, weights, down: Linear, hs, shared_down: Linear, shared_gate_logit, residual) -> np.ndarray:
     """residual [H] + sum_k weights[k] * down_{rows[k]}(h[k]) + sigmoid(logit) * shared_down(hs) -> [H]."""
     if not (kernel_ready(down) and kernel_ready(shared_down)):
         from ..kernels import plain
 
-        return plain.moe_down(h, rows, weights, down, hs, shared_down, shared_gate_logit, residual)
+        args = [mx.array(t) for t in (h, rows, weights, hs, shared_gate_logit, residual)]
+        return plain.moe_down(*args[:3], down, args[3], shared_down, *args[4:])
     lib = load()
-    hn, hsn, r, wn, logit, res = prepare([down, shared_down], [h, hs, rows, weights, shared_gate_logit, residual])
-    r = r.reshape(-1).astype(np.int64)
+    hn, hsn, wn, logit, res = f32([h, hs, weights, shared_gate_logit, residual])
+    r = host_view(rows).reshape(-1)
     K = len(r)
     hn, hsn = hn.reshape(K, -1), hsn.reshape(-1)
-    hh = np.zeros((K + 1, max(hn.shape[1], hsn.shape[0])), np.float32)
-    hh[:K, : hn.shape[1]] = hn
-    hh[K, : hsn.shape[0]] = hsn
+    base = hn.base
+    if (base is not None and hsn.base is base and base.ndim == 2 and base.shape == (K + 1, hn.shape[1])
+            and hn.ctypes.data == base.ctypes.data and hsn.ctypes.data == base[K].ctypes.data):
+        hh = base                                     # moe_gate_up's buffer: already [h; hs]
+    else:
+        hh = np.zeros((K + 1, max(hn.shape[1], hsn.shape[0])), np.float32)
+        hh[:K, : hn.shape[1]] = hn
+        hh[K, : hsn.shape[0]] = hsn
     coef = np.empty(K + 1, np.float32)
     coef[:K] = wn.reshape(-1)
-    coef[K] = 1.0 / (1.0 + np.exp(-float(logit.reshape(-1)[0])))
+    coef[K] = 1.0 / (1.0 + math.exp(-float(logit.reshape(-1)[0])))
     y = np.array(res.reshape(1, -1), copy=True)
     d = expert_qmats(down, r) + [linear_qmat(shared_down)]
-    cops.moe_down(lib, d, np.arange(K + 2, dtype=np.int32), np.zeros(K + 1, np.int32), coef, hh, y)
-    out = mx.array(y.reshape(-1))
-    return out.astype(residual.dtype) if residual.dtype != mx.float32 else out
+    rc = lib.fm_moe_down(K + 1, (cops.QMat * (K + 1))(*d), _ARANGE.ctypes.data, _ZEROS.ctypes.data,
+                         coef.ctypes.data, hh.ctypes.data, hh.shape[1], 1, y.ctypes.data, 1)
+    if rc != 0:
+        raise ValueError(f"fm_moe_down rejected its arguments (code {rc})")
+    return y.reshape(-1)
+
+
+# Per layer (by its conv weight) and state: last step's input state, which the cache has
+# let go of by the next step. If nothing else holds it then (a snapshot would), the kernel
+# writes the new state into it: the state stays an MLX array (snapshots and prompt
+# processing use MLX) with neither a copy nor an MLX evaluation to allocate it (a hand-off
+# to MLX's stream thread, which competes with the kernels' threads for the cores).
+_spare: dict[tuple[int, str], list] = {}
+
+
+def _pop_counted(entry: list):
+    """entry[1] and its reference count once the entry has let go of it."""
+    obj, entry[1] = entry[1], None
+    return obj, sys.getrefcount(obj)
+
+
+_SOLE = _pop_counted([None, object()])[1]   # the count of an object nothing else holds
+
+
+def _take_if_sole(entry: list):
+    """entry[1], if the entry was its only holder (else None); the entry lets go of it."""
+    obj, refs = _pop_counted(entry)
+    return obj if obj is not None and refs <= _SOLE else None
+
+
+def _state_out(layer_key: mx.array, name: str, given, shape: tuple) -> mx.array:
+    """A float32 MLX array of `shape` for the new state that the kernel may overwrite."""
+    key = (id(layer_key), name)
+    entry = _spare.get(key)
+    out = None
+    if entry is not None and entry[0] is layer_key:
+        out = _take_if_sole(entry)
+        if out is not None and (out.shape != shape or out.dtype != mx.float32):
+            out = None
+    if len(_spare) > 4096:
+        _spare.clear()
+    _spare[key] = [layer_key, given]
+    return out if out is not None else mx.zeros(shape, mx.float32)
 
 
 def gdn_step(qkv, z, b, a, conv_state, conv_w, A, dt_bias, norm_w, state, n_key_heads: int,
              key_dim: int, eps: float):
-    """One GatedDeltaNet token (see kernels/plain.py for the contract) -> out [Hv*Dv],
-    new conv_state [1, Kc-1, C], new state [1, Hv, Dv, Dk] float32."""
+    """One GatedDeltaNet token (see kernels/plain.py for the contract) -> out [Hv*Dv] (numpy),
+    new conv_state [1, Kc-1, C] and new state [1, Hv, Dv, Dk] float32 (MLX: cache state)."""
     lib = load()
     Hk, Dk = n_key_heads, key_dim
     Hv = b.size
     Dv = z.size // Hv
     C = qkv.size
     Kc = conv_w.shape[1]
-    # The new state lives in MLX memory the kernel writes through a view: no copy after.
-    new_state = mx.zeros((1, Hv, Dv, Dk), mx.float32)
+    new_state = _state_out(conv_w, "recurrent", state, (1, Hv, Dv, Dk))
+    f32_conv = conv_w.dtype == mx.float32
+    new_conv = _state_out(conv_w, "conv", conv_state, (1, Kc - 1, C)) if f32_conv else None
+    ins = f32([qkv, z, b, a])
+    consts = const_views([conv_w, A, dt_bias, norm_w])
     given = [t for t in (conv_state, state) if t is not None]
-    views = prepare([], [qkv, z, b, a, conv_w, A, dt_bias, norm_w, new_state] + given)
-    ins, consts, state_v = views[:4], views[4:8], views[8]
-    cin = views[9] if conv_state is not None else None
-    sin = views[-1] if state is not None else None
-    if not (state_v.flags.writeable and state_v.flags.c_contiguous):
+    state_v, conv_v, *given = f32([new_state, new_conv if f32_conv else np.empty((1, Kc - 1, C), np.float32)]
+                                  + given)
+    cin = given.pop(0) if conv_state is not None else None
+    sin = given.pop(0) if state is not None else None
+    if not all(v.flags.writeable and v.flags.c_contiguous for v in (state_v, conv_v)):
         raise RuntimeError("MLX memory is not host-writable here")
-    conv_v = np.empty((1, Kc - 1, C), np.float32)
     out = np.empty(Hv * Dv, np.float32)
     ptr = lambda arr: None if arr is None else arr.ctypes.data  # noqa: E731
     rc = lib.fm_gdn_step(*[ptr(t) for t in ins], ptr(cin), *[ptr(t) for t in consts], ptr(sin),
                          Hk, Hv, Dk, Dv, Kc, eps, conv_v.ctypes.data, state_v.ctypes.data, out.ctypes.data)
     if rc != 0:
         raise ValueError(f"fm_gdn_step rejected its arguments (code {rc})")
-    o, new_conv = mx.array(out), mx.array(conv_v)
-    if qkv.dtype != mx.float32:
-        o, new_conv = o.astype(qkv.dtype), new_conv.astype(qkv.dtype)
-    return o, new_conv, new_state
+    if not f32_conv:
+        new_conv = mx.array(conv_v).astype(conv_w.dtype)
+    return out, new_conv, new_state
 
 
-# Small ops in numpy on the calling thread: as MLX ops each would cost an
-# evaluation, a hand-off to MLX's stream thread that takes longer than the
-# arithmetic (25 us on an idle machine, milliseconds on a busy one).
+# Small ops in numpy on the calling thread.
 
-def moe_route(logits: mx.array, k: int, norm_topk: bool) -> tuple[mx.array, mx.array]:
+def moe_route(logits, k: int, norm_topk: bool) -> tuple[np.ndarray, np.ndarray]:
     """Router logits [E] -> top-k expert ids int32 [k] and their softmax weights float32 [k]."""
-    (lg,) = prepare([], [logits])
-    lg = lg.reshape(-1)
+    lg = f32([logits])[0].reshape(-1)
     p = np.exp(lg - lg.max())
     p /= p.sum()
     ids = np.argpartition(-p, k - 1)[:k].astype(np.int32)
     w = p[ids]
     if norm_topk:
         w = w / w.sum()
-    return mx.array(ids), mx.array(w.astype(np.float32))
+    return ids, w.astype(np.float32)
 
 
-def add_rms_norm(x: mx.array, y: mx.array, w: mx.array, eps: float) -> tuple[mx.array, mx.array]:
-    """h = x + y; n = rmsnorm(h) * w  (rows of the last axis)."""
-    if x.dtype != mx.float32 or y.dtype != mx.float32 or x.shape != y.shape:
-        from ..kernels import plain
+def _rms_rows(h: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    ms = np.einsum("ij,ij->i", h, h, dtype=np.float32) / np.float32(h.shape[1])
+    return h * (np.float32(1.0) / np.sqrt(ms + np.float32(eps)))[:, None] * w.reshape(-1)
 
-        return plain.add_rms_norm(x, y, w, eps)
-    n_cols = x.shape[-1]
-    xn, yn, wn = prepare([], [x, y, w])
-    h = xn.reshape(-1, n_cols) + yn.reshape(-1, n_cols)
-    ms = np.einsum("ij,ij->i", h, h, dtype=np.float32) / np.float32(n_cols)
-    n = h * (np.float32(1.0) / np.sqrt(ms + np.float32(eps)))[:, None] * wn.reshape(-1)
-    return mx.array(h.reshape(x.shape)), mx.array(n.astype(np.float32).reshape(x.shape))
+
+def rms_norm(x, w: mx.array, eps: float):
+    """rmsnorm(x) * w over the last axis; numpy for numpy, MLX (mx.fast) for MLX."""
+    if isinstance(x, mx.array):
+        return mx.fast.rms_norm(x, w, eps)
+    (wn,) = const_views([w])
+    xn = f32([x])[0]
+    return _rms_rows(xn.reshape(-1, xn.shape[-1]), wn, eps).reshape(xn.shape)
+
+
+def add_rms_norm(x, y, w: mx.array, eps: float):
+    """h = x + y; n = rmsnorm(h) * w  (rows of the last axis). numpy if either is numpy."""
+    if isinstance(x, mx.array) and isinstance(y, mx.array):
+        if x.dtype != mx.float32 or y.dtype != mx.float32 or x.shape != y.shape:
+            from ..kernels import plain
+
+            return plain.add_rms_norm(x, y, w, eps)
+        xn, yn = f32([x, y])
+        (wn,) = const_views([w])
+        h = xn.reshape(-1, x.shape[-1]) + yn.reshape(-1, x.shape[-1])
+        return mx.array(h.reshape(x.shape)), mx.array(_rms_rows(h, wn, eps).reshape(x.shape))
+    shape = x.shape if x.size >= y.size else y.shape
+    xn, yn = f32([x, y])
+    (wn,) = const_views([w])
+    h = xn.reshape(-1, shape[-1]) + yn.reshape(-1, shape[-1])
+    return h.reshape(shape), _rms_rows(h, wn, eps).reshape(shape)
+
+
+_rope_tables: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _rope(x: np.ndarray, pos: int, dims: int, theta: float) -> np.ndarray:
+    """Rotate the first `dims` of each row of x [heads, Dh] by position pos (MLX's
+    non-traditional rope: pairs (i, i + dims/2)), in place."""
+    key = (pos, dims, theta)
+    cs = _rope_tables.get(key)
+    if cs is None:
+        if len(_rope_tables) > 8192:
+            _rope_tables.clear()
+        half = dims // 2
+        inv = np.exp(-np.arange(half, dtype=np.float32) * np.float32(2.0 / dims) * np.float32(math.log(theta)))
+        ang = np.float32(pos) * inv
+        cs = _rope_tables[key] = (np.cos(ang), np.sin(ang))
+    cos, sin = cs
+    half = dims // 2
+    x1, x2 = x[:, :half].copy(), x[:, half:dims]
+    x[:, :half] = x1 * cos - x2 * sin
+    x[:, half:dims] = x1 * sin + x2 * cos
+    return x
+
+
+def qk_norm_rope(qg, k, q_w: mx.array, k_w: mx.array, pos: int, rope_dims: int, theta: float,
+                 eps: float, n_kv_heads: int) -> tuple[np.ndarray, np.ndarray]:
+    """RMSNorm of each query head (first half of qg [Hq, 2*Dh]) and key head (k [Hkv*Dh]),
+    then rope on their first rope_dims dims at position pos -> q [Hq, Dh], k [Hkv, Dh]."""
+    qw, kw = const_views([q_w, k_w])
+    Dh = qw.size
+    qgn, kn = f32([qg, k])
+    q = _rms_rows(qgn.reshape(-1, 2 * Dh)[:, :Dh].copy(), qw, eps)
+    kk = _rms_rows(kn.reshape(n_kv_heads, Dh), kw, eps)
+    return _rope(q, pos, rope_dims, theta), _rope(kk, pos, rope_dims, theta)
+
+
+def decode_attention(q, keys, values, n: int, qg) -> np.ndarray:
+    """q [Hq, Dh] attends over the first n of keys/values [1, Hkv, capacity, Dh]; the
+    output is gated by sigmoid of the second half of each head of qg [Hq, 2*Dh] -> [Hq*Dh]."""
+    qn, qgn = f32([q, qg])
+    kv = f32([keys, values])                                   # whole buffers: no MLX slice to evaluate
+    K, V = kv[0][0, :, :n], kv[1][0, :, :n]                    # [Hkv, n, Dh]
+    Hq, Dh = qn.shape
+    Hkv = K.shape[0]
+    qh = qn.reshape(Hkv, Hq // Hkv, Dh)                        # query heads grouped by their kv head
+    s = np.matmul(qh, K.transpose(0, 2, 1)) * np.float32(Dh ** -0.5)   # [Hkv, G, n]
+    s = np.exp(s - s.max(-1, keepdims=True))
+    s /= s.sum(-1, keepdims=True)
+    out = np.matmul(s, V).reshape(Hq, Dh)
+    gate = qgn.reshape(Hq, 2 * Dh)[:, Dh:]
+    return (out * (np.float32(1.0) / (np.float32(1.0) + np.exp(-gate)))).reshape(-1)
 
 
 def table() -> dict:
@@ -216,4 +398,5 @@ def table() -> dict:
     if load() is None:
         return {}
     return {"qmv": qmv, "moe_gate_up": moe_gate_up, "moe_down": moe_down, "gdn_step": gdn_step,
-            "moe_route": moe_route, "add_rms_norm": add_rms_norm}
+            "moe_route": moe_route, "add_rms_norm": add_rms_norm, "rms_norm": rms_norm,
+            "qk_norm_rope": qk_norm_rope, "decode_attention": decode_attention}
