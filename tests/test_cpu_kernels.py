@@ -70,6 +70,7 @@ def reference(lin: Linear, x: np.ndarray) -> np.ndarray:
 
 QMM_CASES = [  # (rows, cols, tokens)
     (1, 128, 1), (7, 384, 3), (33, 640, 5), (64, 4096, 1), (130, 256, 9),
+    (7, 4224, 1), (6, 8320, 1),   # one token, more than 4096 in: rows in pairs (and a last one alone)
 ]
 
 
