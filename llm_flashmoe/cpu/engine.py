@@ -108,11 +108,22 @@ def linear_qmat(lin: Linear) -> cops.QMat:
 
 def expert_qmats(stack: Linear, rows: np.ndarray) -> list[cops.QMat]:
     """One QMat per selected row (expert) of a stacked [E, out, in] quantized Linear."""
-    w, s, b = linear_views(stack)
-    out_f = stack.weight.shape[-2]
-    w_row, s_row = w[0].nbytes, s[0].nbytes
-    return [cops.qmat(w, s, b, stack.bits, stack.group_size, rows=out_f,
-                      w_offset=int(r) * w_row, s_offset=int(r) * s_row) for r in rows]
+    if not _cached(stack):
+        prepare([stack])
+    entry = stack.__dict__["_cpu_views"]
+    if len(entry) < 4:   # checked once per stack: expert 0's matrix, and the bytes per expert
+        w, s, b = entry[1]
+        first = cops.qmat(w, s, b, stack.bits, stack.group_size, rows=stack.weight.shape[-2])
+        entry = stack.__dict__["_cpu_views"] = (*entry, (first, w[0].nbytes, s[0].nbytes, w.shape[0]))
+    first, w_row, s_row, n = entry[3]
+    out = []
+    for r in rows:
+        r = int(r)
+        if not 0 <= r < n:
+            raise IndexError(f"expert row {r} outside the stack of {n}")
+        out.append(cops.QMat(first.w + r * w_row, first.scales + r * s_row, first.biases + r * s_row,
+                             first.rows, first.cols, first.bits, first.group, first.scale_type, 0))
+    return out
 
 
 class _QmmCall:
