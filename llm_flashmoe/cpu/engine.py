@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import math
 import sys
+import weakref
 
 import mlx.core as mx
 import numpy as np
@@ -55,20 +56,32 @@ def f32(arrays: list) -> list[np.ndarray]:
     return [v if v.dtype == np.float32 else v.astype(np.float32) for v in host_views(conv)]
 
 
-# Constants of a layer (conv weights, norms, gate parameters) as host float32 arrays, by
-# identity: converted once per model, not per token. The entry keeps the MLX array alive
-# so that its id stays its own.
-_consts: dict[int, tuple[mx.array, np.ndarray]] = {}
+class _ByArray:
+    """A dict keyed by MLX arrays' identity whose entries go when their array does
+    (models come and go in one process)."""
+
+    def __init__(self):
+        self.d: dict[int, tuple[weakref.ref, object]] = {}
+
+    def get(self, a: mx.array):
+        e = self.d.get(id(a))
+        return e[1] if e is not None and e[0]() is a else None
+
+    def put(self, a: mx.array, value) -> None:
+        key = id(a)
+        self.d[key] = (weakref.ref(a, lambda _, d=self.d, k=key: d.pop(k, None)), value)
+
+
+# Constants of a layer (conv weights, norms, gate parameters) as host float32 copies,
+# converted once per model, not per token (copies: a view would keep the array alive).
+_consts = _ByArray()
 
 
 def const_views(arrays: list[mx.array]) -> list[np.ndarray]:
-    missing = [a for a in arrays if _consts.get(id(a), (None,))[0] is not a]
-    if missing:
-        if len(_consts) > 4096:  # models come and go in one process (tests): stay bounded
-            _consts.clear()
-        for a, v in zip(missing, f32(missing)):
-            _consts[id(a)] = (a, v)
-    return [_consts[id(a)][1] for a in arrays]
+    missing = [a for a in arrays if _consts.get(a) is None]
+    for a, v in zip(missing, f32(missing)):
+        _consts.put(a, np.array(v, copy=True))
+    return [_consts.get(a) for a in arrays]
 
 
 def kernel_ready(lin: Linear) -> bool:
@@ -239,7 +252,7 @@ def moe_down(h, rows, weights, down: Linear, hs, shared_down: Linear, shared_gat
 # writes the new state into it: the state stays an MLX array (snapshots and prompt
 # processing use MLX) with neither a copy nor an MLX evaluation to allocate it (a hand-off
 # to MLX's stream thread, which competes with the kernels' threads for the cores).
-_spare: dict[tuple[int, str], list] = {}
+_spare = {"recurrent": _ByArray(), "conv": _ByArray()}
 
 
 def _pop_counted(entry: list):
@@ -259,16 +272,14 @@ def _take_if_sole(entry: list):
 
 def _state_out(layer_key: mx.array, name: str, given, shape: tuple) -> mx.array:
     """A float32 MLX array of `shape` for the new state that the kernel may overwrite."""
-    key = (id(layer_key), name)
-    entry = _spare.get(key)
-    out = None
-    if entry is not None and entry[0] is layer_key:
-        out = _take_if_sole(entry)
-        if out is not None and (out.shape != shape or out.dtype != mx.float32):
-            out = None
-    if len(_spare) > 4096:
-        _spare.clear()
-    _spare[key] = [layer_key, given]
+    entry = _spare[name].get(layer_key)
+    out = _take_if_sole(entry) if entry is not None else None
+    if out is not None and (out.shape != shape or out.dtype != mx.float32):
+        out = None
+    if entry is None:
+        _spare[name].put(layer_key, [None, given])
+    else:
+        entry[1] = given
     return out if out is not None else mx.zeros(shape, mx.float32)
 
 
