@@ -41,14 +41,29 @@ static void gate_up_task(void *vc, long i) {
     }
 }
 
+/* Down rows r0..r1 of one expert for all its pairs, into the pairs' scratch rows. */
 static void down_task(void *vc, long i) {
     moe_ctx *c = vc;
-    int64_t r0 = c->task_r0[i], r1 = c->task_r1[i];
-    for (int e = 0; e < c->n_exp; e++) {
-        int64_t p0 = c->offsets[e], n = c->offsets[e + 1] - p0;
-        if (n == 0) continue;
-        fm_rows_args a = {&c->down[e], &c->ph[e], 0, n, c->yptr + p0, c->coef + p0, 1};
-        fm_rows(&a, r0, r1);
+    int e = (int)c->task_e[i];
+    int64_t p0 = c->offsets[e], n = c->offsets[e + 1] - p0;
+    fm_rows_args a = {&c->down[e], &c->ph[e], 0, n, c->gptr + p0, NULL, 0};
+    fm_rows(&a, c->task_r0[i], c->task_r1[i]);
+}
+
+/* y[tok[p]] += coef[p] * scratch[p] over all pairs in order, for output rows of chunk i. */
+typedef struct {
+    int64_t pairs, H, chunk;
+    float **yptr, **sptr;
+    const float *coef;
+} sum_ctx;
+
+static void sum_task(void *vc, long i) {
+    const sum_ctx *c = vc;
+    int64_t r0 = i * c->chunk, r1 = r0 + c->chunk < c->H ? r0 + c->chunk : c->H;
+    for (int64_t p = 0; p < c->pairs; p++) {
+        float *y = c->yptr[p];
+        const float *s = c->sptr[p], k = c->coef[p];
+        for (int64_t r = r0; r < r1; r++) y[r] = y[r] + s[r] * k;
     }
 }
 
@@ -152,43 +167,58 @@ int fm_moe_down(int n_exp, const fm_qmat *down, const int32_t *offsets, const in
     if (n_exp <= 0) return 0;
     if (check_experts(n_exp, NULL, NULL, down)) return -1;
     const int64_t H = down[0].rows, pairs = offsets[n_exp];
-    int64_t I_max = 0;
-    for (int e = 0; e < n_exp; e++) {
+    for (int e = 0; e < n_exp; e++)
         if (down[e].cols > h_stride || offsets[e + 1] < offsets[e]) return -1;
-        if (down[e].cols > I_max) I_max = down[e].cols;
-    }
     for (int64_t p = 0; p < pairs; p++)
         if (tok[p] < 0 || tok[p] >= T) return -1;
     if (!accumulate) memset(y, 0, sizeof(float) * T * H);
     if (pairs == 0) return 0;
     int rc = 0;
+    /* Tasks are (expert, rows) as in fm_qmm, each writing its pairs' own scratch rows;
+     * the weighted sum into y follows, in pair order, split by output rows. (Tasks
+     * owning output rows across all experts read K+1 short streams each: measured
+     * 16 against 20 GB/s at 397B shapes.) */
     moe_ctx c = {.n_exp = n_exp, .down = down, .offsets = offsets, .coef = coef};
+    int64_t cap = task_capacity(n_exp, down, 1);
+    float *scratch = malloc(sizeof(float) * pairs * H);
     c.px = calloc(3 * n_exp, sizeof(fm_xprep));
-    c.yptr = malloc(sizeof(float *) * pairs);
-    c.task_e = malloc(sizeof(int64_t) * 3 * (H + 1));
-    if (!c.px || !c.yptr || !c.task_e) { rc = -2; goto done; }
+    c.yptr = malloc(sizeof(float *) * 2 * pairs);
+    c.task_e = malloc(sizeof(int64_t) * 3 * cap);
+    if (!scratch || !c.px || !c.yptr || !c.task_e) { rc = -2; goto done; }
     c.pu = c.px + n_exp;
     c.ph = c.pu + n_exp;
-    c.task_r0 = c.task_e + H + 1;
-    c.task_r1 = c.task_r0 + H + 1;
-    for (int64_t p = 0; p < pairs; p++) c.yptr[p] = y + (int64_t)tok[p] * H;
-    int max_bits = 0;
+    c.gptr = c.yptr + pairs;
+    c.task_r0 = c.task_e + cap;
+    c.task_r1 = c.task_r0 + cap;
+    for (int64_t p = 0; p < pairs; p++) {
+        c.yptr[p] = y + (int64_t)tok[p] * H;
+        c.gptr[p] = scratch + p * H;
+    }
     for (int e = 0; e < n_exp; e++) {
         int64_t p0 = offsets[e], n = offsets[e + 1] - p0;
         if (n == 0) continue;
         if (!fm_xprep_alloc(&c.ph[e], down[e].bits, down[e].cols, n)) { rc = -2; goto done; }
         for (int64_t p = 0; p < n; p++) fm_xprep_fill(&c.ph[e], p, h + (p0 + p) * h_stride);
-        if (down[e].bits > max_bits) max_bits = down[e].bits;
     }
-    int64_t per = fm_rows_per_task(H, I_max * n_exp, max_bits, H);
+    int64_t total_rows = 0;
+    for (int e = 0; e < n_exp; e++)
+        if (offsets[e + 1] > offsets[e]) total_rows += H;
     long n_tasks = 0;
-    for (int64_t r = 0; r < H; r += per, n_tasks++) {
-        c.task_r0[n_tasks] = r;
-        c.task_r1[n_tasks] = r + per < H ? r + per : H;
+    for (int e = 0; e < n_exp; e++) {
+        if (offsets[e + 1] == offsets[e]) continue;
+        int64_t per = fm_rows_per_task(H, down[e].cols, down[e].bits, total_rows);
+        for (int64_t r = 0; r < H; r += per, n_tasks++) {
+            c.task_e[n_tasks] = e;
+            c.task_r0[n_tasks] = r;
+            c.task_r1[n_tasks] = r + per < H ? r + per : H;
+        }
     }
     fm_parallel(down_task, &c, n_tasks);
+    sum_ctx sc = {.pairs = pairs, .H = H, .chunk = 1024, .yptr = c.yptr, .sptr = c.gptr, .coef = coef};
+    fm_parallel(sum_task, &sc, (H + sc.chunk - 1) / sc.chunk);
 done:
     free_preps(&c);
+    free(scratch);
     free(c.yptr);
     free(c.task_e);
     return rc;
