@@ -12,7 +12,6 @@ so each check is 12,800 decode steps: about 20 minutes there).
 from __future__ import annotations
 
 import os
-import time
 
 import jsonschema
 import mlx.core as mx
@@ -22,6 +21,7 @@ from constrain_helpers import ORDER_SCHEMA, TOOLS, answer_json, check_tool_calls
 from llm_flashmoe.chat import load_tokenizer, render_prompt
 from llm_flashmoe.chat.messages import user
 from llm_flashmoe.constrain import ConstrainedDecoding
+from llm_flashmoe.constrain.cost import TimedProcessor
 from llm_flashmoe.engine.generate import Session
 from llm_flashmoe.engine.load import load_model
 from llm_flashmoe.engine.sampling import SamplingParams
@@ -82,22 +82,6 @@ def test_forced_tool_calls_parse_and_type_check(engine):
         check_tool_calls(parse(tokenizer, ids, TOOLS, starts_in_reasoning=True))
 
 
-class Timed:
-    """A processor wrapper that adds up the time spent in it during decoding
-    (the first call belongs to the time to first token, as in the engine's stats)."""
-
-    def __init__(self, processor):
-        self.processor, self.seconds = processor, 0.0
-
-    def __call__(self, generated, logits):
-        t0 = time.perf_counter()
-        try:
-            return self.processor(generated, logits)
-        finally:
-            if generated:
-                self.seconds += time.perf_counter() - t0
-
-
 @pytest.fixture(scope="module")
 def engine_4bit(tiny_mlx):
     return load_model(tiny_mlx, dtype=mx.float32), load_tokenizer(tiny_mlx)
@@ -121,7 +105,7 @@ def test_constrained_decoding_keeps_speed(engine_4bit, capsys):
         for kind in ("free", "constrained"):
             processors = []
             if kind == "constrained":
-                processors = [Timed(ConstrainedDecoding(tokenizer, schema=ORDER_SCHEMA, max_tokens=n,
+                processors = [TimedProcessor(ConstrainedDecoding(tokenizer, schema=ORDER_SCHEMA, max_tokens=n,
                                                         starts_in_reasoning=False))]
             _generate(session, tokenizer, prompt, processors, n, round_)
             seconds[kind] += session.stats.decode_seconds

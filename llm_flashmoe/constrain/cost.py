@@ -22,8 +22,10 @@ BENCH_SCHEMA = {
 }
 
 
-class _Timed:
-    """A logits processor wrapper that adds up the time spent inside it."""
+class TimedProcessor:
+    """A logits-processor wrapper that adds up the time spent in it during
+    decoding (the first call belongs to the time to first token, as in the
+    engine's stats)."""
 
     def __init__(self, processor):
         self.processor, self.seconds = processor, 0.0
@@ -33,7 +35,8 @@ class _Timed:
         try:
             return self.processor(generated, logits)
         finally:
-            self.seconds += time.perf_counter() - t0
+            if generated:
+                self.seconds += time.perf_counter() - t0
 
 
 def measure_constraint_cost(model, model_dir: str | Path, *, tokens: int = 32, rounds: int = 2) -> dict:
@@ -58,7 +61,7 @@ def measure_constraint_cost(model, model_dir: str | Path, *, tokens: int = 32, r
         for kind in ("free", "constrained"):
             procs = []
             if kind == "constrained":
-                procs = [_Timed(ConstrainedDecoding(tok, schema=BENCH_SCHEMA, max_tokens=tokens,
+                procs = [TimedProcessor(ConstrainedDecoding(tok, schema=BENCH_SCHEMA, max_tokens=tokens,
                                                     starts_in_reasoning=False))]
             for _ in session.generate(prompt, params=SamplingParams(temperature=1.0, seed=rnd), max_tokens=tokens,
                                       stop_token_ids=tok.eos_token_ids, logits_processors=procs,
