@@ -7,6 +7,8 @@ CI runs a few short samples per check; `FLASHMOE_ACCEPTANCE=50` runs issue
 8's full acceptance (50 schema answers and 50 tool calls at max_tokens 256
 per model; an untrained model writes until the budget closes its structure,
 so each check is 12,800 decode steps: about 20 minutes there).
+What constraints cost in speed is measured by `llm flashmoe bench`
+(constrain/cost.py), never asserted in a test.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from constrain_helpers import ORDER_SCHEMA, TOOLS, answer_json, check_tool_calls
 from llm_flashmoe.chat import load_tokenizer, render_prompt
 from llm_flashmoe.chat.messages import user
 from llm_flashmoe.constrain import ConstrainedDecoding
-from llm_flashmoe.constrain.cost import TimedProcessor
 from llm_flashmoe.engine.generate import Session
 from llm_flashmoe.engine.load import load_model
 from llm_flashmoe.engine.sampling import SamplingParams
@@ -80,42 +81,3 @@ def test_forced_tool_calls_parse_and_type_check(engine):
             print(f"call {seed}: {len(ids)} tokens", flush=True)
         assert len(ids) <= CALL_TOKENS
         check_tool_calls(parse(tokenizer, ids, TOOLS, starts_in_reasoning=True))
-
-
-@pytest.fixture(scope="module")
-def engine_4bit(tiny_mlx):
-    return load_model(tiny_mlx, dtype=mx.float32), load_tokenizer(tiny_mlx)
-
-
-def test_constrained_decoding_keeps_speed(engine_4bit, capsys):
-    """Acceptance 4: masks over the full vocabulary cost < 20% of a decode step.
-
-    Asserted on the constraint's share of the constrained runs' own decode
-    time (robust on a shared machine); the end-to-end ratio of interleaved
-    free and constrained runs is printed alongside (it swings with load).
-    """
-    model, tokenizer = engine_4bit
-    prompt = tokenizer.encode(render_prompt([user("Make up an order.")], thinking=False))
-    session = Session(model)
-    n = 64  # free JSON, then the checks near the budget's end, then the forced closing
-    seconds = {"free": 0.0, "constrained": 0.0}
-    tokens = {"free": 0, "constrained": 0}
-    in_constraint = 0.0
-    for round_ in range(2):  # interleaved, so machine load hits both alike
-        for kind in ("free", "constrained"):
-            processors = []
-            if kind == "constrained":
-                processors = [TimedProcessor(ConstrainedDecoding(tokenizer, schema=ORDER_SCHEMA, max_tokens=n,
-                                                        starts_in_reasoning=False))]
-            _generate(session, tokenizer, prompt, processors, n, round_)
-            seconds[kind] += session.stats.decode_seconds
-            tokens[kind] += max(session.stats.generated_tokens - 1, 0)
-            in_constraint += sum(p.seconds for p in processors)
-    speed = {kind: tokens[kind] / seconds[kind] for kind in seconds}
-    share = in_constraint / seconds["constrained"]
-    with capsys.disabled():
-        print(f"\n  decode tokens/s: free {speed['free']:.2f}, constrained {speed['constrained']:.2f} "
-              f"(end to end {speed['constrained'] / speed['free']:.2f}); constraint share of decode time "
-              f"{share:.1%} ({in_constraint / tokens['constrained'] * 1000:.2f} ms/token), speed ratio "
-              f"{1 - share:.2f}")
-    assert 1 - share >= 0.8
