@@ -324,7 +324,8 @@ def _strip_one_newline(value: str) -> str:
     return value
 
 
-def _schema_types(schema: dict) -> list[str]:
+def schema_types(schema: dict) -> list[str]:
+    """The JSON types a schema allows (through anyOf/oneOf too)."""
     kind = schema.get("type")
     if isinstance(kind, str):
         return [kind]
@@ -333,13 +334,13 @@ def _schema_types(schema: dict) -> list[str]:
     types = []
     for option in schema.get("anyOf", []) + schema.get("oneOf", []):
         if isinstance(option, dict):
-            types += _schema_types(option)
+            types += schema_types(option)
     return types
 
 
 def typed_value(raw: str, schema: dict):
     """(value, problem): `raw` converted to the schema's type, or (raw, why not)."""
-    types = _schema_types(schema if isinstance(schema, dict) else {})
+    types = schema_types(schema if isinstance(schema, dict) else {})
     text = raw.strip()
     if not types:
         # No usable type: JSON if it reads as JSON, else the text itself.

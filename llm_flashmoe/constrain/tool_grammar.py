@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 
+from ..chat.parse import schema_types
 from ..errors import FlashMoeError
 
 TOOL_CALL_START_ID = 248058  # <tool_call>
@@ -31,19 +32,6 @@ _RAW_VALUE_RULES = r"""
 raw_value[lazy]: RAW_VALUE
 RAW_VALUE: /(?s:.*)\n<\/parameter>/ & ~/(?s:.*)<\/parameter>(?s:.+)/
 """
-
-
-def schema_types(schema: dict) -> list[str]:
-    kind = schema.get("type")
-    if isinstance(kind, str):
-        return [kind]
-    if isinstance(kind, list):
-        return [k for k in kind if isinstance(k, str)]
-    types: list[str] = []
-    for option in schema.get("anyOf", []) + schema.get("oneOf", []):
-        if isinstance(option, dict):
-            types += schema_types(option)
-    return types
 
 
 def value_kind(schema) -> str:
