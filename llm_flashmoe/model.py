@@ -441,5 +441,7 @@ def stats_line(stats: dict) -> str:
         f"at {stats.get('prompt_tokens_per_second', 0):.1f} tok/s; "
         f"first token after {stats.get('time_to_first_token_s', 0):.2f} s; "
         f"{stats.get('experts_read', 0)} experts read ({stats.get('expert_bytes', 0) / 1e6:.1f} MB, "
-        f"{stats.get('expert_page_cache_hits', 0)} from page cache); peak memory {mb:.0f} MB"
+        f"{stats.get('expert_page_cache_hits', 0)} from page cache"
+        + (f", {stats['expert_gpu_cache_hits']} more found in the GPU cache" if stats.get("expert_gpu_cache_hits") else "")
+        + f"); peak memory {mb:.0f} MB"
     )

@@ -38,6 +38,7 @@ class GenerationStats:
     expert_bytes: int = 0
     expert_read_seconds: float = 0.0
     expert_cache_hits: int = 0
+    expert_gpu_cache_hits: int = 0
     peak_memory_bytes: int = 0
     finish_reason: str = ""       # "stop" | "length" | "stop_sequence"
 
@@ -64,6 +65,7 @@ class GenerationStats:
             "expert_bytes": self.expert_bytes,
             "expert_read_s": round(self.expert_read_seconds, 3),
             "expert_page_cache_hits": self.expert_cache_hits,
+            "expert_gpu_cache_hits": self.expert_gpu_cache_hits,
             "peak_memory_bytes": self.peak_memory_bytes,
             "finish_reason": self.finish_reason,
         }
@@ -239,8 +241,9 @@ class Session:
         finally:
             stats.decode_seconds = time.perf_counter() - t_decode
             st = source.stats
-            stats.experts_read, stats.expert_bytes = st.experts, st.bytes
+            stats.experts_read, stats.expert_bytes = st.experts - st.gpu_hits, st.bytes
             stats.expert_read_seconds, stats.expert_cache_hits = st.read_seconds, st.cache_hits
+            stats.expert_gpu_cache_hits = st.gpu_hits
             if hasattr(mx, "get_peak_memory"):
                 stats.peak_memory_bytes = int(mx.get_peak_memory())
 

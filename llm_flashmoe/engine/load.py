@@ -28,7 +28,10 @@ def is_packed_dir(model_dir: str | Path) -> bool:
     return expert_format.is_packed_dir(model_dir)
 
 
-def load_model(model_dir: str | Path, *, experts_per_token: int | None = None, dtype=None):
+def load_model(model_dir: str | Path, *, experts_per_token: int | None = None, dtype=None,
+               gpu_cache: str | None = None):
+    """`gpu_cache`: size of the GPU expert cache of a packed model on CUDA (experts/cache.py:
+    auto, off, 50%, 40GB, or a slot count); default FLASHMOE_GPU_CACHE, else auto."""
     from ..checkpoint import load_tensors
     from ..engine.linear import Linear
     from ..experts.source import ResidentExperts
@@ -43,7 +46,14 @@ def load_model(model_dir: str | Path, *, experts_per_token: int | None = None, d
     if is_packed_dir(model_dir):
         from ..experts.store import open_packed_model
 
+        from ..experts.cache import wrap_store
+
         weights, experts = open_packed_model(model_dir, cfg, dtype=dtype)
+        try:
+            experts = wrap_store(experts, gpu_cache)
+        except BaseException:
+            experts.close()
+            raise
     else:
         weights = load_tensors(model_dir, cfg, experts=True)
         layers = []

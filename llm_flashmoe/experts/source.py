@@ -32,10 +32,11 @@ class ExpertStats:
     experts: int = 0
     bytes: int = 0
     read_seconds: float = 0.0
-    cache_hits: int = 0
+    cache_hits: int = 0  # experts read that the OS page cache served
+    gpu_hits: int = 0    # experts found in the GPU expert cache (no read at all)
 
     def reset(self) -> None:
-        self.experts = self.bytes = self.cache_hits = 0
+        self.experts = self.bytes = self.cache_hits = self.gpu_hits = 0
         self.read_seconds = 0.0
 
 

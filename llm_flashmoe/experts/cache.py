@@ -1,0 +1,388 @@
+"""`ExpertCache`: a pool of expert slots in GPU memory in front of the `ExpertStore`.
+
+On a discrete GPU an expert travels disk -> page cache -> GPU memory. The
+cache keeps recently and frequently used experts in a fixed pool of slots in
+GPU memory, so a hit costs no read and no copy: the MoE kernels read the
+pool directly, by slot (an `ExpertBatch` whose stacks are the pool and whose
+lookup maps expert id -> slot). A miss is read from the packed file and
+uploaded into a slot chosen by frequency-weighted eviction: the slot with the
+lowest `uses * 10 + last_use` (`last_use` counts fetches; the reference CUDA
+port found this beat plain LRU), never a slot the current fetch needs.
+
+Transports move the bytes:
+
+- `CudaTransport` (CUDA): worker threads `preadv` pieces of the missing
+  experts into pinned host buffers and queue `cudaMemcpyAsync` of each piece
+  into its slot on their own stream, double-buffered, so reads, copies and
+  the next piece overlap; the fetch waits for the streams before the MoE
+  kernels are queued.
+- `HostTransport` (memory the host can write: CPU, unified memory): `preadv`
+  straight into the slots. On unified-memory machines the OS page cache is
+  already the cache, so `ExpertCache` is off there by default; this
+  transport exists for tests and for forcing the cache on.
+
+Slot reuse is safe without extra synchronisation: a fetch happens after the
+router's ids were read back, which forces every earlier kernel (all readers
+of the pool so far) to finish.
+
+A fetch needing more experts than the pool has slots (a long prompt's layer)
+bypasses the cache: its experts go through the same transport into an
+overflow buffer of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from ..errors import FlashMoeError
+from . import format as fmt
+from .source import ExpertBatch
+from .store import ExpertStore, read_full
+
+PIECE_BYTES = 1 << 20  # unit of work of one upload thread (a 7 MB expert is 7 pieces)
+
+
+def parse_cache_size(value: str | int | float | None, *, slot_bytes: int, total_slots: int,
+                     free_bytes: int | None) -> int:
+    """Slots for a cache size given as 'auto', 'off'/'0', '50%' (of all experts), '40GB'/'512MB', or a slot count.
+
+    'auto' takes the GPU memory that is free (`free_bytes`) less 8 GiB of headroom for
+    activations, caches and MLX's own pool, and never more slots than experts."""
+    v = "auto" if value is None else str(value).strip().lower()
+    if v in ("", "auto"):
+        if free_bytes is None:
+            return 0
+        return max(0, min(total_slots, (free_bytes - (8 << 30)) // slot_bytes))
+    if v in ("off", "0", "none", "no", "false"):
+        return 0
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(%|gb|gib|mb|mib|g|m)?", v)
+    if not m:
+        raise FlashMoeError(f"FLASHMOE_GPU_CACHE={value!r} is not a size: use auto, off, a percentage of the "
+                            "experts (50%), a size (40GB, 512MB) or a number of expert slots.")
+    n, unit = float(m.group(1)), m.group(2)
+    if unit == "%":
+        slots = int(total_slots * n / 100)
+    elif unit in ("gb", "g"):
+        slots = int(n * 1e9) // slot_bytes
+    elif unit == "gib":
+        slots = int(n * (1 << 30)) // slot_bytes
+    elif unit in ("mb", "m"):
+        slots = int(n * 1e6) // slot_bytes
+    elif unit == "mib":
+        slots = int(n * (1 << 20)) // slot_bytes
+    else:
+        slots = int(n)
+    return max(0, min(total_slots, slots))
+
+
+class PoolBuffers:
+    """Nine stacked component arrays of `rows` experts, and where each row of each lives."""
+
+    def __init__(self, typed: list, address: list[int] | None = None, host: list[np.ndarray] | None = None,
+                 keep: list | None = None):
+        self.typed = typed      # per component: mx.array [rows, *shape]
+        self.address = address  # per component: device address of row 0 (CUDA)
+        self.host = host        # per component: uint8 numpy view of the whole buffer (host-writable memory)
+        self._keep = keep or []
+
+
+class HostTransport:
+    """Read straight into host-writable MLX memory (CPU, unified memory)."""
+
+    name = "host"
+
+    def __init__(self, threads: int = 4):
+        self.threads = threads
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="flashmoe-cache") if threads > 1 else None
+
+    def alloc(self, components: list[fmt.Component], rows: int, dtypes: list) -> PoolBuffers:
+        import mlx.core as mx
+
+        typed, host, keep = [], [], []
+        for c, dt in zip(components, dtypes):
+            raw = mx.zeros((rows * c.nbytes,), mx.uint8)
+            mx.eval(raw)
+            view = np.array(raw, copy=False)
+            if not view.flags.writeable:
+                raise FlashMoeError("the GPU expert cache's host transport needs host-writable MLX memory.")
+            t = raw.view(dt).reshape(rows, *c.shape)
+            mx.eval(t)
+            typed.append(t)
+            host.append(view)
+            keep.append(raw)
+        return PoolBuffers(typed, host=host, keep=keep)
+
+    def load(self, store: ExpertStore, layer: int, expert_ids, buf: PoolBuffers, rows) -> int:
+        comps, m = store.components, store.manifest
+        fd, base, stride, nbytes = store.fds[layer], m.header_bytes, m.expert_stride, m.expert_bytes
+        jobs = []
+        for e, r in zip(expert_ids, rows):
+            views = [memoryview(h[int(r) * c.nbytes:(int(r) + 1) * c.nbytes]) for h, c in zip(buf.host, comps)]
+            jobs.append((fd, views, base + int(e) * stride, nbytes, store.probe))
+        if self._pool is None or len(jobs) < 2:
+            return sum(read_full(*j) for j in jobs)
+        return sum(self._pool.map(lambda j: read_full(*j), jobs))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
+class CudaTransport:
+    """Pinned host buffers + `cudaMemcpyAsync` into device memory, one stream per worker."""
+
+    name = "cuda"
+
+    def __init__(self, threads: int | None = None, piece_bytes: int = PIECE_BYTES):
+        from . import cuda
+
+        self.rt = cuda.runtime()
+        self.threads = threads or max(4, min(16, (os.cpu_count() or 8)))
+        self.piece = piece_bytes
+        self._local = threading.local()
+        self._workers: list = []  # (stream, [pinned ptr x2], [event x2]) per worker thread
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="flashmoe-upload")
+
+    def _worker(self):
+        w = getattr(self._local, "w", None)
+        if w is None:
+            rt = self.rt
+            w = self._local.w = [rt.stream(), [rt.host_alloc(self.piece) for _ in range(2)],
+                                 [rt.event() for _ in range(2)], 0, [False, False]]
+            with self._lock:
+                self._workers.append(w)
+        return w
+
+    def alloc(self, components: list[fmt.Component], rows: int, dtypes: list) -> PoolBuffers:
+        import mlx.core as mx
+
+        from .cuda import device_address
+
+        typed, address, keep = [], [], []
+        for c, dt in zip(components, dtypes):
+            raw = mx.zeros((rows * c.nbytes,), mx.uint8)
+            t = raw.view(dt).reshape(rows, *c.shape)
+            mx.eval(raw, t)
+            a_raw, a_t = device_address(raw), device_address(t)
+            if a_raw != a_t:
+                raise FlashMoeError("MLX copied a view of the expert pool; the GPU expert cache cannot address it. "
+                                    "Set FLASHMOE_GPU_CACHE=off.")
+            typed.append(t)
+            address.append(a_raw)
+            keep.append(raw)
+        return PoolBuffers(typed, address=address, keep=keep)
+
+    def _pieces(self, store: ExpertStore, layer: int, expert_ids, buf: PoolBuffers, rows) -> list:
+        """(fd, file offset, nbytes, [(dst address, offset in piece, nbytes)]) per piece."""
+        comps, m = store.components, store.manifest
+        fd, base, stride, size = store.fds[layer], m.header_bytes, m.expert_stride, m.expert_bytes
+        out = []
+        for e, r in zip(expert_ids, rows):
+            start = base + int(e) * stride
+            for p0 in range(0, size, self.piece):
+                p1 = min(size, p0 + self.piece)
+                segs = []
+                for c, addr in zip(comps, buf.address):
+                    a, b = max(p0, c.offset), min(p1, c.offset + c.nbytes)
+                    if a < b:
+                        segs.append((addr + int(r) * c.nbytes + (a - c.offset), a - p0, b - a))
+                out.append((fd, start + p0, p1 - p0, segs))
+        return out
+
+    def _run(self, pieces, probe: bool) -> int:
+        """Read and queue the copies of `pieces` on this thread's stream; page-cache hits in bytes."""
+        import ctypes
+
+        rt = self.rt
+        w = self._worker()
+        stream, pinned, events = w[0], w[1], w[2]
+        hit_bytes = 0
+        for fd, offset, nbytes, segs in pieces:
+            k = w[3]
+            w[3] ^= 1
+            if w[4][k]:
+                rt.wait_event(events[k])  # the copy out of this buffer is done
+            view = memoryview((ctypes.c_char * nbytes).from_address(pinned[k])).cast("B")
+            if read_full(fd, [view], offset, nbytes, probe):
+                hit_bytes += nbytes
+            for dst, off, n in segs:
+                rt.copy_async(dst, pinned[k] + off, n, stream)
+            rt.record(events[k], stream)
+            w[4][k] = True
+        rt.sync_stream(stream)
+        w[4] = [False, False]
+        return hit_bytes
+
+    def load(self, store: ExpertStore, layer: int, expert_ids, buf: PoolBuffers, rows) -> int:
+        pieces = self._pieces(store, layer, expert_ids, buf, rows)
+        if not pieces:
+            return 0
+        parts = min(self.threads, len(pieces))
+        futures = [self._pool.submit(self._run, pieces[k::parts], store.probe) for k in range(parts)]
+        hit_bytes = sum(f.result() for f in futures)
+        # in whole experts, as the store counts hits
+        return int(round(hit_bytes / store.manifest.expert_bytes))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        for w in self._workers:
+            for p in w[1]:
+                self.rt.free_host(p)
+        self._workers = []
+
+
+def default_transport():
+    """CudaTransport where MLX runs on CUDA, else None (no GPU cache)."""
+    import mlx.core as mx
+
+    if mx.default_device() == mx.cpu or not mx.cuda.is_available():
+        return None
+    return CudaTransport()
+
+
+class ExpertCache:
+    """An `ExpertSource`: `slots` experts of any layers kept in GPU memory, the rest from `store`."""
+
+    def __init__(self, store: ExpertStore, slots: int, transport=None):
+        import mlx.core as mx
+
+        self.store = store
+        m = store.manifest
+        self.num_experts, self.layers = m.num_experts, len(m.layers)
+        self.slots = int(slots)
+        if self.slots < 1:
+            raise FlashMoeError("the GPU expert cache needs at least one slot.")
+        self.transport = transport or CudaTransport()
+        self.stats = store.stats
+        dt = store.dtype
+        self._dtypes = []
+        for c in store.components:
+            want = {"uint32": mx.uint32, "bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}[c.dtype]
+            self._dtypes.append(want)
+        self._scale_dtype = dt
+        self.pool = self.transport.alloc(store.components, self.slots, self._dtypes)
+        # Scales stored in another dtype than the compute dtype (bf16 files, float32 on the CPU) are
+        # converted per fetch: a conversion made once would keep the pool's contents of that moment.
+        self._convert = any(d != dt for c, d in zip(store.components, self._dtypes) if not c.name.endswith("weight"))
+        self._pool_linears = None if self._convert else self._linears(self.pool, self.slots)
+        self._overflow: PoolBuffers | None = None
+        self.key = np.full(self.slots, -1, np.int64)                         # slot -> layer * E + expert
+        self.where = np.full(self.layers * self.num_experts, -1, np.int64)   # layer * E + expert -> slot
+        self.uses = np.zeros(self.slots, np.int64)
+        self.last = np.zeros(self.slots, np.int64)
+        self.clock = 0
+        self.upload_seconds = 0.0
+
+    def _linears(self, buf: PoolBuffers, n: int):
+        from ..engine.linear import Linear
+
+        a = [t[:n] if t.shape[0] != n else t for t in buf.typed]
+        out = []
+        for p in range(3):
+            w, s, b = a[3 * p: 3 * p + 3]
+            if s.dtype != self._scale_dtype:
+                s, b = s.astype(self._scale_dtype), b.astype(self._scale_dtype)
+            out.append(Linear(w, s, b, self.store._bits, self.store._group))
+        return out
+
+    @property
+    def resident_experts(self) -> int:
+        return int((self.key >= 0).sum())
+
+    def fetch(self, layer: int, expert_ids: np.ndarray) -> ExpertBatch:
+        ids = np.asarray(expert_ids, np.int64)
+        n, E = len(ids), self.num_experts
+        s = self.stats
+        s.experts += n
+        if n > self.slots:
+            return self._fetch_overflow(layer, ids)
+        keys = layer * E + ids
+        slots = self.where[keys]
+        hit = slots >= 0
+        s.gpu_hits += int(hit.sum())
+        miss = np.flatnonzero(~hit)
+        if len(miss):
+            score = self.uses * 10 + self.last
+            score[self.key < 0] = -1                       # empty slots first
+            score[slots[hit]] = np.iinfo(np.int64).max      # never evict what this fetch uses
+            victims = np.argpartition(score, len(miss) - 1)[: len(miss)] if len(miss) < self.slots \
+                else np.arange(self.slots)
+            old = self.key[victims]
+            self.where[old[old >= 0]] = -1
+            self.key[victims] = keys[miss]
+            self.where[keys[miss]] = victims
+            self.uses[victims] = 0
+            slots[miss] = victims
+            self._load(layer, ids[miss], self.pool, victims)
+        self.clock += 1
+        self.uses[slots] += 1
+        self.last[slots] = self.clock
+        lookup = np.full(E, -1, np.int32)
+        lookup[ids] = slots
+        g, u, d = self._pool_linears or self._linears(self.pool, self.slots)
+        return ExpertBatch(g, u, d, lookup)
+
+    def _load(self, layer: int, ids: np.ndarray, buf: PoolBuffers, rows) -> None:
+        s = self.stats
+        nbytes = self.store.manifest.expert_bytes
+        t0 = time.perf_counter()
+        s.cache_hits += self.transport.load(self.store, layer, ids, buf, rows)
+        dt = time.perf_counter() - t0
+        s.bytes += len(ids) * nbytes
+        s.read_seconds += dt
+        self.upload_seconds += dt
+        if self.store.trace is not None:
+            self.store.trace.append((layer, np.array(ids, copy=True)))
+
+    def _fetch_overflow(self, layer: int, ids: np.ndarray) -> ExpertBatch:
+        if self._overflow is None:
+            self._overflow = self.transport.alloc(self.store.components, self.num_experts, self._dtypes)
+        self._load(layer, ids, self._overflow, np.arange(len(ids)))
+        g, u, d = self._linears(self._overflow, len(ids))
+        lookup = np.full(self.num_experts, -1, np.int32)
+        lookup[ids] = np.arange(len(ids), dtype=np.int32)
+        return ExpertBatch(g, u, d, lookup)
+
+    def drop_page_cache(self) -> None:
+        self.store.drop_page_cache()
+
+    def clear(self) -> None:
+        """Forget every cached expert (the pool's memory stays allocated)."""
+        self.key[:] = -1
+        self.where[:] = -1
+        self.uses[:] = 0
+        self.last[:] = 0
+
+    def close(self) -> None:
+        self.transport.close()
+        self.store.close()
+
+
+def wrap_store(store: ExpertStore, setting: str | None = None):
+    """`store`, or an `ExpertCache` in front of it where a GPU cache applies (CUDA, size not off).
+
+    `setting`: FLASHMOE_GPU_CACHE's syntax (see `parse_cache_size`); default: that variable, else 'auto'."""
+    setting = os.environ.get("FLASHMOE_GPU_CACHE", "auto") if setting is None else setting
+    if str(setting).strip().lower() in ("off", "0", "none", "no", "false"):
+        return store
+    transport = default_transport()
+    if transport is None:
+        return store
+    m = store.manifest
+    free, _ = transport.rt.mem_info()
+    slots = parse_cache_size(setting, slot_bytes=m.expert_bytes, total_slots=m.num_experts * len(m.layers),
+                             free_bytes=free)
+    if slots < 1:
+        transport.close()
+        return store
+    return ExpertCache(store, slots, transport)

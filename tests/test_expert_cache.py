@@ -1,0 +1,146 @@
+"""The GPU expert cache's slot pool, run on the CPU through its host transport.
+
+The CUDA transport differs only in how bytes reach a slot (pinned buffer +
+cudaMemcpyAsync); slot choice, eviction, lookup and the MoE reading the pool
+by slot are this same code, checked here against the uncached store.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from llm_flashmoe.engine.load import load_model
+from llm_flashmoe.errors import FlashMoeError
+from llm_flashmoe.experts import convert as conv
+from llm_flashmoe.experts.cache import ExpertCache, HostTransport, parse_cache_size, wrap_store
+from llm_flashmoe.experts.store import ExpertStore
+
+PROMPT = np.random.default_rng(5).integers(0, 248000, 24).tolist()
+
+
+@pytest.fixture(scope="module")
+def packed(tiny_mlx, tmp_path_factory):
+    return conv.convert_checkpoint(tiny_mlx, tmp_path_factory.mktemp("cache") / "packed", progress=False)
+
+
+def run(model, steps=6):
+    """Logits of a 4-token chunk, a 20-token chunk (the sorted MoE path), then greedy decode steps."""
+    cache = model.make_cache()
+    outs = [model(PROMPT[:4], cache), model(PROMPT[4:], cache)]
+    token = int(mx.argmax(outs[-1][-1]))
+    for _ in range(steps):
+        outs.append(model([token], cache))
+        token = int(mx.argmax(outs[-1][-1]))
+    return outs
+
+
+def with_cache(model, slots):
+    model.experts = cache = ExpertCache(model.experts, slots, HostTransport(threads=2))
+    for layer in model.layers:
+        layer.moe.experts = cache
+    return cache
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.5, 1.0])
+def test_logits_identical_with_cache_on_and_off(packed, fraction):
+    plain = load_model(packed, dtype=mx.float32, gpu_cache="off")
+    assert isinstance(plain.experts, ExpertStore)  # no GPU here: nothing wraps the store
+    ref = run(plain)
+    model = load_model(packed, dtype=mx.float32)
+    m = model.experts.manifest
+    slots = max(8, int(fraction * m.num_experts * len(m.layers)))
+    cache = with_cache(model, slots)
+    got = run(model)
+    # twice over the same state: the second pass is served (partly) from the pool
+    got2 = run(model)
+    for r, a, b in zip(ref, got, got2):
+        assert mx.array_equal(r, a).item() and mx.array_equal(r, b).item()
+    s = cache.stats
+    assert s.gpu_hits > 0
+    assert s.bytes == (s.experts - s.gpu_hits) * m.expert_bytes
+    assert cache.resident_experts <= slots
+    # the bookkeeping is a bijection between cached keys and slots
+    used = cache.key[cache.key >= 0]
+    assert len(set(used.tolist())) == len(used)
+    assert all(cache.where[k] == s_ for s_, k in enumerate(cache.key) if k >= 0)
+    assert (cache.where >= 0).sum() == len(used)
+    plain.experts.close()
+    cache.close()
+
+
+def test_pool_rows_hold_the_experts_bytes(packed):
+    model = load_model(packed, dtype=mx.float32)
+    store = model.experts
+    cache = ExpertCache(store, 16, HostTransport(threads=1))
+    ids = np.array([3, 9, 60])
+    batch = cache.fetch(2, ids)
+    ref = store.fetch(2, ids)
+    for k, e in enumerate(ids):
+        row = int(batch.lookup[e])
+        for lin, rlin in ((batch.gate, ref.gate), (batch.up, ref.up), (batch.down, ref.down)):
+            r = int(ref.lookup[e])
+            assert mx.array_equal(lin.weight[row], rlin.weight[r]).item()
+            assert mx.array_equal(lin.scales[row], rlin.scales[r]).item()
+            assert mx.array_equal(lin.biases[row], rlin.biases[r]).item()
+    assert (batch.lookup >= 0).sum() == 3
+    cache.close()
+
+
+def test_frequency_weighted_eviction(packed):
+    model = load_model(packed, dtype=mx.float32)
+    cache = ExpertCache(model.experts, 4, HostTransport(threads=1))
+    for _ in range(3):                      # expert 1 of layer 0: used often
+        cache.fetch(0, np.array([1]))
+    cache.fetch(0, np.array([2, 3, 4]))     # pool full: 1 (3 uses), 2, 3, 4 (1 use each)
+    cache.fetch(0, np.array([5]))           # evicts the least valuable: 2 (oldest of the single uses)
+    cached = {int(k) for k in cache.key if k >= 0}
+    assert cached == {1, 3, 4, 5}
+    before = cache.stats.gpu_hits
+    b = cache.fetch(0, np.array([1, 5]))    # both hits, nothing read
+    assert cache.stats.gpu_hits - before == 2
+    assert b.lookup[1] >= 0 and b.lookup[5] >= 0
+    # a fetch never evicts an expert it uses itself: 3 misses with 1 hit in a 4-slot pool
+    b = cache.fetch(1, np.array([1, 7, 8]))
+    b2 = cache.fetch(0, np.array([1, 10, 11, 12]))
+    assert len({int(b2.lookup[e]) for e in (1, 10, 11, 12)}) == 4
+    # layers are separate keys: expert 1 of layer 1 is not expert 1 of layer 0
+    assert cache.where[0 * cache.num_experts + 1] != cache.where[1 * cache.num_experts + 1] or \
+        cache.where[1 * cache.num_experts + 1] == -1
+    cache.close()
+
+
+def test_fetch_larger_than_the_pool_bypasses_it(packed):
+    model = load_model(packed, dtype=mx.float32)
+    store = model.experts
+    cache = ExpertCache(store, 4, HostTransport(threads=2))
+    ids = np.arange(0, 40, 3)
+    batch = cache.fetch(1, ids)
+    ref = store.fetch(1, ids)
+    for e in ids:
+        a, r = int(batch.lookup[e]), int(ref.lookup[e])
+        assert mx.array_equal(batch.down.weight[a], ref.down.weight[r]).item()
+    assert cache.resident_experts == 0  # nothing was cached
+    cache.close()
+
+
+def test_cache_size_parsing():
+    kw = dict(slot_bytes=1000, total_slots=400)
+    assert parse_cache_size("50%", free_bytes=None, **kw) == 200
+    assert parse_cache_size("off", free_bytes=10**12, **kw) == 0
+    assert parse_cache_size("0.2MB", free_bytes=None, **kw) == 200
+    assert parse_cache_size("250", free_bytes=None, **kw) == 250
+    assert parse_cache_size("9999", free_bytes=None, **kw) == 400          # never more slots than experts
+    assert parse_cache_size("auto", free_bytes=None, **kw) == 0            # no GPU memory figure: no cache
+    assert parse_cache_size("auto", free_bytes=(8 << 30) + 5000, **kw) == 5
+    with pytest.raises(FlashMoeError, match="FLASHMOE_GPU_CACHE"):
+        parse_cache_size("lots", free_bytes=None, **kw)
+
+
+def test_no_gpu_cache_on_the_cpu(packed, monkeypatch):
+    monkeypatch.setenv("FLASHMOE_GPU_CACHE", "50%")
+    model = load_model(packed, dtype=mx.float32)
+    assert isinstance(model.experts, ExpertStore)      # the page cache is the cache here
+    assert wrap_store(model.experts, "100%") is model.experts
+    model.experts.close()
