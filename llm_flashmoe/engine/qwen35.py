@@ -285,6 +285,10 @@ class Qwen35Model:
         x = embedding_rows(self.embed, ids).astype(self.dtype)[None]      # [1, T, H]
         for layer, c in zip(self.layers, cache.layers):
             x = layer(x, c)
+        if not isinstance(self.experts, ResidentExperts):
+            # Streamed experts live in reused buffers (the store's double buffer, the GPU cache's
+            # slots): finish reading them now, before a later call's fetches overwrite them.
+            mx.eval(x)
         if last_only:
             x = x[:, -1:]
         cache.tokens.extend(int(t) for t in tokens)
