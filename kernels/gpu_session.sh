@@ -1,33 +1,59 @@
 #!/usr/bin/env bash
-# One GPU session for issue 6: install the staged MLX CUDA build (.gpu/b, after .gpu/a was
-# copied to /tmp/gpu-stage by the previous call), then, most wanted first, each step cut off
-# at a shared deadline (BUDGET_S seconds from the start, default 450):
-#   1. the check of qmv and the MoE kernels  2. decode bench, 397b, LAYERS layers (timing and
-#   the bf16-tolerance check on 2 and all layers)  3. the tolerance check on tiny (8 layers)
-#   4. the check of the other kernels  5. qmv with 2 and 8 rows per warp
-# Usage: bash kernels/gpu_session.sh          (logs under $OUT)
+# One call on the GPU machine: install the staged MLX CUDA build (.gpu/b, after .gpu/a was
+# copied to /tmp/gpu-stage by the previous call; see ../shared/gpu/stage-mlx-cuda.sh), then run
+# the named steps in order, each cut off at a shared deadline (BUDGET_S seconds from the start,
+# default 540). Logs go to the terminal and to $OUT.
+#
+#   bash kernels/gpu_session.sh STEP...
+#
+# Steps (issue 7, GPU streaming; the model is built once per machine under $M, default /tmp/m):
+#   prep     synthetic 397b-shaped model, LAYERS layers (default 4): MLX layout, then converted (packed)
+#   upload   expert upload throughput: store path vs pinned+cudaMemcpyAsync vs the limits
+#   check    logits with the GPU expert cache on and off are identical
+#   decode   decode with GPU caches of 25/50/100% (warm; 50% cold too), all-resident and mlx-lm beside
+# Steps (issue 6, fused kernels):
+#   kcheck   every kernel vs its twin, and timings      kdecode   fused vs plain decode, tolerance check
 set -uo pipefail
-end=$((SECONDS + ${BUDGET_S:-450}))
+end=$((SECONDS + ${BUDGET_S:-540}))
 [ -d /tmp/site/mlx ] || bash .gpu/b/install.sh || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 out=${OUT:-/tmp}
+M=${M:-/tmp/m}
+LAYERS=${LAYERS:-4}
 runs=${RUNS:-5}
 step() {  # step LOG CMD...: run CMD until the deadline, output to the terminal and $out/LOG
   local log=$1; shift
   local left=$((end - SECONDS))
   if [ "$left" -lt 15 ]; then echo "== skipped (deadline): $*"; return; fi
   echo "== [$SECONDS s, $left s left] $*"
-  timeout "$left" "$@" 2>&1 | grep --line-buffered -v "^synth" | tee -a "$out/$log"
+  timeout "$left" "$@" 2>&1 | grep --line-buffered -v "^synth\|^convert \[" | tee -a "$out/$log"
 }
-nvidia-smi --query-gpu=name,clocks.sm,memory.used --format=csv,noheader
+prep() {
+  if [ ! -f "$M/mlx/config.json" ]; then
+    step prep.log python3 -c "
+import time; from llm_flashmoe import synth
+synth._write_tokenizer = lambda d: None   # the engine needs no tokenizer
+t = time.perf_counter(); synth.write_synthetic('$M/mlx', preset='397b', layout='mlx', layers=$LAYERS, progress=False)
+print(f'synth 397b x $LAYERS layers (mlx layout) in {time.perf_counter() - t:.0f} s')"
+  fi
+  if [ ! -f "$M/packed/complete" ]; then
+    local t0=$SECONDS
+    step prep.log python3 -m llm_flashmoe.convert "$M/mlx" "$M/packed"
+    echo "converted in $((SECONDS - t0)) s" | tee -a "$out/prep.log"
+  fi
+  df -h /tmp | tail -1 | tee -a "$out/prep.log"
+}
+nvidia-smi --query-gpu=name,clocks.sm,memory.used,memory.total --format=csv,noheader
 python3 -c 'import mlx.core as mx; print("mlx", mx.__version__, mx.default_device())'
-step check.log python3 -m llm_flashmoe.kernels.check --runs "$runs" --only "qmv,moe_gate_up,moe_down,MoE block"
-step decode.log python3 -m llm_flashmoe.kernels.decode_bench --preset 397b --layers "${LAYERS:-4}" --check-layers 2,all
-step decode.log python3 -m llm_flashmoe.kernels.decode_bench --preset tiny --layers 8 --no-timing --check-layers 2,all
-step check.log python3 -m llm_flashmoe.kernels.check --runs "$runs" \
-  --only "moe_route,decode_attention,qk_norm_rope,gdn_step,add_rms_norm"
-for r in 2 8; do
-  echo "== FLASHMOE_QMV_ROWS=$r" | tee -a "$out/qmv_rows.log"
-  FLASHMOE_QMV_ROWS=$r step qmv_rows.log python3 -m llm_flashmoe.kernels.check --runs "$runs" --only qmv --dtypes bfloat16
+for s in "$@"; do
+  case $s in
+    prep) prep ;;
+    upload) step upload.log python3 -m llm_flashmoe.experts.gpu_bench upload --packed "$M/packed" ;;
+    check) step check.log python3 -m llm_flashmoe.experts.gpu_bench check --packed "$M/packed" ;;
+    decode) step decode.log python3 -m llm_flashmoe.experts.gpu_bench decode --packed "$M/packed" --resident "$M/mlx" ;;
+    kcheck) step kcheck.log python3 -m llm_flashmoe.kernels.check --runs "$runs" ;;
+    kdecode) step kdecode.log python3 -m llm_flashmoe.kernels.decode_bench --dir "$M/mlx" --check-layers 2,all ;;
+    *) echo "unknown step $s" ;;
+  esac
 done
 echo "== done at $SECONDS s"

@@ -144,3 +144,70 @@ def test_no_gpu_cache_on_the_cpu(packed, monkeypatch):
     assert isinstance(model.experts, ExpertStore)      # the page cache is the cache here
     assert wrap_store(model.experts, "100%") is model.experts
     model.experts.close()
+
+
+class HostMemoryRuntime:
+    """The CUDA runtime calls of CudaTransport carried out in host memory (memmove for
+    cudaMemcpyAsync), so that its piece splitting, double buffering and per-thread
+    streams run here; on the GPU the same code drives the real runtime."""
+
+    def __init__(self):
+        import ctypes
+
+        self.ctypes, self._bufs, self.copies = ctypes, {}, 0
+
+    def host_alloc(self, n):
+        b = self.ctypes.create_string_buffer(n)
+        self._bufs[self.ctypes.addressof(b)] = b
+        return self.ctypes.addressof(b)
+
+    def free_host(self, p):
+        self._bufs.pop(p)
+
+    def stream(self):
+        return 0
+
+    def event(self):
+        return 0
+
+    def record(self, e, s):
+        pass
+
+    def wait_event(self, e):
+        pass
+
+    def sync_stream(self, s):
+        pass
+
+    def copy_async(self, dst, src, n, stream):
+        self.ctypes.memmove(dst, src, n)
+        self.copies += 1
+
+
+def test_cuda_transport_pieces_land_in_the_right_slots(packed):
+    from llm_flashmoe.experts.cache import CudaTransport
+
+    class Transport(CudaTransport):
+        def alloc(self, components, rows, dtypes):
+            buf = HostTransport(threads=1).alloc(components, rows, dtypes)
+            buf.address = [h.__array_interface__["data"][0] for h in buf.host]
+            return buf
+
+    rt = HostMemoryRuntime()
+    # pieces of 5000 bytes: not a divisor of any component, so pieces straddle components
+    transport = Transport(threads=3, piece_bytes=5000, rt=rt)
+    plain = load_model(packed, dtype=mx.float32, gpu_cache="off")
+    ref = run(plain)
+    model = load_model(packed, dtype=mx.float32)
+    m = model.experts.manifest
+    cache = model.experts = ExpertCache(model.experts, m.num_experts * len(m.layers) // 4, transport)
+    for layer in model.layers:
+        layer.moe.experts = cache
+    got = run(model)
+    for r, a in zip(ref, got):
+        assert mx.array_equal(r, a).item()
+    assert rt.copies > cache.stats.bytes // 5000
+    assert cache.stats.cache_hits > 0  # page-cache hits counted in whole experts
+    plain.experts.close()
+    cache.close()
+    assert not rt._bufs  # every pinned buffer freed

@@ -140,10 +140,10 @@ class CudaTransport:
 
     name = "cuda"
 
-    def __init__(self, threads: int | None = None, piece_bytes: int = PIECE_BYTES):
+    def __init__(self, threads: int | None = None, piece_bytes: int = PIECE_BYTES, rt=None):
         from . import cuda
 
-        self.rt = cuda.runtime()
+        self.rt = rt or cuda.runtime()
         self.threads = threads or max(4, min(16, (os.cpu_count() or 8)))
         self.piece = piece_bytes
         self._local = threading.local()
@@ -166,19 +166,13 @@ class CudaTransport:
 
         from .cuda import device_address
 
-        typed, address, keep = [], [], []
+        typed, address = [], []
         for c, dt in zip(components, dtypes):
-            raw = mx.zeros((rows * c.nbytes,), mx.uint8)
-            t = raw.view(dt).reshape(rows, *c.shape)
-            mx.eval(raw, t)
-            a_raw, a_t = device_address(raw), device_address(t)
-            if a_raw != a_t:
-                raise FlashMoeError("MLX copied a view of the expert pool; the GPU expert cache cannot address it. "
-                                    "Set FLASHMOE_GPU_CACHE=off.")
+            t = mx.zeros((rows, *c.shape), dt)
+            mx.eval(t)
             typed.append(t)
-            address.append(a_raw)
-            keep.append(raw)
-        return PoolBuffers(typed, address=address, keep=keep)
+            address.append(device_address(t))  # plain device memory; the host never asks for it
+        return PoolBuffers(typed, address=address)
 
     def _pieces(self, store: ExpertStore, layer: int, expert_ids, buf: PoolBuffers, rows) -> list:
         """(fd, file offset, nbytes, [(dst address, offset in piece, nbytes)]) per piece."""
@@ -199,7 +193,7 @@ class CudaTransport:
 
     def _run(self, pieces, probe: bool) -> int:
         """Read and queue the copies of `pieces` on this thread's stream; page-cache hits in bytes."""
-        import ctypes
+        from .cuda import host_view
 
         rt = self.rt
         w = self._worker()
@@ -210,7 +204,7 @@ class CudaTransport:
             w[3] ^= 1
             if w[4][k]:
                 rt.wait_event(events[k])  # the copy out of this buffer is done
-            view = memoryview((ctypes.c_char * nbytes).from_address(pinned[k])).cast("B")
+            view = host_view(pinned[k], nbytes)
             if read_full(fd, [view], offset, nbytes, probe):
                 hit_bytes += nbytes
             for dst, off, n in segs:
@@ -242,9 +236,15 @@ class CudaTransport:
 
 
 def default_transport():
-    """CudaTransport where MLX runs on CUDA, else None (no GPU cache)."""
+    """The transport for this machine, or None (no GPU cache): CudaTransport where MLX runs on
+    CUDA. FLASHMOE_CACHE_TRANSPORT=host forces the host transport (unified memory, tests)."""
     import mlx.core as mx
 
+    want = os.environ.get("FLASHMOE_CACHE_TRANSPORT", "auto").strip().lower()
+    if want == "host":
+        return HostTransport()
+    if want not in ("", "auto", "cuda"):
+        raise FlashMoeError(f"FLASHMOE_CACHE_TRANSPORT={want!r}: use auto, cuda or host.")
     if mx.default_device() == mx.cpu or not mx.cuda.is_available():
         return None
     return CudaTransport()
@@ -379,7 +379,7 @@ def wrap_store(store: ExpertStore, setting: str | None = None):
     if transport is None:
         return store
     m = store.manifest
-    free, _ = transport.rt.mem_info()
+    free = transport.rt.mem_info()[0] if hasattr(transport, "rt") else None
     slots = parse_cache_size(setting, slot_bytes=m.expert_bytes, total_slots=m.num_experts * len(m.layers),
                              free_bytes=free)
     if slots < 1:

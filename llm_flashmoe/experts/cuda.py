@@ -156,6 +156,13 @@ class CudaRuntime:
 _runtime: CudaRuntime | None = None
 
 
+def host_view(ptr: int, nbytes: int):
+    """A writable numpy uint8 view of `nbytes` of host memory at `ptr` (a pinned buffer)."""
+    import numpy as np
+
+    return np.ctypeslib.as_array((ctypes.c_ubyte * nbytes).from_address(ptr))
+
+
 def runtime() -> CudaRuntime:
     global _runtime
     if _runtime is None:

@@ -1,0 +1,356 @@
+"""GPU expert streaming on CUDA: upload throughput, the cache's logits, decode with the cache.
+
+    python -m llm_flashmoe.experts.gpu_bench upload --packed DIR [--experts 64]
+    python -m llm_flashmoe.experts.gpu_bench check  --packed DIR
+    python -m llm_flashmoe.experts.gpu_bench decode --packed DIR [--resident MLXDIR] [--fractions 25,50,100]
+
+upload: expert bytes already in the page cache into MLX GPU arrays, in one run:
+  the store's path (preadv into MLX buffers, which CUDA then migrates as managed
+  memory when a kernel touches them), the cache's transport (pinned pieces +
+  cudaMemcpyAsync) for several thread counts and piece sizes, and the limits:
+  page cache -> pinned memory alone, pinned -> GPU copies alone, and the cold disk.
+check: logits with the GPU cache on and off, decode and prefill, must be identical.
+decode: the 397B-shaped model streamed with GPU caches of several sizes (warm page
+  cache; and cold for the middle size), per layer: expert read+upload, the rest;
+  hit rate; tokens/s extrapolated to 60 layers; beside the all-resident fused
+  decode and mlx-lm's qwen3_5_moe on the same weights (--resident, MLX layout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+
+def _gbs(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / 1e9 if seconds > 0 else float("nan")
+
+
+def warm_files(paths) -> float:
+    """Read files once (into the page cache) -> GB/s."""
+    total, t0 = 0, time.perf_counter()
+    buf = bytearray(64 << 20)
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while True:
+                n = f.readinto(buf)
+                if not n:
+                    break
+                total += n
+    return _gbs(total, time.perf_counter() - t0)
+
+
+def upload(args) -> int:
+    import mlx.core as mx
+
+    from . import cuda
+    from .cache import CudaTransport
+    from .store import ExpertStore
+
+    store = ExpertStore(args.packed)
+    m = store.manifest
+    rt = cuda.runtime()
+    n = min(args.experts, m.num_experts)
+    rng = np.random.default_rng(0)
+    layer = 0
+    ids = np.sort(rng.choice(m.num_experts, n, replace=False))
+    total = n * m.expert_bytes
+    print(f"cudart {rt.path} (runtime {rt.version}); {n} experts of {m.expert_bytes} bytes = {total / 1e6:.0f} MB "
+          f"per trial, layer {layer}", flush=True)
+
+    # cold disk, then warm: the files of layer 0 read once
+    f0 = Path(args.packed) / m.layers[layer].file
+    store.drop_page_cache()
+    print(f"disk cold read (1 thread, 64 MB reads, {f0.name}): {warm_files([f0]):.2f} GB/s", flush=True)
+    print(f"page cache read (1 thread, same file): {warm_files([f0]):.2f} GB/s", flush=True)
+
+    rows = []
+    # 1. the store's path: preadv into MLX buffers, first GPU touch migrates them
+    dts = []
+    for _ in range(args.trials):
+        t0 = time.perf_counter()
+        batch = store.fetch(layer, ids)
+        parts = [batch.gate, batch.up, batch.down]
+        arrays = [a for p in parts for a in (p.weight, p.scales, p.biases)]
+        mx.eval([mx.sum(a.astype(mx.float32)) for a in arrays])
+        dts.append(time.perf_counter() - t0)
+    ref = arrays  # the last fetch's buffers stay valid: the store is not asked again
+    rows.append(("store buffers (managed) + first GPU touch", store.threads, "-", total, min(dts)))
+
+    # 2. the cache's transport
+    dtypes = [a.dtype for a in ref]
+    ok_all = True
+    for threads in args.threads:
+        for piece_mb in args.pieces:
+            tr = CudaTransport(threads, int(piece_mb * (1 << 20)))
+            buf = tr.alloc(store.components, n, dtypes)
+            r = np.arange(n)
+            tr.load(store, layer, ids, buf, r)  # warm-up: pinned buffers, streams
+            dts = []
+            for _ in range(args.trials):
+                mx.synchronize()
+                t0 = time.perf_counter()
+                tr.load(store, layer, ids, buf, r)
+                dts.append(time.perf_counter() - t0)
+            ok = all(mx.array_equal(_bits(a), _bits(b)).item() for a, b in zip(buf.typed, ref))
+            ok_all &= ok
+            rows.append((f"pinned pieces + cudaMemcpyAsync{'' if ok else '  BYTES DIFFER'}", threads, piece_mb,
+                         total, min(dts)))
+            tr.close()
+            del buf
+
+    # 3. limits: page cache -> pinned alone; pinned -> GPU alone
+    piece = 4 << 20
+    nthreads = max(args.threads)
+    bufs = [rt.host_alloc(piece) for _ in range(nthreads)]
+    fd, base, stride = store.fds[layer], m.header_bytes, m.expert_stride
+    jobs = [(base + int(e) * stride + p0, min(piece, m.expert_bytes - p0)) for e in ids
+            for p0 in range(0, m.expert_bytes, piece)]
+
+    def read_share(k):
+        view = cuda.host_view(bufs[k], piece)
+        for off, nb in jobs[k::nthreads]:
+            os.preadv(fd, [view[:nb]], off)
+
+    with ThreadPoolExecutor(nthreads) as ex:
+        list(ex.map(read_share, range(nthreads)))
+        t0 = time.perf_counter()
+        list(ex.map(read_share, range(nthreads)))
+        rows.append(("page cache -> pinned (read only)", nthreads, 4, total, time.perf_counter() - t0))
+    dst = mx.zeros((total,), mx.uint8)
+    mx.eval(dst)
+    addr = cuda.device_address(dst)
+    for nstreams in (1, 4):
+        streams = [rt.stream() for _ in range(nstreams)]
+        for rep in range(2):
+            t0 = time.perf_counter()
+            for i, off in enumerate(range(0, total, piece)):
+                rt.copy_async(addr + off, bufs[i % nthreads], min(piece, total - off), streams[i % nstreams])
+            for s in streams:
+                rt.sync_stream(s)
+            dt = time.perf_counter() - t0
+        rows.append((f"pinned -> GPU cudaMemcpyAsync, {nstreams} stream(s)", 1, 4, total, dt))
+    for b in bufs:
+        rt.free_host(b)
+
+    print(f"\n{'path':58} {'threads':>7} {'piece MB':>8} {'GB/s':>7}")
+    for name, th, pc, nb, dt in rows:
+        print(f"{name:58} {th:>7} {pc!s:>8} {_gbs(nb, dt):7.2f}")
+    store.close()
+    return 0 if ok_all else 1
+
+
+def _bits(a):
+    import mlx.core as mx
+
+    return a.view(mx.uint16) if a.dtype in (mx.bfloat16, mx.float16) else a
+
+
+def _run_tokens(model, prompt, steps):
+    import mlx.core as mx
+
+    cache = model.make_cache()
+    outs = [model(prompt, cache, last_only=True)]
+    tok = int(mx.argmax(outs[-1][-1]))
+    for _ in range(steps):
+        outs.append(model([tok], cache, last_only=True))
+        tok = int(mx.argmax(outs[-1][-1]))
+    mx.eval(outs)
+    return outs
+
+
+def check(args) -> int:
+    import mlx.core as mx
+
+    from ..engine.load import load_model
+    from .cache import ExpertCache
+
+    prompt = np.random.default_rng(1).integers(0, 1000, 24).tolist()
+    off = load_model(args.packed, gpu_cache="off", experts_per_token=args.k)
+    ref = _run_tokens(off, prompt, args.steps)
+    off.experts.close()
+    ok = True
+    for setting in args.settings:
+        on = load_model(args.packed, gpu_cache=setting, experts_per_token=args.k)
+        if not isinstance(on.experts, ExpertCache):
+            print(f"gpu_cache={setting}: no GPU cache was set up")
+            return 1
+        got = _run_tokens(on, prompt, args.steps)
+        got2 = _run_tokens(on, prompt, args.steps)  # the same again, now partly from the cache
+        same = all(mx.array_equal(a, b).item() for a, b in zip(ref, got)) and \
+            all(mx.array_equal(a, b).item() for a, b in zip(ref, got2))
+        s = on.experts.stats
+        print(f"gpu_cache={setting} ({on.experts.slots} slots): logits identical to the uncached store over "
+              f"{len(ref)} calls x 2: {'yes' if same else 'NO'}; GPU-cache hits {s.gpu_hits} of {s.experts}",
+              flush=True)
+        ok &= same
+        on.experts.close()
+        del on
+    return 0 if ok else 1
+
+
+def _decode_times(model, prompt, steps, after_prefill=None):
+    """Prefill `prompt`, call `after_prefill()`, then time `steps` decode steps (seconds each)."""
+    import mlx.core as mx
+
+    cache = model.make_cache()
+    mx.eval(model(prompt, cache, last_only=True))
+    if after_prefill is not None:
+        after_prefill()
+    tok = [int(prompt[-1])]
+    times = []
+    for _ in range(steps):
+        mx.synchronize()
+        t0 = time.perf_counter()
+        mx.eval(model(tok, cache, last_only=True))
+        times.append(time.perf_counter() - t0)
+        tok = [int(prompt[len(times) % len(prompt)])]
+    return times
+
+
+def _embed_head_ms(model, prompt) -> float:
+    layers = model.layers
+    model.layers = []
+    try:
+        return float(np.median(_decode_times(model, prompt, 12)[2:]) * 1e3)
+    finally:
+        model.layers = layers
+
+
+def _fill(cache, rng) -> None:
+    """Bring the pool to a steady state: every layer's experts in random order."""
+    for layer in range(cache.layers):
+        order = rng.permutation(cache.num_experts)
+        step = max(1, min(cache.slots // max(cache.layers, 1), 64))
+        for i in range(0, len(order), step):
+            cache.fetch(layer, np.sort(order[i:i + step]))
+
+
+def decode(args) -> int:
+    import mlx.core as mx
+
+    from ..engine.load import load_model
+    from .cache import ExpertCache
+
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, 1000, 16).tolist()
+    results = []
+    packed = Path(args.packed)
+    from . import format as fmt
+
+    m = fmt.read_manifest(packed)
+    files = [packed / e.file for e in m.layers]
+    print(f"page cache warm-up of {len(files)} expert files: {warm_files(files):.2f} GB/s", flush=True)
+    eh = None
+    for pct in args.fractions:
+        model = load_model(packed, gpu_cache=f"{pct}%", experts_per_token=args.k)
+        c = model.experts
+        if not isinstance(c, ExpertCache):
+            print(f"{pct}%: no GPU cache set up")
+            return 1
+        L = len(model.layers)
+        if eh is None:
+            eh = _embed_head_ms(model, prompt)
+        _fill(c, rng)
+        _decode_times(model, prompt, 6)      # warm-up
+        for state in (["warm", "cold"] if pct in args.cold else ["warm"]):
+            if state == "cold":
+                c.drop_page_cache()
+            mark = {}
+
+            def start(c=c, mark=mark):
+                c.stats.reset()
+                mark["up"] = c.upload_seconds
+
+            steps = args.steps if state == "warm" else max(4, args.steps // 3)
+            times = _decode_times(model, prompt, steps, start)
+            s = c.stats
+            tok_ms = float(np.median(times) * 1e3)
+            per_layer = (tok_ms - eh) / L
+            up_ms = (c.upload_seconds - mark["up"]) * 1e3 / (steps * L)   # mean per layer
+            hit = s.gpu_hits / s.experts if s.experts else 0.0
+            pc = s.cache_hits / max(s.experts - s.gpu_hits, 1)
+            t60 = eh + 60 * per_layer
+            results.append((f"{pct}% {state}", c.slots, hit, pc, up_ms, per_layer, t60))
+            print(f"gpu cache {pct}% ({c.slots} slots), {state}: {tok_ms:.2f} ms/token for {L} layers "
+                  f"(median of {steps}; embed+head {eh:.2f} ms), hit rate {hit:.2f}, page-cache hits of the reads "
+                  f"{pc:.2f}, read+upload {up_ms:.3f} ms per layer (mean), {per_layer:.3f} ms per layer in all "
+                  f"-> 60 layers {t60:.1f} ms/token = {1000 / t60:.1f} tok/s", flush=True)
+        c.close()
+        del model, c
+        mx.clear_cache()
+
+    resident = None
+    if args.resident:
+        from ..kernels.decode_bench import decode_times as resident_times
+
+        model = load_model(args.resident, experts_per_token=args.k)
+        L = len(model.layers)
+        tok = float(np.median(resident_times(model, prompt, args.steps)) * 1e3)
+        reh = float(np.median(resident_times(model, prompt, 12, embed_head_only=True)) * 1e3)
+        resident = (tok - reh) / L
+        print(f"all resident (fused kernels): {tok:.2f} ms/token, embed+head {reh:.2f} ms, {resident:.3f} ms per layer "
+              f"-> 60 layers {reh + 60 * resident:.1f} ms/token", flush=True)
+        del model
+        mx.clear_cache()
+        try:
+            from mlx_lm.models.cache import make_prompt_cache
+            from mlx_lm.utils import load_model as mlx_lm_load
+
+            ref, _ = mlx_lm_load(Path(args.resident))
+            cache = make_prompt_cache(ref)
+            mx.eval(ref(mx.array([prompt]), cache=cache))
+            times = []
+            t = prompt[-1]
+            for i in range(args.steps):
+                mx.synchronize()
+                t0 = time.perf_counter()
+                mx.eval(ref(mx.array([[t]]), cache=cache))
+                times.append(time.perf_counter() - t0)
+                t = prompt[i % len(prompt)]
+            lt = float(np.median(times) * 1e3)
+            print(f"mlx-lm qwen3_5_moe, all resident, same weights: {lt:.2f} ms/token "
+                  f"-> {(lt - reh) / L:.3f} ms per layer (taking our embed+head)", flush=True)
+        except Exception as e:  # a reference, not the subject: report and go on
+            print(f"mlx-lm reference not run: {type(e).__name__}: {e}")
+
+    print(f"\n{'cache':14} {'slots':>6} {'hit':>5} {'pc hit':>6} {'up ms/L':>8} {'ms/L':>7} {'ms/tok@60':>9} {'tok/s':>6}")
+    for name, slots, hit, pc, up, pl, t60 in results:
+        print(f"{name:14} {slots:6d} {hit:5.2f} {pc:6.2f} {up:8.3f} {pl:7.3f} {t60:9.1f} {1000 / t60:6.1f}")
+    if resident is not None:
+        print(f"{'resident':14} {'':>6} {'':>5} {'':>6} {'':>8} {resident:7.3f}")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    u = sub.add_parser("upload")
+    u.add_argument("--packed", required=True)
+    u.add_argument("--experts", type=int, default=64)
+    u.add_argument("--trials", type=int, default=3)
+    u.add_argument("--threads", type=lambda s: [int(x) for x in s.split(",")], default=[4, 8, 16])
+    u.add_argument("--pieces", type=lambda s: [float(x) for x in s.split(",")], default=[1, 4])
+    c = sub.add_parser("check")
+    c.add_argument("--packed", required=True)
+    c.add_argument("--steps", type=int, default=12)
+    c.add_argument("--k", type=int, default=4, help="experts per token")
+    c.add_argument("--settings", type=lambda s: s.split(","), default=["25%", "100%"])
+    d = sub.add_parser("decode")
+    d.add_argument("--packed", required=True)
+    d.add_argument("--resident", default=None)
+    d.add_argument("--steps", type=int, default=24)
+    d.add_argument("--k", type=int, default=4, help="experts per token")
+    d.add_argument("--fractions", type=lambda s: [int(x) for x in s.split(",")], default=[25, 50, 100])
+    d.add_argument("--cold", type=lambda s: [int(x) for x in s.split(",")], default=[50])
+    args = ap.parse_args(argv)
+    return {"upload": upload, "check": check, "decode": decode}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
