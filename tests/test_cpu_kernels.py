@@ -72,13 +72,14 @@ QMM_CASES = [  # (rows, cols, tokens)
     (1, 128, 1), (7, 384, 3), (33, 640, 5), (64, 4096, 1), (130, 256, 9),
     (7, 4224, 1), (6, 8320, 1),   # one token, more than 4096 in: rows in pairs (and a last one alone)
 ]
+PARTIAL_BLOCK = (9, 320, 2)  # a last block of 64 bytes only partly filled (2 and 4 bits; groups up to 64)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_qmm_matches_mlx(lib, bits, group):
     rng = np.random.default_rng()
-    for rows, cols, T in QMM_CASES + [(5, 96, 2)] * (group == 32):
+    for rows, cols, T in QMM_CASES + [(5, 96, 2)] * (group == 32) + [PARTIAL_BLOCK] * (group <= 64):
         for st in (mx.float32, mx.bfloat16, mx.float16):
             lin = quantized((rows, cols), bits, group, st)
             x = rng.standard_normal((T, cols)).astype(np.float32)
@@ -104,6 +105,50 @@ def test_portable_path_matches_mlx(portable_lib):
             x = rng.standard_normal((T, cols)).astype(np.float32)
             (y,) = ops.qmm(portable_lib, [cpu_engine.linear_qmat(lin)], x)
             assert qmm_err(y, lin, x) < TOL, (bits, rows, cols, T)
+
+
+@pytest.fixture(scope="module")
+def float_lib(tmp_path_factory):
+    """The same sources built without AVX512-VNNI: 2- and 4-bit codes take the float path
+    (AVX-512 machines without VNNI; on others this is the build the machine gets)."""
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    path = build.build(extra_flags=["-mno-avx512vnni"] if x86 else [], out_dir=tmp_path_factory.mktemp("float"))
+    lib = ctypes.CDLL(str(path))
+    build._declare(lib)
+    return lib
+
+
+def test_float_path_matches_mlx(float_lib):
+    rng = np.random.default_rng()
+    for bits in (2, 4):
+        for group in (32, 64, 128):
+            for rows, cols, T in [(7, 384, 3), (16, 4096, 1), (6, 8320, 1)] + [PARTIAL_BLOCK] * (group <= 64):
+                lin = quantized((rows, cols), bits, group, mx.bfloat16)
+                x = rng.standard_normal((T, cols)).astype(np.float32)
+                (y,) = ops.qmm(float_lib, [cpu_engine.linear_qmat(lin)], x)
+                assert qmm_err(y, lin, x) < TOL, (bits, group, rows, cols, T)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_qmm_extreme_activations(lib, bits):
+    """Activations the integer path (2 and 4 bits on AVX512-VNNI) quantizes per token:
+    all zero, one outlier 10^4 above the rest, a negative maximum, tiny and huge
+    magnitudes, values exactly halfway between two digits."""
+    rng = np.random.default_rng()
+    lin = quantized((40, 1024), bits, 64, mx.bfloat16)
+    x = rng.standard_normal((6, 1024)).astype(np.float32)
+    x[0] = 0.0
+    x[1, 17] = 3e4
+    x[2, 5] = -1e3
+    x[3] *= 1e-30
+    x[4] *= 1e30
+    x[5] = (rng.integers(-254, 255, 1024) + 0.5) / 256 * (127 / 127.5)  # max 127/256 at halves
+    (y,) = ops.qmm(lib, [cpu_engine.linear_qmat(lin)], x)
+    ref = reference(lin, x)
+    assert not np.any(y[0]) and np.isfinite(y).all()
+    for t in range(1, 6):
+        assert qmm_err(y[t : t + 1], lin, x[t : t + 1]) < TOL, t
+    assert rel_err(y[1:], ref[1:]) < 1e-3  # and not only relative to the sums' size
 
 
 def test_qmm_rejects_bad_arguments(lib):

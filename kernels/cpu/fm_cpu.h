@@ -29,14 +29,20 @@ int fm_threads(void);
 void fm_parallel(fm_task_fn fn, void *ctx, long n_tasks);
 
 
-/* qmatmul.c, internal: activations rearranged for one code width (see qmatmul.c). */
+/* qmatmul.c, internal: activations rearranged for one code width, as floats
+ * (xp, xl: see qmatmul.c) or, for 2- and 4-bit codes on AVX512-VNNI, as
+ * integer digits (xq, xd, xs: see qdot_int8.c). */
 typedef struct {
-    int P;        /* codes per packing unit */
-    float xscale; /* activations are stored times this (a power of two) */
+    int P;        /* codes per packing unit (32-bit lane) */
+    float xscale; /* float layout: activations are stored times this (a power of two) */
     int64_t cols; /* in features */
     int64_t nb;   /* blocks of 16 units */
     float *xp;    /* [slots][nb*P*16] */
     float *xl;    /* [slots][nb*16] */
+    int8_t *xq;   /* [slots][nb][3 digits][P/4 codes per byte][64] */
+    float *xd;    /* [slots]: the digits' unit */
+    float *xs;    /* [slots][xs_stride]: group sums for groups of 32, 64, 128 */
+    int64_t xs_stride;
 } fm_xprep;
 
 int fm_supported(int bits, int group);
@@ -56,6 +62,11 @@ typedef struct {
 } fm_rows_args;
 
 void fm_rows(const fm_rows_args *a, int64_t r0, int64_t r1);
+
+/* qdot_int8.c: the integer path (AVX512-VNNI builds only; elsewhere unsupported). */
+int fm_int8_supported(int bits);
+void fm_xprep_fill_int8(fm_xprep *p, int64_t slot, const float *x);
+void fm_rows_int8(const fm_rows_args *a, int64_t r0, int64_t r1);
 int64_t fm_rows_per_task(int64_t rows, int64_t cols, int bits, int64_t total_rows);
 
 #endif

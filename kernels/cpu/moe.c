@@ -88,7 +88,7 @@ static int check_experts(int n_exp, const fm_qmat *gate, const fm_qmat *up, cons
 static void free_preps(moe_ctx *c) {
     if (!c->px) return;
     for (int e = 0; e < c->n_exp; e++) {
-        if (c->pu[e].xp != c->px[e].xp) fm_xprep_free(&c->pu[e]);
+        if (c->pu[e].xp != c->px[e].xp || c->pu[e].xq != c->px[e].xq) fm_xprep_free(&c->pu[e]);
         fm_xprep_free(&c->px[e]);
         fm_xprep_free(&c->ph[e]);
     }

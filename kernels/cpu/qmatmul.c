@@ -63,19 +63,37 @@ static inline float load_scale(const void *p, int64_t i, int type) {
 
 /* ---- activation layout ---- */
 
+/* FLASHMOE_CPU_FLOAT=1: the float path for every width (for comparisons). */
+static int getenv_flag_float(void) {
+    static int v = -1;
+    if (v < 0) {
+        const char *e = getenv("FLASHMOE_CPU_FLOAT");
+        v = e && *e && *e != '0';
+    }
+    return v;
+}
+
 static int64_t xp_stride(const fm_xprep *p) { return p->nb * p->P * 16; }
 static int64_t xl_stride(const fm_xprep *p) { return p->nb * 16; }
 
 int fm_xprep_alloc(fm_xprep *p, int bits, int64_t cols, int64_t T) {
     const int P = codes_per_unit(bits);
+    memset(p, 0, sizeof *p);
     p->P = P;
+    p->cols = cols;
+    p->nb = (cols + 16 * P - 1) / (16 * P);
+    if (fm_int8_supported(bits) && !getenv_flag_float()) {
+        p->xs_stride = cols / 32 + cols / 64 + cols / 128 + 3;
+        p->xq = aligned_alloc(64, (size_t)(T * p->nb * 3 * (P / 4) * 64 + 64));
+        p->xd = malloc(sizeof(float) * T);
+        p->xs = malloc(sizeof(float) * T * p->xs_stride);
+        return p->xq && p->xd && p->xs;
+    }
 #ifdef FM_AVX512
     p->xscale = (float)(1 << bits); /* see row_dot: codes enter as 1 + q/2^bits */
 #else
     p->xscale = 1.f;
 #endif
-    p->cols = cols;
-    p->nb = (cols + 16 * P - 1) / (16 * P);
     p->xp = aligned_alloc(64, (size_t)(T * xp_stride(p) * 4 + 64));
     p->xl = aligned_alloc(64, (size_t)(T * xl_stride(p) * 4 + 64));
     return p->xp && p->xl;
@@ -84,11 +102,19 @@ int fm_xprep_alloc(fm_xprep *p, int bits, int64_t cols, int64_t T) {
 void fm_xprep_free(fm_xprep *p) {
     free(p->xp);
     free(p->xl);
-    p->xp = p->xl = NULL;
+    free(p->xq);
+    free(p->xd);
+    free(p->xs);
+    p->xp = p->xl = p->xs = p->xd = NULL;
+    p->xq = NULL;
 }
 
 /* Token t's activations x (cols floats) into slot t of the layout. */
 void fm_xprep_fill(fm_xprep *p, int64_t t, const float *x) {
+    if (p->xq) {
+        fm_xprep_fill_int8(p, t, x);
+        return;
+    }
     const int P = p->P;
     float *xp = p->xp + t * xp_stride(p), *xl = p->xl + t * xl_stride(p);
     for (int64_t b = 0; b < p->nb; b++) {
@@ -368,6 +394,10 @@ FM_INLINE void rows_bits(const fm_rows_args *a, int64_t r0, int64_t r1, int bits
     }
 
 void fm_rows(const fm_rows_args *a, int64_t r0, int64_t r1) {
+    if (a->xp->xq) {
+        fm_rows_int8(a, r0, r1);
+        return;
+    }
     switch (a->m->bits) {
     case 2: FM_GROUPS(2); break;
     case 3: FM_GROUPS(3); break;
