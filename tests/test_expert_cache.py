@@ -179,7 +179,7 @@ class HostMemoryRuntime:
     def sync_stream(self, s):
         pass
 
-    def copy_async(self, dst, src, n, stream):
+    def copy_async(self, dst, src, n, stream, kind=None):
         self.ctypes.memmove(dst, src, n)
         self.copies += 1
 
@@ -211,3 +211,41 @@ def test_cuda_transport_pieces_land_in_the_right_slots(packed):
     plain.experts.close()
     cache.close()
     assert not rt._bufs  # every pinned buffer freed
+
+
+def test_prompt_batches_are_compact_when_the_pool_is_too_large_for_gather(packed):
+    plain = load_model(packed, dtype=mx.float32, gpu_cache="off")
+    ref = run(plain)
+    model = load_model(packed, dtype=mx.float32)
+    m = model.experts.manifest
+    cache = with_cache(model, m.num_experts * len(m.layers) // 2)
+    cache.max_gather_rows = 8          # stands for 2**31 bytes: every prompt fetch goes compact
+    for _ in range(2):
+        got = run(model)
+        for r, a in zip(ref, got):
+            assert mx.array_equal(r, a).item()
+    assert cache.stats.gpu_hits > 0
+    plain.experts.close()
+    cache.close()
+
+
+def test_a_full_pool_decodes_without_host_lookups(packed, monkeypatch):
+    # the fused decode path with the kernels' plain twins (the GPU's code path, run here)
+    monkeypatch.setenv("FLASHMOE_KERNELS", "twin")
+    plain = load_model(packed, dtype=mx.float32, gpu_cache="off")
+    ref = run(plain)
+    model = load_model(packed, dtype=mx.float32)
+    m = model.experts.manifest
+    cache = with_cache(model, m.num_experts * len(m.layers))
+    assert cache.resident_batch(0) is None
+    cache.preload()
+    assert cache.filled == cache.slots and cache.resident_batch(0) is not None
+    fetches = []
+    cache.fetch = lambda *a, **k: fetches.append(a) or ExpertCache.fetch(cache, *a, **k)
+    got = run(model)
+    for r, a in zip(ref, got):
+        assert mx.array_equal(r, a).item()
+    # the two prompt chunks fetched (one per layer each); the decode steps never did
+    assert len(fetches) == 2 * len(model.layers)
+    plain.experts.close()
+    cache.close()

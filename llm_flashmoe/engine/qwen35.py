@@ -182,7 +182,7 @@ class SparseMoE:
         x2 = x.reshape(T, H)
         inds, scores = self.route(x2)
         inds_np = np.array(inds)                         # the read below needs the ids now
-        batch = self.experts.fetch(self.layer, np.unique(inds_np))
+        batch = self.experts.fetch(self.layer, np.unique(inds_np), gather=True)
         rows = batch.lookup[inds_np]                     # [T, K] rows of the fetched stacks
 
         xe = x2[:, None, None, :]                        # [T, 1, 1, H]
@@ -213,16 +213,26 @@ class SparseMoE:
         x1 = x.reshape(1, -1)
         logits, shared_logit = self.ops.qmv(x1, [self.router, self.shared_expert_gate])
         ids, scores = self.ops.moe_route(logits, self.k, self.norm_topk_prob)
+        resident = getattr(self.experts, "resident_batch", None) if self.ops.backend != "cpu" else None
+        batch = resident(self.layer) if resident is not None else None
         if isinstance(self.experts, ResidentExperts):    # rows are the ids: no wait for the router
             gate, up, down = self.experts.layers[self.layer]
             rows = ids
             self.experts.stats.experts += self.k
+        elif batch is not None:                          # every expert in GPU memory: rows looked up there
+            gate, up, down, rows = batch.gate, batch.up, batch.down, batch.device_lookup[ids]
+            self.experts.stats.experts += self.k
+            self.experts.stats.gpu_hits += self.k
         else:
             ids_np = np.array(ids)
             batch = self.experts.fetch(self.layer, np.unique(ids_np))
             gate, up, down, rows = batch.gate, batch.up, batch.down, mx.array(batch.lookup[ids_np])
         h, hs = self.ops.moe_gate_up(x1, rows, gate, up, self.shared_gate_proj, self.shared_up_proj)
         out = self.ops.moe_down(h, rows, scores, down, hs, self.shared_down_proj, shared_logit, residual)
+        if self.ops.backend in ("cuda", "metal") and not isinstance(self.experts, ResidentExperts):
+            # The next layer waits for its router on the host: start this MoE on the GPU now, so
+            # that it runs while Python builds the next layer's graph.
+            mx.async_eval(out)
         return out.reshape(x.shape)
 
 

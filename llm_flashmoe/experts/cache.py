@@ -25,9 +25,14 @@ Slot reuse is safe without extra synchronisation: a fetch happens after the
 router's ids were read back, which forces every earlier kernel (all readers
 of the pool so far) to finish.
 
-A fetch needing more experts than the pool has slots (a long prompt's layer)
-bypasses the cache: its experts go through the same transport into an
-overflow buffer of its own.
+A fetch needing more experts than the pool has slots (a long prompt's layer),
+and a prompt's fetch when the pool is too large for MLX's `gather_qmm` (32-bit
+offsets), get a compact batch instead: cached experts copied from the pool on
+the device, the others read into it, nothing evicted.
+
+When the pool holds every expert of every layer (`resident_batch`), decode
+looks the router's choice up in a table in GPU memory, with no round trip to
+the host: the all-in-GPU-memory case runs like a resident model.
 """
 
 from __future__ import annotations
@@ -45,7 +50,8 @@ from . import format as fmt
 from .source import ExpertBatch
 from .store import ExpertStore, read_full
 
-PIECE_BYTES = 1 << 20  # unit of work of one upload thread (a 7 MB expert is 7 pieces)
+MIN_PIECE = 256 << 10
+PIECE_BYTES = 4 << 20  # the largest unit of work of one upload thread (H200: 4 MiB beat 1 MiB)
 
 
 def parse_cache_size(value: str | int | float | None, *, slot_bytes: int, total_slots: int,
@@ -129,6 +135,11 @@ class HostTransport:
             return sum(read_full(*j) for j in jobs)
         return sum(self._pool.map(lambda j: read_full(*j), jobs))
 
+    def copy_rows(self, src: PoolBuffers, src_rows, dst: PoolBuffers, dst_rows, components) -> None:
+        for hs, hd, c in zip(src.host, dst.host, components):
+            for a, b in zip(src_rows, dst_rows):
+                hd[int(b) * c.nbytes:(int(b) + 1) * c.nbytes] = hs[int(a) * c.nbytes:(int(a) + 1) * c.nbytes]
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
@@ -144,7 +155,7 @@ class CudaTransport:
         from . import cuda
 
         self.rt = rt or cuda.runtime()
-        self.threads = threads or max(4, min(16, (os.cpu_count() or 8)))
+        self.threads = threads or max(4, min(16, os.cpu_count() or 8))
         self.piece = piece_bytes
         self._local = threading.local()
         self._workers: list = []  # (stream, [pinned ptr x2], [event x2]) per worker thread
@@ -175,14 +186,18 @@ class CudaTransport:
         return PoolBuffers(typed, address=address)
 
     def _pieces(self, store: ExpertStore, layer: int, expert_ids, buf: PoolBuffers, rows) -> list:
-        """(fd, file offset, nbytes, [(dst address, offset in piece, nbytes)]) per piece."""
+        """(fd, file offset, nbytes, [(dst address, offset in piece, nbytes)]) per piece.
+
+        A few experts (decode: a layer's misses) are cut finer, so that every thread has a share."""
         comps, m = store.components, store.manifest
         fd, base, stride, size = store.fds[layer], m.header_bytes, m.expert_stride, m.expert_bytes
+        share = -(-len(expert_ids) * size // self.threads)
+        piece = min(self.piece, max(MIN_PIECE, -(-share // MIN_PIECE) * MIN_PIECE))
         out = []
         for e, r in zip(expert_ids, rows):
             start = base + int(e) * stride
-            for p0 in range(0, size, self.piece):
-                p1 = min(size, p0 + self.piece)
+            for p0 in range(0, size, piece):
+                p1 = min(size, p0 + piece)
                 segs = []
                 for c, addr in zip(comps, buf.address):
                     a, b = max(p0, c.offset), min(p1, c.offset + c.nbytes)
@@ -214,6 +229,18 @@ class CudaTransport:
         rt.sync_stream(stream)
         w[4] = [False, False]
         return hit_bytes
+
+    def copy_rows(self, src: PoolBuffers, src_rows, dst: PoolBuffers, dst_rows, components) -> None:
+        """Device-to-device copies of whole rows (experts) between pools."""
+        from .cuda import cudaMemcpyDeviceToDevice
+
+        if getattr(self, "_d2d", None) is None:
+            self._d2d = self.rt.stream()
+        for sa, da, c in zip(src.address, dst.address, components):
+            for a, b in zip(src_rows, dst_rows):
+                self.rt.copy_async(da + int(b) * c.nbytes, sa + int(a) * c.nbytes, c.nbytes, self._d2d,
+                                   cudaMemcpyDeviceToDevice)
+        self.rt.sync_stream(self._d2d)
 
     def load(self, store: ExpertStore, layer: int, expert_ids, buf: PoolBuffers, rows) -> int:
         pieces = self._pieces(store, layer, expert_ids, buf, rows)
@@ -282,6 +309,11 @@ class ExpertCache:
         self.last = np.zeros(self.slots, np.int64)
         self.clock = 0
         self.upload_seconds = 0.0
+        self.filled = 0  # slots holding an expert
+        # MLX's gather_qmm (prompt processing) addresses a stack with 32-bit offsets: a pool
+        # larger than this many rows is handed to it as a compact copy of the rows needed.
+        self.max_gather_rows = (2**31 - 1) // max(c.nbytes for c in store.components)
+        self._device_lookup = None
 
     def _linears(self, buf: PoolBuffers, n: int):
         from ..engine.linear import Linear
@@ -299,13 +331,40 @@ class ExpertCache:
     def resident_experts(self) -> int:
         return int((self.key >= 0).sum())
 
-    def fetch(self, layer: int, expert_ids: np.ndarray) -> ExpertBatch:
+    def resident_batch(self, layer: int) -> ExpertBatch | None:
+        """When the pool holds every expert of every layer: the pool with a lookup table in GPU
+        memory, so that decode needs no round trip to the host for the router's choice."""
+        if self.filled < self.layers * self.num_experts:
+            return None
+        import mlx.core as mx
+
+        if self._device_lookup is None:
+            self._device_lookup = mx.array(self.where.reshape(self.layers, self.num_experts).astype(np.int32))
+        g, u, d = self._pool_linears or self._linears(self.pool, self.slots)
+        return ExpertBatch(g, u, d, self.where[layer * self.num_experts:(layer + 1) * self.num_experts]
+                           .astype(np.int32), self._device_lookup[layer])
+
+    def preload(self, progress=None) -> None:
+        """Read experts into the pool, layer by layer, until it is full (all of them if they fit)."""
+        step = max(1, min(self.slots, 64))
+        for layer in range(self.layers):
+            if self.filled >= self.slots:
+                break
+            for i in range(0, self.num_experts, step):
+                if self.filled >= self.slots:
+                    break
+                ids = np.arange(i, min(i + step, self.num_experts, i + self.slots - self.filled))
+                self.fetch(layer, ids)
+                if progress is not None:
+                    progress(self.filled)
+
+    def fetch(self, layer: int, expert_ids: np.ndarray, *, gather: bool = False) -> ExpertBatch:
         ids = np.asarray(expert_ids, np.int64)
         n, E = len(ids), self.num_experts
         s = self.stats
         s.experts += n
-        if n > self.slots:
-            return self._fetch_overflow(layer, ids)
+        if n > self.slots or (gather and self.slots > self.max_gather_rows):
+            return self._fetch_compact(layer, ids)
         keys = layer * E + ids
         slots = self.where[keys]
         hit = slots >= 0
@@ -319,6 +378,7 @@ class ExpertCache:
                 else np.arange(self.slots)
             old = self.key[victims]
             self.where[old[old >= 0]] = -1
+            self.filled += int((old < 0).sum())
             self.key[victims] = keys[miss]
             self.where[keys[miss]] = victims
             self.uses[victims] = 0
@@ -344,13 +404,25 @@ class ExpertCache:
         if self.store.trace is not None:
             self.store.trace.append((layer, np.array(ids, copy=True)))
 
-    def _fetch_overflow(self, layer: int, ids: np.ndarray) -> ExpertBatch:
+    def _overflow_buffers(self) -> PoolBuffers:
         if self._overflow is None:
             self._overflow = self.transport.alloc(self.store.components, self.num_experts, self._dtypes)
-        self._load(layer, ids, self._overflow, np.arange(len(ids)))
-        g, u, d = self._linears(self._overflow, len(ids))
+        return self._overflow
+
+    def _fetch_compact(self, layer: int, ids: np.ndarray) -> ExpertBatch:
+        """`ids` in rows 0..n-1 of the overflow buffer: cached ones copied from the pool, the rest read."""
+        buf = self._overflow_buffers()
+        slots = self.where[layer * self.num_experts + ids]
+        hit = slots >= 0
+        self.stats.gpu_hits += int(hit.sum())
+        rows = np.arange(len(ids))
+        if hit.any():
+            self.transport.copy_rows(self.pool, slots[hit], buf, rows[hit], self.store.components)
+        if not hit.all():
+            self._load(layer, ids[~hit], buf, rows[~hit])
+        g, u, d = self._linears(buf, len(ids))
         lookup = np.full(self.num_experts, -1, np.int32)
-        lookup[ids] = np.arange(len(ids), dtype=np.int32)
+        lookup[ids] = rows
         return ExpertBatch(g, u, d, lookup)
 
     def drop_page_cache(self) -> None:
@@ -362,6 +434,8 @@ class ExpertCache:
         self.where[:] = -1
         self.uses[:] = 0
         self.last[:] = 0
+        self.filled = 0
+        self._device_lookup = None
 
     def close(self) -> None:
         self.transport.close()

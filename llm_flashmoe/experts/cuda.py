@@ -25,6 +25,7 @@ from ..errors import FlashMoeError
 
 cudaMemcpyHostToDevice = 1
 cudaMemcpyDeviceToHost = 2
+cudaMemcpyDeviceToDevice = 3
 cudaMemcpyDefault = 4
 cudaHostAllocPortable = 1
 cudaStreamNonBlocking = 1

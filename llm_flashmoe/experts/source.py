@@ -23,6 +23,7 @@ class ExpertBatch:
     up: Linear    # stacked [n, I, H(packed)]
     down: Linear  # stacked [n, H, I(packed)]
     lookup: np.ndarray  # int32 [E]: global expert id -> row in the stacks (-1: absent)
+    device_lookup: object = None  # the same as an mx.array, where a source keeps one (no host round trip)
 
 
 @dataclass
@@ -43,8 +44,11 @@ class ExpertStats:
 class ExpertSource(Protocol):
     stats: ExpertStats
 
-    def fetch(self, layer: int, expert_ids: np.ndarray) -> ExpertBatch:
-        """The weights of `expert_ids` (sorted, unique) of MoE layer `layer`."""
+    def fetch(self, layer: int, expert_ids: np.ndarray, *, gather: bool = False) -> ExpertBatch:
+        """The weights of `expert_ids` (sorted, unique) of MoE layer `layer`.
+
+        `gather`: the rows will be read by MLX's `gather_qmm` (prompt processing), whose
+        offsets are 32-bit: the stacks must stay under 2**31 bytes each."""
         ...
 
 
@@ -55,7 +59,7 @@ class ResidentExperts:
     layers: list[tuple[Linear, Linear, Linear]]  # per layer: full [E, ...] stacks
     stats: ExpertStats = field(default_factory=ExpertStats)
 
-    def fetch(self, layer: int, expert_ids: np.ndarray) -> ExpertBatch:
+    def fetch(self, layer: int, expert_ids: np.ndarray, *, gather: bool = False) -> ExpertBatch:
         gate, up, down = self.layers[layer]
         n_experts = gate.weight.shape[0]
         self.stats.experts += len(expert_ids)

@@ -221,7 +221,7 @@ class ExpertStore:
             self.trace.append((layer, np.array(expert_ids, copy=True)))
         return buf
 
-    def fetch(self, layer: int, expert_ids: np.ndarray) -> ExpertBatch:
+    def fetch(self, layer: int, expert_ids: np.ndarray, *, gather: bool = False) -> ExpertBatch:
         from ..engine.linear import Linear
 
         buf = self.read_experts(layer, expert_ids)

@@ -48,7 +48,7 @@ class GpuKernels:
         return k
 
     def table(self) -> dict:
-        return {n: getattr(self, n) for n in plain.OPS}
+        return {n: getattr(self, n) for n in plain.OPS if hasattr(self, n)}
 
     # -- family 1 ---------------------------------------------------------
     def qmv(self, x: mx.array, linears: list[Linear]) -> list[mx.array]:
