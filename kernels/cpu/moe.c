@@ -22,6 +22,10 @@ typedef struct {
     const int32_t *offsets; /* [n_exp+1] */
     const float *coef;      /* [pairs] */
     fm_xprep *px, *pu, *ph; /* per expert: x for gate, x for up (may alias px), hidden for down */
+    const fm_xprep **gx, **ux; /* per expert: where its tokens' x is laid out for gate and up, */
+    int64_t *slot0;            /* from this slot: an expert of one token uses the shared layout
+                                * of all tokens (slot = token), one of several its own (slot 0) */
+    fm_xprep by_bits[9];       /* the shared layouts, per code width */
     float *u;               /* up results [pairs, h_stride] */
     float **gptr, **uptr, **yptr; /* per pair */
     int64_t *task_e, *task_r0, *task_r1;
@@ -31,9 +35,9 @@ static void gate_up_task(void *vc, long i) {
     moe_ctx *c = vc;
     int e = (int)c->task_e[i];
     int64_t r0 = c->task_r0[i], r1 = c->task_r1[i], p0 = c->offsets[e], n = c->offsets[e + 1] - p0;
-    fm_rows_args a = {&c->gate[e], &c->px[e], 0, n, c->gptr + p0, NULL, 0};
+    fm_rows_args a = {&c->gate[e], c->gx[e], c->slot0[e], n, c->gptr + p0, NULL, 0};
     fm_rows(&a, r0, r1);
-    fm_rows_args b = {&c->up[e], &c->pu[e], 0, n, c->uptr + p0, NULL, 0};
+    fm_rows_args b = {&c->up[e], c->ux[e], c->slot0[e], n, c->uptr + p0, NULL, 0};
     fm_rows(&b, r0, r1);
     for (int64_t p = p0; p < p0 + n; p++) {
         float *g = c->gptr[p], *u = c->uptr[p];
@@ -93,6 +97,7 @@ static void free_preps(moe_ctx *c) {
         fm_xprep_free(&c->ph[e]);
     }
     free(c->px);
+    for (int b = 0; b < 9; b++) fm_xprep_free(&c->by_bits[b]);
 }
 
 static int64_t task_capacity(int n_exp, const fm_qmat *m, int64_t at_least) {
@@ -120,12 +125,16 @@ int fm_moe_gate_up(int n_exp, const fm_qmat *gate, const fm_qmat *up, const int3
     moe_ctx c = {.n_exp = n_exp, .gate = gate, .up = up, .offsets = offsets};
     int64_t cap = task_capacity(n_exp, gate, 1);
     c.px = calloc(3 * n_exp, sizeof(fm_xprep));
+    c.gx = malloc(sizeof(fm_xprep *) * 2 * n_exp);
+    c.slot0 = malloc(sizeof(int64_t) * n_exp);
+    char *filled = calloc(9 * T, 1); /* [bits][token]: laid out in by_bits[bits] */
     c.u = malloc(sizeof(float) * pairs * h_stride);
     c.gptr = malloc(sizeof(float *) * 2 * pairs);
     c.task_e = malloc(sizeof(int64_t) * 3 * cap);
-    if (!c.px || !c.u || !c.gptr || !c.task_e) { rc = -2; goto done; }
+    if (!c.px || !c.gx || !c.slot0 || !filled || !c.u || !c.gptr || !c.task_e) { rc = -2; goto done; }
     c.pu = c.px + n_exp;
     c.ph = c.pu + n_exp;
+    c.ux = c.gx + n_exp;
     c.uptr = c.gptr + pairs;
     c.task_r0 = c.task_e + cap;
     c.task_r1 = c.task_r0 + cap;
@@ -137,13 +146,29 @@ int fm_moe_gate_up(int n_exp, const fm_qmat *gate, const fm_qmat *up, const int3
     for (int e = 0; e < n_exp; e++) {
         int64_t p0 = offsets[e], n = offsets[e + 1] - p0;
         if (n == 0) continue;
-        if (!fm_xprep_alloc(&c.px[e], gate[e].bits, H, n)) { rc = -2; goto done; }
-        for (int64_t p = 0; p < n; p++) fm_xprep_fill(&c.px[e], p, x + (int64_t)tok[p0 + p] * H);
-        if (up[e].bits == gate[e].bits) {
-            c.pu[e] = c.px[e];
+        if (n == 1) { /* decode: every expert sees the same token, laid out once per width */
+            const int t = tok[p0], wb[2] = {gate[e].bits, up[e].bits};
+            for (int i = 0; i < 2; i++) {
+                fm_xprep *bp = &c.by_bits[wb[i]];
+                if (!bp->xp && !bp->xq && !fm_xprep_alloc(bp, wb[i], H, T)) { rc = -2; goto done; }
+                if (!filled[wb[i] * T + t]) fm_xprep_fill(bp, t, x + (int64_t)t * H);
+                filled[wb[i] * T + t] = 1;
+            }
+            c.gx[e] = &c.by_bits[wb[0]];
+            c.ux[e] = &c.by_bits[wb[1]];
+            c.slot0[e] = t;
         } else {
-            if (!fm_xprep_alloc(&c.pu[e], up[e].bits, H, n)) { rc = -2; goto done; }
-            for (int64_t p = 0; p < n; p++) fm_xprep_fill(&c.pu[e], p, x + (int64_t)tok[p0 + p] * H);
+            if (!fm_xprep_alloc(&c.px[e], gate[e].bits, H, n)) { rc = -2; goto done; }
+            for (int64_t p = 0; p < n; p++) fm_xprep_fill(&c.px[e], p, x + (int64_t)tok[p0 + p] * H);
+            if (up[e].bits == gate[e].bits) {
+                c.pu[e] = c.px[e];
+            } else {
+                if (!fm_xprep_alloc(&c.pu[e], up[e].bits, H, n)) { rc = -2; goto done; }
+                for (int64_t p = 0; p < n; p++) fm_xprep_fill(&c.pu[e], p, x + (int64_t)tok[p0 + p] * H);
+            }
+            c.gx[e] = &c.px[e];
+            c.ux[e] = &c.pu[e];
+            c.slot0[e] = 0;
         }
         int64_t rows = gate[e].rows, per = fm_rows_per_task(rows, H, gate[e].bits + up[e].bits, total_rows);
         for (int64_t r = 0; r < rows; r += per, n_tasks++) {
@@ -155,6 +180,9 @@ int fm_moe_gate_up(int n_exp, const fm_qmat *gate, const fm_qmat *up, const int3
     fm_parallel(gate_up_task, &c, n_tasks);
 done:
     free_preps(&c);
+    free(c.gx);
+    free(c.slot0);
+    free(filled);
     free(c.u);
     free(c.gptr);
     free(c.task_e);

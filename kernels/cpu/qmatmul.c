@@ -167,10 +167,18 @@ FM_INLINE __m512i load_units(const uint8_t *w, int bits, int lanes) {
 #endif
 }
 
-/* Bytes ahead of the current block to prefetch. The loop does enough work
- * per cache line that out-of-order execution alone keeps too few misses in
- * flight (measured: ~4 GB/s per core without, on a 19 GB/s-per-core VM). */
-#define PF_AHEAD 2048
+/* Bytes ahead of the current block to prefetch, into L2. The loop does
+ * enough work per cache line that out-of-order execution alone keeps too
+ * few misses in flight (measured: ~4 GB/s per core without, on a 19
+ * GB/s-per-core VM). Into L1 at 2 KiB the prefetches are limited by L1's
+ * few miss buffers; into L2 at 8 KiB one core read 8-bit rows at 17.5
+ * instead of 14 GB/s (qdot_int8.c: 4-bit, 18-19 instead of 11-13). */
+#ifndef PF_AHEAD
+#define PF_AHEAD 8192
+#endif
+#ifndef PF_HINT
+#define PF_HINT _MM_HINT_T1
+#endif
 
 /* A code q becomes the float 1 + q/2^bits by placing it in the top of the
  * mantissa of 1.0 (one shift, one bitwise op): no conversion instruction,
@@ -210,8 +218,8 @@ FM_INLINE void row_dot(const fm_qmat *m, int64_t r, const fm_xprep *xp, int64_t 
     for (int64_t b = 0; b < xp->nb; b++) {
         int64_t left = cols - b * BE;
         int lanes = left >= BE ? 16 : (int)(left / P);
-        _mm_prefetch((const char *)w + b * 16 * U + PF_AHEAD, _MM_HINT_T0);
-        if (U == 3) _mm_prefetch((const char *)w + b * 16 * U + PF_AHEAD + 64, _MM_HINT_T0);
+        _mm_prefetch((const char *)w + b * 16 * U + PF_AHEAD, PF_HINT);
+        if (U == 3) _mm_prefetch((const char *)w + b * 16 * U + PF_AHEAD + 64, PF_HINT);
         __m512i L = load_units(w + b * 16 * U, bits, lanes);
         __m512 acc[TOK_TILE];
         for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
@@ -278,8 +286,8 @@ FM_INLINE void rows_dot_1tok(const fm_qmat *m, int64_t r, const fm_xprep *xp, in
         __m512i L[R];
         __m512 acc[R];
         for (int i = 0; i < R; i++) {
-            _mm_prefetch((const char *)w0 + i * row_bytes + ahead, _MM_HINT_T0);
-            if (U == 3) _mm_prefetch((const char *)w0 + i * row_bytes + ahead + 64, _MM_HINT_T0);
+            _mm_prefetch((const char *)w0 + i * row_bytes + ahead, PF_HINT);
+            if (U == 3) _mm_prefetch((const char *)w0 + i * row_bytes + ahead + 64, PF_HINT);
             L[i] = load_units(w0 + i * row_bytes + at, bits, lanes);
             acc[i] = _mm512_setzero_ps();
         }
