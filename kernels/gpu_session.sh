@@ -49,7 +49,7 @@ for s in "$@"; do
   case $s in
     prep) prep ;;
     upload) step upload.log python3 -m llm_flashmoe.experts.gpu_bench upload --packed "$M/packed" ;;
-    check) step check.log python3 -m llm_flashmoe.experts.gpu_bench check --packed "$M/packed" ;;
+    check) step check.log python3 -m llm_flashmoe.experts.gpu_bench check --packed "$M/packed" --settings "${CHECK:-25%,100%}" ;;
     decode) step decode.log python3 -m llm_flashmoe.experts.gpu_bench decode --packed "$M/packed" --resident "$M/mlx" ;;
     kcheck) step kcheck.log python3 -m llm_flashmoe.kernels.check --runs "$runs" ;;
     kdecode) step kdecode.log python3 -m llm_flashmoe.kernels.decode_bench --dir "$M/mlx" --check-layers 2,all ;;

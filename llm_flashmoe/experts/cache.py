@@ -149,9 +149,7 @@ class HostTransport:
 class CudaTransport:
     """Pinned host buffers + `cudaMemcpyAsync` into device memory, one stream per worker."""
 
-    name = "cuda"
-
-    def __init__(self, threads: int | None = None, piece_bytes: int = PIECE_BYTES, rt=None):
+    def __init__(self, threads: int | None = None, piece_bytes: int = PIECE_BYTES, rt=None, native: bool = True):
         from . import cuda
 
         self.rt = rt or cuda.runtime()
@@ -160,7 +158,30 @@ class CudaTransport:
         self._local = threading.local()
         self._workers: list = []  # (stream, [pinned ptr x2], [event x2]) per worker thread
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="flashmoe-upload")
+        self._pool = None
+        self._native = self._native_pinned = None
+        lib = None
+        if native:
+            from . import native as nat
+
+            lib = nat.load()
+        if lib is not None:  # the C pool (native.py says why)
+            memcpy_async, stream_sync = self.rt.native_functions(lib)
+            self._native_pinned = [self.rt.host_alloc(piece_bytes) for _ in range(2 * self.threads)]
+            streams = [self.rt.stream() for _ in range(self.threads)]
+            self._native = nat.NativeUploader(lib, self.threads, piece_bytes, self._native_pinned, streams,
+                                              memcpy_async, stream_sync)
+        else:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="flashmoe-upload")
+
+    @property
+    def name(self) -> str:
+        return "cuda-native" if self._native is not None else "cuda-python"
+
+    def _piece_for(self, n: int, size: int) -> int:
+        """A few experts (decode: a layer's misses) are cut finer, so that every thread has a share."""
+        share = -(-n * size // self.threads)
+        return min(self.piece, max(MIN_PIECE, -(-share // MIN_PIECE) * MIN_PIECE))
 
     def _worker(self):
         w = getattr(self._local, "w", None)
@@ -191,8 +212,7 @@ class CudaTransport:
         A few experts (decode: a layer's misses) are cut finer, so that every thread has a share."""
         comps, m = store.components, store.manifest
         fd, base, stride, size = store.fds[layer], m.header_bytes, m.expert_stride, m.expert_bytes
-        share = -(-len(expert_ids) * size // self.threads)
-        piece = min(self.piece, max(MIN_PIECE, -(-share // MIN_PIECE) * MIN_PIECE))
+        piece = self._piece_for(len(expert_ids), size)
         out = []
         for e, r in zip(expert_ids, rows):
             start = base + int(e) * stride
@@ -243,6 +263,13 @@ class CudaTransport:
         self.rt.sync_stream(self._d2d)
 
     def load(self, store: ExpertStore, layer: int, expert_ids, buf: PoolBuffers, rows) -> int:
+        m = store.manifest
+        if self._native is not None:
+            ids = np.asarray(expert_ids, np.int64)
+            hit_bytes = self._native.run(store.fds[layer], m.header_bytes + ids * m.expert_stride, np.asarray(rows),
+                                         m.expert_bytes, store.components, buf.address,
+                                         self._piece_for(len(ids), m.expert_bytes), store.probe)
+            return int(round(hit_bytes / m.expert_bytes))
         pieces = self._pieces(store, layer, expert_ids, buf, rows)
         if not pieces:
             return 0
@@ -256,6 +283,11 @@ class CudaTransport:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        if self._native is not None:
+            self._native.close()
+            self._native = None
+            for p in self._native_pinned:
+                self.rt.free_host(p)
         for w in self._workers:
             for p in w[1]:
                 self.rt.free_host(p)

@@ -150,6 +150,11 @@ class CudaRuntime:
         self.check(self.lib.cudaMemcpyAsync(ctypes.c_void_p(dst), ctypes.c_void_p(src), nbytes, kind,
                                             ctypes.c_void_p(stream)), "cudaMemcpyAsync")
 
+    def native_functions(self, lib) -> tuple[int, int]:
+        """Addresses of cudaMemcpyAsync and cudaStreamSynchronize, for the C upload engine."""
+        return (ctypes.cast(self.lib.cudaMemcpyAsync, ctypes.c_void_p).value,
+                ctypes.cast(self.lib.cudaStreamSynchronize, ctypes.c_void_p).value)
+
     def copy(self, dst: int, src: int, nbytes: int, kind: int) -> None:
         self.check(self.lib.cudaMemcpy(ctypes.c_void_p(dst), ctypes.c_void_p(src), nbytes, kind), "cudaMemcpy")
 

@@ -86,8 +86,8 @@ def upload(args) -> int:
     dtypes = [a.dtype for a in ref]
     ok_all = True
     for threads in args.threads:
-        for piece_mb in args.pieces:
-            tr = CudaTransport(threads, int(piece_mb * (1 << 20)))
+        for piece_mb, native in [(p, nat) for p in args.pieces for nat in (False, True)]:
+            tr = CudaTransport(threads, int(piece_mb * (1 << 20)), native=native)
             buf = tr.alloc(store.components, n, dtypes)
             r = np.arange(n)
             tr.load(store, layer, ids, buf, r)  # warm-up: pinned buffers, streams
@@ -99,15 +99,15 @@ def upload(args) -> int:
                 dts.append(time.perf_counter() - t0)
             ok = all(mx.array_equal(_bits(a), _bits(b)).item() for a, b in zip(buf.typed, ref))
             ok_all &= ok
-            rows.append((f"pinned pieces + cudaMemcpyAsync{'' if ok else '  BYTES DIFFER'}", threads, piece_mb,
-                         total, min(dts)))
+            rows.append((f"pinned pieces + cudaMemcpyAsync, {tr.name}{'' if ok else '  BYTES DIFFER'}", threads,
+                         piece_mb, total, min(dts)))
             tr.close()
             del buf
 
     # 2b. decode-sized fetches: a layer's few misses, cut into pieces across the threads
     small = []
-    for threads in args.threads:
-        tr = CudaTransport(threads)
+    for threads, native in [(t, nat) for t in args.threads for nat in (False, True)]:
+        tr = CudaTransport(threads, native=native)
         buf = tr.alloc(store.components, 8, dtypes)
         for k in (1, 2, 4):
             sel = ids[:k]
@@ -118,7 +118,7 @@ def upload(args) -> int:
                 t0 = time.perf_counter()
                 tr.load(store, layer, sel, buf, np.arange(k))
                 dts.append(time.perf_counter() - t0)
-            small.append((k, threads, float(np.median(dts))))
+            small.append((k, threads, tr.name, float(np.median(dts))))
         tr.close()
         del buf
 
@@ -160,8 +160,8 @@ def upload(args) -> int:
     for name, th, pc, nb, dt in rows:
         print(f"{name:58} {th:>7} {pc!s:>8} {_gbs(nb, dt):7.2f}")
     print(f"\n{'decode-sized fetch (warm)':30} {'threads':>7} {'us/fetch':>9} {'GB/s':>7}")
-    for k, th, dt in small:
-        print(f"{f'{k} expert(s)':30} {th:>7} {dt * 1e6:9.0f} {_gbs(k * m.expert_bytes, dt):7.2f}")
+    for k, th, name, dt in small:
+        print(f"{f'{k} expert(s), {name}':30} {th:>7} {dt * 1e6:9.0f} {_gbs(k * m.expert_bytes, dt):7.2f}")
     store.close()
     return 0 if ok_all else 1
 
@@ -368,8 +368,8 @@ def main(argv=None) -> int:
     u.add_argument("--packed", required=True)
     u.add_argument("--experts", type=int, default=64)
     u.add_argument("--trials", type=int, default=3)
-    u.add_argument("--threads", type=lambda s: [int(x) for x in s.split(",")], default=[4, 8, 16])
-    u.add_argument("--pieces", type=lambda s: [float(x) for x in s.split(",")], default=[1, 4])
+    u.add_argument("--threads", type=lambda s: [int(x) for x in s.split(",")], default=[8, 16])
+    u.add_argument("--pieces", type=lambda s: [float(x) for x in s.split(",")], default=[4])
     c = sub.add_parser("check")
     c.add_argument("--packed", required=True)
     c.add_argument("--steps", type=int, default=12)

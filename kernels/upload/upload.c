@@ -1,0 +1,236 @@
+// Expert upload engine: page cache -> pinned host buffers -> GPU memory.
+//
+// A persistent pool of threads, each with two pinned buffers and its own
+// stream. One call uploads a list of experts of one layer file: every expert
+// is cut into pieces of at most `piece` bytes, the threads take pieces in
+// turn, read each with preadv (RWF_NOWAIT first, to count page-cache hits)
+// into one buffer while the copy of the previous piece out of the other is
+// in flight, and queue one async copy per component the piece overlaps,
+// straight to the expert's row in the destination pool. The call returns
+// once every stream is drained.
+//
+// The CUDA runtime is not linked: the caller passes cudaMemcpyAsync and
+// cudaStreamSynchronize (taken from the libcudart that MLX loaded), so the
+// library builds with any C compiler and no CUDA headers. fm_host_memcpy_async
+// and fm_host_stream_sync carry the same calls out in host memory (tests).
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#ifndef RWF_NOWAIT
+#define RWF_NOWAIT 0x00000008
+#endif
+
+typedef int (*fm_memcpy_async_fn)(void *dst, const void *src, size_t n, int kind, void *stream);
+typedef int (*fm_sync_fn)(void *stream);
+
+enum { H2D = 1 };
+
+typedef struct {
+  // the job, set by fm_upload_run
+  int fd, ncomp, probe;
+  const int64_t *file_offset, *row;
+  int64_t n_experts, expert_bytes, piece, pieces_per_expert, n_pieces;
+  const int64_t *comp_offset, *comp_nbytes;
+  const uint64_t *comp_base;
+  atomic_llong next, hit_bytes;
+  atomic_int error;
+} fm_job;
+
+typedef struct fm_uploader {
+  int nthreads;
+  int64_t piece_cap;
+  void **pinned;   // 2 per thread
+  void **streams;  // 1 per thread
+  fm_memcpy_async_fn memcpy_async;
+  fm_sync_fn stream_sync;
+  pthread_t *threads;
+  pthread_mutex_t mu;
+  pthread_cond_t start, done;
+  int64_t generation;
+  int running, stop;
+  fm_job job;
+} fm_uploader;
+
+typedef struct {
+  fm_uploader *u;
+  int index;
+} fm_worker_arg;
+
+// Read nbytes at offset into dst; 1 if the page cache served all of it, 0 if not, -errno on failure.
+static int read_piece(int fd, char *dst, int64_t offset, int64_t nbytes, int probe) {
+  int64_t done = 0;
+  if (probe) {
+    struct iovec v = {dst, (size_t)nbytes};
+    ssize_t r = preadv2(fd, &v, 1, offset, RWF_NOWAIT);
+    if (r == nbytes) return 1;
+    if (r > 0) done = r;
+  }
+  while (done < nbytes) {
+    ssize_t r = pread(fd, dst + done, (size_t)(nbytes - done), offset + done);
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      return -errno;
+    }
+    if (r == 0) return -EIO;  // the file ends early: truncated while in use
+    done += r;
+  }
+  return 0;
+}
+
+static void work(fm_uploader *u, int w) {
+  fm_job *j = &u->job;
+  void *stream = u->streams[w];
+  int k = 0, pending = 0;
+  for (;;) {
+    int64_t i = atomic_fetch_add(&j->next, 1);
+    if (i >= j->n_pieces || atomic_load(&j->error)) break;
+    int64_t e = i / j->pieces_per_expert;
+    int64_t p0 = (i % j->pieces_per_expert) * j->piece;
+    int64_t p1 = p0 + j->piece < j->expert_bytes ? p0 + j->piece : j->expert_bytes;
+    char *buf = (char *)u->pinned[2 * w + k];
+    int r = read_piece(j->fd, buf, j->file_offset[e] + p0, p1 - p0, j->probe);
+    if (r < 0) {
+      atomic_store(&j->error, r);
+      break;
+    }
+    if (r == 1) atomic_fetch_add(&j->hit_bytes, p1 - p0);
+    // the copy out of the other buffer (previous piece) must be done before that buffer is read into
+    if (pending && u->stream_sync(stream) != 0) {
+      atomic_store(&j->error, -1000);
+      break;
+    }
+    for (int c = 0; c < j->ncomp; c++) {
+      int64_t a = p0 > j->comp_offset[c] ? p0 : j->comp_offset[c];
+      int64_t cend = j->comp_offset[c] + j->comp_nbytes[c];
+      int64_t b = p1 < cend ? p1 : cend;
+      if (a >= b) continue;
+      uint64_t dst = j->comp_base[c] + (uint64_t)(j->row[e] * j->comp_nbytes[c] + (a - j->comp_offset[c]));
+      if (u->memcpy_async((void *)dst, buf + (a - p0), (size_t)(b - a), H2D, stream) != 0) {
+        atomic_store(&j->error, -1001);
+        break;
+      }
+    }
+    pending = 1;
+    k ^= 1;
+  }
+  if (pending && u->stream_sync(stream) != 0) atomic_store(&j->error, -1000);
+}
+
+static void *worker_main(void *p) {
+  fm_worker_arg *arg = (fm_worker_arg *)p;
+  fm_uploader *u = arg->u;
+  int w = arg->index;
+  free(arg);
+  int64_t seen = 0;
+  for (;;) {
+    pthread_mutex_lock(&u->mu);
+    while (!u->stop && u->generation == seen) pthread_cond_wait(&u->start, &u->mu);
+    if (u->stop) {
+      pthread_mutex_unlock(&u->mu);
+      return NULL;
+    }
+    seen = u->generation;
+    pthread_mutex_unlock(&u->mu);
+    work(u, w);
+    pthread_mutex_lock(&u->mu);
+    if (--u->running == 0) pthread_cond_signal(&u->done);
+    pthread_mutex_unlock(&u->mu);
+  }
+}
+
+fm_uploader *fm_uploader_new(int nthreads, int64_t piece_cap, void **pinned, void **streams,
+                             fm_memcpy_async_fn memcpy_async, fm_sync_fn stream_sync) {
+  fm_uploader *u = calloc(1, sizeof(fm_uploader));
+  if (!u) return NULL;
+  u->nthreads = nthreads;
+  u->piece_cap = piece_cap;
+  u->pinned = malloc(sizeof(void *) * 2 * nthreads);
+  u->streams = malloc(sizeof(void *) * nthreads);
+  u->threads = calloc(nthreads, sizeof(pthread_t));
+  memcpy(u->pinned, pinned, sizeof(void *) * 2 * nthreads);
+  memcpy(u->streams, streams, sizeof(void *) * nthreads);
+  u->memcpy_async = memcpy_async;
+  u->stream_sync = stream_sync;
+  pthread_mutex_init(&u->mu, NULL);
+  pthread_cond_init(&u->start, NULL);
+  pthread_cond_init(&u->done, NULL);
+  for (int i = 0; i < nthreads; i++) {
+    fm_worker_arg *arg = malloc(sizeof(fm_worker_arg));
+    arg->u = u;
+    arg->index = i;
+    pthread_create(&u->threads[i], NULL, worker_main, arg);
+  }
+  return u;
+}
+
+// Upload n experts of one layer file: expert i's bytes at file_offset[i] go to row row[i] of
+// every component c (base comp_base[c], comp_nbytes[c] per row, at comp_offset[c] in the expert).
+// Pieces of at most `piece` bytes (<= the pinned buffers' size). Returns the bytes the page cache
+// served, or a negative error: -errno of a failed read, -1000/-1001 a failed sync/copy.
+int64_t fm_upload_run(fm_uploader *u, int fd, const int64_t *file_offset, const int64_t *row, int64_t n,
+                      int64_t expert_bytes, int ncomp, const int64_t *comp_offset, const int64_t *comp_nbytes,
+                      const uint64_t *comp_base, int64_t piece, int probe) {
+  if (n <= 0) return 0;
+  if (piece <= 0 || piece > u->piece_cap) piece = u->piece_cap;
+  fm_job *j = &u->job;
+  j->fd = fd;
+  j->file_offset = file_offset;
+  j->row = row;
+  j->n_experts = n;
+  j->expert_bytes = expert_bytes;
+  j->ncomp = ncomp;
+  j->comp_offset = comp_offset;
+  j->comp_nbytes = comp_nbytes;
+  j->comp_base = comp_base;
+  j->piece = piece;
+  j->pieces_per_expert = (expert_bytes + piece - 1) / piece;
+  j->n_pieces = n * j->pieces_per_expert;
+  j->probe = probe;
+  atomic_store(&j->next, 0);
+  atomic_store(&j->hit_bytes, 0);
+  atomic_store(&j->error, 0);
+  pthread_mutex_lock(&u->mu);
+  u->running = u->nthreads;
+  u->generation++;
+  pthread_cond_broadcast(&u->start);
+  while (u->running > 0) pthread_cond_wait(&u->done, &u->mu);
+  pthread_mutex_unlock(&u->mu);
+  int err = atomic_load(&j->error);
+  return err ? err : atomic_load(&j->hit_bytes);
+}
+
+void fm_uploader_free(fm_uploader *u) {
+  if (!u) return;
+  pthread_mutex_lock(&u->mu);
+  u->stop = 1;
+  pthread_cond_broadcast(&u->start);
+  pthread_mutex_unlock(&u->mu);
+  for (int i = 0; i < u->nthreads; i++) pthread_join(u->threads[i], NULL);
+  pthread_mutex_destroy(&u->mu);
+  pthread_cond_destroy(&u->start);
+  pthread_cond_destroy(&u->done);
+  free(u->pinned);
+  free(u->streams);
+  free(u->threads);
+  free(u);
+}
+
+// Host-memory stand-ins for cudaMemcpyAsync / cudaStreamSynchronize (tests; unified memory).
+int fm_host_memcpy_async(void *dst, const void *src, size_t n, int kind, void *stream) {
+  (void)kind;
+  (void)stream;
+  memmove(dst, src, n);
+  return 0;
+}
+
+int fm_host_stream_sync(void *stream) {
+  (void)stream;
+  return 0;
+}

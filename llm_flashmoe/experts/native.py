@@ -1,0 +1,132 @@
+"""The expert upload engine in C (kernels/upload/upload.c), built on first use.
+
+A decode step uploads a layer's few missing experts (2-3 of 7 MB at 397B
+shapes): the work is a few dozen pieces, and Python threads spent more time
+waking up and contending for the interpreter lock than reading (a fetch of two
+experts from the page cache took 1.2 ms with a Python thread pool, 11 GB/s).
+The C pool reads and queues copies with no Python in the loop.
+
+Built like the CPU kernels (llm_flashmoe/cpu/build.py: the system C compiler,
+cached by source and compiler hash), but with no CPU-specific flags: it moves
+bytes, it does not compute. No compiler: the Python transport is used.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+SOURCE = Path(__file__).resolve().parent.parent / "kernels" / "sources" / "upload" / "upload.c"
+_lib: list = []
+
+
+def build() -> Path:
+    from ..cpu.build import cache_dir, find_compiler
+
+    cc = find_compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
+    flags = ["-O2", "-std=c11", "-fPIC", "-shared", "-pthread"]
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    digest = hashlib.sha256(SOURCE.read_bytes() + "\0".join([cc, version, *flags]).encode()).hexdigest()[:16]
+    out_dir = cache_dir()
+    lib = out_dir / f"flashmoe_upload_{digest}{'.dylib' if sys.platform == 'darwin' else '.so'}"
+    if lib.exists():
+        return lib
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=lib.suffix)
+    os.close(fd)
+    try:
+        res = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"{Path(cc).name} failed: {res.stderr.strip()[:2000]}")
+        os.replace(tmp, lib)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+def load() -> ctypes.CDLL | None:
+    """The library, or None (with the reason in `load.error`) where it cannot be built."""
+    if _lib:
+        return _lib[0]
+    try:
+        lib = ctypes.CDLL(str(build()))
+    except (OSError, RuntimeError) as e:
+        load.error = str(e)
+        _lib.append(None)
+        return None
+    P, I64, I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.fm_uploader_new.argtypes = [I32, I64, P, P, P, P]
+    lib.fm_uploader_new.restype = P
+    lib.fm_upload_run.argtypes = [P, I32, P, P, I64, I64, I32, P, P, P, I64, I32]
+    lib.fm_upload_run.restype = I64
+    lib.fm_uploader_free.argtypes = [P]
+    lib.fm_uploader_free.restype = None
+    _lib.append(lib)
+    return lib
+
+
+load.error = ""
+
+
+def function_address(fn) -> int:
+    return ctypes.cast(fn, ctypes.c_void_p).value
+
+
+class NativeUploader:
+    """A C thread pool that reads expert pieces into pinned buffers and queues their copies.
+
+    `pinned`: 2 buffers of `piece_cap` bytes per thread; `streams`: one per thread;
+    `memcpy_async`, `stream_sync`: addresses of cudaMemcpyAsync / cudaStreamSynchronize
+    (or the library's host stand-ins, `host_functions()`)."""
+
+    def __init__(self, lib, threads: int, piece_cap: int, pinned: list[int], streams: list[int],
+                 memcpy_async: int, stream_sync: int):
+        self.lib = lib
+        P = ctypes.c_void_p
+        self._pinned = (P * len(pinned))(*pinned)
+        self._streams = (P * len(streams))(*streams)
+        self.handle = lib.fm_uploader_new(threads, piece_cap, self._pinned, self._streams, memcpy_async, stream_sync)
+        if not self.handle:
+            raise MemoryError("fm_uploader_new failed")
+        self.piece_cap = piece_cap
+        self._tables: dict = {}
+
+    def run(self, fd: int, file_offsets: np.ndarray, rows: np.ndarray, expert_bytes: int, components,
+            bases: list[int], piece: int, probe: bool) -> int:
+        """Upload; page-cache hit bytes. Raises OSError on a failed read, RuntimeError on a failed copy."""
+        key = tuple(bases)
+        t = self._tables.get(key)
+        if t is None:
+            t = self._tables[key] = (np.array([c.offset for c in components], np.int64),
+                                     np.array([c.nbytes for c in components], np.int64),
+                                     np.array(bases, np.uint64))
+        offs = np.ascontiguousarray(file_offsets, np.int64)
+        rws = np.ascontiguousarray(rows, np.int64)
+        r = self.lib.fm_upload_run(self.handle, fd, offs.ctypes.data, rws.ctypes.data, len(offs), expert_bytes,
+                                   len(components), t[0].ctypes.data, t[1].ctypes.data, t[2].ctypes.data,
+                                   piece, int(bool(probe)))
+        if r <= -1000:
+            raise RuntimeError(f"CUDA {'copy' if r == -1001 else 'stream synchronisation'} failed during an expert upload")
+        if r < 0:
+            raise OSError(-r, f"expert read failed: {os.strerror(-r)}")
+        return int(r)
+
+    def close(self) -> None:
+        if self.handle:
+            self.lib.fm_uploader_free(self.handle)
+            self.handle = None
+
+
+def host_functions(lib) -> tuple[int, int]:
+    """The library's host-memory stand-ins for cudaMemcpyAsync and cudaStreamSynchronize."""
+    return function_address(lib.fm_host_memcpy_async), function_address(lib.fm_host_stream_sync)
