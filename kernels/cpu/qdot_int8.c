@@ -163,9 +163,12 @@ FM_INLINE void row_dot(const fm_qmat *m, int64_t r, const fm_xprep *xp, int64_t 
     const int64_t row_bytes = cols * bits / 8, xq_stride = nb * 3 * C * 64;
     const uint8_t *w = (const uint8_t *)m->w + r * row_bytes;
     const int ssize = st == FM_F32 ? 4 : 2;
-    for (int64_t o = 0; o < ngroups * ssize; o += 64) { /* the next row's scales and biases */
-        _mm_prefetch((const char *)m->scales + (r + 1) * ngroups * ssize + o, _MM_HINT_T0);
-        _mm_prefetch((const char *)m->biases + (r + 1) * ngroups * ssize + o, _MM_HINT_T0);
+    /* Scales and biases as far ahead as the codes (rows of 1024 4-bit codes carry half
+     * as many bytes again of float32 scales and biases: streams as important as theirs). */
+    const int64_t s_ahead = (r + (PF_AHEAD + row_bytes - 1) / row_bytes) * ngroups * ssize;
+    for (int64_t o = 0; o < ngroups * ssize; o += 64) {
+        _mm_prefetch((const char *)m->scales + s_ahead + o, PF_HINT);
+        _mm_prefetch((const char *)m->biases + s_ahead + o, PF_HINT);
     }
     const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     const __m512i gidx = _mm512_srli_epi32(_mm512_mullo_epi32(lane, _mm512_set1_epi32(4 * C)), __builtin_ctz(group));
