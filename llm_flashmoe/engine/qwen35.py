@@ -227,13 +227,10 @@ class SparseMoE:
             ids_np = np.array(ids)
             batch = self.experts.fetch(self.layer, np.unique(ids_np))
             gate, up, down, rows = batch.gate, batch.up, batch.down, mx.array(batch.lookup[ids_np])
-            batch = None
+        # No mx.async_eval(out) here to start the MoE early: on the H200 each extra evaluation
+        # cost ~0.15 ms per layer (0.574 -> 0.425 ms per layer without it, all experts cached).
         h, hs = self.ops.moe_gate_up(x1, rows, gate, up, self.shared_gate_proj, self.shared_up_proj)
         out = self.ops.moe_down(h, rows, scores, down, hs, self.shared_down_proj, shared_logit, residual)
-        if batch is None and self.ops.backend in ("cuda", "metal") and not isinstance(self.experts, ResidentExperts):
-            # The next layer waits for its router on the host: start this MoE on the GPU now, so
-            # that it runs while Python builds the next layer's graph.
-            mx.async_eval(out)
         return out.reshape(x.shape)
 
 
