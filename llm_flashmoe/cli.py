@@ -281,8 +281,19 @@ def bench(name_or_dir, bench_args):
     """Measure decode and prompt speed, cold and warm, on this machine.
 
     Extra arguments go to the benchmark (`python -m llm_flashmoe.bench --help`).
+    `llm flashmoe bench NAME gpu upload|check|decode` runs the GPU expert-cache
+    benchmarks instead (CUDA; `python -m llm_flashmoe.experts.gpu_bench --help`).
     """
     _label, path = _resolve_dir(name_or_dir)
+    if bench_args[:1] == ("gpu",):
+        from .experts.gpu_bench import main as gpu_main
+
+        rest = list(bench_args[1:]) or ["--help"]
+        code = gpu_main([rest[0], "--packed", str(path), *rest[1:]] if rest[0] in ("upload", "check", "decode")
+                        else rest)
+        if code:
+            sys.exit(code)
+        return
     from .bench import main
 
     code = main([str(path), *bench_args])

@@ -61,13 +61,21 @@ def test_render_prints_the_prompt(home, tiny_hf):
     assert "tokens]" in result.stderr
 
 
-def test_convert_registers_and_verify_checks(home, tiny_hf, tmp_path):
+def test_convert_registers_and_verify_checks(home, tiny_hf, tmp_path, monkeypatch):
     dest = tmp_path / "packed"
     result = invoke("flashmoe", "convert", str(tiny_hf), str(dest), "--name", "packed-tiny")
     assert result.exit_code == 0, result.output
     assert registry.get("packed-tiny").path == dest.resolve()
     result = invoke("flashmoe", "verify", "packed-tiny")
     assert result.exit_code == 0 and "OK" in result.output, result.output
+    # the GPU expert-cache benchmarks: refused without a GPU, run with the host transport forced
+    result = invoke("flashmoe", "bench", "packed-tiny", "gpu", "check", "--steps", "2")
+    assert result.exit_code == 1 and "no GPU expert cache" in result.output, result.output
+    monkeypatch.setenv("FLASHMOE_CACHE_TRANSPORT", "host")
+    result = invoke("flashmoe", "bench", "packed-tiny", "gpu", "check", "--steps", "2")
+    monkeypatch.delenv("FLASHMOE_CACHE_TRANSPORT")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("logits identical to the uncached store") == 2 and ": NO" not in result.output
     (dest / "complete").unlink()
     result = invoke("flashmoe", "verify", str(dest))
     assert result.exit_code == 1 and "unfinished conversion" in result.output

@@ -294,19 +294,25 @@ class CudaTransport:
         self._workers = []
 
 
-def default_transport():
-    """The transport for this machine, or None (no GPU cache): CudaTransport where MLX runs on
-    CUDA. FLASHMOE_CACHE_TRANSPORT=host forces the host transport (unified memory, tests)."""
+def transport_kind() -> str | None:
+    """'cuda' where MLX runs on CUDA, 'host' when FLASHMOE_CACHE_TRANSPORT=host forces the
+    host transport (unified memory, tests), else None: no GPU expert cache."""
     import mlx.core as mx
 
     want = os.environ.get("FLASHMOE_CACHE_TRANSPORT", "auto").strip().lower()
     if want == "host":
-        return HostTransport()
+        return "host"
     if want not in ("", "auto", "cuda"):
         raise FlashMoeError(f"FLASHMOE_CACHE_TRANSPORT={want!r}: use auto, cuda or host.")
     if mx.default_device() == mx.cpu or not mx.cuda.is_available():
         return None
-    return CudaTransport()
+    return "cuda"
+
+
+def default_transport():
+    """The transport of `transport_kind()`, or None."""
+    kind = transport_kind()
+    return HostTransport() if kind == "host" else CudaTransport() if kind == "cuda" else None
 
 
 class ExpertCache:

@@ -192,6 +192,12 @@ def check(args) -> int:
     from .cache import ExpertCache
 
     prompt = np.random.default_rng(1).integers(0, 1000, 24).tolist()
+    from .cache import transport_kind
+
+    if transport_kind() is None:
+        print("no GPU expert cache on this machine (it is used with MLX on CUDA; "
+              "FLASHMOE_CACHE_TRANSPORT=host forces it on elsewhere)")
+        return 1
     off = load_model(args.packed, gpu_cache="off", experts_per_token=args.k)
     ref = _run_tokens(off, prompt, args.steps)
     off.experts.close()
