@@ -200,7 +200,9 @@ def moe_gate_up(x, rows, gate: Linear, up: Linear, shared_gate: Linear,
 
         return plain.moe_gate_up(*(mx.array(t) for t in (x, rows)), gate, up, shared_gate, shared_up)
     lib = load()
-    xn = f32([x])[0]
+    # One evaluation for both stacks (streamed experts arrive as fresh Linears every layer,
+    # their scales possibly still to be converted by MLX), the input and the rows.
+    xn = prepare([gate, up], [x])[0]
     r = host_view(rows).reshape(-1)
     K = len(r)
     I, Is = gate.weight.shape[-2], shared_gate.out_features
