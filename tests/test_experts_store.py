@@ -30,9 +30,12 @@ def damaged(packed, tmp_path):
     return shutil.copytree(packed, tmp_path / "copy")
 
 
-def test_fetch_returns_the_requested_experts_bit_exact(packed, tiny_mlx):
+@pytest.mark.parametrize("reader", ["c", "python"])
+def test_fetch_returns_the_requested_experts_bit_exact(packed, tiny_mlx, reader, monkeypatch):
+    monkeypatch.setenv("FLASHMOE_NATIVE_READS", "1" if reader == "c" else "0")
     ref = load_model(tiny_mlx, dtype=mx.float32).experts  # ResidentExperts
     store = ExpertStore(packed, dtype=mx.float32)
+    assert (store._native is not None) == (reader == "c")
     ids = np.array([0, 5, 17, 63])
     batch = store.fetch(3, ids)
     assert batch.lookup[ids].tolist() == [0, 1, 2, 3] and (batch.lookup >= 0).sum() == 4
@@ -54,7 +57,9 @@ def test_fetch_returns_the_requested_experts_bit_exact(packed, tiny_mlx):
     copying.close()
 
 
-def test_stats_and_page_cache_hits(packed):
+@pytest.mark.parametrize("reader", ["c", "python"])
+def test_stats_and_page_cache_hits(packed, reader, monkeypatch):
+    monkeypatch.setenv("FLASHMOE_NATIVE_READS", "1" if reader == "c" else "0")
     store = ExpertStore(packed, threads=2)
     ids = np.arange(0, 64, 3)  # 22 experts: enough bytes for the thread pool
     store.drop_page_cache()
@@ -153,3 +158,16 @@ def test_bench_reports_every_figure(packed):
     c = r["constraints"]
     assert c["free_tok_s"] > 0 and c["constrained_tok_s"] > 0 and 0 <= c["constraint_share"] < 1
     assert "JSON-schema constrained" in table
+
+
+@pytest.mark.parametrize("reader", ["c", "python"])
+def test_file_truncated_while_in_use_is_an_error_not_garbage(damaged, reader, monkeypatch):
+    monkeypatch.setenv("FLASHMOE_NATIVE_READS", "1" if reader == "c" else "0")
+    store = ExpertStore(damaged)
+    path = damaged / store.manifest.layers[2].file
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - store.manifest.expert_stride)  # the last expert is gone
+    store.fetch(2, np.array([0, 1]))  # still there
+    with pytest.raises(FlashMoeError, match="truncated"):
+        store.fetch(2, np.array([1, store.manifest.num_experts - 1]))
+    store.close()

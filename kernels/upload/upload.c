@@ -9,6 +9,9 @@
 // straight to the expert's row in the destination pool. The call returns
 // once every stream is drained.
 //
+// Direct mode (no copy function given: CPU and unified memory): each piece is read
+// with one preadv straight into the components' rows, no staging.
+//
 // The CUDA runtime is not linked: the caller passes cudaMemcpyAsync and
 // cudaStreamSynchronize (taken from the libcudart that MLX loaded), so the
 // library builds with any C compiler and no CUDA headers. fm_host_memcpy_async
@@ -84,7 +87,69 @@ static int read_piece(int fd, char *dst, int64_t offset, int64_t nbytes, int pro
   return 0;
 }
 
+// Read nbytes at offset straight into the iovecs (direct mode); 1 / 0 / -errno as read_piece.
+static int read_iov(int fd, struct iovec *iov, int niov, int64_t offset, int64_t nbytes, int probe) {
+  int64_t done = 0;
+  if (probe) {
+    ssize_t r = preadv2(fd, iov, niov, offset, RWF_NOWAIT);
+    if (r == nbytes) return 1;
+    if (r > 0) done = r;
+  }
+  while (done < nbytes) {
+    int first = 0;  // skip what is done
+    int64_t skip = done;
+    while (first < niov && skip >= (int64_t)iov[first].iov_len) skip -= (int64_t)iov[first++].iov_len;
+    iov[first].iov_base = (char *)iov[first].iov_base + skip;
+    iov[first].iov_len -= (size_t)skip;
+    ssize_t r = preadv(fd, iov + first, niov - first, offset + done);
+    iov[first].iov_base = (char *)iov[first].iov_base - skip;
+    iov[first].iov_len += (size_t)skip;
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      return -errno;
+    }
+    if (r == 0) return -EIO;
+    done += r;
+  }
+  return 0;
+}
+
+#define FM_MAX_COMP 16
+
+// Direct mode (no copy function): each piece is read straight into its components' rows.
+static void work_direct(fm_uploader *u) {
+  fm_job *j = &u->job;
+  for (;;) {
+    int64_t i = atomic_fetch_add(&j->next, 1);
+    if (i >= j->n_pieces || atomic_load(&j->error)) break;
+    int64_t e = i / j->pieces_per_expert;
+    int64_t p0 = (i % j->pieces_per_expert) * j->piece;
+    int64_t p1 = p0 + j->piece < j->expert_bytes ? p0 + j->piece : j->expert_bytes;
+    struct iovec iov[FM_MAX_COMP];
+    int niov = 0;
+    for (int c = 0; c < j->ncomp; c++) {
+      int64_t a = p0 > j->comp_offset[c] ? p0 : j->comp_offset[c];
+      int64_t cend = j->comp_offset[c] + j->comp_nbytes[c];
+      int64_t b = p1 < cend ? p1 : cend;
+      if (a >= b) continue;
+      iov[niov].iov_base = (void *)(uintptr_t)(j->comp_base[c] + (uint64_t)(j->row[e] * j->comp_nbytes[c] +
+                                                                         (a - j->comp_offset[c])));
+      iov[niov++].iov_len = (size_t)(b - a);
+    }
+    int r = read_iov(j->fd, iov, niov, j->file_offset[e] + p0, p1 - p0, j->probe);
+    if (r < 0) {
+      atomic_store(&j->error, r);
+      break;
+    }
+    if (r == 1) atomic_fetch_add(&j->hit_bytes, p1 - p0);
+  }
+}
+
 static void work(fm_uploader *u, int w) {
+  if (!u->memcpy_async) {
+    work_direct(u);
+    return;
+  }
   fm_job *j = &u->job;
   void *stream = u->streams[w];
   int k = 0, pending = 0;
@@ -151,11 +216,11 @@ fm_uploader *fm_uploader_new(int nthreads, int64_t piece_cap, void **pinned, voi
   if (!u) return NULL;
   u->nthreads = nthreads;
   u->piece_cap = piece_cap;
-  u->pinned = malloc(sizeof(void *) * 2 * nthreads);
-  u->streams = malloc(sizeof(void *) * nthreads);
+  u->pinned = calloc(2 * nthreads, sizeof(void *));
+  u->streams = calloc(nthreads, sizeof(void *));
   u->threads = calloc(nthreads, sizeof(pthread_t));
-  memcpy(u->pinned, pinned, sizeof(void *) * 2 * nthreads);
-  memcpy(u->streams, streams, sizeof(void *) * nthreads);
+  if (pinned) memcpy(u->pinned, pinned, sizeof(void *) * 2 * nthreads);
+  if (streams) memcpy(u->streams, streams, sizeof(void *) * nthreads);
   u->memcpy_async = memcpy_async;
   u->stream_sync = stream_sync;
   pthread_mutex_init(&u->mu, NULL);
@@ -178,7 +243,8 @@ int64_t fm_upload_run(fm_uploader *u, int fd, const int64_t *file_offset, const 
                       int64_t expert_bytes, int ncomp, const int64_t *comp_offset, const int64_t *comp_nbytes,
                       const uint64_t *comp_base, int64_t piece, int probe) {
   if (n <= 0) return 0;
-  if (piece <= 0 || piece > u->piece_cap) piece = u->piece_cap;
+  if (ncomp > FM_MAX_COMP) return -EINVAL;
+  if (piece <= 0 || (u->memcpy_async && piece > u->piece_cap)) piece = u->piece_cap;
   fm_job *j = &u->job;
   j->fd = fd;
   j->file_offset = file_offset;

@@ -50,8 +50,6 @@ from . import format as fmt
 from .source import ExpertBatch
 from .store import ExpertStore, read_full
 
-MIN_PIECE = 256 << 10
-PIECE_BYTES = 4 << 20  # the largest unit of work of one upload thread (H200: 4 MiB beat 1 MiB)
 
 
 def parse_cache_size(value: str | int | float | None, *, slot_bytes: int, total_slots: int,
@@ -149,9 +147,12 @@ class HostTransport:
 class CudaTransport:
     """Pinned host buffers + `cudaMemcpyAsync` into device memory, one stream per worker."""
 
-    def __init__(self, threads: int | None = None, piece_bytes: int = PIECE_BYTES, rt=None, native: bool = True):
+    def __init__(self, threads: int | None = None, piece_bytes: int | None = None, rt=None, native: bool = True):
         from . import cuda
 
+        from .native import PIECE_CAP
+
+        piece_bytes = piece_bytes or PIECE_CAP
         self.rt = rt or cuda.runtime()
         self.threads = threads or max(4, min(16, os.cpu_count() or 8))
         self.piece = piece_bytes
@@ -179,9 +180,9 @@ class CudaTransport:
         return "cuda-native" if self._native is not None else "cuda-python"
 
     def _piece_for(self, n: int, size: int) -> int:
-        """A few experts (decode: a layer's misses) are cut finer, so that every thread has a share."""
-        share = -(-n * size // self.threads)
-        return min(self.piece, max(MIN_PIECE, -(-share // MIN_PIECE) * MIN_PIECE))
+        from .native import piece_for
+
+        return piece_for(n, size, self.threads, self.piece)
 
     def _worker(self):
         w = getattr(self._local, "w", None)

@@ -1,9 +1,11 @@
 """`ExpertStore`: a layer's selected experts read from the packed files with `pread`.
 
-Per `fetch(layer, ids)`: one `preadv` per expert, issued by a small
-persistent thread pool, each scattering the expert's contiguous bytes on
-disk straight into nine stacked buffers (gate/up/down x weight/scales/
-biases, row i = the i-th requested expert). Those buffers are MLX arrays
+Per `fetch(layer, ids)`: `preadv`s issued by a small persistent thread pool
+(in C, kernels/upload/upload.c in direct mode, where a compiler exists: each
+expert cut into pieces so that a few experts still spread over the threads;
+otherwise Python threads, one `preadv` per expert), each scattering the
+expert's contiguous bytes on disk straight into nine stacked buffers
+(gate/up/down x weight/scales/biases, row i = the i-th requested expert). Those buffers are MLX arrays
 whose memory we write through a numpy view, started on a page boundary:
 
 - no copy after the read: `mx.array(numpy)` would copy (8.4 GB/s here),
@@ -74,6 +76,7 @@ class _Buffers:
                 mem = mmap.mmap(-1, max(size, 1))  # anonymous: page aligned
                 self._keep.append(mem)
                 self.host.append(np.frombuffer(mem, np.uint8, size))
+        self.addresses = [h.__array_interface__["data"][0] for h in self.host]  # row 0 of each component
         # Per row, the iovecs of one expert's components, in file order.
         self.iovecs = [[memoryview(h[r * c.nbytes : (r + 1) * c.nbytes]) for h, c in zip(self.host, components)]
                        for r in range(capacity)]
@@ -176,10 +179,21 @@ class ExpertStore:
         self.zero_copy = mlx_memory_is_host_writable() if zero_copy is None else zero_copy
         self.threads = threads or _default_threads()
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="flashmoe-read")
+        self._native = self._native_reader(self.threads)
         self._slots: list[_Buffers | None] = [None, None]
         self._next = 0
         self._lookup = np.full(m.num_experts, -1, np.int32)
         self._bits, self._group = m.bits, m.group_size
+
+    @staticmethod
+    def _native_reader(threads: int):
+        """The C reader pool (kernels/upload/upload.c, direct mode), or None: Python threads."""
+        if os.environ.get("FLASHMOE_NATIVE_READS", "1").strip().lower() in ("0", "off", "no", "false"):
+            return None
+        from .native import NativeUploader, load
+
+        lib = load()
+        return NativeUploader.direct(lib, threads) if lib is not None else None
 
     def _nowait_works(self) -> bool:
         try:
@@ -203,14 +217,17 @@ class ExpertStore:
             buf = self._slots[i] = _Buffers(self.components, cap, self.zero_copy)
         fd, m = self.fds[layer], self.manifest
         base, stride, nbytes, probe = m.header_bytes, m.expert_stride, m.expert_bytes, self.probe
-        jobs = [(fd, buf.iovecs[r], base + int(e) * stride, nbytes, probe) for r, e in enumerate(expert_ids)]
         t0 = time.perf_counter()
-        if n <= 1 or self.threads == 1 or n * nbytes < INLINE_BYTES:
-            hits = _read_jobs(jobs)
-        else:  # this thread reads one share itself: one fewer wake-up to wait for
-            parts = min(self.threads, n)
-            futures = [self._pool.submit(_read_jobs, jobs[k::parts]) for k in range(1, parts)]
-            hits = _read_jobs(jobs[0::parts]) + sum(f.result() for f in futures)
+        if self._native is not None:
+            hits = self._read_native(fd, expert_ids, buf)
+        else:
+            jobs = [(fd, buf.iovecs[r], base + int(e) * stride, nbytes, probe) for r, e in enumerate(expert_ids)]
+            if n <= 1 or self.threads == 1 or n * nbytes < INLINE_BYTES:
+                hits = _read_jobs(jobs)
+            else:  # this thread reads one share itself: one fewer wake-up to wait for
+                parts = min(self.threads, n)
+                futures = [self._pool.submit(_read_jobs, jobs[k::parts]) for k in range(1, parts)]
+                hits = _read_jobs(jobs[0::parts]) + sum(f.result() for f in futures)
         dt = time.perf_counter() - t0
         s = self.stats
         s.experts += n
@@ -220,6 +237,20 @@ class ExpertStore:
         if self.trace is not None:
             self.trace.append((layer, np.array(expert_ids, copy=True)))
         return buf
+
+    def _read_native(self, fd: int, expert_ids, buf: _Buffers) -> int:
+        from .native import PIECE_CAP, piece_for
+
+        m = self.manifest
+        ids = np.asarray(expert_ids, np.int64)
+        try:
+            hit_bytes = self._native.run(fd, m.header_bytes + ids * m.expert_stride, np.arange(len(ids)),
+                                         m.expert_bytes, self.components, buf.addresses,
+                                         piece_for(len(ids), m.expert_bytes, self.threads, PIECE_CAP), self.probe)
+        except OSError as e:
+            raise FlashMoeError(f"reading experts failed ({e.strerror}): the expert file was truncated or "
+                                "damaged while in use; run llm flashmoe verify.") from e
+        return int(round(hit_bytes / m.expert_bytes))
 
     def fetch(self, layer: int, expert_ids: np.ndarray, *, gather: bool = False) -> ExpertBatch:
         from ..engine.linear import Linear
@@ -243,6 +274,9 @@ class ExpertStore:
         self._pool.shutdown(wait=True)
         self.threads = threads
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="flashmoe-read")
+        if self._native is not None:
+            self._native.close()
+            self._native = self._native_reader(threads)
 
     # -- page cache -----------------------------------------------------------
     def drop_page_cache(self) -> None:
@@ -255,6 +289,10 @@ class ExpertStore:
         if pool is not None:
             pool.shutdown(wait=True)
             self._pool = None
+        native = getattr(self, "_native", None)
+        if native is not None:
+            native.close()
+            self._native = None
         for fd in self.fds:
             try:
                 os.close(fd)
