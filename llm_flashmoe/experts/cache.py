@@ -57,7 +57,8 @@ def parse_cache_size(value: str | int | float | None, *, slot_bytes: int, total_
     """Slots for a cache size given as 'auto', 'off'/'0', '50%' (of all experts), '40GB'/'512MB', or a slot count.
 
     'auto' takes the GPU memory that is free (`free_bytes`) less 8 GiB of headroom for
-    activations, caches and MLX's own pool, and never more slots than experts."""
+    activations, caches and MLX's own pool, and never more slots than experts (`wrap_store`
+    also keeps one layer's experts free for the compact batches of long prompts)."""
     v = "auto" if value is None else str(value).strip().lower()
     if v in ("", "auto"):
         if free_bytes is None:
@@ -493,6 +494,8 @@ def wrap_store(store: ExpertStore, setting: str | None = None):
         return store
     m = store.manifest
     free = transport.rt.mem_info()[0] if hasattr(transport, "rt") else None
+    if free is not None:  # room for the compact batch of a long prompt's layer, allocated later
+        free -= m.num_experts * m.expert_bytes
     slots = parse_cache_size(setting, slot_bytes=m.expert_bytes, total_slots=m.num_experts * len(m.layers),
                              free_bytes=free)
     if slots < 1:
