@@ -151,6 +151,30 @@ def test_qmm_extreme_activations(lib, bits):
     assert rel_err(y[1:], ref[1:]) < 1e-3  # and not only relative to the sums' size
 
 
+def test_huge_pages_keep_weights_in_place(lib, monkeypatch):
+    """Resident weights moved onto huge pages (FLASHMOE_CPU_HUGEPAGES=1) keep their address
+    and bytes: MLX and the kernels read the same values as before."""
+    import sys
+
+    monkeypatch.setenv("FLASHMOE_CPU_HUGEPAGES", "1")
+    lin = quantized((4096, 4096), 4, 64)  # 8 MiB of codes: at least three whole 2 MiB pages
+    before = [np.array(t, copy=True) for t in (lin.weight, lin.scales, lin.biases)]
+    w, s, b = cpu_engine.linear_views(lin)  # (moved here already, by the engine)
+    first_page = (w.ctypes.data + (2 << 20) - 1) // (2 << 20)
+    assert (first_page in cpu_engine._on_huge) == sys.platform.startswith("linux")
+    x = np.random.default_rng().standard_normal((1, 4096)).astype(np.float32)
+    addr = w.ctypes.data
+    (y0,) = ops.qmm(lib, [cpu_engine.linear_qmat(lin)], x)
+    assert qmm_err(y0, lin, x) < TOL
+    moved = lib.fm_huge_remap(w.ctypes.data, w.nbytes)
+    assert moved > 0 if sys.platform.startswith("linux") else moved == 0
+    assert np.asarray(lin.weight.view(mx.uint32)).ctypes.data == addr
+    assert all(np.array_equal(t, u) for t, u in zip((w, s, b), before))
+    (y1,) = ops.qmm(lib, [cpu_engine.linear_qmat(lin)], x)
+    assert np.array_equal(y0, y1)
+    assert np.array_equal(np.asarray(lin(mx.array(x))), reference(lin, x))  # MLX reads it too
+
+
 def test_qmm_rejects_bad_arguments(lib):
     lin = quantized((8, 128), 4, 64)
     with pytest.raises(ValueError):

@@ -23,6 +23,9 @@ typedef struct {
 
 typedef void (*fm_task_fn)(void *ctx, long task);
 
+/* pages.c */
+int64_t fm_huge_remap(void *p, int64_t len);
+
 /* pool.c */
 int fm_set_threads(int n, long spin_us); /* spin_us < 0: default */
 int fm_threads(void);

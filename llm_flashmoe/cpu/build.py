@@ -127,6 +127,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.fm_moe_down.restype = I32
     lib.fm_gdn_step.argtypes = [P] * 10 + [I32] * 5 + [ctypes.c_float, P, P, P]
     lib.fm_gdn_step.restype = I32
+    lib.fm_huge_remap.argtypes, lib.fm_huge_remap.restype = [P, I64], I64
 
 
 def load(quiet: bool = False) -> ctypes.CDLL | None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import os
 import sys
 import weakref
 
@@ -88,15 +89,41 @@ def kernel_ready(lin: Linear) -> bool:
     return lin.quantized and cops.supported(lin.bits, lin.group_size)
 
 
+_HUGE = 2 << 20
+_on_huge: set[int] = set()  # 2 MiB pages already moved onto huge pages
+
+
+def huge_pages(views: list[np.ndarray]) -> None:
+    """With FLASHMOE_CPU_HUGEPAGES=1, move resident weights onto transparent huge pages,
+    in place (kernels/cpu/pages.c: the kernels lose up to a third of their speed to TLB
+    misses on 4 KiB pages). Only weights nothing writes any more (never the expert store's
+    read buffers), each region once per process. Off by default: moving costs about 1 s
+    per GB on the first decode step here (8.6 s for a 2-layer 397B model held in RAM),
+    repaid only over long generations (see DESIGN.md)."""
+    if os.environ.get("FLASHMOE_CPU_HUGEPAGES", "0").strip() in ("", "0", "off", "no", "false"):
+        return
+    lib = load()
+    for v in views:
+        start = (v.ctypes.data + _HUGE - 1) // _HUGE
+        end = (v.ctypes.data + v.nbytes) // _HUGE
+        if end - start < 2 or all(p in _on_huge for p in range(start, end)):
+            continue  # under two whole pages: not worth a copy
+        if lib.fm_huge_remap(v.ctypes.data, v.nbytes) > 0:
+            _on_huge.update(range(start, end))
+
+
 def prepare(linears: list[Linear], arrays: list = ()) -> list[np.ndarray]:
     """Host views of the quantized Linears (cached on each: resident weights are
-    converted once per model) and float32 host views of `arrays`, in one evaluation."""
+    converted once per model) and float32 host views of `arrays`, in one evaluation.
+    Matrices (2-D weights) are always resident: they go onto huge pages here."""
     todo = [l for l in linears if not _cached(l)]
     todo = list({id(l): l for l in todo}.values())
     views = host_views([t for l in todo for t in (l.weight, l.scales, l.biases)])
     for i, l in enumerate(todo):
         w, s, b = views[3 * i : 3 * i + 3]
         qm = cops.qmat(w, s, b, l.bits, l.group_size) if l.weight.ndim == 2 else None
+        if qm is not None:
+            huge_pages([w, s, b])
         l.__dict__["_cpu_views"] = (l.weight, (w, s, b), qm)
     return f32(list(arrays))
 
@@ -126,6 +153,8 @@ def expert_qmats(stack: Linear, rows: np.ndarray) -> list[cops.QMat]:
     entry = stack.__dict__["_cpu_views"]
     if len(entry) < 4:   # checked once per stack: expert 0's matrix, and the bytes per expert
         w, s, b = entry[1]
+        if w.shape[0] > len(rows):   # all experts, held in memory (a streamed batch holds the selected)
+            huge_pages([w, s, b])
         first = cops.qmat(w, s, b, stack.bits, stack.group_size, rows=stack.weight.shape[-2])
         entry = stack.__dict__["_cpu_views"] = (*entry, (first, w[0].nbytes, s[0].nbytes, w.shape[0]))
     first, w_row, s_row, n = entry[3]
