@@ -179,6 +179,12 @@ FM_INLINE __m512i load_units(const uint8_t *w, int bits, int lanes) {
 #ifndef PF_HINT
 #define PF_HINT _MM_HINT_T1
 #endif
+/* Prefetches that miss the TLB are dropped; a write-intent prefetch (PREFETCHW) walks the
+ * page table: one per 4 KiB this far ahead keeps the prefetches working on 4 KiB pages
+ * (see qdot_int8.c for the figures). */
+#define WALK_AHEAD 16384
+#define WALK_AT(p) __builtin_prefetch((const char *)(p), 1, 3)
+#define WALK(p) WALK_AT((const char *)(p) + WALK_AHEAD)
 
 /* A code q becomes the float 1 + q/2^bits by placing it in the top of the
  * mantissa of 1.0 (one shift, one bitwise op): no conversion instruction,
@@ -215,9 +221,13 @@ FM_INLINE void row_dot(const fm_qmat *m, int64_t r, const fm_xprep *xp, int64_t 
         xlt[t] = xp->xl + (t0 + t) * xl_stride(xp);
         tot[t] = _mm512_setzero_ps();
     }
+    WALK(w);
+    WALK_AT((const char *)m->scales + (srow + 4 * ngroups) * ssize + WALK_AHEAD / 8);
+    WALK_AT((const char *)m->biases + (srow + 4 * ngroups) * ssize + WALK_AHEAD / 8);
     for (int64_t b = 0; b < xp->nb; b++) {
         int64_t left = cols - b * BE;
         int lanes = left >= BE ? 16 : (int)(left / P);
+        if (b && ((b * 16 * U) & 4095) < 16 * U) WALK(w + b * 16 * U);
         _mm_prefetch((const char *)w + b * 16 * U + PF_AHEAD, PF_HINT);
         if (U == 3) _mm_prefetch((const char *)w + b * 16 * U + PF_AHEAD + 64, PF_HINT);
         __m512i L = load_units(w + b * 16 * U, bits, lanes);
@@ -279,6 +289,7 @@ FM_INLINE void rows_dot_1tok(const fm_qmat *m, int64_t r, const fm_xprep *xp, in
     const float *xpt = xp->xp + t0 * xp_stride(xp), *xlt = xp->xl + t0 * xl_stride(xp);
     __m512 tot[R];
     for (int i = 0; i < R; i++) tot[i] = _mm512_setzero_ps();
+    for (int i = 0; i < R; i++) WALK(w0 + i * row_bytes);
     for (int64_t b = 0; b < xp->nb; b++) {
         int64_t left = cols - b * BE;
         int lanes = left >= BE ? 16 : (int)(left / P);
@@ -286,6 +297,7 @@ FM_INLINE void rows_dot_1tok(const fm_qmat *m, int64_t r, const fm_xprep *xp, in
         __m512i L[R];
         __m512 acc[R];
         for (int i = 0; i < R; i++) {
+            if (b && (at & 4095) < 16 * U) WALK(w0 + i * row_bytes + at);
             _mm_prefetch((const char *)w0 + i * row_bytes + ahead, PF_HINT);
             if (U == 3) _mm_prefetch((const char *)w0 + i * row_bytes + ahead + 64, PF_HINT);
             L[i] = load_units(w0 + i * row_bytes + at, bits, lanes);
