@@ -49,7 +49,7 @@ FM_INLINE void digits(__m512i v, __m512i *a1, __m512i *a2, __m512i *a3) {
 
 /* 16 floats of every C-th column: x[c0 + n*C + k] for n < 16 (zero past `cols`). */
 FM_INLINE void load_strided(const float *x, int64_t c0, int64_t cols, int C, __m512 *out /* [C] */) {
-    __m512 v[4];
+    __m512 v[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
     for (int i = 0; i < C; i++) {
         int64_t left = cols - c0 - 16 * i;
         __mmask16 m = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
