@@ -95,11 +95,12 @@ _on_huge: set[int] = set()  # 2 MiB pages already moved onto huge pages
 
 def huge_pages(views: list[np.ndarray]) -> None:
     """With FLASHMOE_CPU_HUGEPAGES=1, move resident weights onto transparent huge pages,
-    in place (kernels/cpu/pages.c: the kernels lose up to a third of their speed to TLB
-    misses on 4 KiB pages). Only weights nothing writes any more (never the expert store's
-    read buffers), each region once per process. Off by default: moving costs about 1 s
-    per GB on the first decode step here (8.6 s for a 2-layer 397B model held in RAM),
-    repaid only over long generations (see DESIGN.md)."""
+    in place (kernels/cpu/pages.c: fewer TLB misses; decode of a 397B-shaped model held in
+    RAM measured 0.1-0.2 closer to the bandwidth bound, before the kernels' page-walk
+    prefetch). Only weights nothing writes any more (never the expert store's read
+    buffers), each region once per process. Off by default: moving costs about 1 s per GB
+    on the first decode step here (8.6 s for a 2-layer 397B model held in RAM), repaid
+    only over long generations (see DESIGN.md)."""
     if os.environ.get("FLASHMOE_CPU_HUGEPAGES", "0").strip() in ("", "0", "off", "no", "false"):
         return
     lib = load()
