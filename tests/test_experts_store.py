@@ -171,3 +171,32 @@ def test_file_truncated_while_in_use_is_an_error_not_garbage(damaged, reader, mo
     with pytest.raises(FlashMoeError, match="truncated"):
         store.fetch(2, np.array([1, store.manifest.num_experts - 1]))
     store.close()
+
+
+def test_prefetch_of_the_next_layers_experts(packed, monkeypatch):
+    prompt = np.random.default_rng(3).integers(0, 248000, 6).tolist()
+
+    def decode(model, steps=5):
+        cache = model.make_cache()
+        out = [model(prompt, cache)]
+        for _ in range(steps):
+            out.append(model([int(mx.argmax(out[-1][-1]))], cache))
+        return out
+
+    monkeypatch.setenv("FLASHMOE_PREFETCH", "0")
+    off = load_model(packed, dtype=mx.float32)
+    assert all(l.moe.next_router is None for l in off.layers)
+    ref = decode(off)
+    monkeypatch.setenv("FLASHMOE_PREFETCH", "1")
+    on = load_model(packed, dtype=mx.float32)
+    assert on.layers[0].moe.next_router is on.layers[1].moe.router and on.layers[-1].moe.next_router is None
+    on.experts.stats.reset()
+    got = decode(on)
+    for r, g in zip(ref, got):
+        assert mx.array_equal(r, g).item()  # announcing reads changes no result
+    s = on.experts.stats
+    L, K = len(on.layers), on.experts_per_token
+    assert s.prefetched == 5 * (L - 1) * K           # every decode step, every layer but the last
+    assert 0 <= s.prefetch_hits <= s.prefetched
+    off.experts.close()
+    on.experts.close()

@@ -465,6 +465,13 @@ class ExpertCache:
         lookup[ids] = rows
         return ExpertBatch(g, u, d, lookup)
 
+    def prefetch(self, layer: int, expert_ids: np.ndarray) -> None:
+        """Announce probable experts of `layer`: those not in the pool go to the store's read-ahead."""
+        ids = np.asarray(expert_ids, np.int64)
+        missing = ids[self.where[layer * self.num_experts + ids] < 0]
+        if len(missing):
+            self.store.prefetch(layer, missing)
+
     def drop_page_cache(self) -> None:
         self.store.drop_page_cache()
 

@@ -35,9 +35,12 @@ class ExpertStats:
     read_seconds: float = 0.0
     cache_hits: int = 0  # experts read that the OS page cache served
     gpu_hits: int = 0    # experts found in the GPU expert cache (no read at all)
+    prefetched: int = 0       # experts announced ahead of their layer (`prefetch`)
+    prefetch_hits: int = 0    # experts read that had been announced
 
     def reset(self) -> None:
         self.experts = self.bytes = self.cache_hits = self.gpu_hits = 0
+        self.prefetched = self.prefetch_hits = 0
         self.read_seconds = 0.0
 
 

@@ -40,6 +40,7 @@ from .source import ExpertBatch, ExpertStats
 PAGE = 4096
 INLINE_BYTES = 256 << 10  # smaller fetches are read by the calling thread alone
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", None)
+_HAVE_FADVISE = hasattr(os, "posix_fadvise") and hasattr(os, "POSIX_FADV_WILLNEED")
 
 
 def _default_threads() -> int:
@@ -195,6 +196,7 @@ class ExpertStore:
         self._slots: list[_Buffers | None] = [None, None]
         self._next = 0
         self._lookup = np.full(m.num_experts, -1, np.int32)
+        self._announced: dict[int, np.ndarray] = {}
         self._bits, self._group = m.bits, m.group_size
 
     @staticmethod
@@ -244,6 +246,9 @@ class ExpertStore:
         s = self.stats
         s.experts += n
         s.bytes += n * nbytes
+        announced = self._announced.pop(layer, None)
+        if announced is not None:
+            s.prefetch_hits += int(np.isin(expert_ids, announced).sum())
         s.read_seconds += dt
         s.cache_hits += hits
         if self.trace is not None:
@@ -282,6 +287,17 @@ class ExpertStore:
         lookup = np.full(self.manifest.num_experts, -1, np.int32)
         lookup[expert_ids] = np.arange(n, dtype=np.int32)
         return ExpertBatch(lin[0], lin[1], lin[2], lookup)
+
+    def prefetch(self, layer: int, expert_ids: np.ndarray) -> None:
+        """Announce experts a later fetch of `layer` will probably want: the kernel reads them
+        into the page cache in the background (POSIX_FADV_WILLNEED), while the engine computes."""
+        if not _HAVE_FADVISE:
+            return
+        m, fd = self.manifest, self.fds[layer]
+        for e in expert_ids:
+            os.posix_fadvise(fd, m.header_bytes + int(e) * m.expert_stride, m.expert_bytes, os.POSIX_FADV_WILLNEED)
+        self._announced[layer] = np.array(expert_ids, copy=True)
+        self.stats.prefetched += len(expert_ids)
 
     def set_threads(self, threads: int) -> None:
         """Use `threads` reader threads from now on."""
