@@ -190,6 +190,7 @@ def test_prefetch_of_the_next_layers_experts(packed, monkeypatch):
     monkeypatch.setenv("FLASHMOE_PREFETCH", "1")
     on = load_model(packed, dtype=mx.float32)
     assert on.layers[0].moe.next_router is on.layers[1].moe.router and on.layers[-1].moe.next_router is None
+    on.experts.readahead_below = 2.0  # announce even when the page cache serves every read (it does here)
     on.experts.stats.reset()
     got = decode(on)
     for r, g in zip(ref, got):
@@ -200,3 +201,24 @@ def test_prefetch_of_the_next_layers_experts(packed, monkeypatch):
     assert 0 <= s.prefetch_hits <= s.prefetched
     off.experts.close()
     on.experts.close()
+
+
+def test_no_read_ahead_while_the_page_cache_serves_the_reads(packed):
+    store = ExpertStore(packed, threads=2)
+    if store.hit_method != "RWF_NOWAIT":
+        store.close()
+        pytest.fail("this test needs RWF_NOWAIT (Linux 4.14+) to tell cached reads")
+    ids = np.arange(0, 64, 5)
+    for _ in range(12):                     # the same experts again and again: all cached
+        store.read_experts(2, ids)
+    assert store.hit_rate > 0.9
+    store.prefetch(3, np.array([1, 2]))
+    assert store.stats.prefetched == 0      # suppressed
+    store.drop_page_cache()
+    for _ in range(12):
+        store.drop_page_cache()
+        store.read_experts(2, ids)          # cold reads pull the average down
+    assert store.hit_rate < 0.9
+    store.prefetch(3, np.array([1, 2]))
+    assert store.stats.prefetched == 2
+    store.close()
