@@ -116,6 +116,20 @@ static int read_iov(int fd, struct iovec *iov, int niov, int64_t offset, int64_t
 
 #define FM_MAX_COMP 16
 
+// The bytes [*a, *a + *n) of the expert that piece [p0, p1) of expert e holds of component c,
+// and where they go (*dst); 0 if the piece holds none of c.
+static int segment(const fm_job *j, int c, int64_t e, int64_t p0, int64_t p1, int64_t *a, int64_t *n,
+                   uint64_t *dst) {
+  int64_t lo = p0 > j->comp_offset[c] ? p0 : j->comp_offset[c];
+  int64_t cend = j->comp_offset[c] + j->comp_nbytes[c];
+  int64_t hi = p1 < cend ? p1 : cend;
+  if (lo >= hi) return 0;
+  *a = lo;
+  *n = hi - lo;
+  *dst = j->comp_base[c] + (uint64_t)(j->row[e] * j->comp_nbytes[c] + (lo - j->comp_offset[c]));
+  return 1;
+}
+
 // Direct mode (no copy function): each piece is read straight into its components' rows.
 static void work_direct(fm_uploader *u) {
   fm_job *j = &u->job;
@@ -128,13 +142,11 @@ static void work_direct(fm_uploader *u) {
     struct iovec iov[FM_MAX_COMP];
     int niov = 0;
     for (int c = 0; c < j->ncomp; c++) {
-      int64_t a = p0 > j->comp_offset[c] ? p0 : j->comp_offset[c];
-      int64_t cend = j->comp_offset[c] + j->comp_nbytes[c];
-      int64_t b = p1 < cend ? p1 : cend;
-      if (a >= b) continue;
-      iov[niov].iov_base = (void *)(uintptr_t)(j->comp_base[c] + (uint64_t)(j->row[e] * j->comp_nbytes[c] +
-                                                                         (a - j->comp_offset[c])));
-      iov[niov++].iov_len = (size_t)(b - a);
+      int64_t a, n;
+      uint64_t dst;
+      if (!segment(j, c, e, p0, p1, &a, &n, &dst)) continue;
+      iov[niov].iov_base = (void *)(uintptr_t)dst;
+      iov[niov++].iov_len = (size_t)n;
     }
     int r = read_iov(j->fd, iov, niov, j->file_offset[e] + p0, p1 - p0, j->probe);
     if (r < 0) {
@@ -172,12 +184,10 @@ static void work(fm_uploader *u, int w) {
       break;
     }
     for (int c = 0; c < j->ncomp; c++) {
-      int64_t a = p0 > j->comp_offset[c] ? p0 : j->comp_offset[c];
-      int64_t cend = j->comp_offset[c] + j->comp_nbytes[c];
-      int64_t b = p1 < cend ? p1 : cend;
-      if (a >= b) continue;
-      uint64_t dst = j->comp_base[c] + (uint64_t)(j->row[e] * j->comp_nbytes[c] + (a - j->comp_offset[c]));
-      if (u->memcpy_async((void *)dst, buf + (a - p0), (size_t)(b - a), H2D, stream) != 0) {
+      int64_t a, n;
+      uint64_t dst;
+      if (!segment(j, c, e, p0, p1, &a, &n, &dst)) continue;
+      if (u->memcpy_async((void *)dst, buf + (a - p0), (size_t)n, H2D, stream) != 0) {
         atomic_store(&j->error, -1001);
         break;
       }

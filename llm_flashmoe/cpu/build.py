@@ -71,26 +71,22 @@ def cpu_identity() -> str:
     return ident
 
 
-def build(extra_flags: list[str] | None = None, out_dir: Path | None = None) -> Path:
-    """Compile the kernels (if not cached) and return the library's path.
+def compile_cached(name: str, sources: list[Path], flags: list[str], *, headers: list[Path] = (),
+                   key: str = "", libs: list[str] = (), out_dir: Path | None = None) -> Path:
+    """Compile `sources` into the shared library `name`_<hash> in the cache (if not there yet)
+    and return its path; the hash covers the sources, headers, compiler, flags and `key`.
     Raises RuntimeError with the compiler's message on failure."""
     cc = find_compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
-    sources = sorted(SOURCE_DIR.glob("*.c"))
-    headers = sorted(SOURCE_DIR.glob("*.h"))
-    if not sources:
-        raise RuntimeError(f"kernel sources not found in {SOURCE_DIR}")
-    flags = ["-O3", "-std=c11", "-fPIC", "-shared", "-pthread", "-D_GNU_SOURCE", "-fopenmp-simd",
-             *arch_flags(), *(extra_flags or [])]
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     h = hashlib.sha256()
-    for f in sources + headers:
+    for f in [*sources, *headers]:
         h.update(f.name.encode() + b"\0" + f.read_bytes())
-    h.update("\0".join([cc, version, *flags, cpu_identity()]).encode())
+    h.update("\0".join([cc, version, *flags, key]).encode())
     suffix = ".dylib" if sys.platform == "darwin" else ".so"
     out_dir = out_dir or cache_dir()
-    lib = out_dir / f"flashmoe_cpu_{h.hexdigest()[:16]}{suffix}"
+    lib = out_dir / f"{name}_{h.hexdigest()[:16]}{suffix}"
     if lib.exists():
         return lib
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -99,7 +95,7 @@ def build(extra_flags: list[str] | None = None, out_dir: Path | None = None) -> 
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=suffix)
     os.close(fd)
     try:
-        res = subprocess.run([cc, *flags, "-o", tmp, *map(str, sources), "-lm"],
+        res = subprocess.run([cc, *flags, "-o", tmp, *map(str, sources), *libs],
                              capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"{Path(cc).name} failed: {res.stderr.strip()[:2000]}")
@@ -108,6 +104,18 @@ def build(extra_flags: list[str] | None = None, out_dir: Path | None = None) -> 
         if os.path.exists(tmp):
             os.unlink(tmp)
     return lib
+
+
+def build(extra_flags: list[str] | None = None, out_dir: Path | None = None) -> Path:
+    """Compile the kernels (if not cached) and return the library's path.
+    Raises RuntimeError with the compiler's message on failure."""
+    sources = sorted(SOURCE_DIR.glob("*.c"))
+    if not sources:
+        raise RuntimeError(f"kernel sources not found in {SOURCE_DIR}")
+    flags = ["-O3", "-std=c11", "-fPIC", "-shared", "-pthread", "-D_GNU_SOURCE", "-fopenmp-simd",
+             *arch_flags(), *(extra_flags or [])]
+    return compile_cached("flashmoe_cpu", sources, flags, headers=sorted(SOURCE_DIR.glob("*.h")),
+                          key=cpu_identity(), libs=["-lm"], out_dir=out_dir)
 
 
 def _declare(lib: ctypes.CDLL) -> None:

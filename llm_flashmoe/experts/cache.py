@@ -150,7 +150,6 @@ class CudaTransport:
 
     def __init__(self, threads: int | None = None, piece_bytes: int | None = None, rt=None, native: bool = True):
         from . import cuda
-
         from .native import PIECE_CAP
 
         piece_bytes = piece_bytes or PIECE_CAP
@@ -161,6 +160,7 @@ class CudaTransport:
         self._workers: list = []  # (stream, [pinned ptr x2], [event x2]) per worker thread
         self._lock = threading.Lock()
         self._pool = None
+        self._d2d = None  # the stream of device-to-device copies (copy_rows), made on first use
         self._native = self._native_pinned = None
         lib = None
         if native:
@@ -209,9 +209,7 @@ class CudaTransport:
         return PoolBuffers(typed, address=address)
 
     def _pieces(self, store: ExpertStore, layer: int, expert_ids, buf: PoolBuffers, rows) -> list:
-        """(fd, file offset, nbytes, [(dst address, offset in piece, nbytes)]) per piece.
-
-        A few experts (decode: a layer's misses) are cut finer, so that every thread has a share."""
+        """(fd, file offset, nbytes, [(dst address, offset in piece, nbytes)]) per piece."""
         comps, m = store.components, store.manifest
         fd, base, stride, size = store.fds[layer], m.header_bytes, m.expert_stride, m.expert_bytes
         piece = self._piece_for(len(expert_ids), size)
@@ -256,7 +254,7 @@ class CudaTransport:
         """Device-to-device copies of whole rows (experts) between pools."""
         from .cuda import cudaMemcpyDeviceToDevice
 
-        if getattr(self, "_d2d", None) is None:
+        if self._d2d is None:
             self._d2d = self.rt.stream()
         for sa, da, c in zip(src.address, dst.address, components):
             for a, b in zip(src_rows, dst_rows):

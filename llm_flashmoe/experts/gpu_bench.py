@@ -226,36 +226,6 @@ def check(args) -> int:
     return 0 if ok else 1
 
 
-def _decode_times(model, prompt, steps, after_prefill=None):
-    """Prefill `prompt`, call `after_prefill()`, then time `steps` decode steps (seconds each)."""
-    import mlx.core as mx
-
-    cache = model.make_cache()
-    mx.eval(model(prompt, cache, last_only=True))
-    if after_prefill is not None:
-        after_prefill()
-    # fresh random tokens: random weights then route near uniformly (the pessimistic case)
-    rng = np.random.default_rng(len(prompt) + steps)
-    tok = [int(prompt[-1])]
-    times = []
-    for _ in range(steps):
-        mx.synchronize()
-        t0 = time.perf_counter()
-        mx.eval(model(tok, cache, last_only=True))
-        times.append(time.perf_counter() - t0)
-        tok = [int(rng.integers(0, 200000))]
-    return times
-
-
-def _embed_head_ms(model, prompt) -> float:
-    layers = model.layers
-    model.layers = []
-    try:
-        return float(np.median(_decode_times(model, prompt, 12)[2:]) * 1e3)
-    finally:
-        model.layers = layers
-
-
 def _fill(cache, rng) -> None:
     """Bring the pool to a steady state: every layer's experts in random order."""
     for layer in range(cache.layers):
@@ -269,6 +239,7 @@ def decode(args) -> int:
     import mlx.core as mx
 
     from ..engine.load import load_model
+    from ..kernels.decode_bench import decode_times
     from .cache import ExpertCache
 
     rng = np.random.default_rng(0)
@@ -289,14 +260,14 @@ def decode(args) -> int:
             return 1
         L = len(model.layers)
         if eh is None:
-            eh = _embed_head_ms(model, prompt)
+            eh = float(np.median(decode_times(model, prompt, 12, embed_head_only=True)) * 1e3)
         if c.slots >= c.layers * c.num_experts:
             t0 = time.perf_counter()
             c.preload()
             print(f"preloaded all {c.filled} experts in {time.perf_counter() - t0:.2f} s", flush=True)
         else:
             _fill(c, rng)
-        _decode_times(model, prompt, 6)      # warm-up
+        decode_times(model, prompt, 6)      # warm-up
         for state in (["warm", "cold"] if pct in args.cold else ["warm"]):
             if state == "cold":
                 c.drop_page_cache()
@@ -307,11 +278,11 @@ def decode(args) -> int:
                 mark["up"] = c.upload_seconds
 
             steps = args.steps if state == "warm" else max(4, args.steps // 3)
-            times = _decode_times(model, prompt, steps, start)
+            times = decode_times(model, prompt, steps + 2, after_prefill=start, fresh_tokens=True)
             s = c.stats
             tok_ms = float(np.median(times) * 1e3)
             per_layer = (tok_ms - eh) / L
-            up_ms = (c.upload_seconds - mark["up"]) * 1e3 / (steps * L)   # mean per layer
+            up_ms = (c.upload_seconds - mark["up"]) * 1e3 / ((steps + 2) * L)   # mean per layer
             hit = s.gpu_hits / s.experts if s.experts else 0.0
             pc = s.cache_hits / max(s.experts - s.gpu_hits, 1)
             t60 = eh + 60 * per_layer
@@ -327,12 +298,10 @@ def decode(args) -> int:
 
     resident = None
     if args.resident:
-        from ..kernels.decode_bench import decode_times as resident_times
-
         model = load_model(args.resident, experts_per_token=args.k)
         L = len(model.layers)
-        tok = float(np.median(resident_times(model, prompt, args.steps)) * 1e3)
-        reh = float(np.median(resident_times(model, prompt, 12, embed_head_only=True)) * 1e3)
+        tok = float(np.median(decode_times(model, prompt, args.steps)) * 1e3)
+        reh = float(np.median(decode_times(model, prompt, 12, embed_head_only=True)) * 1e3)
         resident = (tok - reh) / L
         print(f"all resident (fused kernels): {tok:.2f} ms/token, embed+head {reh:.2f} ms, {resident:.3f} ms per layer "
               f"-> 60 layers {reh + 60 * resident:.1f} ms/token", flush=True)

@@ -14,11 +14,7 @@ bytes, it does not compute. No compiler: the Python transport is used.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -28,30 +24,9 @@ _lib: list = []
 
 
 def build() -> Path:
-    from ..cpu.build import cache_dir, find_compiler
+    from ..cpu.build import compile_cached
 
-    cc = find_compiler()
-    if cc is None:
-        raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
-    flags = ["-O2", "-std=c11", "-fPIC", "-shared", "-pthread"]
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    digest = hashlib.sha256(SOURCE.read_bytes() + "\0".join([cc, version, *flags]).encode()).hexdigest()[:16]
-    out_dir = cache_dir()
-    lib = out_dir / f"flashmoe_upload_{digest}{'.dylib' if sys.platform == 'darwin' else '.so'}"
-    if lib.exists():
-        return lib
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=lib.suffix)
-    os.close(fd)
-    try:
-        res = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
-        if res.returncode != 0:
-            raise RuntimeError(f"{Path(cc).name} failed: {res.stderr.strip()[:2000]}")
-        os.replace(tmp, lib)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return lib
+    return compile_cached("flashmoe_upload", [SOURCE], ["-O2", "-std=c11", "-fPIC", "-shared", "-pthread"])
 
 
 def load() -> ctypes.CDLL | None:

@@ -42,13 +42,20 @@ def with_ops(model, ops) -> None:
         layer.ops = layer.mixer.ops = layer.moe.ops = ops
 
 
-def decode_times(model, prompt, steps: int, embed_head_only: bool = False) -> list[float]:
+def decode_times(model, prompt, steps: int, embed_head_only: bool = False, after_prefill=None,
+                 fresh_tokens: bool = False) -> list[float]:
+    """Prefill `prompt`, call `after_prefill()` if given, then time decode steps (seconds each,
+    the first two dropped as warm-up). `fresh_tokens`: a new random token each step (random
+    weights then route near uniformly, the pessimistic case for expert caches)."""
     cache = model.make_cache()
     layers = model.layers
     if embed_head_only:
         model.layers = []
         cache.layers = []
     mx.eval(model(prompt, cache, last_only=True))
+    if after_prefill is not None:
+        after_prefill()
+    rng = np.random.default_rng(len(prompt) + steps)
     tok = [int(prompt[-1])]
     times = []
     for _ in range(steps):
@@ -58,6 +65,8 @@ def decode_times(model, prompt, steps: int, embed_head_only: bool = False) -> li
         mx.eval(logits)
         mx.synchronize()
         times.append(time.perf_counter() - t0)
+        if fresh_tokens:
+            tok = [int(rng.integers(0, 200000))]
     model.layers = layers
     return times[2:]
 
