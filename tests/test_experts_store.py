@@ -222,3 +222,85 @@ def test_no_read_ahead_while_the_page_cache_serves_the_reads(packed):
     store.prefetch(3, np.array([1, 2]))
     assert store.stats.prefetched == 2
     store.close()
+
+
+def _bytes_at(address: int, n: int) -> bytes:
+    import ctypes
+
+    return ctypes.string_at(int(address), n)
+
+
+def test_page_cache_hits_are_used_in_place_and_misses_read(packed):
+    store = ExpertStore(packed, dtype=mx.float32, threads=2)
+    assert store.map_hits  # Linux, page-aligned experts, a quantization the CPU kernels read
+    ids = np.array([2, 9, 30, 41])
+    # The reference rows: read into the stacks (test_fetch_... checks those bit-exact).
+    ref = store.fetch(3, ids)
+    assert ref.gate.row_addresses is None
+    want = [[[np.array(getattr(lin, part)[r].view(mx.uint8)).tobytes() for part in ("weight", "scales", "biases")]
+             for r in range(len(ids))] for lin in (ref.gate, ref.up, ref.down)]
+    store.drop_page_cache()
+    store.read_experts(3, ids[:2])          # two of the four now in the page cache
+    store.stats.reset()
+    batch = store.fetch(3, ids, host_rows=True)
+    s = store.stats
+    assert s.in_place == 2 and s.cache_hits >= 2 and s.experts == 4
+    lo, size = store._maps[3], store.manifest.layer_file_bytes()
+    for p, got in enumerate((batch.gate, batch.up, batch.down)):
+        addrs = got.row_addresses
+        assert addrs.shape == (4, 3)
+        for r in range(len(ids)):
+            assert (lo <= addrs[r, 0] < lo + size) == (r < 2)  # the cached two in place, the rest read
+            for j in range(3):
+                assert _bytes_at(addrs[r, j], len(want[p][r][j])) == want[p][r][j]
+        with pytest.raises(ValueError, match="only the CPU kernels"):
+            got.gather(mx.zeros((1, 1, 1, 8)), mx.array([0]))
+    # drop_page_cache really drops what our mappings held: nothing is in place after it.
+    store.drop_page_cache()
+    store.stats.reset()
+    cold = store.fetch(3, ids, host_rows=True)
+    assert store.stats.in_place == 0 and cold.gate.row_addresses is None
+    store.close()
+
+
+def test_in_place_decode_matches_reading_every_expert(packed, monkeypatch):
+    from llm_flashmoe import kernels
+
+    if kernels.active_backend() != "cpu":
+        pytest.fail("this test needs the CPU kernels (a C compiler)")
+    prompt = np.random.default_rng(5).integers(0, 248000, 5).tolist()
+
+    def decode(model, steps=6):
+        cache = model.make_cache()
+        out = [model(prompt, cache)]
+        for _ in range(steps):
+            out.append(model([int(mx.argmax(out[-1][-1]))], cache))
+        return out
+
+    monkeypatch.setenv("FLASHMOE_MAPPED_HITS", "0")
+    off = load_model(packed, dtype=mx.float32)
+    assert not off.experts.map_hits
+    ref = decode(off)
+    monkeypatch.setenv("FLASHMOE_MAPPED_HITS", "1")
+    on = load_model(packed, dtype=mx.float32)
+    decode(on)                                  # the page cache holds these experts now
+    on.experts.stats.reset()
+    got = decode(on)
+    assert on.experts.stats.in_place > 0 and off.experts.stats.in_place == 0
+    for r, g in zip(ref, got):
+        assert mx.array_equal(r, g).item()
+    off.experts.close()
+    on.experts.close()
+
+
+def test_file_truncated_while_mapped_is_an_error_not_a_crash(damaged):
+    store = ExpertStore(damaged, dtype=mx.float32)
+    ids = np.array([0, 1])
+    store.read_experts(2, ids)
+    assert store.fetch(2, ids, host_rows=True).gate.row_addresses is not None  # mapped, in place
+    path = damaged / store.manifest.layers[2].file
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - store.manifest.expert_stride)
+    with pytest.raises(FlashMoeError, match="truncated"):
+        store.fetch(2, ids, host_rows=True)
+    store.close()

@@ -160,6 +160,15 @@ def expert_qmats(stack: Linear, rows: np.ndarray) -> list[cops.QMat]:
         entry = stack.__dict__["_cpu_views"] = (*entry, (first, w[0].nbytes, s[0].nbytes, w.shape[0]))
     first, w_row, s_row, n = entry[3]
     out = []
+    addresses = stack.row_addresses   # rows used in place (the store's page-cache mappings)
+    if addresses is not None:
+        for r in rows:
+            r = int(r)
+            if not 0 <= r < len(addresses):
+                raise IndexError(f"expert row {r} outside the stack of {len(addresses)}")
+            w, s, b = (int(a) for a in addresses[r])
+            out.append(cops.QMat(w, s, b, first.rows, first.cols, first.bits, first.group, first.scale_type, 0))
+        return out
     for r in rows:
         r = int(r)
         if not 0 <= r < n:

@@ -21,6 +21,10 @@ class Linear:
     biases: mx.array | None = None
     bits: int = 0
     group_size: int = 0
+    # Stacked experts only: int64 [n, 3] host addresses of each row's (weight, scales, biases)
+    # where rows lie outside the arrays (the expert store's page-cache mappings). Only the CPU
+    # kernels read them; a source sets them only when asked (ExpertSource.fetch(host_rows=True)).
+    row_addresses: object = None
 
     @property
     def quantized(self) -> bool:
@@ -42,6 +46,9 @@ class Linear:
     def gather(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
         """Per-row expert matmul: x [..., 1, in] with indices [...] into the
         expert axis of this stacked weight -> [..., 1, out]."""
+        if self.row_addresses is not None:
+            raise ValueError("this expert stack's rows lie outside its arrays (row_addresses): "
+                             "only the CPU kernels can read it")
         if self.quantized:
             return mx.gather_qmm(
                 x, self.weight, self.scales, self.biases, rhs_indices=indices,

@@ -228,7 +228,7 @@ class SparseMoE:
             self.experts.stats.gpu_hits += self.k
         else:
             ids_np = np.array(ids)
-            batch = self.experts.fetch(self.layer, np.unique(ids_np))
+            batch = self.experts.fetch(self.layer, np.unique(ids_np), host_rows=self.ops.backend == "cpu")
             gate, up, down, rows = batch.gate, batch.up, batch.down, mx.array(batch.lookup[ids_np])
             if self.next_router is not None:
                 self._prefetch_next(x1)

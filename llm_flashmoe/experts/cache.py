@@ -396,7 +396,8 @@ class ExpertCache:
                 if progress is not None:
                     progress(self.filled)
 
-    def fetch(self, layer: int, expert_ids: np.ndarray, *, gather: bool = False) -> ExpertBatch:
+    def fetch(self, layer: int, expert_ids: np.ndarray, *, gather: bool = False,
+              host_rows: bool = False) -> ExpertBatch:
         ids = np.asarray(expert_ids, np.int64)
         n, E = len(ids), self.num_experts
         s = self.stats

@@ -37,21 +37,26 @@ class ExpertStats:
     gpu_hits: int = 0    # experts found in the GPU expert cache (no read at all)
     prefetched: int = 0       # experts announced ahead of their layer (`prefetch`)
     prefetch_hits: int = 0    # experts read that had been announced
+    in_place: int = 0         # page-cache hits used where they lie (mapped; no copy), within cache_hits
 
     def reset(self) -> None:
         self.experts = self.bytes = self.cache_hits = self.gpu_hits = 0
-        self.prefetched = self.prefetch_hits = 0
+        self.prefetched = self.prefetch_hits = self.in_place = 0
         self.read_seconds = 0.0
 
 
 class ExpertSource(Protocol):
     stats: ExpertStats
 
-    def fetch(self, layer: int, expert_ids: np.ndarray, *, gather: bool = False) -> ExpertBatch:
+    def fetch(self, layer: int, expert_ids: np.ndarray, *, gather: bool = False,
+              host_rows: bool = False) -> ExpertBatch:
         """The weights of `expert_ids` (sorted, unique) of MoE layer `layer`.
 
         `gather`: the rows will be read by MLX's `gather_qmm` (prompt processing), whose
-        offsets are 32-bit: the stacks must stay under 2**31 bytes each."""
+        offsets are 32-bit: the stacks must stay under 2**31 bytes each.
+        `host_rows`: the caller's kernels (the CPU ones) find rows by host address: the
+        source may leave rows outside the stacks and give their addresses in the stacks'
+        `Linear.row_addresses` (the store does so for experts already in the page cache)."""
         ...
 
 
@@ -62,7 +67,8 @@ class ResidentExperts:
     layers: list[tuple[Linear, Linear, Linear]]  # per layer: full [E, ...] stacks
     stats: ExpertStats = field(default_factory=ExpertStats)
 
-    def fetch(self, layer: int, expert_ids: np.ndarray, *, gather: bool = False) -> ExpertBatch:
+    def fetch(self, layer: int, expert_ids: np.ndarray, *, gather: bool = False,
+              host_rows: bool = False) -> ExpertBatch:
         gate, up, down = self.layers[layer]
         n_experts = gate.weight.shape[0]
         self.stats.experts += len(expert_ids)
