@@ -209,8 +209,9 @@ def stream_figures(model_dir: str, k: int = 4, tokens: int = 6, seed: int = 0) -
             mx.eval(x)
             total += time.perf_counter() - t0
         n = len(seq)
-        return total / n, store.stats.read_seconds / n, store.stats.cache_hits / max(store.stats.experts, 1), \
-            store.trace, store.stats.bytes / n
+        st = store.stats
+        used = max(st.experts, 1)
+        return total / n, st.read_seconds / n, (st.cache_hits / used, st.in_place / used), store.trace, st.bytes / n
 
     def replay(trace):
         store.trace = None  # (recording would extend the list being replayed)
@@ -228,10 +229,11 @@ def stream_figures(model_dir: str, k: int = 4, tokens: int = 6, seed: int = 0) -
     warm, warm_reads, warm_hits, _, _ = decode_pass()
     compute = min(cold - cold_reads, warm - warm_reads)
     out = {"layers": len(model.layers), "k": k, "tokens": len(seq), "expert MB per token": round(nbytes / 1e6, 1)}
-    for name, t, io, hits in (("cold", cold, io_cold, cold_hits), ("warm", warm, io_warm, warm_hits)):
+    for name, t, io, (hits, in_place) in (("cold", cold, io_cold, cold_hits), ("warm", warm, io_warm, warm_hits)):
         out[name] = {"ms per token": round(t * 1e3, 1), "tokens/s (layers only)": round(1 / t, 2),
                      "expert I/O ms (alone)": round(io * 1e3, 1), "compute ms": round(compute * 1e3, 1),
-                     "page-cache hit rate": round(hits, 3), "read GB/s (alone)": round(nbytes / io / 1e9, 2),
+                     "page-cache hit rate": round(hits, 3), "used in place": round(in_place, 3),
+                     "read GB/s (alone)": round(nbytes / io / 1e9, 2),
                      "time / max(io, compute)": round(t / max(io, compute), 3)}
     return out
 

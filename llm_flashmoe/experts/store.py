@@ -284,7 +284,7 @@ class ExpertStore:
 
     # -- reading ------------------------------------------------------------
     def read_experts(self, layer: int, expert_ids: np.ndarray, rows: np.ndarray | None = None,
-                     capacity: int = 0) -> _Buffers:
+                     capacity: int = 0, record: bool = True) -> _Buffers:
         """Read experts `expert_ids` of `layer` into the next buffer set (row rows[i], by default i,
         holds expert_ids[i]); the set has at least `capacity` rows."""
         n = len(expert_ids)
@@ -323,7 +323,7 @@ class ExpertStore:
             self.hit_rate = 0.8 * self.hit_rate + 0.2 * hits / n  # recent page-cache hit rate
         s.read_seconds += dt
         s.cache_hits += hits
-        if self.trace is not None:
+        if self.trace is not None and record:
             self.trace.append((layer, np.array(expert_ids, copy=True)))
         return buf
 
@@ -349,10 +349,12 @@ class ExpertStore:
         n = len(ids)
         in_place = self._in_place(layer, ids) if host_rows and not gather and self.map_hits and n else None
         if in_place is None:
-            buf = self.read_experts(layer, ids)
+            buf = self.read_experts(layer, ids, record=False)
         else:
             miss = np.flatnonzero(~in_place)
-            buf = self.read_experts(layer, ids[miss], rows=miss, capacity=n)
+            buf = self.read_experts(layer, ids[miss], rows=miss, capacity=n, record=False)
+        if self.trace is not None:
+            self.trace.append((layer, ids.copy()))
         a = buf.arrays(self.components, n)
         dt = self.dtype
         if not gather and self.raw_scales:
