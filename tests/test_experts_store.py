@@ -304,3 +304,73 @@ def test_file_truncated_while_mapped_is_an_error_not_a_crash(damaged):
     with pytest.raises(FlashMoeError, match="truncated"):
         store.fetch(2, ids, host_rows=True)
     store.close()
+
+
+def test_streaming_fetch_lands_every_expert_in_turn(packed):
+    store = ExpertStore(packed, dtype=mx.float32, threads=3)
+    assert store.overlap  # the C reader, in-place hits: decode on the CPU computes while reads land
+    ids = np.array([1, 7, 20, 33, 50])
+    ref = store.fetch(4, ids)
+    want = [[np.array(getattr(lin, part)[r].view(mx.uint8)).tobytes() for part in ("weight", "scales", "biases")]
+            for lin in (ref.gate, ref.up, ref.down) for r in range(len(ids))]
+    store.drop_page_cache()
+    store.read_experts(4, ids[[1]])          # one of them cached: usable at once, in place
+    store.stats.reset()
+    batch, pending = store.fetch_streaming(4, ids)
+    assert pending.ready.tolist() == [False, True, False, False, False] and pending.misses == [0, 2, 3, 4]
+    for row in pending.misses:
+        pending.wait(row)
+        assert pending.ready[row]
+    pending.finish()
+    assert store.stats.experts == 5 and store.stats.in_place == 1 and store.stats.read_seconds > 0
+    n = len(ids)
+    for i, lin in enumerate((batch.gate, batch.up, batch.down)):
+        for r in range(n):
+            for j in range(3):
+                assert _bytes_at(lin.row_addresses[r, j], len(want[i * n + r][j])) == want[i * n + r][j]
+    store.close()
+
+
+def test_streaming_fetch_of_a_truncated_file_is_an_error(damaged):
+    store = ExpertStore(damaged, dtype=mx.float32, threads=2)
+    m = store.manifest
+    store.drop_page_cache()
+    batch, pending = store.fetch_streaming(2, np.array([0, 1]))
+    pending.finish()
+    path = damaged / m.layers[2].file
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - m.expert_stride)
+    with pytest.raises(FlashMoeError, match="truncated"):
+        store.fetch_streaming(2, np.array([3, m.num_experts - 1]))
+    store.close()
+
+
+def test_decode_computing_while_reads_land_matches_read_then_compute(packed, monkeypatch):
+    from llm_flashmoe.cpu import streamed
+
+    calls = []
+    real = streamed.moe_streamed
+    monkeypatch.setattr(streamed, "moe_streamed", lambda *a, **k: calls.append(1) or real(*a, **k))
+    prompt = np.random.default_rng(9).integers(0, 248000, 4).tolist()
+
+    def decode(model, steps=5):
+        cache = model.make_cache()
+        out = [model(prompt, cache)]
+        for _ in range(steps):
+            model.experts.drop_page_cache()     # every step's experts come from disk
+            out.append(model([int(mx.argmax(out[-1][-1]))], cache))
+        return out
+
+    monkeypatch.setenv("FLASHMOE_OVERLAP_READS", "0")
+    seq = load_model(packed, dtype=mx.float32)
+    ref = decode(seq)
+    assert not calls
+    monkeypatch.setenv("FLASHMOE_OVERLAP_READS", "1")
+    over = load_model(packed, dtype=mx.float32)
+    got = decode(over)
+    assert len(calls) >= 5 * len(over.layers) // 2  # most layers' experts were streamed
+    for r, g in zip(ref, got):
+        a, b = np.array(r), np.array(g)
+        assert np.abs(a - b).max() <= 1e-4 * max(1.0, np.abs(a).max())  # float32: summation order only
+    seq.experts.close()
+    over.experts.close()

@@ -10,7 +10,10 @@
 // once every stream is drained.
 //
 // Direct mode (no copy function given: CPU and unified memory): each piece is read
-// with one preadv straight into the components' rows, no staging.
+// with one preadv straight into the components' rows, no staging. A direct job can
+// also run in the background (fm_upload_start): pieces are taken in expert order, a
+// counter per expert says when it has landed (fm_upload_wait_expert), so the caller
+// computes with the first experts while the later ones are still being read.
 //
 // The CUDA runtime is not linked: the caller passes cudaMemcpyAsync and
 // cudaStreamSynchronize (taken from the libcudart that MLX loaded), so the
@@ -32,6 +35,11 @@
 
 typedef int (*fm_memcpy_async_fn)(void *dst, const void *src, size_t n, int kind, void *stream);
 typedef int (*fm_sync_fn)(void *stream);
+struct fm_uploader;
+int64_t fm_upload_start(struct fm_uploader *u, int fd, const int64_t *file_offset, const int64_t *row, int64_t n,
+                        int64_t expert_bytes, int ncomp, const int64_t *comp_offset, const int64_t *comp_nbytes,
+                        const uint64_t *comp_base, int64_t piece, int probe, int64_t *landed);
+int64_t fm_upload_finish(struct fm_uploader *u);
 
 enum { H2D = 1 };
 
@@ -44,6 +52,7 @@ typedef struct {
   const uint64_t *comp_base;
   atomic_llong next, hit_bytes;
   atomic_int error;
+  atomic_llong *landed;  // per expert: pieces done (direct mode; NULL: not counted)
 } fm_job;
 
 typedef struct fm_uploader {
@@ -55,7 +64,7 @@ typedef struct fm_uploader {
   fm_sync_fn stream_sync;
   pthread_t *threads;
   pthread_mutex_t mu;
-  pthread_cond_t start, done;
+  pthread_cond_t start, done, progress;
   int64_t generation;
   int running, stop;
   fm_job job;
@@ -130,6 +139,13 @@ static int segment(const fm_job *j, int c, int64_t e, int64_t p0, int64_t p1, in
   return 1;
 }
 
+// Wake fm_upload_wait_expert callers: an expert landed, a read failed or the job ended.
+static void announce(fm_uploader *u) {
+  pthread_mutex_lock(&u->mu);
+  pthread_cond_broadcast(&u->progress);
+  pthread_mutex_unlock(&u->mu);
+}
+
 // Direct mode (no copy function): each piece is read straight into its components' rows.
 static void work_direct(fm_uploader *u) {
   fm_job *j = &u->job;
@@ -151,9 +167,11 @@ static void work_direct(fm_uploader *u) {
     int r = read_iov(j->fd, iov, niov, j->file_offset[e] + p0, p1 - p0, j->probe);
     if (r < 0) {
       atomic_store(&j->error, r);
+      announce(u);
       break;
     }
     if (r == 1) atomic_fetch_add(&j->hit_bytes, p1 - p0);
+    if (j->landed && atomic_fetch_add(&j->landed[e], 1) + 1 == j->pieces_per_expert) announce(u);
   }
 }
 
@@ -215,7 +233,10 @@ static void *worker_main(void *p) {
     pthread_mutex_unlock(&u->mu);
     work(u, w);
     pthread_mutex_lock(&u->mu);
-    if (--u->running == 0) pthread_cond_signal(&u->done);
+    if (--u->running == 0) {
+      pthread_cond_signal(&u->done);
+      pthread_cond_broadcast(&u->progress);
+    }
     pthread_mutex_unlock(&u->mu);
   }
 }
@@ -236,6 +257,7 @@ fm_uploader *fm_uploader_new(int nthreads, int64_t piece_cap, void **pinned, voi
   pthread_mutex_init(&u->mu, NULL);
   pthread_cond_init(&u->start, NULL);
   pthread_cond_init(&u->done, NULL);
+  pthread_cond_init(&u->progress, NULL);
   for (int i = 0; i < nthreads; i++) {
     fm_worker_arg *arg = malloc(sizeof(fm_worker_arg));
     arg->u = u;
@@ -252,14 +274,26 @@ fm_uploader *fm_uploader_new(int nthreads, int64_t piece_cap, void **pinned, voi
 int64_t fm_upload_run(fm_uploader *u, int fd, const int64_t *file_offset, const int64_t *row, int64_t n,
                       int64_t expert_bytes, int ncomp, const int64_t *comp_offset, const int64_t *comp_nbytes,
                       const uint64_t *comp_base, int64_t piece, int probe) {
-  if (n <= 0) return 0;
+  int64_t r = fm_upload_start(u, fd, file_offset, row, n, expert_bytes, ncomp, comp_offset, comp_nbytes,
+                              comp_base, piece, probe, NULL);
+  return r < 0 ? r : fm_upload_finish(u);
+}
+
+// The same job, returned from at once (0, or a negative error before anything started).
+// `landed` (direct mode only; NULL: not counted): n zeroed counters, one per expert.
+// Every started job must be ended by fm_upload_finish before the next one starts, and the
+// arrays passed here must stay alive until then.
+int64_t fm_upload_start(fm_uploader *u, int fd, const int64_t *file_offset, const int64_t *row, int64_t n,
+                        int64_t expert_bytes, int ncomp, const int64_t *comp_offset, const int64_t *comp_nbytes,
+                        const uint64_t *comp_base, int64_t piece, int probe, int64_t *landed) {
   if (ncomp > FM_MAX_COMP) return -EINVAL;
+  if (landed && u->memcpy_async) return -EINVAL;
   if (piece <= 0 || (u->memcpy_async && piece > u->piece_cap)) piece = u->piece_cap;
   fm_job *j = &u->job;
   j->fd = fd;
   j->file_offset = file_offset;
   j->row = row;
-  j->n_experts = n;
+  j->n_experts = n > 0 ? n : 0;
   j->expert_bytes = expert_bytes;
   j->ncomp = ncomp;
   j->comp_offset = comp_offset;
@@ -267,15 +301,39 @@ int64_t fm_upload_run(fm_uploader *u, int fd, const int64_t *file_offset, const 
   j->comp_base = comp_base;
   j->piece = piece;
   j->pieces_per_expert = (expert_bytes + piece - 1) / piece;
-  j->n_pieces = n * j->pieces_per_expert;
+  j->n_pieces = j->n_experts * j->pieces_per_expert;
   j->probe = probe;
+  j->landed = (atomic_llong *)landed;
   atomic_store(&j->next, 0);
   atomic_store(&j->hit_bytes, 0);
   atomic_store(&j->error, 0);
+  if (j->n_experts == 0) return 0;
   pthread_mutex_lock(&u->mu);
   u->running = u->nthreads;
   u->generation++;
   pthread_cond_broadcast(&u->start);
+  pthread_mutex_unlock(&u->mu);
+  return 0;
+}
+
+// Block until expert i of the running job has landed: 0, or the job's negative error.
+int64_t fm_upload_wait_expert(fm_uploader *u, int64_t i) {
+  fm_job *j = &u->job;
+  if (!j->landed || i < 0 || i >= j->n_experts) return -EINVAL;
+  pthread_mutex_lock(&u->mu);
+  while (atomic_load(&j->landed[i]) < j->pieces_per_expert && !atomic_load(&j->error) && u->running > 0)
+    pthread_cond_wait(&u->progress, &u->mu);
+  pthread_mutex_unlock(&u->mu);
+  int err = atomic_load(&j->error);
+  if (err) return err;
+  return atomic_load(&j->landed[i]) >= j->pieces_per_expert ? 0 : -EIO;
+}
+
+// Wait for the running job's end: the bytes the page cache served, or a negative error:
+// -errno of a failed read, -1000/-1001 a failed sync/copy.
+int64_t fm_upload_finish(fm_uploader *u) {
+  fm_job *j = &u->job;
+  pthread_mutex_lock(&u->mu);
   while (u->running > 0) pthread_cond_wait(&u->done, &u->mu);
   pthread_mutex_unlock(&u->mu);
   int err = atomic_load(&j->error);
@@ -292,6 +350,7 @@ void fm_uploader_free(fm_uploader *u) {
   pthread_mutex_destroy(&u->mu);
   pthread_cond_destroy(&u->start);
   pthread_cond_destroy(&u->done);
+  pthread_cond_destroy(&u->progress);
   free(u->pinned);
   free(u->streams);
   free(u->threads);

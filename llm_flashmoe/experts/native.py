@@ -44,6 +44,12 @@ def load() -> ctypes.CDLL | None:
     lib.fm_uploader_new.restype = P
     lib.fm_upload_run.argtypes = [P, I32, P, P, I64, I64, I32, P, P, P, I64, I32]
     lib.fm_upload_run.restype = I64
+    lib.fm_upload_start.argtypes = [P, I32, P, P, I64, I64, I32, P, P, P, I64, I32, P]
+    lib.fm_upload_start.restype = I64
+    lib.fm_upload_wait_expert.argtypes = [P, I64]
+    lib.fm_upload_wait_expert.restype = I64
+    lib.fm_upload_finish.argtypes = [P]
+    lib.fm_upload_finish.restype = I64
     lib.fm_uploader_free.argtypes = [P]
     lib.fm_uploader_free.restype = None
     _lib.append(lib)
@@ -91,10 +97,20 @@ class NativeUploader:
             raise MemoryError("fm_uploader_new failed")
         self.piece_cap = piece_cap
         self._tables: dict = {}
+        self._job = None
 
     def run(self, fd: int, file_offsets: np.ndarray, rows: np.ndarray, expert_bytes: int, components,
             bases: list[int], piece: int, probe: bool) -> int:
         """Upload; page-cache hit bytes. Raises OSError on a failed read, RuntimeError on a failed copy."""
+        self.start(fd, file_offsets, rows, expert_bytes, components, bases, piece, probe, landed=False)
+        return self.finish()
+
+    def start(self, fd: int, file_offsets: np.ndarray, rows: np.ndarray, expert_bytes: int, components,
+              bases: list[int], piece: int, probe: bool, landed: bool = True) -> None:
+        """The same job in the background; `wait(i)` for expert i (direct mode, `landed`), then
+        `finish()`, which must end every started job before the next starts."""
+        if self._job is not None:
+            raise RuntimeError("an expert read is still in flight: finish() it first")
         key = tuple(bases)
         t = self._tables.get(key)
         if t is None:
@@ -103,19 +119,46 @@ class NativeUploader:
                                      np.array(bases, np.uint64))
         offs = np.ascontiguousarray(file_offsets, np.int64)
         rws = np.ascontiguousarray(rows, np.int64)
-        r = self.lib.fm_upload_run(self.handle, fd, offs.ctypes.data, rws.ctypes.data, len(offs), expert_bytes,
-                                   len(components), t[0].ctypes.data, t[1].ctypes.data, t[2].ctypes.data,
-                                   piece, int(bool(probe)))
-        if r <= -1000:
-            raise RuntimeError(f"CUDA {'copy' if r == -1001 else 'stream synchronisation'} failed during an expert upload")
+        counters = np.zeros(len(offs), np.int64) if landed else None
+        self._job = (offs, rws, t, counters)  # alive until finish(): the C job points into them
+        r = self.lib.fm_upload_start(self.handle, fd, offs.ctypes.data, rws.ctypes.data, len(offs), expert_bytes,
+                                     len(components), t[0].ctypes.data, t[1].ctypes.data, t[2].ctypes.data,
+                                     piece, int(bool(probe)), None if counters is None else counters.ctypes.data)
         if r < 0:
-            raise OSError(-r, f"expert read failed: {os.strerror(-r)}")
+            self._job = None
+            _raise(r)
+
+    def wait(self, i: int) -> None:
+        """Block until expert i of the job in flight has landed."""
+        r = self.lib.fm_upload_wait_expert(self.handle, i)
+        if r < 0:
+            self.finish()  # (raises the job's error)
+            _raise(r)
+
+    def finish(self) -> int:
+        """Wait for the job in flight; its page-cache hit bytes."""
+        if self._job is None:
+            return 0
+        r = self.lib.fm_upload_finish(self.handle)
+        self._job = None
+        if r < 0:
+            _raise(r)
         return int(r)
 
     def close(self) -> None:
         if self.handle:
+            try:
+                self.finish()
+            except (OSError, RuntimeError):
+                pass
             self.lib.fm_uploader_free(self.handle)
             self.handle = None
+
+
+def _raise(r: int):
+    if r <= -1000:
+        raise RuntimeError(f"CUDA {'copy' if r == -1001 else 'stream synchronisation'} failed during an expert upload")
+    raise OSError(-r, f"expert read failed: {os.strerror(-r)}")
 
 
 def host_functions(lib) -> tuple[int, int]:

@@ -66,7 +66,7 @@ class _Mapper:
         self.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
         self.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
         self.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        self.populate = os.environ.get("FLASHMOE_MAP_POPULATE", "1").strip() not in ("0", "off", "no", "false")
+        self.populate = os.environ.get("FLASHMOE_MAP_POPULATE", "0").strip() not in ("0", "off", "no", "false")
         self._vec = np.zeros(0, np.uint8)
 
     def map(self, fd: int, size: int) -> int:
@@ -262,6 +262,11 @@ class ExpertStore:
                          and hasattr(os, "posix_fadvise") and os.uname().sysname == "Linux")
         self._mapper: _Mapper | None = None
         self._maps: list[int] = [0] * len(m.layers)  # per layer: address of its file's mapping (0: none yet)
+        self._in_flight = 0  # experts of a fetch_streaming read still running
+        # Decode on the CPU kernels computes while the misses are read (fetch_streaming);
+        # FLASHMOE_OVERLAP_READS=0: read, then compute.
+        self.overlap = (self.map_hits and self._native is not None and os.environ.get(
+            "FLASHMOE_OVERLAP_READS", "1").strip().lower() not in ("0", "off", "no", "false"))
 
     @staticmethod
     def _native_reader(threads: int):
@@ -289,14 +294,7 @@ class ExpertStore:
         holds expert_ids[i]); the set has at least `capacity` rows."""
         n = len(expert_ids)
         rows = np.arange(n) if rows is None else np.asarray(rows, np.int64)
-        i = self._next
-        self._next ^= 1
-        buf = self._slots[i]
-        need = max(n, capacity)
-        if buf is None or buf.capacity < need:
-            cap = min(self.manifest.num_experts, max(8, -(-need // 8) * 8))
-            self._slots[i] = None  # free the old set first
-            buf = self._slots[i] = _Buffers(self.components, cap, self.zero_copy)
+        buf = self._buffers_for(max(n, capacity))
         fd, m = self.fds[layer], self.manifest
         base, stride, nbytes, probe = m.header_bytes, m.expert_stride, m.expert_bytes, self.probe
         t0 = time.perf_counter()
@@ -327,6 +325,18 @@ class ExpertStore:
             self.trace.append((layer, np.array(expert_ids, copy=True)))
         return buf
 
+    def _buffers_for(self, need: int) -> _Buffers:
+        """The next of the two buffer sets, with at least `need` rows (after any read in flight)."""
+        self._settle()
+        i = self._next
+        self._next ^= 1
+        buf = self._slots[i]
+        if buf is None or buf.capacity < need:
+            cap = min(self.manifest.num_experts, max(8, -(-need // 8) * 8))
+            self._slots[i] = None  # free the old set first
+            buf = self._slots[i] = _Buffers(self.components, cap, self.zero_copy)
+        return buf
+
     def _read_native(self, fd: int, expert_ids, rows: np.ndarray, buf: _Buffers) -> int:
         from .native import PIECE_CAP, piece_for
 
@@ -343,8 +353,6 @@ class ExpertStore:
 
     def fetch(self, layer: int, expert_ids: np.ndarray, *, gather: bool = False,
               host_rows: bool = False) -> ExpertBatch:
-        from ..engine.linear import Linear
-
         ids = np.asarray(expert_ids, np.int64)
         n = len(ids)
         in_place = self._in_place(layer, ids) if host_rows and not gather and self.map_hits and n else None
@@ -355,11 +363,18 @@ class ExpertStore:
             buf = self.read_experts(layer, ids[miss], rows=miss, capacity=n, record=False)
         if self.trace is not None:
             self.trace.append((layer, ids.copy()))
+        addresses = None if in_place is None else self._row_addresses(layer, ids, in_place, buf)
+        return self._batch(ids, buf, addresses, gather)
+
+    def _batch(self, ids: np.ndarray, buf: "_Buffers", addresses: np.ndarray | None,
+               gather: bool = False) -> ExpertBatch:
+        from ..engine.linear import Linear
+
+        n = len(ids)
         a = buf.arrays(self.components, n)
         dt = self.dtype
         if not gather and self.raw_scales:
             dt = None  # the CPU kernels read the stored (bf16) scales themselves: no conversion
-        addresses = None if in_place is None else self._row_addresses(layer, ids, in_place, buf)
         lin = []
         for p in range(3):
             w, s, b = a[3 * p : 3 * p + 3]
@@ -370,6 +385,75 @@ class ExpertStore:
         lookup = np.full(self.manifest.num_experts, -1, np.int32)
         lookup[ids] = np.arange(n, dtype=np.int32)
         return ExpertBatch(lin[0], lin[1], lin[2], lookup)
+
+    def fetch_streaming(self, layer: int, expert_ids: np.ndarray) -> tuple[ExpertBatch, "PendingReads"]:
+        """`fetch(..., host_rows=True)` that returns before the misses have landed: the batch's
+        rows are where they will be, `PendingReads` says which are usable now (page-cache hits,
+        in place) and waits for the others, read in turn so that the first lands early."""
+        ids = np.asarray(expert_ids, np.int64)
+        n = len(ids)
+        if self._native is None or not self.map_hits or n == 0:
+            return self.fetch(layer, ids, host_rows=True), PendingReads(self, np.ones(n, bool), None, [])
+        in_place = self._in_place(layer, ids)
+        if in_place is None:
+            in_place = np.zeros(n, bool)
+        miss = np.flatnonzero(~in_place)
+        buf = self._buffers_for(n)
+        if len(miss):
+            self._start_reads(layer, ids[miss], miss, buf)
+        if self.trace is not None:
+            self.trace.append((layer, ids.copy()))
+        batch = self._batch(ids, buf, self._row_addresses(layer, ids, in_place, buf))
+        return batch, PendingReads(self, in_place.copy(), ids[miss], miss)
+
+    def _start_reads(self, layer: int, ids: np.ndarray, rows: np.ndarray, buf: "_Buffers") -> None:
+        from .native import MIN_PIECE
+
+        m = self.manifest
+        # Each expert cut across every thread, pieces taken in expert order: expert 0 lands first.
+        piece = max(MIN_PIECE, -(-m.expert_bytes // self.threads // MIN_PIECE) * MIN_PIECE)
+        t0 = time.perf_counter()
+        try:
+            self._native.start(self.fds[layer], m.header_bytes + ids * m.expert_stride, rows, m.expert_bytes,
+                               self.components, buf.addresses, piece, self.probe)
+        except OSError as e:
+            raise self._read_error(e) from e
+        s = self.stats
+        s.experts += len(ids)
+        s.bytes += len(ids) * m.expert_bytes
+        s.read_seconds += time.perf_counter() - t0
+        self._in_flight = len(ids)
+
+    def _settle(self) -> None:
+        """End the streaming read in flight, if any (before the next read, or its buffers' reuse)."""
+        if self._in_flight:
+            n, self._in_flight = self._in_flight, 0
+            t0 = time.perf_counter()
+            try:
+                hit_bytes = self._native.finish()
+            except OSError as e:
+                raise self._read_error(e) from e
+            finally:
+                self.stats.read_seconds += time.perf_counter() - t0
+            hits = int(round(hit_bytes / self.manifest.expert_bytes))
+            self.stats.cache_hits += hits
+            if self.probe:
+                self.hit_rate = 0.8 * self.hit_rate + 0.2 * hits / n
+
+    def _wait_landed(self, i: int) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._native.wait(i)
+        except OSError as e:
+            self._in_flight = 0
+            raise self._read_error(e) from e
+        finally:
+            self.stats.read_seconds += time.perf_counter() - t0
+
+    @staticmethod
+    def _read_error(e: OSError) -> FlashMoeError:
+        return FlashMoeError(f"reading experts failed ({e.strerror}): the expert file was truncated or "
+                             "damaged while in use; run llm flashmoe verify.")
 
     # -- page-cache hits used in place (host_rows) -----------------------------
     def _in_place(self, layer: int, ids: np.ndarray) -> np.ndarray | None:
@@ -453,6 +537,11 @@ class ExpertStore:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
+        if getattr(self, "_in_flight", 0):
+            try:
+                self._settle()
+            except FlashMoeError:
+                pass
         pool = getattr(self, "_pool", None)
         if pool is not None:
             pool.shutdown(wait=True)
@@ -479,6 +568,31 @@ class ExpertStore:
             self.close()
         except Exception:
             pass
+
+
+class PendingReads:
+    """The experts of a `fetch_streaming` batch: `ready` rows are usable now; `wait(row)`
+    blocks until that row's expert has landed; `misses` lists the other rows in landing order."""
+
+    def __init__(self, store: ExpertStore, ready: np.ndarray, ids, misses):
+        self.store, self.ready, self.ids = store, ready, ids
+        self.misses = [int(r) for r in misses]
+        self._order = {r: i for i, r in enumerate(self.misses)}
+
+    @property
+    def all_ready(self) -> bool:
+        return bool(self.ready.all())
+
+    def wait(self, row: int) -> None:
+        if not self.ready[row]:
+            self.store._wait_landed(self._order[row])
+            self.ready[row] = True
+
+    def finish(self) -> None:
+        """Every read done (counted in the store's stats); raises the reads' error, if any."""
+        if not self.ready.all():
+            self.store._settle()
+            self.ready[:] = True
 
 
 def _read_jobs(jobs) -> int:
