@@ -11,6 +11,7 @@
 #   upload   expert upload throughput: store path vs pinned+cudaMemcpyAsync vs the limits
 #   check    logits with the GPU expert cache on and off are identical
 #   decode   decode with GPU caches of 25/50/100% (warm; 50% cold too), all-resident and mlx-lm beside
+#   profile  the host round trip's cost per layer; hostread: kernels reading host memory directly
 # Steps (issue 6, fused kernels):
 #   kcheck   every kernel vs its twin, and timings      kdecode   fused vs plain decode, tolerance check
 set -uo pipefail
@@ -50,6 +51,8 @@ for s in "$@"; do
     prep) prep ;;
     upload) step upload.log python3 -m llm_flashmoe.experts.gpu_bench upload --packed "$M/packed" ;;
     check) step check.log python3 -m llm_flashmoe.experts.gpu_bench check --packed "$M/packed" --settings "${CHECK:-25%,100%}" ;;
+    profile) step profile.log python3 -m llm_flashmoe.experts.gpu_bench profile --packed "$M/packed" ;;
+    hostread) step hostread.log python3 -m llm_flashmoe.experts.gpu_bench hostread --packed "$M/packed" ;;
     decode) step decode.log python3 -m llm_flashmoe.experts.gpu_bench decode --packed "$M/packed" --resident "$M/mlx" ;;
     kcheck) step kcheck.log python3 -m llm_flashmoe.kernels.check --runs "$runs" ;;
     kdecode) step kdecode.log python3 -m llm_flashmoe.kernels.decode_bench --dir "$M/mlx" --check-layers 2,all ;;

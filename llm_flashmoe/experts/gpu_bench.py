@@ -3,6 +3,8 @@
     python -m llm_flashmoe.experts.gpu_bench upload --packed DIR [--experts 64]
     python -m llm_flashmoe.experts.gpu_bench check  --packed DIR
     python -m llm_flashmoe.experts.gpu_bench decode --packed DIR [--resident MLXDIR] [--fractions 25,50,100]
+    python -m llm_flashmoe.experts.gpu_bench profile --packed DIR
+    python -m llm_flashmoe.experts.gpu_bench hostread --packed DIR
 
 upload: expert bytes already in the page cache into MLX GPU arrays, in one run:
   the store's path (preadv into MLX buffers, which CUDA then migrates as managed
@@ -10,6 +12,10 @@ upload: expert bytes already in the page cache into MLX GPU arrays, in one run:
   cudaMemcpyAsync) for several thread counts and piece sizes, and the limits:
   page cache -> pinned memory alone, pinned -> GPU copies alone, and the cold disk.
 check: logits with the GPU cache on and off, decode and prefill, must be identical.
+profile: the cost of the host round trip per layer (all experts cached, device lookup
+  against the host path) and the host's share of fetches at partial sizes.
+hostread: can kernels read experts from host memory directly (cudaHostRegister of the
+  page cache's mapping; a cudaHostAlloc buffer; device memory beside), at what rate.
 decode: the 397B-shaped model streamed with GPU caches of several sizes (warm page
   cache; and cold for the middle size), per layer: expert read+upload, the rest;
   hit rate; tokens/s extrapolated to 60 layers; beside the all-resident fused
@@ -336,6 +342,167 @@ def decode(args) -> int:
     return 0
 
 
+def _timed_fetch(cache) -> dict:
+    """Time the engine's calls of cache.fetch (host side: lookups, eviction, reads, uploads)."""
+    acc = {"s": 0.0, "n": 0}
+    real = cache.fetch
+
+    def fetch(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return real(*a, **k)
+        finally:
+            acc["s"] += time.perf_counter() - t0
+            acc["n"] += 1
+
+    cache.fetch = fetch  # the engine looks fetch up on the instance
+    return acc
+
+
+def profile(args) -> int:
+    """Where a layer's time goes with the GPU cache: the all-cached decode through the
+    device-side lookup (one evaluation per token) against the same through the host path
+    (the router's ids read back every layer, rows sent from the host, as at 25-50%), and
+    the host's share of the fetch, at 100% and at the partial sizes."""
+    import mlx.core as mx
+
+    from ..engine.load import load_model
+    from ..kernels.decode_bench import decode_times
+
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, 1000, 16).tolist()
+    packed = Path(args.packed)
+    from . import format as fmt
+
+    m = fmt.read_manifest(packed)
+    warm_files([packed / e.file for e in m.layers])
+    model = load_model(packed, gpu_cache="100%", experts_per_token=args.k)
+    c = model.experts
+    L = len(model.layers)
+    c.preload()
+    eh = float(np.median(decode_times(model, prompt, 12, embed_head_only=True)) * 1e3)
+    decode_times(model, prompt, 4)
+    dev = (float(np.median(decode_times(model, prompt, args.steps, fresh_tokens=True)) * 1e3) - eh) / L
+    c.resident_batch = lambda layer: None   # force the host round trip with every expert cached
+    acc = _timed_fetch(c)
+    decode_times(model, prompt, 4)
+    acc["s"], acc["n"] = 0.0, 0
+    host = (float(np.median(decode_times(model, prompt, args.steps, fresh_tokens=True)) * 1e3) - eh) / L
+    fetch_ms = acc["s"] * 1e3 / max(acc["n"], 1)
+    print(f"100%, all cached: device lookup {dev:.3f} ms/layer; host round trip {host:.3f} ms/layer "
+          f"(of which cache.fetch on the host {fetch_ms:.3f} ms, no uploads): the round trip costs "
+          f"{host - dev:.3f} ms/layer", flush=True)
+    c.close()
+    del model, c
+    mx.clear_cache()
+    for pct in args.fractions:
+        if pct >= 100:
+            continue
+        model = load_model(packed, gpu_cache=f"{pct}%", experts_per_token=args.k)
+        c = model.experts
+        _fill(c, rng)
+        decode_times(model, prompt, 4)
+        acc = _timed_fetch(c)
+        up0 = c.upload_seconds
+        c.stats.reset()
+        times = decode_times(model, prompt, args.steps, fresh_tokens=True)
+        n = acc["n"]
+        per_layer = (float(np.median(times)) * 1e3 - eh) / L
+        up = (c.upload_seconds - up0) * 1e3 / max(n, 1)
+        f = acc["s"] * 1e3 / max(n, 1)
+        hit = c.stats.gpu_hits / max(c.stats.experts, 1)
+        print(f"{pct}%: {per_layer:.3f} ms/layer, hit rate {hit:.2f}: cache.fetch {f:.3f} ms/layer, of which "
+              f"read+upload {up:.3f}, bookkeeping {f - up:.3f}; everything else {per_layer - f:.3f} "
+              f"(the all-cached host path's rest: {host - fetch_ms:.3f})", flush=True)
+        c.close()
+        del model, c
+        mx.clear_cache()
+    return 0
+
+
+def hostread(args) -> int:
+    """Can a kernel read experts straight from host memory (no upload, no host round trip)?
+    Registers a read-only mapping of a layer file (page cache) with cudaHostRegister, then times
+    a kernel that reads N bytes through the mapped pointer, beside the same kernel on device
+    memory and on a cudaHostAlloc'd buffer."""
+    import ctypes
+    import mmap as _mmap
+
+    import mlx.core as mx
+
+    from . import cuda
+    from . import format as fmt
+
+    rt = cuda.runtime()
+    L = rt.lib
+    vp, sz = ctypes.c_void_p, ctypes.c_size_t
+    L.cudaHostRegister.argtypes = [vp, sz, ctypes.c_uint]
+    L.cudaHostUnregister.argtypes = [vp]
+    L.cudaHostGetDevicePointer.argtypes = [ctypes.POINTER(vp), vp, ctypes.c_uint]
+    packed = Path(args.packed)
+    m = fmt.read_manifest(packed)
+    path = packed / m.layers[0].file
+    size = m.layer_file_bytes()
+    print(f"page cache warm-up: {warm_files([path]):.2f} GB/s", flush=True)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = vp
+    libc.mmap.argtypes = [vp, sz, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    fd = os.open(path, os.O_RDONLY)
+    addr = libc.mmap(None, size, _mmap.PROT_READ, _mmap.MAP_SHARED, fd, 0)
+    sources = {}
+    for flags, name in ((8 | 2, "ReadOnly|Mapped"), (2, "Mapped")):
+        t0 = time.perf_counter()
+        rc = L.cudaHostRegister(vp(addr), size, flags)
+        dt = time.perf_counter() - t0
+        msg = L.cudaGetErrorString(rc).decode() if rc else "ok"
+        print(f"cudaHostRegister(file mapping, {size / 1e9:.2f} GB, {name}): {msg} in {dt:.2f} s", flush=True)
+        if rc == 0:
+            dp = vp()
+            rc2 = L.cudaHostGetDevicePointer(ctypes.byref(dp), vp(addr), 0)
+            print(f"  device pointer {'same as host' if dp.value == addr else hex(dp.value or 0)} (rc {rc2})")
+            sources["registered page cache"] = dp.value or addr
+            break
+    nbytes = min(size, args.mb << 20)
+    pinned = rt.host_alloc(nbytes)
+    cuda.host_view(pinned, nbytes)[:] = np.frombuffer(os.pread(fd, nbytes, 0), np.uint8)
+    sources["cudaHostAlloc buffer"] = pinned
+    dev = mx.zeros((nbytes // 4,), mx.uint32)
+    mx.eval(dev)
+    sources["device memory"] = cuda.device_address(dev)
+    kern = mx.fast.cuda_kernel(
+        name="fm_host_read", input_names=["ptr", "n16"], output_names=["out"],
+        source="""
+            const uint4* p = reinterpret_cast<const uint4*>(ptr[0]);
+            long long n = n16[0];
+            long long stride = (long long)gridDim.x * blockDim.x;
+            long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+            unsigned int acc = 0;
+            for (long long i = t; i < n; i += stride) { uint4 v = p[i]; acc ^= v.x ^ v.y ^ v.z ^ v.w; }
+            out[t] = acc;""")
+    threads = 132 * 8 * 256
+    for name, base in sources.items():
+        for mb in sorted({min(nbytes >> 20, x) for x in (7, 14, 28, 64, args.mb)}):
+            n = mb << 20
+            ptr = mx.array([base], mx.uint64)
+            n16 = mx.array([n // 16], mx.int64)
+            times = []
+            for i in range(7):
+                mx.synchronize()
+                t0 = time.perf_counter()
+                out = kern(inputs=[ptr, n16], grid=(threads, 1, 1), threadgroup=(256, 1, 1),
+                           output_shapes=[(threads,)], output_dtypes=[mx.uint32])[0]
+                mx.eval(out)
+                mx.synchronize()
+                times.append(time.perf_counter() - t0)
+            t = float(np.median(times[2:]))
+            print(f"kernel reads {mb:4d} MB from {name:22}: {t * 1e6:9.1f} us = {_gbs(n, t):6.1f} GB/s", flush=True)
+    rt.free_host(pinned)
+    if "registered page cache" in sources:
+        L.cudaHostUnregister(vp(addr))
+    os.close(fd)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -357,8 +524,17 @@ def main(argv=None) -> int:
     d.add_argument("--k", type=int, default=4, help="experts per token")
     d.add_argument("--fractions", type=lambda s: [int(x) for x in s.split(",")], default=[25, 50, 100])
     d.add_argument("--cold", type=lambda s: [int(x) for x in s.split(",")], default=[50])
+    pr = sub.add_parser("profile")
+    pr.add_argument("--packed", required=True)
+    pr.add_argument("--steps", type=int, default=16)
+    pr.add_argument("--k", type=int, default=4, help="experts per token")
+    pr.add_argument("--fractions", type=lambda s: [int(x) for x in s.split(",")], default=[50])
+    h = sub.add_parser("hostread")
+    h.add_argument("--packed", required=True)
+    h.add_argument("--mb", type=int, default=256, help="largest read")
     args = ap.parse_args(argv)
-    return {"upload": upload, "check": check, "decode": decode}[args.cmd](args)
+    return {"upload": upload, "check": check, "decode": decode, "profile": profile,
+            "hostread": hostread}[args.cmd](args)
 
 
 if __name__ == "__main__":
