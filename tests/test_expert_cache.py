@@ -7,6 +7,8 @@ by slot are this same code, checked here against the uncached store.
 
 from __future__ import annotations
 
+import ctypes
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -257,5 +259,44 @@ def test_a_full_pool_decodes_without_host_lookups(packed, monkeypatch):
         assert mx.array_equal(r, a).item()
     # the two prompt chunks fetched (one per layer each); the decode steps never did
     assert len(fetches) == 2 * len(model.layers)
+    plain.experts.close()
+    cache.close()
+
+
+def test_host_tier_decodes_misses_from_the_page_cache_by_address(packed, monkeypatch):
+    # Decode never waits for the host: the router's choice selects rows of a table of part
+    # addresses (pool slot, or the layer file's mapping), read by the kernels' twins here.
+    monkeypatch.setenv("FLASHMOE_KERNELS", "twin")
+    plain = load_model(packed, dtype=mx.bfloat16, gpu_cache="off")
+    def run(model, steps=3):  # short: bfloat16 on the CPU is slow
+        cache = model.make_cache()
+        outs = [model(PROMPT[:3], cache)]
+        for _ in range(steps):
+            outs.append(model([int(mx.argmax(outs[-1][-1]))], cache))
+        return outs
+
+    ref = run(plain)
+    model = load_model(packed, dtype=mx.bfloat16)
+    m = model.experts.manifest
+    cache = with_cache(model, m.num_experts * len(m.layers) // 2)
+    assert cache.resident_batch(0) is None            # partial pool, no tier: the host path
+    assert cache.enable_host_tier()
+    E = m.num_experts
+    # every table entry points at the expert's bytes: its slot, or its place in the file
+    table = cache._table.reshape(len(m.layers) * E, 9)
+    for key in np.random.default_rng(0).choice(len(table), 12, replace=False):
+        layer, e = divmod(int(key), E)
+        want = ExpertStore.fetch(cache.store, layer, np.array([e]))
+        for j, a in enumerate((want.gate.weight, want.gate.scales, want.gate.biases, want.up.weight, want.up.scales,
+                               want.up.biases, want.down.weight, want.down.scales, want.down.biases)):
+            raw = np.array(a[0].view(mx.uint8) if a.dtype != mx.bfloat16 else a[0].view(mx.uint16)).tobytes()
+            assert ctypes.string_at(int(table[key, j]), len(raw)) == raw
+    fetches = []
+    cache.fetch = lambda *a, **k: fetches.append(a) or ExpertCache.fetch(cache, *a, **k)
+    got = run(model)
+    for r, a in zip(ref, got):
+        assert mx.array_equal(r, a).item()
+    assert len(fetches) == len(model.layers)          # the prompt only: decode never fetched
+    assert cache.resident_batch(1).all_in_gpu is False
     plain.experts.close()
     cache.close()

@@ -222,10 +222,11 @@ class SparseMoE:
             gate, up, down = self.experts.layers[self.layer]
             rows = ids
             self.experts.stats.experts += self.k
-        elif batch is not None:                          # every expert in GPU memory: rows looked up there
+        elif batch is not None:       # rows (or part addresses: host tier) looked up in GPU memory
             gate, up, down, rows = batch.gate, batch.up, batch.down, batch.device_lookup[ids]
             self.experts.stats.experts += self.k
-            self.experts.stats.gpu_hits += self.k
+            if batch.all_in_gpu:
+                self.experts.stats.gpu_hits += self.k
         else:
             ids_np = np.array(ids)
             on_cpu = self.ops.backend == "cpu"

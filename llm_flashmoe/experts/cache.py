@@ -352,6 +352,11 @@ class ExpertCache:
         # larger than this many rows is handed to it as a compact copy of the rows needed.
         self.max_gather_rows = (2**31 - 1) // max(c.nbytes for c in store.components)
         self._device_lookup = None
+        # Host tier (enable_host_tier): every expert's nine part addresses, GPU slot or pinned page cache.
+        self.host_tier = False
+        self._table: np.ndarray | None = None   # uint64 [layers, E, 9]
+        self._device_table = None
+        self._registered: list[int] = []
 
     def _linears(self, buf: PoolBuffers, n: int):
         from ..engine.linear import Linear
@@ -371,10 +376,18 @@ class ExpertCache:
 
     def resident_batch(self, layer: int) -> ExpertBatch | None:
         """When the pool holds every expert of every layer: the pool with a lookup table in GPU
-        memory, so that decode needs no round trip to the host for the router's choice."""
+        memory, so that decode needs no round trip to the host for the router's choice.
+        With the host tier: always, the table holding each expert's part addresses."""
+        import mlx.core as mx
+
+        if self.host_tier and self.filled < self.layers * self.num_experts:
+            if self._device_table is None:
+                self._device_table = mx.array(self._table)
+            g, u, d = self._pool_linears
+            return ExpertBatch(g, u, d, self.where[layer * self.num_experts:(layer + 1) * self.num_experts]
+                               .astype(np.int32), self._device_table[layer], all_in_gpu=False)
         if self.filled < self.layers * self.num_experts:
             return None
-        import mlx.core as mx
 
         if self._device_lookup is None:
             self._device_lookup = mx.array(self.where.reshape(self.layers, self.num_experts).astype(np.int32))
@@ -423,6 +436,8 @@ class ExpertCache:
             self.uses[victims] = 0
             slots[miss] = victims
             self._load(layer, ids[miss], self.pool, victims)
+            if self.host_tier:
+                self._retable(np.concatenate([old[old >= 0], keys[miss]]))
         self.clock += 1
         self.uses[slots] += 1
         self.last[slots] = self.clock
@@ -430,6 +445,68 @@ class ExpertCache:
         lookup[ids] = slots
         g, u, d = self._pool_linears or self._linears(self.pool, self.slots)
         return ExpertBatch(g, u, d, lookup)
+
+    # -- host tier: misses read by the kernels from pinned page cache --------------
+    def enable_host_tier(self) -> bool:
+        """Let decode's MoE kernels read the experts the pool lacks straight from the page cache
+        (the layer files mapped read-only and pinned with cudaHostRegister; host memory itself with
+        the host transport), over the bus, with no upload and no round trip to the host: the
+        router's choice becomes a row of a table of part addresses, in GPU memory. Needs every
+        layer file in RAM (pinning reads in what is missing) and no scale conversion. False (with
+        nothing changed) where that cannot be had."""
+        if self.host_tier:
+            return True
+        if self._convert or self._pool_linears is None:
+            return False
+        store, m = self.store, self.store.manifest
+        size = m.layer_file_bytes()
+        bases = []
+        try:
+            for layer in range(self.layers):
+                bases.append(store.mapped_layer(layer))
+                if bases[-1] == 0:
+                    raise FlashMoeError(f"mmap of {store.dir / m.layers[layer].file} failed")
+                if hasattr(self.transport, "rt"):
+                    self.transport.rt.register_host(bases[-1], size)
+                    self._registered.append(bases[-1])
+        except FlashMoeError as e:
+            self._unregister()
+            print(f"flashmoe: host tier off ({e})")
+            return False
+        comps = store.components
+        offs = np.array([c.offset for c in comps], np.uint64)
+        E = self.num_experts
+        files = np.array(bases, np.uint64)[:, None, None] + np.uint64(m.header_bytes)
+        files = files + (np.arange(E, dtype=np.uint64) * np.uint64(m.expert_stride))[None, :, None]
+        self._host_addresses = files + offs[None, None, :]                     # [L, E, 9]
+        self._slot_base = np.array(self._pool_addresses(), np.uint64)          # [9]
+        self._slot_bytes = np.array([c.nbytes for c in comps], np.uint64)
+        self._table = self._host_addresses.copy()
+        self.host_tier = True
+        self._retable(np.flatnonzero(self.where >= 0))
+        return True
+
+    def _pool_addresses(self) -> list[int]:
+        if self.pool.address is not None:
+            return list(self.pool.address)
+        return [h.__array_interface__["data"][0] for h in self.pool.host]
+
+    def _retable(self, keys: np.ndarray) -> None:
+        """Table entries of `keys` (layer * E + expert): their slot, or the pinned page cache."""
+        if len(keys) == 0:
+            return
+        t = self._table.reshape(-1, len(self._slot_base))
+        slots = self.where[keys]
+        cached = slots >= 0
+        t[keys] = self._host_addresses.reshape(-1, len(self._slot_base))[keys]
+        if cached.any():
+            t[keys[cached]] = self._slot_base[None, :] + slots[cached].astype(np.uint64)[:, None] * self._slot_bytes[None, :]
+        self._device_table = None  # uploaded again by the next decode step
+
+    def _unregister(self) -> None:
+        for base in self._registered:
+            self.transport.rt.unregister_host(base)
+        self._registered = []
 
     def _load(self, layer: int, ids: np.ndarray, buf: PoolBuffers, rows) -> None:
         s = self.stats
@@ -482,8 +559,14 @@ class ExpertCache:
         self.last[:] = 0
         self.filled = 0
         self._device_lookup = None
+        if self.host_tier:
+            self._table = self._host_addresses.copy()
+            self._device_table = None
 
     def close(self) -> None:
+        self._device_table = None
+        self._unregister()
+        self.host_tier = False
         self.transport.close()
         self.store.close()
 
@@ -507,4 +590,23 @@ def wrap_store(store: ExpertStore, setting: str | None = None):
     if slots < 1:
         transport.close()
         return store
-    return ExpertCache(store, slots, transport)
+    cache = ExpertCache(store, slots, transport)
+    if slots < m.num_experts * len(m.layers) and host_tier_wanted(m.layer_file_bytes() * len(m.layers)):
+        cache.enable_host_tier()
+    return cache
+
+
+def host_tier_wanted(expert_bytes: int) -> bool:
+    """FLASHMOE_HOST_TIER: on | off | auto (default: on where every expert file fits in half the RAM)."""
+    want = os.environ.get("FLASHMOE_HOST_TIER", "auto").strip().lower()
+    if want in ("off", "0", "no", "false"):
+        return False
+    if want in ("on", "1", "yes", "true"):
+        return True
+    if want not in ("", "auto"):
+        raise FlashMoeError(f"FLASHMOE_HOST_TIER={want!r}: use auto, on or off.")
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return False
+    return expert_bytes <= ram // 2

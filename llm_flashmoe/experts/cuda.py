@@ -28,6 +28,8 @@ cudaMemcpyDeviceToHost = 2
 cudaMemcpyDeviceToDevice = 3
 cudaMemcpyDefault = 4
 cudaHostAllocPortable = 1
+cudaHostRegisterMapped = 2
+cudaHostRegisterReadOnly = 8
 cudaStreamNonBlocking = 1
 cudaEventDisableTiming = 2
 cudaMemLocationTypeDevice = 1
@@ -98,6 +100,8 @@ class CudaRuntime:
             "cudaEventSynchronize": [vp],
             "cudaEventDestroy": [vp],
             "cudaDeviceSynchronize": [],
+            "cudaHostRegister": [vp, sz, ctypes.c_uint],
+            "cudaHostUnregister": [vp],
         }.items():
             fn = getattr(L, name)
             fn.argtypes = args
@@ -123,6 +127,15 @@ class CudaRuntime:
         p = ctypes.c_void_p()
         self.check(self.lib.cudaHostAlloc(ctypes.byref(p), nbytes, cudaHostAllocPortable), f"cudaHostAlloc({nbytes})")
         return p.value
+
+    def register_host(self, ptr: int, nbytes: int) -> None:
+        """Pin host memory (here: a read-only file mapping) and map it for kernels, which then
+        read it at the same address over the bus (unified addressing)."""
+        self.check(self.lib.cudaHostRegister(ctypes.c_void_p(ptr), nbytes, cudaHostRegisterReadOnly | cudaHostRegisterMapped),
+                   f"cudaHostRegister({nbytes} bytes)")
+
+    def unregister_host(self, ptr: int) -> None:
+        self.lib.cudaHostUnregister(ctypes.c_void_p(ptr))
 
     def free_host(self, ptr: int) -> None:
         self.lib.cudaFreeHost(ctypes.c_void_p(ptr))

@@ -290,11 +290,14 @@ def decode(args) -> int:
             per_layer = (tok_ms - eh) / L
             up_ms = (c.upload_seconds - mark["up"]) * 1e3 / ((steps + 2) * L)   # mean per layer
             hit = s.gpu_hits / s.experts if s.experts else 0.0
+            if c.host_tier:  # decode does not count hits (no round trip): the cached share instead
+                hit = c.filled / (c.layers * c.num_experts)
             pc = s.cache_hits / max(s.experts - s.gpu_hits, 1)
             t60 = eh + 60 * per_layer
-            results.append((f"{pct}% {state}", c.slots, hit, pc, up_ms, per_layer, t60))
+            tier = " tier" if c.host_tier else ""
+            results.append((f"{pct}% {state}{tier}", c.slots, hit, pc, up_ms, per_layer, t60))
             s.reset()
-            print(f"gpu cache {pct}% ({c.slots} slots), {state}: {tok_ms:.2f} ms/token for {L} layers "
+            print(f"gpu cache {pct}% ({c.slots} slots){tier}, {state}: {tok_ms:.2f} ms/token for {L} layers "
                   f"(median of {steps}; embed+head {eh:.2f} ms), hit rate {hit:.2f}, page-cache hits of the reads "
                   f"{pc:.2f}, read+upload {up_ms:.3f} ms per layer (mean), {per_layer:.3f} ms per layer in all "
                   f"-> 60 layers {t60:.1f} ms/token = {1000 / t60:.1f} tok/s", flush=True)

@@ -24,6 +24,8 @@ class ExpertBatch:
     down: Linear  # stacked [n, H, I(packed)]
     lookup: np.ndarray  # int32 [E]: global expert id -> row in the stacks (-1: absent)
     device_lookup: object = None  # the same as an mx.array, where a source keeps one (no host round trip)
+    all_in_gpu: bool = True       # device_lookup's experts are all in GPU memory (hits); False: some are
+                                  # read over the bus from pinned host memory (device_lookup: addresses)
 
 
 @dataclass

@@ -461,14 +461,10 @@ class ExpertStore:
         the layer file's mapping; None when no expert is (everything is read as usual)."""
         t0 = time.perf_counter()
         m = self.manifest
-        if self._mapper is None:
-            self._mapper = _Mapper()
-        base = self._maps[layer]
+        base = self.mapped_layer(layer)
         if base == 0:
-            base = self._maps[layer] = self._mapper.map(self.fds[layer], m.layer_file_bytes())
-            if base == 0:
-                self.map_hits = False  # mmap refused (rlimits): read everything
-                return None
+            self.map_hits = False  # mmap refused (rlimits): read everything
+            return None
         size = os.fstat(self.fds[layer]).st_size
         if size < m.layer_file_bytes():
             path = self.dir / m.layers[layer].file
@@ -492,6 +488,14 @@ class ExpertStore:
         if self.probe:
             self.hit_rate = 0.8 * self.hit_rate + 0.2 * k / len(ids)
         return hit
+
+    def mapped_layer(self, layer: int) -> int:
+        """The address of a read-only shared mapping of `layer`'s file (made once), 0 if refused."""
+        if self._mapper is None:
+            self._mapper = _Mapper()
+        if self._maps[layer] == 0:
+            self._maps[layer] = self._mapper.map(self.fds[layer], self.manifest.layer_file_bytes())
+        return self._maps[layer]
 
     def _row_addresses(self, layer: int, ids: np.ndarray, in_place: np.ndarray, buf: _Buffers) -> np.ndarray:
         """int64 [n, 9]: per expert, the host address of each component (page cache or buffer row)."""

@@ -14,6 +14,7 @@ import zlib
 import mlx.core as mx
 
 from ..engine.linear import Linear
+from ..errors import FlashMoeError
 from . import plain
 from .source import render
 
@@ -21,6 +22,22 @@ QBITS = (2, 3, 4, 8)
 QGROUPS = (32, 64, 128)
 # rows per warp in qmv: each staged input serves this many rows (FLASHMOE_QMV_ROWS to try others)
 QMV_ROWS = int(os.environ.get("FLASHMOE_QMV_ROWS", "4"))
+
+
+def _addressed(rows, x, *stacks) -> bool:
+    """Whether `rows` holds [K, 9] addresses of the experts' parts (uint64: the GPU expert
+    cache with pinned page cache behind it) rather than rows of the stacks."""
+    if rows.dtype != mx.uint64:
+        return False
+    if rows.ndim != 2 or rows.shape[1] != 9 or any(s.scales.dtype != x.dtype for s in stacks):
+        raise FlashMoeError("expert addresses need [K, 9] uint64 rows and scales in the activations' dtype")
+    return True
+
+
+def _no_addresses(addressed: bool) -> None:
+    if addressed:
+        raise FlashMoeError("experts given by address need the fused CUDA MoE kernels, which do not "
+                            "cover these shapes; set FLASHMOE_HOST_TIER=off.")
 
 
 class GpuKernels:
@@ -82,16 +99,19 @@ class GpuKernels:
         return ids, w
 
     def moe_gate_up(self, x, rows, gate: Linear, up: Linear, shared_gate: Linear, shared_up: Linear):
-        H, K = x.size, rows.size
+        addressed = _addressed(rows, x, gate, up)
+        H, K = x.size, rows.shape[0] if addressed else rows.size
         if not (H % 32 == 0 and _xs_bytes(H) <= self.max_shared and _q3d(gate, H) and _q3d(up, H) and _same_q(gate, up)
                 and _q2d(shared_gate, H) and _q2d(shared_up, H) and _same_q(shared_gate, shared_up)):
+            _no_addresses(addressed)
             return plain.moe_gate_up(x, rows, gate, up, shared_gate, shared_up)
         I, Is = gate.weight.shape[1], shared_gate.out_features
         defines = {"HD": H, "KE": K, "IE": I, "BE": gate.bits, "GE": gate.group_size,
-                   "SHI": Is, "SHB": shared_gate.bits, "SHG": shared_gate.group_size}
+                   "SHI": Is, "SHB": shared_gate.bits, "SHG": shared_gate.group_size, "ADDRESSED": int(addressed)}
         names = ("x", "ids", "gw", "gs", "gb", "uw", "us", "ub", "sgw", "sgs", "sgb", "suw", "sus", "sub")
         kern = self.kernel("moe_gate_up", names, ("h", "hs"), defines)
-        args = [x.reshape(-1), rows.astype(mx.int32), *_parts(gate), *_parts(up), *_parts(shared_gate), *_parts(shared_up)]
+        ids = rows.reshape(-1) if addressed else rows.astype(mx.int32)
+        args = [x.reshape(-1), ids, *_parts(gate), *_parts(up), *_parts(shared_gate), *_parts(shared_up)]
         h, hs = kern(inputs=args, template=[("T", x.dtype)], grid=(_ceil(K * I + Is, 8) * 256, 1, 1),
                      threadgroup=(256, 1, 1), output_shapes=[(K, I), (Is,)], output_dtypes=[x.dtype, x.dtype], **self._fill)
         return h, hs
@@ -99,14 +119,17 @@ class GpuKernels:
     def moe_down(self, h, rows, weights, down: Linear, hs, shared_down: Linear, shared_gate_logit, residual):
         K, I = h.shape
         Is, H = hs.size, residual.size
+        addressed = _addressed(rows, residual, down)
         if not (I % 32 == 0 and Is % 32 == 0 and _xs_bytes(K * I) + _xs_bytes(Is) <= self.max_shared and _q3d(down, I) and down.weight.shape[1] == H
                 and _q2d(shared_down, Is) and shared_down.out_features == H):
+            _no_addresses(addressed)
             return plain.moe_down(h, rows, weights, down, hs, shared_down, shared_gate_logit, residual)
         defines = {"HD": H, "KE": K, "IE": I, "BE": down.bits, "GE": down.group_size,
-                   "SHI": Is, "SHB": shared_down.bits, "SHG": shared_down.group_size}
+                   "SHI": Is, "SHB": shared_down.bits, "SHG": shared_down.group_size, "ADDRESSED": int(addressed)}
         names = ("h", "ids", "weights", "dw", "ds", "db", "hs", "sdw", "sds", "sdb", "sg", "res")
         kern = self.kernel("moe_down", names, ("out",), defines)
-        args = [h, rows.astype(mx.int32), weights.astype(mx.float32), *_parts(down), hs.reshape(-1),
+        ids = rows.reshape(-1) if addressed else rows.astype(mx.int32)
+        args = [h, ids, weights.astype(mx.float32), *_parts(down), hs.reshape(-1),
                 *_parts(shared_down), shared_gate_logit.reshape(-1), residual.reshape(-1)]
         return kern(inputs=args, template=[("T", residual.dtype)], grid=(_ceil(H, 8) * 256, 1, 1),
                     threadgroup=(256, 1, 1), output_shapes=[(H,)], output_dtypes=[residual.dtype], **self._fill)[0]

@@ -19,6 +19,28 @@ def qmv(x: mx.array, linears: list[Linear]) -> list[mx.array]:
     return [lin(x) for lin in linears]
 
 
+def stacks_at(addresses: mx.array, stacks: list[tuple[Linear, int]]) -> list[Linear]:
+    """Per (stack, first part): a [K, ...] stack read from the K experts' part addresses
+    (uint64 [K, 9]: gate, up, down x weight, scales, biases). The twin of the CUDA kernels'
+    ADDRESSED mode, for host addresses only (the GPU expert cache's host transport, tests)."""
+    import ctypes
+
+    import numpy as np
+
+    table = np.array(addresses).reshape(-1, 9)
+    out = []
+    for stack, first in stacks:
+        parts = []
+        for j, a in enumerate((stack.weight, stack.scales, stack.biases)):
+            one = a[0]
+            nbytes = one.nbytes
+            raw = b"".join(ctypes.string_at(int(table[k, first + j]), nbytes) for k in range(len(table)))
+            view = mx.array(np.frombuffer(raw, np.uint8).copy())
+            parts.append(view.view(a.dtype).reshape(len(table), *one.shape))
+        out.append(Linear(parts[0], parts[1], parts[2], stack.bits, stack.group_size))
+    return out
+
+
 def moe_route(logits: mx.array, k: int, norm_topk: bool) -> tuple[mx.array, mx.array]:
     """Router logits [E] -> top-k expert ids int32 [k] and their softmax weights float32 [k]."""
     probs = mx.softmax(logits.reshape(-1).astype(mx.float32), axis=-1)
@@ -31,7 +53,10 @@ def moe_route(logits: mx.array, k: int, norm_topk: bool) -> tuple[mx.array, mx.a
 
 def moe_gate_up(x: mx.array, rows: mx.array, gate: Linear, up: Linear,
                 shared_gate: Linear, shared_up: Linear) -> tuple[mx.array, mx.array]:
-    """x [H], rows int32 [K] of the expert stacks -> h [K, I] = silu(gate x) * up x, and the shared hs [Is]."""
+    """x [H], rows int32 [K] of the expert stacks -> h [K, I] = silu(gate x) * up x, and the shared hs [Is].
+    rows uint64 [K, 9]: the addresses of the experts' parts instead (see `stacks_at`)."""
+    if rows.dtype == mx.uint64:
+        (gate, up), rows = stacks_at(rows, [(gate, 0), (up, 3)]), mx.arange(rows.shape[0], dtype=mx.int32)
     H, K = x.size, rows.size
     xe = x.reshape(1, 1, 1, H)
     idx = rows.reshape(1, K)
@@ -45,7 +70,10 @@ def moe_gate_up(x: mx.array, rows: mx.array, gate: Linear, up: Linear,
 
 def moe_down(h: mx.array, rows: mx.array, weights: mx.array, down: Linear, hs: mx.array,
              shared_down: Linear, shared_gate_logit: mx.array, residual: mx.array) -> mx.array:
-    """residual [H] + sum_k weights[k] * down_{rows[k]}(h[k]) + sigmoid(logit) * shared_down(hs) -> [H]."""
+    """residual [H] + sum_k weights[k] * down_{rows[k]}(h[k]) + sigmoid(logit) * shared_down(hs) -> [H].
+    rows uint64 [K, 9]: the addresses of the experts' parts instead (see `stacks_at`)."""
+    if rows.dtype == mx.uint64:
+        (down,), rows = stacks_at(rows, [(down, 6)]), mx.arange(rows.shape[0], dtype=mx.int32)
     K, I = h.shape
     y = down.gather(h.reshape(1, K, 1, I), rows.reshape(1, K)).reshape(K, -1)   # [K, H]
     y = (y * weights[:, None].astype(y.dtype)).sum(axis=0)
