@@ -298,7 +298,66 @@ def test_route_and_add_rms_norm_match_mlx():
     x, y = (mx.array(rng.standard_normal((1, 1, 4096)).astype(np.float32)) for _ in range(2))
     wn = mx.array(rng.standard_normal(4096).astype(np.float32))
     for a, b in zip(cpu_engine.add_rms_norm(x, y, wn, 1e-6), plain.add_rms_norm(x, y, wn, 1e-6)):
-        assert a.shape == b.shape and rel_err(a, b) < 1e-6
+        assert isinstance(a, mx.array) and a.shape == b.shape and rel_err(a, b) < 1e-5  # MLX sums in float32
+
+
+def test_route_kernel_matches_mlx(lib):
+    """The C top-k and softmax on numpy logits: odd sizes and k, equal logits, a NaN (numpy then)."""
+    rng = np.random.default_rng()
+    for E, k in [(512, 4), (512, 10), (37, 1), (9, 9), (128, 8)]:
+        lg = (rng.standard_normal(E) * 3).astype(np.float32)
+        lg[rng.choice(E, 3, replace=False)] = lg.max() + 1  # a tie at the top
+        for norm in (True, False):
+            ids, w = cpu_engine.moe_route(lg, k, norm)
+            ids_r, w_r = plain.moe_route(mx.array(lg), k, norm)
+            assert ids.dtype == np.int32 and w.dtype == np.float32 and ids.shape == w.shape == (k,)
+            assert sorted(lg[ids]) == sorted(np.asarray(lg)[np.asarray(ids_r)])  # the same logits chosen
+            assert rel_err(np.sort(w), np.sort(np.asarray(w_r))) < 1e-5
+    lg = rng.standard_normal(64).astype(np.float32)
+    lg[5] = np.nan
+    ids, w = cpu_engine.moe_route(lg, 4, True)   # refused by the kernel: the numpy fallback
+    assert ids.shape == (4,)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 4096), (3, 1000), (7,), (2, 1, 33)])
+def test_rms_norm_kernels_match_mlx(lib, shape):
+    rng = np.random.default_rng()
+    x, y = (rng.standard_normal(shape).astype(np.float32) * 10 for _ in range(2))
+    w = mx.array(rng.standard_normal(shape[-1]).astype(np.float32))
+    def exact(v):  # float64 reference
+        v = np.asarray(v, np.float64)
+        return v / np.sqrt((v * v).mean(-1, keepdims=True) + 1e-6) * np.asarray(w, np.float64)
+
+    n = cpu_engine.rms_norm(x, w, 1e-6)
+    n_r = mx.fast.rms_norm(mx.array(x), w, 1e-6)
+    assert isinstance(n, np.ndarray) and n.shape == shape
+    assert rel_err(n, exact(x)) < 5e-7 and rel_err(n, n_r) < 1e-5   # MLX: float32 sums of squares
+    for a, b in [(x, y), (x, mx.array(y)), (mx.array(x), y)]:   # numpy out when either is numpy
+        h, n = cpu_engine.add_rms_norm(a, b, w, 1e-6)
+        h_r, n_r = plain.add_rms_norm(mx.array(x), mx.array(y), w, 1e-6)
+        assert isinstance(h, np.ndarray) and isinstance(n, np.ndarray) and h.shape == n.shape == shape
+        assert rel_err(h, h_r) == 0 and rel_err(n, exact(x + y)) < 5e-7 and rel_err(n, n_r) < 1e-5
+
+
+def test_gdn_step_state_alignment(lib):
+    """The new state streamed in aligned chunks whatever the buffer's alignment: the same results."""
+    rng = np.random.default_rng()
+    Hk, Hv, Dk, Dv, Kc = 2, 4, 128, 24, 4
+    C = 2 * Hk * Dk + Hv * Dv
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    ins = [f(C), f(Hv * Dv), f(Hv), f(Hv), f(Kc - 1, C), f(C, Kc), -np.abs(f(Hv)), f(Hv), f(Dv), f(Hv, Dv, Dk)]
+    results = []
+    for shift in (0, 1, 2, 6, 15):
+        raw = np.full(Hv * Dv * Dk + 32, 7.0, np.float32)
+        start = (-(raw.ctypes.data // 4)) % 16 + shift          # 64-byte aligned, then one float off
+        s_out = raw[start : start + Hv * Dv * Dk]
+        conv, out = np.empty((Kc - 1) * C, np.float32), np.empty(Hv * Dv, np.float32)
+        assert lib.fm_gdn_step(*[a.ctypes.data for a in ins], Hk, Hv, Dk, Dv, Kc, 1e-6, conv.ctypes.data,
+                               s_out.ctypes.data, out.ctypes.data) == 0
+        assert np.all(raw[:start] == 7) and np.all(raw[start + Hv * Dv * Dk :] == 7)   # nothing written outside
+        results.append((s_out.copy(), out))
+    for st, out in results[1:]:
+        assert np.array_equal(st, results[0][0]) and np.array_equal(out, results[0][1])
 
 
 def test_concurrent_callers_get_correct_results(lib):

@@ -24,12 +24,72 @@ typedef struct {
     float *s_out, *out;
 } gdn_ctx;
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+/* Dk = 128: a row of the state stays in 8 registers from its load to its store, and the
+ * new state streams past the caches (non-temporal stores: no read of the destination lines
+ * for ownership, 8 instead of 12 MiB of traffic per 397B layer; the state is next read a
+ * whole step later). Streaming stores need 64-byte aligned addresses and MLX's buffers are
+ * only 8-byte aligned, so the head's state [Dv][128] is written as one stream of aligned
+ * 64-byte chunks, each made of the tail of one register and the head of the next (a = floats
+ * before the first boundary); the unaligned ends of the head (shared with the neighbouring
+ * heads' lines) take masked ordinary stores. */
+static void head_rows_128(const gdn_ctx *c, long h, const float *q, const float *k, const float *v,
+                          float decay, float beta, float *o) {
+    const int Dv = c->Dv;
+    const __m512 dv = _mm512_set1_ps(decay);
+    __m512 K[8], Q[8];
+    for (int j = 0; j < 8; j++) {
+        K[j] = _mm512_loadu_ps(k + 16 * j);
+        Q[j] = _mm512_loadu_ps(q + 16 * j);
+    }
+    const float *si = c->s_in + (int64_t)h * Dv * 128;
+    float *so = c->s_out + (int64_t)h * Dv * 128;
+    const int a = (int)((64 - ((uintptr_t)so & 63)) & 63) / 4; /* so is float-aligned */
+    const __m512i idx = _mm512_add_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                         _mm512_set1_epi32(a));
+    __m512 prev = _mm512_setzero_ps(); /* the last register of the previous row */
+    for (int i = 0; i < Dv; i++, si += 128) {
+        float *p = so + (int64_t)i * 128;
+        __m512 S[8], acc = _mm512_setzero_ps();
+        for (int j = 0; j < 8; j++) {
+            S[j] = _mm512_mul_ps(_mm512_loadu_ps(si + 16 * j), dv);
+            acc = _mm512_fmadd_ps(S[j], K[j], acc);
+        }
+        const float d = (v[i] - _mm512_reduce_add_ps(acc)) * beta;
+        const __m512 dd = _mm512_set1_ps(d);
+        acc = _mm512_setzero_ps();
+        for (int j = 0; j < 8; j++) {
+            S[j] = _mm512_fmadd_ps(dd, K[j], S[j]);
+            acc = _mm512_fmadd_ps(S[j], Q[j], acc);
+        }
+        o[i] = _mm512_reduce_add_ps(acc);
+        if (a == 0) {
+            for (int j = 0; j < 8; j++) _mm512_stream_ps(p + 16 * j, S[j]);
+            continue;
+        }
+        if (i == 0) _mm512_mask_storeu_ps(p, (__mmask16)((1u << a) - 1), S[0]);
+        else _mm512_stream_ps(p - 16 + a, _mm512_permutex2var_ps(prev, idx, S[0]));
+        for (int j = 0; j < 7; j++) _mm512_stream_ps(p + 16 * j + a, _mm512_permutex2var_ps(S[j], idx, S[j + 1]));
+        prev = S[7];
+    }
+    if (a) /* the head's last 16 - a floats */
+        _mm512_mask_storeu_ps(so + (int64_t)Dv * 128 - 16 + a, (__mmask16)((1u << (16 - a)) - 1),
+                              _mm512_permutex2var_ps(prev, idx, _mm512_setzero_ps()));
+    _mm_sfence(); /* this thread's streamed stores, before its task counts as done */
+}
+#endif
+
 static void head_task(void *vc, long h) {
     const gdn_ctx *c = vc;
     const int Dk = c->Dk, Dv = c->Dv, kh = (int)(h / (c->Hv / c->Hk));
     const float *q = c->q + (int64_t)kh * Dk, *k = c->k + (int64_t)kh * Dk, *v = c->v + h * Dv;
     const float decay = c->decay[h], beta = c->beta[h];
     float *o = c->out + h * Dv;
+#if defined(__AVX512F__)
+    if (Dk == 128 && ((uintptr_t)c->s_out & 3) == 0) head_rows_128(c, h, q, k, v, decay, beta, o);
+    else
+#endif
     for (int i = 0; i < Dv; i++) {
         const float *si = c->s_in + ((int64_t)h * Dv + i) * Dk;
         float *so = c->s_out + ((int64_t)h * Dv + i) * Dk;

@@ -170,7 +170,9 @@ int fm_moe_gate_up(int n_exp, const fm_qmat *gate, const fm_qmat *up, const int3
             c.ux[e] = &c.pu[e];
             c.slot0[e] = 0;
         }
-        int64_t rows = gate[e].rows, per = fm_rows_per_task(rows, H, gate[e].bits + up[e].bits, total_rows);
+        /* Rows per task as for one matrix: a task reads a stream of gate rows, then one of up
+         * rows, each as long as a qmm task's (half as long: 1.28 -> 1.17 ms at 397B shapes). */
+        int64_t rows = gate[e].rows, per = fm_rows_per_task(rows, H, gate[e].bits, total_rows);
         for (int64_t r = 0; r < rows; r += per, n_tasks++) {
             c.task_e[n_tasks] = e;
             c.task_r0[n_tasks] = r;

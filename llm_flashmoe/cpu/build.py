@@ -136,6 +136,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.fm_gdn_step.argtypes = [P] * 10 + [I32] * 5 + [ctypes.c_float, P, P, P]
     lib.fm_gdn_step.restype = I32
     lib.fm_huge_remap.argtypes, lib.fm_huge_remap.restype = [P, I64], I64
+    lib.fm_rms_norm.argtypes, lib.fm_rms_norm.restype = [P, P, P, I64, I64, ctypes.c_float, P, P], I32
+    lib.fm_route.argtypes, lib.fm_route.restype = [P, I32, I32, I32, P, P], I32
 
 
 def load(quiet: bool = False) -> ctypes.CDLL | None:

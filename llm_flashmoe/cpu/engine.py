@@ -188,6 +188,8 @@ class _QmmCall:
         mats = [linear_qmat(l) for l in linears]
         self.mats = (cops.QMat * len(mats))(*mats)
         self.rows = [m.rows for m in mats]
+        self.offsets = [sum(self.rows[:i]) for i in range(len(self.rows))]
+        self.total = sum(self.rows)
         self.cols = mats[0].cols
 
     def valid(self, linears: list[Linear]) -> bool:
@@ -196,12 +198,13 @@ class _QmmCall:
 
     def __call__(self, lib, x: np.ndarray) -> list[np.ndarray]:
         T = x.shape[0]
-        outs = [np.empty((T, r), np.float32) for r in self.rows]
-        ptrs = (ctypes.c_void_p * len(outs))(*[o.ctypes.data for o in outs])
-        rc = lib.fm_qmm(len(outs), self.mats, x.ctypes.data, T, ptrs)
+        buf = np.empty(T * self.total, np.float32)   # one allocation, one pointer for all outputs
+        base = buf.ctypes.data
+        ptrs = (ctypes.c_void_p * len(self.rows))(*[base + 4 * T * o for o in self.offsets])
+        rc = lib.fm_qmm(len(self.rows), self.mats, x.ctypes.data, T, ptrs)
         if rc != 0:
             raise ValueError(f"fm_qmm rejected its arguments (code {rc})")
-        return outs
+        return [buf[T * o : T * (o + r)].reshape(T, r) for o, r in zip(self.offsets, self.rows)]
 
 
 def _qmm_call(linears: list[Linear]) -> _QmmCall:
@@ -217,8 +220,12 @@ def _qmm_call(linears: list[Linear]) -> _QmmCall:
 def qmv(x, linears: list[Linear]) -> list[np.ndarray]:
     """x [M, in] -> [l(x) for l in linears], each float32 [M, out_l] (numpy)."""
     lib = load()
-    (xn,) = f32([x])
+    xn = _f32c(x)
     xn = xn.reshape(-1, xn.shape[-1])
+    calls = linears[0].__dict__.get("_cpu_calls")
+    call = calls.get(tuple(map(id, linears))) if calls else None
+    if call is not None and call.valid(linears):   # a call site seen before, all kernel-ready
+        return call(lib, xn)
     fast = [l for l in linears if kernel_ready(l)]
     res = iter(_qmm_call(fast)(lib, xn) if fast else [])
     out = []
@@ -357,12 +364,30 @@ def gdn_step(qkv, z, b, a, conv_state, conv_w, A, dt_bias, norm_w, state, n_key_
     return out, new_conv, new_state
 
 
-# Small ops in numpy on the calling thread.
+# Small ops on the calling thread: RMSNorms and the router in C (kernels/cpu/small.c; in
+# numpy each was several calls, 40-80 us per layer in a decode step whose weights have just
+# flushed the caches), the rest in numpy.
+
+def _f32c(a) -> np.ndarray:
+    """a as a C-contiguous float32 numpy array (itself when it is one)."""
+    if type(a) is np.ndarray and a.dtype == np.float32 and a.flags.c_contiguous:
+        return a
+    return f32([a])[0]
+
+
+def _const(a: mx.array) -> np.ndarray:
+    v = _consts.get(a)
+    return v if v is not None else const_views([a])[0]
+
 
 def moe_route(logits, k: int, norm_topk: bool) -> tuple[np.ndarray, np.ndarray]:
     """Router logits [E] -> top-k expert ids int32 [k] and their softmax weights float32 [k]."""
-    lg = f32([logits])[0].reshape(-1)
-    p = np.exp(lg - lg.max())
+    lg = _f32c(logits).reshape(-1)
+    ids, w = np.empty(k, np.int32), np.empty(k, np.float32)
+    if 0 < k <= lg.size and load().fm_route(lg.ctypes.data, lg.size, k, 1 if norm_topk else 0,
+                                            ids.ctypes.data, w.ctypes.data) == 0:
+        return ids, w
+    p = np.exp(lg - lg.max())   # NaN logits (the kernel refuses them) or an odd k
     p /= p.sum()
     ids = np.argpartition(-p, k - 1)[:k].astype(np.int32)
     w = p[ids]
@@ -380,9 +405,13 @@ def rms_norm(x, w: mx.array, eps: float):
     """rmsnorm(x) * w over the last axis; numpy for numpy, MLX (mx.fast) for MLX."""
     if isinstance(x, mx.array):
         return mx.fast.rms_norm(x, w, eps)
-    (wn,) = const_views([w])
-    xn = f32([x])[0]
-    return _rms_rows(xn.reshape(-1, xn.shape[-1]), wn, eps).reshape(xn.shape)
+    wn, xn = _const(w), _f32c(x)
+    cols = xn.shape[-1] if xn.ndim else 0
+    if cols == 0 or wn.size != cols:
+        return _rms_rows(xn.reshape(-1, cols), wn, eps).reshape(xn.shape)
+    out = np.empty(xn.shape, np.float32)
+    load().fm_rms_norm(xn.ctypes.data, None, wn.ctypes.data, xn.size // cols, cols, eps, None, out.ctypes.data)
+    return out
 
 
 def add_rms_norm(x, y, w: mx.array, eps: float):
@@ -392,15 +421,18 @@ def add_rms_norm(x, y, w: mx.array, eps: float):
             from ..kernels import plain
 
             return plain.add_rms_norm(x, y, w, eps)
-        xn, yn = f32([x, y])
-        (wn,) = const_views([w])
-        h = xn.reshape(-1, x.shape[-1]) + yn.reshape(-1, x.shape[-1])
-        return mx.array(h.reshape(x.shape)), mx.array(_rms_rows(h, wn, eps).reshape(x.shape))
+        h, n = add_rms_norm(*f32([x, y]), w, eps)
+        return mx.array(h), mx.array(n)
     shape = x.shape if x.size >= y.size else y.shape
-    xn, yn = f32([x, y])
-    (wn,) = const_views([w])
-    h = xn.reshape(-1, shape[-1]) + yn.reshape(-1, shape[-1])
-    return h.reshape(shape), _rms_rows(h, wn, eps).reshape(shape)
+    xn, yn, wn = _f32c(x), _f32c(y), _const(w)
+    cols = shape[-1] if shape else 0
+    if cols == 0 or xn.size != yn.size or wn.size != cols:
+        h = xn.reshape(-1, shape[-1]) + yn.reshape(-1, shape[-1])
+        return h.reshape(shape), _rms_rows(h, wn, eps).reshape(shape)
+    h, n = np.empty(shape, np.float32), np.empty(shape, np.float32)
+    load().fm_rms_norm(xn.ctypes.data, yn.ctypes.data, wn.ctypes.data, xn.size // cols, cols, eps, h.ctypes.data,
+                       n.ctypes.data)
+    return h, n
 
 
 _rope_tables: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
