@@ -209,3 +209,4 @@ def device_address(a) -> int:
     out = _ADDRESS_KERNEL(inputs=[a], grid=(1, 1, 1), threadgroup=(1, 1, 1), output_shapes=[(1,)],
                           output_dtypes=[mx.uint64])[0]
     return int(out.item())
+
