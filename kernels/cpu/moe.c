@@ -5,14 +5,16 @@
  * Pairs are grouped by expert (offsets, CSR style), so each expert's
  * weights are decoded once for all its tokens. Two parallel phases:
  * gate/up rows of all experts (each task also applies SwiGLU to its rows),
- * then down rows, where a task owns a range of output rows across all
- * experts so that no two threads add into the same element. The expert
+ * then down rows, a task being (expert, range of rows) into the pairs' own
+ * scratch rows; the task that completes a range adds it into the output in
+ * pair order, so that no two threads add into the same element. The expert
  * weights are read where they lie: resident MLX arrays or the expert
  * store's read buffers. A shared expert is one more "expert" whose
  * coefficient is its sigmoid gate. */
 #include "fm_cpu.h"
 
 #include <math.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -29,6 +31,8 @@ typedef struct {
     float *u;               /* up results [pairs, h_stride] */
     float **gptr, **uptr, **yptr; /* per pair */
     int64_t *task_e, *task_r0, *task_r1;
+    int64_t pairs, per;  /* down: pairs, and rows per range of output rows */
+    atomic_int *left;    /* down: per range, the experts whose rows are still to come */
 } moe_ctx;
 
 static void gate_up_task(void *vc, long i) {
@@ -45,28 +49,20 @@ static void gate_up_task(void *vc, long i) {
     }
 }
 
-/* Down rows r0..r1 of one expert for all its pairs, into the pairs' scratch rows. */
+/* Down rows r0..r1 of one expert for all its pairs, into the pairs' scratch rows. The task
+ * that completes a range of rows (the last of its experts) adds the range's scratch rows
+ * into y, coef[p] * scratch[p] in pair order: no two threads add into the same element,
+ * and no pass over y after a barrier. */
 static void down_task(void *vc, long i) {
     moe_ctx *c = vc;
     int e = (int)c->task_e[i];
-    int64_t p0 = c->offsets[e], n = c->offsets[e + 1] - p0;
+    const int64_t r0 = c->task_r0[i], r1 = c->task_r1[i], p0 = c->offsets[e], n = c->offsets[e + 1] - p0;
     fm_rows_args a = {&c->down[e], &c->ph[e], 0, n, c->gptr + p0, NULL, 0};
-    fm_rows(&a, c->task_r0[i], c->task_r1[i]);
-}
-
-/* y[tok[p]] += coef[p] * scratch[p] over all pairs in order, for output rows of chunk i. */
-typedef struct {
-    int64_t pairs, H, chunk;
-    float **yptr, **sptr;
-    const float *coef;
-} sum_ctx;
-
-static void sum_task(void *vc, long i) {
-    const sum_ctx *c = vc;
-    int64_t r0 = i * c->chunk, r1 = r0 + c->chunk < c->H ? r0 + c->chunk : c->H;
+    fm_rows(&a, r0, r1);
+    if (atomic_fetch_sub_explicit(&c->left[r0 / c->per], 1, memory_order_acq_rel) != 1) return;
     for (int64_t p = 0; p < c->pairs; p++) {
         float *y = c->yptr[p];
-        const float *s = c->sptr[p], k = c->coef[p];
+        const float *s = c->gptr[p], k = c->coef[p];
         for (int64_t r = r0; r < r1; r++) y[r] = y[r] + s[r] * k;
     }
 }
@@ -204,17 +200,18 @@ int fm_moe_down(int n_exp, const fm_qmat *down, const int32_t *offsets, const in
     if (!accumulate) memset(y, 0, sizeof(float) * T * H);
     if (pairs == 0) return 0;
     int rc = 0;
-    /* Tasks are (expert, rows) as in fm_qmm, each writing its pairs' own scratch rows;
-     * the weighted sum into y follows, in pair order, split by output rows. (Tasks
-     * owning output rows across all experts read K+1 short streams each: measured
-     * 16 against 20 GB/s at 397B shapes.) */
-    moe_ctx c = {.n_exp = n_exp, .down = down, .offsets = offsets, .coef = coef};
+    /* Tasks are (expert, range of rows) as in fm_qmm, each writing its pairs' own scratch
+     * rows, ordered range by range; the last task of a range adds it into y (down_task).
+     * (Tasks owning output rows across all experts, row by row, read K+1 short streams
+     * each: measured 16 against 20 GB/s at 397B shapes.) */
+    moe_ctx c = {.n_exp = n_exp, .down = down, .offsets = offsets, .coef = coef, .pairs = pairs};
     int64_t cap = task_capacity(n_exp, down, 1);
     float *scratch = malloc(sizeof(float) * pairs * H);
     c.px = calloc(3 * n_exp, sizeof(fm_xprep));
     c.yptr = malloc(sizeof(float *) * 2 * pairs);
     c.task_e = malloc(sizeof(int64_t) * 3 * cap);
-    if (!scratch || !c.px || !c.yptr || !c.task_e) { rc = -2; goto done; }
+    c.left = calloc(H, sizeof(atomic_int));
+    if (!scratch || !c.px || !c.yptr || !c.task_e || !c.left) { rc = -2; goto done; }
     c.pu = c.px + n_exp;
     c.ph = c.pu + n_exp;
     c.gptr = c.yptr + pairs;
@@ -224,33 +221,40 @@ int fm_moe_down(int n_exp, const fm_qmat *down, const int32_t *offsets, const in
         c.yptr[p] = y + (int64_t)tok[p] * H;
         c.gptr[p] = scratch + p * H;
     }
+    int active = 0;
+    int64_t total_rows = 0;
     for (int e = 0; e < n_exp; e++) {
         int64_t p0 = offsets[e], n = offsets[e + 1] - p0;
         if (n == 0) continue;
         if (!fm_xprep_alloc(&c.ph[e], down[e].bits, down[e].cols, n)) { rc = -2; goto done; }
         for (int64_t p = 0; p < n; p++) fm_xprep_fill(&c.ph[e], p, h + (p0 + p) * h_stride);
+        active++;
+        total_rows += H;
     }
-    int64_t total_rows = 0;
-    for (int e = 0; e < n_exp; e++)
-        if (offsets[e + 1] > offsets[e]) total_rows += H;
-    long n_tasks = 0;
+    c.per = H; /* one range length for all experts: the shortest any of them asks for */
     for (int e = 0; e < n_exp; e++) {
         if (offsets[e + 1] == offsets[e]) continue;
         int64_t per = fm_rows_per_task(H, down[e].cols, down[e].bits, total_rows);
-        for (int64_t r = 0; r < H; r += per, n_tasks++) {
+        if (per < c.per) c.per = per;
+    }
+    long n_tasks = 0;
+    for (int64_t r = 0, j = 0; r < H; r += c.per, j++) {
+        atomic_init(&c.left[j], active);
+        for (int e = 0; e < n_exp; e++) {
+            if (offsets[e + 1] == offsets[e]) continue;
             c.task_e[n_tasks] = e;
             c.task_r0[n_tasks] = r;
-            c.task_r1[n_tasks] = r + per < H ? r + per : H;
+            c.task_r1[n_tasks] = r + c.per < H ? r + c.per : H;
+            n_tasks++;
         }
     }
     fm_parallel(down_task, &c, n_tasks);
-    sum_ctx sc = {.pairs = pairs, .H = H, .chunk = 1024, .yptr = c.yptr, .sptr = c.gptr, .coef = coef};
-    fm_parallel(sum_task, &sc, (H + sc.chunk - 1) / sc.chunk);
 done:
     free_preps(&c);
     free(scratch);
     free(c.yptr);
     free(c.task_e);
+    free(c.left);
     return rc;
 }
 
