@@ -604,8 +604,9 @@ def host_tier_wanted(expert_bytes: int) -> bool:
     """FLASHMOE_HOST_TIER: on | off (default) | auto (on where every expert file fits in half the RAM).
 
     Off by default: on the H200 the first use after registering 14.5 GB of page cache stalled
-    18-22 s (the first decode step; 72 s in the prompt on a freshly written model), a one-time
-    cost not yet understood nor moved to load time."""
+    18-22 s (the first decode step; 72 s in the prompt on a fresh machine), a one-time cost not
+    yet understood (the first compilation of the two ADDRESSED kernels in each process? the
+    driver mapping 14.5 GB of pinned pages?) nor moved to load time."""
     want = os.environ.get("FLASHMOE_HOST_TIER", "off").strip().lower()
     if want in ("off", "0", "no", "false"):
         return False
