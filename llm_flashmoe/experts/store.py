@@ -347,8 +347,7 @@ class ExpertStore:
                                          m.expert_bytes, self.components, buf.addresses,
                                          piece_for(len(ids), m.expert_bytes, self.threads, PIECE_CAP), self.probe)
         except OSError as e:
-            raise FlashMoeError(f"reading experts failed ({e.strerror}): the expert file was truncated or "
-                                "damaged while in use; run llm flashmoe verify.") from e
+            raise self._read_error(e) from e
         return int(round(hit_bytes / m.expert_bytes))
 
     def fetch(self, layer: int, expert_ids: np.ndarray, *, gather: bool = False,
@@ -393,7 +392,7 @@ class ExpertStore:
         ids = np.asarray(expert_ids, np.int64)
         n = len(ids)
         if self._native is None or not self.map_hits or n == 0:
-            return self.fetch(layer, ids, host_rows=True), PendingReads(self, np.ones(n, bool), None, [])
+            return self.fetch(layer, ids, host_rows=True), PendingReads(self, np.ones(n, bool), [])
         in_place = self._in_place(layer, ids)
         if in_place is None:
             in_place = np.zeros(n, bool)
@@ -404,7 +403,7 @@ class ExpertStore:
         if self.trace is not None:
             self.trace.append((layer, ids.copy()))
         batch = self._batch(ids, buf, self._row_addresses(layer, ids, in_place, buf))
-        return batch, PendingReads(self, in_place.copy(), ids[miss], miss)
+        return batch, PendingReads(self, in_place.copy(), miss)
 
     def _start_reads(self, layer: int, ids: np.ndarray, rows: np.ndarray, buf: "_Buffers") -> None:
         from .native import MIN_PIECE
@@ -578,8 +577,8 @@ class PendingReads:
     """The experts of a `fetch_streaming` batch: `ready` rows are usable now; `wait(row)`
     blocks until that row's expert has landed; `misses` lists the other rows in landing order."""
 
-    def __init__(self, store: ExpertStore, ready: np.ndarray, ids, misses):
-        self.store, self.ready, self.ids = store, ready, ids
+    def __init__(self, store: ExpertStore, ready: np.ndarray, misses):
+        self.store, self.ready = store, ready
         self.misses = [int(r) for r in misses]
         self._order = {r: i for i, r in enumerate(self.misses)}
 
