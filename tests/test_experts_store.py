@@ -19,6 +19,18 @@ from llm_flashmoe.experts.verify import main as verify_main
 from llm_flashmoe.experts.verify import verify_model
 
 
+def greedy(model, prompt, steps, cold=False):
+    """Logits of the prompt, then of `steps` greedy decode steps (`cold`: each step's experts
+    come from disk)."""
+    cache = model.make_cache()
+    out = [model(prompt, cache)]
+    for _ in range(steps):
+        if cold:
+            model.experts.drop_page_cache()
+        out.append(model([int(mx.argmax(out[-1][-1]))], cache))
+    return out
+
+
 @pytest.fixture(scope="module")
 def packed(tiny_mlx, tmp_path_factory):
     return convert_checkpoint(tiny_mlx, tmp_path_factory.mktemp("store") / "packed", progress=False)
@@ -176,23 +188,16 @@ def test_file_truncated_while_in_use_is_an_error_not_garbage(damaged, reader, mo
 def test_prefetch_of_the_next_layers_experts(packed, monkeypatch):
     prompt = np.random.default_rng(3).integers(0, 248000, 6).tolist()
 
-    def decode(model, steps=5):
-        cache = model.make_cache()
-        out = [model(prompt, cache)]
-        for _ in range(steps):
-            out.append(model([int(mx.argmax(out[-1][-1]))], cache))
-        return out
-
     monkeypatch.setenv("FLASHMOE_PREFETCH", "0")
     off = load_model(packed, dtype=mx.float32)
     assert all(l.moe.next_router is None for l in off.layers)
-    ref = decode(off)
+    ref = greedy(off, prompt, 5)
     monkeypatch.setenv("FLASHMOE_PREFETCH", "1")
     on = load_model(packed, dtype=mx.float32)
     assert on.layers[0].moe.next_router is on.layers[1].moe.router and on.layers[-1].moe.next_router is None
     on.experts.readahead_below = 2.0  # announce even when the page cache serves every read (it does here)
     on.experts.stats.reset()
-    got = decode(on)
+    got = greedy(on, prompt, 5)
     for r, g in zip(ref, got):
         assert mx.array_equal(r, g).item()  # announcing reads changes no result
     s = on.experts.stats
@@ -270,22 +275,15 @@ def test_in_place_decode_matches_reading_every_expert(packed, monkeypatch):
         pytest.fail("this test needs the CPU kernels (a C compiler)")
     prompt = np.random.default_rng(5).integers(0, 248000, 5).tolist()
 
-    def decode(model, steps=6):
-        cache = model.make_cache()
-        out = [model(prompt, cache)]
-        for _ in range(steps):
-            out.append(model([int(mx.argmax(out[-1][-1]))], cache))
-        return out
-
     monkeypatch.setenv("FLASHMOE_MAPPED_HITS", "0")
     off = load_model(packed, dtype=mx.float32)
     assert not off.experts.map_hits
-    ref = decode(off)
+    ref = greedy(off, prompt, 6)
     monkeypatch.setenv("FLASHMOE_MAPPED_HITS", "1")
     on = load_model(packed, dtype=mx.float32)
-    decode(on)                                  # the page cache holds these experts now
+    greedy(on, prompt, 6)                   # the page cache holds these experts now
     on.experts.stats.reset()
-    got = decode(on)
+    got = greedy(on, prompt, 6)
     assert on.experts.stats.in_place > 0 and off.experts.stats.in_place == 0
     for r, g in zip(ref, got):
         assert mx.array_equal(r, g).item()
@@ -353,21 +351,13 @@ def test_decode_computing_while_reads_land_matches_read_then_compute(packed, mon
     monkeypatch.setattr(streamed, "moe_streamed", lambda *a, **k: calls.append(1) or real(*a, **k))
     prompt = np.random.default_rng(9).integers(0, 248000, 4).tolist()
 
-    def decode(model, steps=5):
-        cache = model.make_cache()
-        out = [model(prompt, cache)]
-        for _ in range(steps):
-            model.experts.drop_page_cache()     # every step's experts come from disk
-            out.append(model([int(mx.argmax(out[-1][-1]))], cache))
-        return out
-
     monkeypatch.setenv("FLASHMOE_OVERLAP_READS", "0")
     seq = load_model(packed, dtype=mx.float32)
-    ref = decode(seq)
+    ref = greedy(seq, prompt, 5, cold=True)
     assert not calls
     monkeypatch.setenv("FLASHMOE_OVERLAP_READS", "1")
     over = load_model(packed, dtype=mx.float32)
-    got = decode(over)
+    got = greedy(over, prompt, 5, cold=True)
     assert len(calls) >= 5 * len(over.layers) // 2  # most layers' experts were streamed
     for r, g in zip(ref, got):
         a, b = np.array(r), np.array(g)

@@ -139,6 +139,16 @@ static int segment(const fm_job *j, int c, int64_t e, int64_t p0, int64_t p1, in
   return 1;
 }
 
+// Take the job's next piece: expert e, bytes [p0, p1) of it. 0 when none is left or a read failed.
+static int next_piece(fm_job *j, int64_t *e, int64_t *p0, int64_t *p1) {
+  int64_t i = atomic_fetch_add(&j->next, 1);
+  if (i >= j->n_pieces || atomic_load(&j->error)) return 0;
+  *e = i / j->pieces_per_expert;
+  *p0 = (i % j->pieces_per_expert) * j->piece;
+  *p1 = *p0 + j->piece < j->expert_bytes ? *p0 + j->piece : j->expert_bytes;
+  return 1;
+}
+
 // Wake fm_upload_wait_expert callers: an expert landed, a read failed or the job ended.
 static void announce(fm_uploader *u) {
   pthread_mutex_lock(&u->mu);
@@ -149,12 +159,8 @@ static void announce(fm_uploader *u) {
 // Direct mode (no copy function): each piece is read straight into its components' rows.
 static void work_direct(fm_uploader *u) {
   fm_job *j = &u->job;
-  for (;;) {
-    int64_t i = atomic_fetch_add(&j->next, 1);
-    if (i >= j->n_pieces || atomic_load(&j->error)) break;
-    int64_t e = i / j->pieces_per_expert;
-    int64_t p0 = (i % j->pieces_per_expert) * j->piece;
-    int64_t p1 = p0 + j->piece < j->expert_bytes ? p0 + j->piece : j->expert_bytes;
+  int64_t e, p0, p1;
+  while (next_piece(j, &e, &p0, &p1)) {
     struct iovec iov[FM_MAX_COMP];
     int niov = 0;
     for (int c = 0; c < j->ncomp; c++) {
@@ -183,12 +189,8 @@ static void work(fm_uploader *u, int w) {
   fm_job *j = &u->job;
   void *stream = u->streams[w];
   int k = 0, pending = 0;
-  for (;;) {
-    int64_t i = atomic_fetch_add(&j->next, 1);
-    if (i >= j->n_pieces || atomic_load(&j->error)) break;
-    int64_t e = i / j->pieces_per_expert;
-    int64_t p0 = (i % j->pieces_per_expert) * j->piece;
-    int64_t p1 = p0 + j->piece < j->expert_bytes ? p0 + j->piece : j->expert_bytes;
+  int64_t e, p0, p1;
+  while (next_piece(j, &e, &p0, &p1)) {
     char *buf = (char *)u->pinned[2 * w + k];
     int r = read_piece(j->fd, buf, j->file_offset[e] + p0, p1 - p0, j->probe);
     if (r < 0) {

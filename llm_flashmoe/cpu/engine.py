@@ -159,22 +159,17 @@ def expert_qmats(stack: Linear, rows: np.ndarray) -> list[cops.QMat]:
         first = cops.qmat(w, s, b, stack.bits, stack.group_size, rows=stack.weight.shape[-2])
         entry = stack.__dict__["_cpu_views"] = (*entry, (first, w[0].nbytes, s[0].nbytes, w.shape[0]))
     first, w_row, s_row, n = entry[3]
+    addresses = stack.row_addresses   # rows that lie elsewhere (the store's page-cache mappings)
     out = []
-    addresses = stack.row_addresses   # rows used in place (the store's page-cache mappings)
-    if addresses is not None:
-        for r in rows:
-            r = int(r)
-            if not 0 <= r < len(addresses):
-                raise IndexError(f"expert row {r} outside the stack of {len(addresses)}")
-            w, s, b = (int(a) for a in addresses[r])
-            out.append(cops.QMat(w, s, b, first.rows, first.cols, first.bits, first.group, first.scale_type, 0))
-        return out
     for r in rows:
         r = int(r)
         if not 0 <= r < n:
             raise IndexError(f"expert row {r} outside the stack of {n}")
-        out.append(cops.QMat(first.w + r * w_row, first.scales + r * s_row, first.biases + r * s_row,
-                             first.rows, first.cols, first.bits, first.group, first.scale_type, 0))
+        if addresses is not None:
+            w, s, b = (int(a) for a in addresses[r])
+        else:
+            w, s, b = first.w + r * w_row, first.scales + r * s_row, first.biases + r * s_row
+        out.append(cops.QMat(w, s, b, first.rows, first.cols, first.bits, first.group, first.scale_type, 0))
     return out
 
 

@@ -44,11 +44,9 @@ def moe_streamed(x, rows: np.ndarray, scores, batch, pending, shared_gate, share
         _moe(lib, g, u, d, c, xn, y)
         # Then each read expert as it lands, in landing order.
         k_of = {int(row): k for k, row in enumerate(r)}
-        for row in pending.misses:
-            k = k_of.get(row)
+        for row in pending.misses:    # every batch row is one of the K experts: rows are unique ids
+            k = k_of[row]
             pending.wait(row)
-            if k is None:
-                continue
             sel = r[k : k + 1]
             _moe(lib, expert_qmats(batch.gate, sel), expert_qmats(batch.up, sel), expert_qmats(batch.down, sel),
                  coef[k : k + 1], xn, y)

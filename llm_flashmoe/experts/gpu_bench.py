@@ -428,46 +428,29 @@ def hostread(args) -> int:
     Registers a read-only mapping of a layer file (page cache) with cudaHostRegister, then times
     a kernel that reads N bytes through the mapped pointer, beside the same kernel on device
     memory and on a cudaHostAlloc'd buffer."""
-    import ctypes
-    import mmap as _mmap
-
     import mlx.core as mx
 
+    from ..errors import FlashMoeError
     from . import cuda
-    from . import format as fmt
+    from .store import ExpertStore
 
     rt = cuda.runtime()
-    L = rt.lib
-    vp, sz = ctypes.c_void_p, ctypes.c_size_t
-    L.cudaHostRegister.argtypes = [vp, sz, ctypes.c_uint]
-    L.cudaHostUnregister.argtypes = [vp]
-    L.cudaHostGetDevicePointer.argtypes = [ctypes.POINTER(vp), vp, ctypes.c_uint]
-    packed = Path(args.packed)
-    m = fmt.read_manifest(packed)
-    path = packed / m.layers[0].file
-    size = m.layer_file_bytes()
+    store = ExpertStore(args.packed)
+    path = store.dir / store.manifest.layers[0].file
+    size = store.manifest.layer_file_bytes()
     print(f"page cache warm-up: {warm_files([path]):.2f} GB/s", flush=True)
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = vp
-    libc.mmap.argtypes = [vp, sz, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    fd = os.open(path, os.O_RDONLY)
-    addr = libc.mmap(None, size, _mmap.PROT_READ, _mmap.MAP_SHARED, fd, 0)
+    addr = store.mapped_layer(0)   # the host tier's mapping (a unified address: the kernel uses it as is)
     sources = {}
-    for flags, name in ((8 | 2, "ReadOnly|Mapped"), (2, "Mapped")):
-        t0 = time.perf_counter()
-        rc = L.cudaHostRegister(vp(addr), size, flags)
-        dt = time.perf_counter() - t0
-        msg = L.cudaGetErrorString(rc).decode() if rc else "ok"
-        print(f"cudaHostRegister(file mapping, {size / 1e9:.2f} GB, {name}): {msg} in {dt:.2f} s", flush=True)
-        if rc == 0:
-            dp = vp()
-            rc2 = L.cudaHostGetDevicePointer(ctypes.byref(dp), vp(addr), 0)
-            print(f"  device pointer {'same as host' if dp.value == addr else hex(dp.value or 0)} (rc {rc2})")
-            sources["registered page cache"] = dp.value or addr
-            break
+    t0 = time.perf_counter()
+    try:
+        rt.register_host(addr, size)
+        sources["registered page cache"] = addr
+        print(f"cudaHostRegister(file mapping, {size / 1e9:.2f} GB): ok in {time.perf_counter() - t0:.2f} s", flush=True)
+    except FlashMoeError as e:
+        print(f"cudaHostRegister(file mapping, {size / 1e9:.2f} GB): {e}", flush=True)
     nbytes = min(size, args.mb << 20)
     pinned = rt.host_alloc(nbytes)
-    cuda.host_view(pinned, nbytes)[:] = np.frombuffer(os.pread(fd, nbytes, 0), np.uint8)
+    cuda.host_view(pinned, nbytes)[:] = np.frombuffer(os.pread(store.fds[0], nbytes, 0), np.uint8)
     sources["cudaHostAlloc buffer"] = pinned
     dev = mx.zeros((nbytes // 4,), mx.uint32)
     mx.eval(dev)
@@ -501,8 +484,8 @@ def hostread(args) -> int:
             print(f"kernel reads {mb:4d} MB from {name:22}: {t * 1e6:9.1f} us = {_gbs(n, t):6.1f} GB/s", flush=True)
     rt.free_host(pinned)
     if "registered page cache" in sources:
-        L.cudaHostUnregister(vp(addr))
-    os.close(fd)
+        rt.unregister_host(addr)
+    store.close()
     return 0
 
 
