@@ -12,8 +12,11 @@
 #   check    logits with the GPU expert cache on and off are identical
 #   decode   decode with GPU caches of 25/50/100% (warm; 50% cold too), all-resident and mlx-lm beside
 #   profile  the host round trip's cost per layer; hostread: kernels reading host memory directly
+#   firstuse the host tier's first-use stall taken apart (registration, first reads, page touches)
 # Steps (issue 6, fused kernels):
 #   kcheck   every kernel vs its twin, and timings      kdecode   fused vs plain decode, tolerance check
+#   overhead MLX's host cost per operation and a decode step's build/evaluate split, under each
+#            MLX CUDA-graph setting in $MLX_SETTINGS (space-separated VAR=value lists, '-' = defaults)
 set -uo pipefail
 end=$((SECONDS + ${BUDGET_S:-540}))
 [ -d /tmp/site/mlx ] || bash .gpu/b/install.sh || exit 1
@@ -54,6 +57,14 @@ for s in "$@"; do
     profile) step profile.log python3 -m llm_flashmoe.experts.gpu_bench profile --packed "$M/packed" ;;
     hostread) step hostread.log python3 -m llm_flashmoe.experts.gpu_bench hostread --packed "$M/packed" ;;
     decode) step decode.log python3 -m llm_flashmoe.experts.gpu_bench decode --packed "$M/packed" --resident "$M/mlx" ;;
+    firstuse) step firstuse.log python3 -m llm_flashmoe.experts.gpu_bench firstuse --packed "$M/packed" ;;
+    overhead)
+      for e in ${MLX_SETTINGS:--}; do e=${e#-}
+        step overhead.log env ${e//,/ } python3 -m llm_flashmoe.kernels.overhead launch --n "${N_OPS:-200}"
+      done
+      for e in ${MLX_SETTINGS:--}; do e=${e#-}
+        step overhead.log env ${e//,/ } python3 -m llm_flashmoe.kernels.overhead decode --dir "$M/mlx"
+      done ;;
     kcheck) step kcheck.log python3 -m llm_flashmoe.kernels.check --runs "$runs" ;;
     kdecode) step kdecode.log python3 -m llm_flashmoe.kernels.decode_bench --dir "$M/mlx" --check-layers 2,all ;;
     *) echo "unknown step $s" ;;

@@ -5,6 +5,7 @@
     python -m llm_flashmoe.experts.gpu_bench decode --packed DIR [--resident MLXDIR] [--fractions 25,50,100]
     python -m llm_flashmoe.experts.gpu_bench profile --packed DIR
     python -m llm_flashmoe.experts.gpu_bench hostread --packed DIR
+    python -m llm_flashmoe.experts.gpu_bench firstuse --packed DIR
 
 upload: expert bytes already in the page cache into MLX GPU arrays, in one run:
   the store's path (preadv into MLX buffers, which CUDA then migrates as managed
@@ -16,6 +17,10 @@ profile: the cost of the host round trip per layer (all experts cached, device l
   against the host path) and the host's share of fetches at partial sizes.
 hostread: can kernels read experts from host memory directly (cudaHostRegister of the
   page cache's mapping; a cudaHostAlloc buffer; device memory beside), at what rate.
+firstuse: when does the host tier's first use stall, and on what: registers every layer
+  file's mapping, then times single kernel reads (first and second use) of a word, of
+  7 MB, and of one word per 4 KiB page, per layer, with the kernel compiled beforehand,
+  printing the kernel's pinned/locked memory and the page cache's dirty bytes between.
 decode: the 397B-shaped model streamed with GPU caches of several sizes (warm page
   cache; and cold for the middle size), per layer: expert read+upload, the rest;
   hit rate; tokens/s extrapolated to 60 layers; beside the all-resident fused
@@ -489,6 +494,77 @@ def hostread(args) -> int:
     return 0
 
 
+def _mem_line() -> str:
+    st = dict(l.split(":", 1) for l in open("/proc/self/status") if ":" in l)
+    mi = dict(l.split(":", 1) for l in open("/proc/meminfo") if ":" in l)
+    pick = lambda d, k: d.get(k, "?").strip().replace(" kB", "k")  # noqa: E731
+    return (f"VmPin {pick(st, 'VmPin')} VmLck {pick(st, 'VmLck')} VmRSS {pick(st, 'VmRSS')} | "
+            f"Cached {pick(mi, 'Cached')} Dirty {pick(mi, 'Dirty')} Writeback {pick(mi, 'Writeback')} "
+            f"Unevictable {pick(mi, 'Unevictable')} Mlocked {pick(mi, 'Mlocked')}")
+
+
+def firstuse(args) -> int:
+    """The host tier's first-use stall, taken apart (see the module's docstring)."""
+    import mlx.core as mx
+
+    from . import cuda
+    from .store import ExpertStore
+
+    rt = cuda.runtime()
+    store = ExpertStore(args.packed)
+    m = store.manifest
+    size = m.layer_file_bytes()
+    L = len(m.layers)
+    print(f"page cache warm-up: {warm_files([store.dir / l.file for l in m.layers]):.2f} GB/s", flush=True)
+    print("before:", _mem_line(), flush=True)
+    kern = mx.fast.cuda_kernel(
+        name="fm_first_use", input_names=["ptr", "nbytes", "step"], output_names=["out"],
+        source="""
+            const unsigned char* p = reinterpret_cast<const unsigned char*>(ptr[0]);
+            long long n = nbytes[0], s = step[0];
+            long long stride = (long long)gridDim.x * blockDim.x;
+            long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+            unsigned int acc = 0;
+            for (long long i = t * s; i < n; i += stride * s) acc ^= p[i];
+            out[t] = acc;""")
+    threads = 132 * 4 * 256
+
+    def read(base: int, nbytes: int, step: int) -> float:
+        mx.synchronize()
+        t0 = time.perf_counter()
+        out = kern(inputs=[mx.array([base], mx.uint64), mx.array([nbytes], mx.int64), mx.array([step], mx.int64)],
+                   grid=(threads, 1, 1), threadgroup=(256, 1, 1), output_shapes=[(threads,)], output_dtypes=[mx.uint32])[0]
+        mx.eval(out)
+        mx.synchronize()
+        return time.perf_counter() - t0
+
+    dev = mx.zeros((1 << 20,), mx.uint32)
+    mx.eval(dev)
+    print(f"kernel compile + first launch on device memory: {read(cuda.device_address(dev), 4 << 20, 4096) * 1e3:.1f} ms; "
+          f"again {read(cuda.device_address(dev), 4 << 20, 4096) * 1e3:.2f} ms", flush=True)
+    bases = []
+    for layer in range(L):
+        base = store.mapped_layer(layer)
+        t0 = time.perf_counter()
+        rt.register_host(base, size)
+        bases.append(base)
+        print(f"layer {layer}: cudaHostRegister {size / 1e9:.2f} GB in {time.perf_counter() - t0:.3f} s | {_mem_line()}", flush=True)
+    plans = [("one byte at 0", 1, 1), ("7 MB", 7 << 20, 1), ("one byte per 4 KiB page, whole file", size, 4096)]
+    for layer, base in enumerate(bases):
+        name, nbytes, step = plans[layer % len(plans)]
+        t1 = read(base, nbytes, step)
+        t2 = read(base, nbytes, step)
+        tw = read(base, size, 4096)
+        tw2 = read(base, size, 4096)
+        print(f"layer {layer}: first read ({name}) {t1 * 1e3:.1f} ms, second {t2 * 1e3:.2f} ms; then every page "
+              f"{tw * 1e3:.1f} ms, again {tw2 * 1e3:.1f} ms | {_mem_line()}", flush=True)
+    for base in bases:
+        rt.unregister_host(base)
+    print("after unregister:", _mem_line(), flush=True)
+    store.close()
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -518,9 +594,11 @@ def main(argv=None) -> int:
     h = sub.add_parser("hostread")
     h.add_argument("--packed", required=True)
     h.add_argument("--mb", type=int, default=256, help="largest read")
+    f = sub.add_parser("firstuse")
+    f.add_argument("--packed", required=True)
     args = ap.parse_args(argv)
     return {"upload": upload, "check": check, "decode": decode, "profile": profile,
-            "hostread": hostread}[args.cmd](args)
+            "hostread": hostread, "firstuse": firstuse}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,148 @@
+"""Where a GPU decode step's time goes: MLX's host cost per operation against the kernels.
+
+    python -m llm_flashmoe.kernels.overhead launch [--n 200]
+    python -m llm_flashmoe.kernels.overhead decode --dir MODEL [--steps 24]
+
+`launch`: chains of N dependent operations, each timed as the Python time to build the
+graph and the time to evaluate it (mx.eval + mx.synchronize), per operation: a trivial
+custom kernel with 1 and with 14 inputs, an MLX add, and the fused qmv on a 4096x4096
+4-bit matrix; each chain also through mx.compile. MLX's CUDA backend reads
+MLX_USE_CUDA_GRAPHS and MLX_MAX_OPS_PER_BUFFER once per process: run this under each
+setting to compare them.
+
+`decode`: a resident model's decode step split the same way (build, evaluate), per
+layer, for the engine's default path and (if the engine has it) its compiled one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import mlx.core as mx
+import numpy as np
+
+ENV = ("MLX_USE_CUDA_GRAPHS", "MLX_MAX_OPS_PER_BUFFER", "FLASHMOE_COMPILE")
+
+
+def _env() -> str:
+    return " ".join(f"{k}={os.environ.get(k, '-')}" for k in ENV)
+
+
+def timed(build, reps: int = 7) -> tuple[float, float]:
+    """Median seconds of (building the graph with `build()`, evaluating what it returns)."""
+    b, e = [], []
+    for _ in range(reps + 2):
+        mx.synchronize()
+        t0 = time.perf_counter()
+        out = build()
+        t1 = time.perf_counter()
+        mx.eval(out)
+        mx.synchronize()
+        t2 = time.perf_counter()
+        b.append(t1 - t0)
+        e.append(t2 - t1)
+    return float(np.median(b[2:])), float(np.median(e[2:]))
+
+
+def _tiny_kernel(n_inputs: int):
+    names = ["x"] + [f"a{i}" for i in range(n_inputs - 1)]
+    src = "if (threadIdx.x == 0 && blockIdx.x == 0) { y[0] = x[0] + 1.0f; }"
+    return names, mx.fast.cuda_kernel(name=f"fm_tiny{n_inputs}", input_names=names, output_names=["y"], source=src)
+
+
+def launch(n: int) -> None:
+    from ..engine.linear import Linear
+    from .gpu import GpuKernels
+
+    chains = {}
+    for n_in in (1, 14):
+        names, k = _tiny_kernel(n_in)
+        extra = [mx.zeros((64,), mx.float32) for _ in names[1:]]
+
+        def chain(x, k=k, extra=extra):
+            for _ in range(n):
+                x = k(inputs=[x, *extra], grid=(32, 1, 1), threadgroup=(32, 1, 1),
+                      output_shapes=[(64,)], output_dtypes=[mx.float32])[0]
+            return x
+        chains[f"custom kernel, {n_in} input(s)"] = (chain, mx.zeros((64,), mx.float32))
+
+    def adds(x):
+        for _ in range(n):
+            x = x + 1.0
+        return x
+    chains["mx add"] = (adds, mx.zeros((64,), mx.float32))
+
+    w = mx.random.normal((4096, 4096)).astype(mx.bfloat16)
+    qw, qs, qb = mx.quantize(w, group_size=64, bits=4)
+    lin = Linear(qw, qs, qb, 4, 64)
+    gk = GpuKernels("cuda")
+
+    def qmvs(x):
+        for _ in range(n):
+            x = gk.qmv(x, [lin])[0] * 0.01
+        return x
+    chains["fused qmv 4096x4096 + mx mul"] = (qmvs, mx.random.normal((1, 4096)).astype(mx.bfloat16))
+
+    def mlx_qmv(x):
+        for _ in range(n):
+            x = mx.quantized_matmul(x, qw, qs, qb, transpose=True, group_size=64, bits=4) * 0.01
+        return x
+    chains["mx.quantized_matmul 4096x4096 + mx mul"] = (mlx_qmv, mx.random.normal((1, 4096)).astype(mx.bfloat16))
+
+    print(f"launch overhead, chains of {n} dependent ops ({_env()}), us per op:")
+    print(f"{'chain':42} {'build':>8} {'eval':>8} {'total':>8} {'compiled eval':>14}")
+    for name, (fn, x0) in chains.items():
+        b, e = timed(lambda: fn(x0))
+        cfn = mx.compile(fn)
+        _, ce = timed(lambda: cfn(x0))
+        print(f"{name:42} {b / n * 1e6:8.1f} {e / n * 1e6:8.1f} {(b + e) / n * 1e6:8.1f} {ce / n * 1e6:14.1f}", flush=True)
+
+
+def decode(path: str, steps: int, k: int) -> None:
+    from ..engine.load import load_model
+
+    t0 = time.perf_counter()
+    model = load_model(path, experts_per_token=k)
+    L = len(model.layers)
+    print(f"loaded {path} in {time.perf_counter() - t0:.1f} s, {L} layers, K={k}, {model.dtype} ({_env()})", flush=True)
+    prompt = list(range(1, 9))
+    for label in ("default",):
+        cache = model.make_cache()
+        mx.eval(model(prompt, cache, last_only=True))
+        tok, rows = [prompt[-1]], []
+        for i in range(steps):
+            mx.synchronize()
+            t0 = time.perf_counter()
+            logits = model(tok, cache, last_only=True)
+            t1 = time.perf_counter()
+            mx.eval(logits)
+            mx.synchronize()
+            t2 = time.perf_counter()
+            rows.append((t1 - t0, t2 - t1))
+            tok = [int((i * 7919) % 150000)]
+        b, e = np.median(np.array(rows[2:]), axis=0)
+        print(f"decode ({label}): build {b * 1e3:.2f} ms + eval {e * 1e3:.2f} ms = {(b + e) * 1e3:.2f} ms/token; "
+              f"per layer (embed+head included) build {b / L * 1e6:.0f} us, eval {e / L * 1e6:.0f} us", flush=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("launch")
+    p.add_argument("--n", type=int, default=200)
+    p = sub.add_parser("decode")
+    p.add_argument("--dir", required=True)
+    p.add_argument("--steps", type=int, default=24)
+    p.add_argument("--k", type=int, default=4)
+    args = ap.parse_args(argv)
+    if args.cmd == "launch":
+        launch(args.n)
+    else:
+        decode(args.dir, args.steps, args.k)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
