@@ -6,6 +6,7 @@
 #
 #   bash kernels/gpu_session.sh STEP...
 #
+# DECODE_ARGS replaces decode's default extra arguments (--resident $M/mlx).
 # Steps (issue 7, GPU streaming; the model is built once per machine under $M, default /tmp/m):
 #   prep     synthetic 397b-shaped model, LAYERS layers (default 4): MLX layout, then converted (packed)
 #   upload   expert upload throughput: store path vs pinned+cudaMemcpyAsync vs the limits
@@ -15,6 +16,8 @@
 #   firstuse the host tier's first-use stall taken apart (registration, first reads, page touches)
 # Steps (issue 6, fused kernels):
 #   kcheck   every kernel vs its twin, and timings      kdecode   fused vs plain decode, tolerance check
+#   odecode  a decode step's build/evaluate split, op by op and compiled (resident; all experts cached)
+#   ncu      each kernel's GPU time in decode steps (ncu), summed per kernel
 #   overhead MLX's host cost per operation and a decode step's build/evaluate split, under each
 #            MLX CUDA-graph setting in $MLX_SETTINGS (space-separated VAR=value lists, '-' = defaults)
 set -uo pipefail
@@ -56,7 +59,7 @@ for s in "$@"; do
     check) step check.log python3 -m llm_flashmoe.experts.gpu_bench check --packed "$M/packed" --settings "${CHECK:-25%,100%}" ;;
     profile) step profile.log python3 -m llm_flashmoe.experts.gpu_bench profile --packed "$M/packed" ;;
     hostread) step hostread.log python3 -m llm_flashmoe.experts.gpu_bench hostread --packed "$M/packed" ;;
-    decode) step decode.log python3 -m llm_flashmoe.experts.gpu_bench decode --packed "$M/packed" --resident "$M/mlx" ;;
+    decode) step decode.log python3 -m llm_flashmoe.experts.gpu_bench decode --packed "$M/packed" ${DECODE_ARGS:---resident $M/mlx} ;;
     firstuse) step firstuse.log python3 -m llm_flashmoe.experts.gpu_bench firstuse --packed "$M/packed" ;;
     overhead)
       for e in ${MLX_SETTINGS:--}; do e=${e#-}
@@ -65,6 +68,13 @@ for s in "$@"; do
       for e in ${MLX_SETTINGS:--}; do e=${e#-}
         step overhead.log env ${e//,/ } python3 -m llm_flashmoe.kernels.overhead decode --dir "$M/mlx"
       done ;;
+    odecode)
+      step overhead.log python3 -m llm_flashmoe.kernels.overhead decode --dir "$M/mlx"
+      step overhead.log python3 -m llm_flashmoe.kernels.overhead decode --packed "$M/packed" ;;
+    ncu)  # each kernel's time on the GPU over 3 decode steps, op by op and compiled
+      step ncu.log "$(command -v ncu || echo /usr/local/cuda/bin/ncu)" --profile-from-start off --metrics gpu__time_duration.sum \
+        --csv --log-file "$out/ncu.csv" python3 -m llm_flashmoe.kernels.overhead decode --dir "$M/mlx" --steps 8 --profile
+      python3 -m llm_flashmoe.kernels.overhead ncu "$out/ncu.csv" | tee -a "$out/ncu.log" ;;
     kcheck) step kcheck.log python3 -m llm_flashmoe.kernels.check --runs "$runs" ;;
     kdecode) step kdecode.log python3 -m llm_flashmoe.kernels.decode_bench --dir "$M/mlx" --check-layers 2,all ;;
     *) echo "unknown step $s" ;;

@@ -241,11 +241,15 @@ def test_prompt_batches_are_compact_when_the_pool_is_too_large_for_gather(packed
     cache.close()
 
 
-def test_a_full_pool_decodes_without_host_lookups(packed, monkeypatch):
-    # the fused decode path with the kernels' plain twins (the GPU's code path, run here)
+@pytest.mark.parametrize("compiled", ["0", "1"])
+def test_a_full_pool_decodes_without_host_lookups(packed, monkeypatch, compiled):
+    # the fused decode path with the kernels' plain twins (the GPU's code path, run here),
+    # and its decode steps compiled (FLASHMOE_COMPILE, on by default on GPUs)
     monkeypatch.setenv("FLASHMOE_KERNELS", "twin")
+    monkeypatch.setenv("FLASHMOE_COMPILE", "0")
     plain = load_model(packed, dtype=mx.float32, gpu_cache="off")
     ref = run(plain)
+    monkeypatch.setenv("FLASHMOE_COMPILE", compiled)
     model = load_model(packed, dtype=mx.float32)
     m = model.experts.manifest
     cache = with_cache(model, m.num_experts * len(m.layers))
@@ -254,11 +258,17 @@ def test_a_full_pool_decodes_without_host_lookups(packed, monkeypatch):
     assert cache.filled == cache.slots and cache.resident_batch(0) is not None
     fetches = []
     cache.fetch = lambda *a, **k: fetches.append(a) or ExpertCache.fetch(cache, *a, **k)
+    hits0 = cache.stats.gpu_hits
     got = run(model)
     for r, a in zip(ref, got):
         assert mx.array_equal(r, a).item()
     # the two prompt chunks fetched (one per layer each); the decode steps never did
     assert len(fetches) == 2 * len(model.layers)
+    # compiled: every layer's MoE (with the GatedDeltaNet mixer where there is one) is one graph
+    kinds = sorted(key[0] for layer in model.layers for key in layer._compiled)
+    assert kinds == ([] if compiled == "0" else sorted("attn" if not l.is_linear else "layer" for l in model.layers))
+    # decode's hits are counted on the host, compiled or not: K per layer per step at least
+    assert cache.stats.gpu_hits - hits0 >= 6 * len(model.layers) * model.experts_per_token
     plain.experts.close()
     cache.close()
 

@@ -217,6 +217,41 @@ def test_engine_decode_through_twins_matches_plain(tmp_path, monkeypatch):
     assert err < 1e-4 and top1 == 1.0
 
 
+def test_compiled_decode_steps_match_the_uncompiled_ones(tmp_path, monkeypatch):
+    """FLASHMOE_COMPILE: each layer's decode step as one compiled graph (GatedDeltaNet layers
+    whole; the MoE after attention), the same logits as building it op by op, also after K
+    changes (a new graph, not the old one with K baked in)."""
+    from llm_flashmoe import synth
+    from llm_flashmoe.engine.load import load_model
+    from llm_flashmoe.kernels.decode_bench import with_ops
+
+    monkeypatch.setattr(synth, "_write_tokenizer", lambda d: None)
+    synth.write_synthetic(tmp_path / "m", preset="tiny", layout="mlx", layers=4)
+    model = load_model(tmp_path / "m", dtype=mx.float32)
+    twin = kernels.ops("twin")
+
+    def run(compile, k):
+        with_ops(model, twin, compile)
+        model.set_experts_per_token(k)
+        cache = model.make_cache()
+        outs = [model([3, 1, 4, 1, 5], cache, last_only=True)]
+        for t in (9, 2, 6, 5):
+            outs.append(model([t], cache, last_only=True))
+        return [np.array(o) for o in outs]
+
+    for k in (model.cfg.num_experts_per_tok, 1):
+        ref, got = run(False, k), run(True, k)
+        assert all(np.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(ref, got))
+    kinds = [sorted({key[0] for key in layer._compiled}) for layer in model.layers]
+    assert kinds == [["layer"] if layer.is_linear else ["attn"] for layer in model.layers]
+    assert {key[2] for layer in model.layers for key in layer._compiled} == {model.cfg.num_experts_per_tok, 1}
+    monkeypatch.setenv("FLASHMOE_COMPILE", "1")
+    from llm_flashmoe.engine.qwen35 import compile_default
+    assert compile_default(twin) and not compile_default(None)
+    monkeypatch.setenv("FLASHMOE_COMPILE", "auto")
+    assert not compile_default(twin) and compile_default(kernels.Ops("cuda", *[None] * len(kernels.OP_NAMES)))
+
+
 def test_kernel_sources_ship_with_the_package():
     """The sources are found inside the package (so a regular install works) and
     pyproject's package data names every file the generator reads."""

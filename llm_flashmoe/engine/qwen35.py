@@ -94,6 +94,11 @@ class GatedDeltaNet:
         o = (o.astype(mx.float32) * z32 * mx.sigmoid(z32)).astype(x.dtype)
         return self.out_proj(o.reshape(1, T, Hv * Dv))
 
+    def zero_state(self, dtype) -> tuple[mx.array, mx.array]:
+        """The conv and recurrent state before the first token."""
+        C, Kc = self.conv_weight.shape
+        return mx.zeros((1, Kc - 1, C), dtype), mx.zeros((1, self.Hv, self.Dv, self.Dk), mx.float32)
+
     def decode_fused(self, x: mx.array, state: LinearAttentionState) -> mx.array:
         """One token, the same math as above through the fused kernels."""
         qkv, z, b, a = self.ops.qmv(x.reshape(1, -1), [self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a])
@@ -211,44 +216,64 @@ class SparseMoE:
         shared = mx.sigmoid(self.shared_expert_gate(x2)) * shared
         return residual + (y + shared).astype(x.dtype).reshape(B, T, H)
 
+    def device_experts(self):
+        """(gate, up, down, lookup, all_in_gpu) when the router's choice can be resolved on the
+        device, with no round trip to the host: every expert resident (lookup None: the rows are
+        the ids), or a source that keeps a lookup table in GPU memory. None otherwise."""
+        if isinstance(self.experts, ResidentExperts):
+            gate, up, down = self.experts.layers[self.layer]
+            return gate, up, down, None, True
+        resident = getattr(self.experts, "resident_batch", None) if self.ops.backend != "cpu" else None
+        batch = resident(self.layer) if resident is not None else None
+        if batch is None:
+            return None
+        return batch.gate, batch.up, batch.down, batch.device_lookup, batch.all_in_gpu
+
+    def count_device(self, dev) -> None:
+        """Stats of a decode step whose experts `device_experts` resolved."""
+        self.experts.stats.experts += self.k
+        if dev[3] is not None and dev[4]:
+            self.experts.stats.gpu_hits += self.k
+
+    def decode_math(self, x1: mx.array, residual: mx.array, gate: Linear, up: Linear, down: Linear,
+                    lookup: mx.array | None) -> mx.array:
+        """residual + moe(x1) for one token with the experts' stacks and a device-side lookup (no
+        host round trip): all arrays in, all arrays out, so that it can be compiled."""
+        logits, shared_logit = self.ops.qmv(x1, [self.router, self.shared_expert_gate])
+        ids, scores = self.ops.moe_route(logits, self.k, self.norm_topk_prob)
+        rows = ids if lookup is None else lookup[ids]
+        h, hs = self.ops.moe_gate_up(x1, rows, gate, up, self.shared_gate_proj, self.shared_up_proj)
+        return self.ops.moe_down(h, rows, scores, down, hs, self.shared_down_proj, shared_logit, residual)
+
     def decode_fused(self, x: mx.array, residual: mx.array) -> mx.array:
         """One token, the same math as above through the fused kernels."""
         x1 = x.reshape(1, -1)
+        dev = self.device_experts()
+        if dev is not None:
+            # No mx.async_eval(out) here to start the MoE early: on the H200 each extra evaluation
+            # cost ~0.15 ms per layer (0.574 -> 0.425 ms per layer without it, all experts cached).
+            self.count_device(dev)
+            return self.decode_math(x1, residual, *dev[:4]).reshape(x.shape)
         logits, shared_logit = self.ops.qmv(x1, [self.router, self.shared_expert_gate])
         ids, scores = self.ops.moe_route(logits, self.k, self.norm_topk_prob)
-        resident = getattr(self.experts, "resident_batch", None) if self.ops.backend != "cpu" else None
-        batch = resident(self.layer) if resident is not None else None
-        if isinstance(self.experts, ResidentExperts):    # rows are the ids: no wait for the router
-            gate, up, down = self.experts.layers[self.layer]
-            rows = ids
-            self.experts.stats.experts += self.k
-        elif batch is not None:       # rows (or part addresses: host tier) looked up in GPU memory
-            gate, up, down, rows = batch.gate, batch.up, batch.down, batch.device_lookup[ids]
-            self.experts.stats.experts += self.k
-            if batch.all_in_gpu:
-                self.experts.stats.gpu_hits += self.k
+        ids_np = np.array(ids)
+        on_cpu = self.ops.backend == "cpu"
+        if on_cpu and getattr(self.experts, "overlap", False):   # compute while the misses land
+            batch, pending = self.experts.fetch_streaming(self.layer, np.unique(ids_np))
         else:
-            ids_np = np.array(ids)
-            on_cpu = self.ops.backend == "cpu"
-            if on_cpu and getattr(self.experts, "overlap", False):   # compute while the misses land
-                batch, pending = self.experts.fetch_streaming(self.layer, np.unique(ids_np))
-            else:
-                batch, pending = self.experts.fetch(self.layer, np.unique(ids_np), host_rows=on_cpu), None
-            if self.next_router is not None:
-                self._prefetch_next(x1)
-            if pending is not None and not pending.all_ready:
-                from ..cpu.streamed import moe_streamed
+            batch, pending = self.experts.fetch(self.layer, np.unique(ids_np), host_rows=on_cpu), None
+        if self.next_router is not None:
+            self._prefetch_next(x1)
+        if pending is not None and not pending.all_ready:
+            from ..cpu.streamed import moe_streamed
 
-                out = moe_streamed(x1, batch.lookup[ids_np], scores, batch, pending, self.shared_gate_proj,
-                                   self.shared_up_proj, self.shared_down_proj, shared_logit, residual)
-                return out.reshape(x.shape)
-            gate, up, down, rows = batch.gate, batch.up, batch.down, mx.array(batch.lookup[ids_np])
-        # No mx.async_eval(out) here to start the MoE early: on the H200 each extra evaluation
-        # cost ~0.15 ms per layer (0.574 -> 0.425 ms per layer without it, all experts cached).
+            out = moe_streamed(x1, batch.lookup[ids_np], scores, batch, pending, self.shared_gate_proj,
+                               self.shared_up_proj, self.shared_down_proj, shared_logit, residual)
+            return out.reshape(x.shape)
+        gate, up, down, rows = batch.gate, batch.up, batch.down, mx.array(batch.lookup[ids_np])
         h, hs = self.ops.moe_gate_up(x1, rows, gate, up, self.shared_gate_proj, self.shared_up_proj)
         out = self.ops.moe_down(h, rows, scores, down, hs, self.shared_down_proj, shared_logit, residual)
         return out.reshape(x.shape)
-
 
     def _prefetch_next(self, x1) -> None:
         """Guess the next layer's experts with its router on this layer's MoE input (the residual
@@ -275,8 +300,12 @@ class DecoderLayer:
         self.moe = SparseMoE(cfg, w, p + "mlp.", i, experts, k, dtype)
         self.eps = cfg.rms_norm_eps
         self.ops = kernels.ops()
+        self.compile = compile_default(self.ops)
+        self._compiled: dict = {}
 
     def __call__(self, x: mx.array, cache) -> mx.array:
+        if self.compile and self.ops is not None and x.shape[1] == 1:
+            return self.decode_step(x, cache)
         norm = rms_norm if self.ops is None else self.ops.rms_norm
         y = self.mixer(norm(x, self.input_norm, self.eps), cache)
         if self.ops is None:
@@ -284,6 +313,84 @@ class DecoderLayer:
             return self.moe(rms_norm(h, self.post_norm, self.eps), residual=h)    # h + moe(norm(h))
         h, n = self.ops.add_rms_norm(x, y, self.post_norm, self.eps)             # h = x + y, n = norm(h)
         return self.moe(n, residual=h)
+
+    # -- decode through compiled graphs --------------------------------------------------------
+    # A decode step of one layer is ~10 kernels whose graph Python would otherwise build again
+    # for every token (~0.2 ms per layer on the H200, as long as the kernels take). mx.compile
+    # records it once and replays it from C++. What can be compiled is what takes and gives only
+    # arrays: the GatedDeltaNet mixer with its state, and the MoE when the router's choice is
+    # resolved on the device (`SparseMoE.device_experts`); the attention mixer (its KV cache
+    # grows by slicing at a Python offset) and MoEs that read experts through the host stay as
+    # they are. Compiled functions are kept per shape of what they capture (K, the ops, the
+    # expert stacks), as mx.compile bakes Python values in at tracing.
+
+    def _fn(self, key, make):
+        fn = self._compiled.get(key)
+        if fn is None:
+            fn = self._compiled[key] = mx.compile(make())
+        return fn
+
+    def decode_step(self, x: mx.array, cache) -> mx.array:
+        moe, ops, eps = self.moe, self.ops, self.eps
+        dev = moe.device_experts()
+        if dev is not None and dev[3] is not None and dev[3].dtype == mx.uint64 and ops.backend != "cuda":
+            dev = None      # experts by host address: only the CUDA kernels read them on the device
+        lk = () if dev is None or dev[3] is None else (dev[3],)
+        stacks = () if dev is None else tuple(id(l.weight) for l in dev[:3])
+        key = (id(ops), moe.k, stacks, len(lk))
+        if dev is not None:
+            moe.count_device(dev)
+
+        def moe_part(n, h, *lookup):
+            return moe.decode_math(n.reshape(1, -1), h, *dev[:3], lookup[0] if lookup else None).reshape(x.shape)
+
+        if not self.is_linear:
+            y = self.mixer(ops.rms_norm(x, self.input_norm, eps), cache)
+            if dev is None:
+                h, n = ops.add_rms_norm(x, y, self.post_norm, eps)
+                return moe(n, residual=h)
+
+            def after_attention():
+                def f(x, y, *lookup):
+                    h, n = ops.add_rms_norm(x, y, self.post_norm, eps)
+                    return moe_part(n, h, *lookup)
+                return f
+            return self._fn(("attn",) + key, after_attention)(x, y, *lk)
+
+        state = cache
+        if state.conv is None or state.recurrent is None:
+            state.conv, state.recurrent = self.mixer.zero_state(x.dtype)
+
+        def mixer_part(x, conv, rec):
+            st = LinearAttentionState()
+            st.conv, st.recurrent = conv, rec
+            y = self.mixer.decode_fused(ops.rms_norm(x, self.input_norm, eps), st)
+            h, n = ops.add_rms_norm(x, y, self.post_norm, eps)
+            return h, n, st.conv, st.recurrent
+
+        if dev is None:
+            h, n, state.conv, state.recurrent = self._fn(("gdn",) + key, lambda: mixer_part)(x, state.conv, state.recurrent)
+            return moe(n, residual=h)
+
+        def whole():
+            def f(x, conv, rec, *lookup):
+                h, n, conv, rec = mixer_part(x, conv, rec)
+                return moe_part(n, h, *lookup), conv, rec
+            return f
+        out, state.conv, state.recurrent = self._fn(("layer",) + key, whole)(x, state.conv, state.recurrent, *lk)
+        return out
+
+
+def compile_default(ops) -> bool:
+    """FLASHMOE_COMPILE: `auto` (default) compiles decode steps on the GPU backends, where
+    building each token's graph in Python costs as much as running it; `1` also with the
+    kernels' plain twins (tests); `0` never."""
+    want = os.environ.get("FLASHMOE_COMPILE", "auto").strip().lower()
+    if want in ("0", "off", "no", "false"):
+        return False
+    if ops is None or ops.backend == "cpu":     # the CPU kernels run on the host: nothing to trace
+        return False
+    return want in ("1", "on", "yes", "true") or ops.backend in ("cuda", "metal")
 
 
 def _prefetch_default(experts) -> bool:

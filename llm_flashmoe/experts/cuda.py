@@ -102,6 +102,8 @@ class CudaRuntime:
             "cudaDeviceSynchronize": [],
             "cudaHostRegister": [vp, sz, ctypes.c_uint],
             "cudaHostUnregister": [vp],
+            "cudaProfilerStart": [],
+            "cudaProfilerStop": [],
         }.items():
             fn = getattr(L, name)
             fn.argtypes = args

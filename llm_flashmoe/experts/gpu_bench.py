@@ -278,7 +278,10 @@ def decode(args) -> int:
             print(f"preloaded all {c.filled} experts in {time.perf_counter() - t0:.2f} s", flush=True)
         else:
             _fill(c, rng)
+        t0 = time.perf_counter()
         decode_times(model, prompt, 6)      # warm-up
+        print(f"warm-up (prompt + 6 decode steps, the first of this cache's shape) {time.perf_counter() - t0:.2f} s",
+              flush=True)
         for state in (["warm", "cold"] if pct in args.cold else ["warm"]):
             if state == "cold":
                 c.drop_page_cache()

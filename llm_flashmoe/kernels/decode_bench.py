@@ -36,10 +36,14 @@ def build(dest: Path, preset: str, layers: int) -> None:
     print(f"wrote {dest} in {time.perf_counter() - t0:.1f} s", flush=True)
 
 
-def with_ops(model, ops) -> None:
-    """Point every block of `model` at `ops` (None: the plain path)."""
+def with_ops(model, ops, compile: bool | None = None) -> None:
+    """Point every block of `model` at `ops` (None: the plain path); decode steps compiled as
+    FLASHMOE_COMPILE says for those ops, or as `compile` says."""
+    from ..engine.qwen35 import compile_default
+
     for layer in model.layers:
         layer.ops = layer.mixer.ops = layer.moe.ops = ops
+        layer.compile = compile_default(ops) if compile is None else compile
 
 
 def decode_times(model, prompt, steps: int, embed_head_only: bool = False, after_prefill=None,

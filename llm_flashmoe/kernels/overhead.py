@@ -11,7 +11,7 @@ MLX_USE_CUDA_GRAPHS and MLX_MAX_OPS_PER_BUFFER once per process: run this under 
 setting to compare them.
 
 `decode`: a resident model's decode step split the same way (build, evaluate), per
-layer, for the engine's default path and (if the engine has it) its compiled one.
+layer, op by op and compiled (FLASHMOE_COMPILE's path), fresh tokens each step.
 """
 
 from __future__ import annotations
@@ -100,19 +100,61 @@ def launch(n: int) -> None:
         print(f"{name:42} {b / n * 1e6:8.1f} {e / n * 1e6:8.1f} {(b + e) / n * 1e6:8.1f} {ce / n * 1e6:14.1f}", flush=True)
 
 
-def decode(path: str, steps: int, k: int) -> None:
+def _touch(model) -> None:
+    """Read every weight once on the GPU: arrays the loader filled from the host live in
+    managed memory and would otherwise move to the GPU page by page inside the timed steps
+    (each fresh token routes to experts not touched before)."""
+    arrays = list(_arrays(model))
+    for i in range(0, len(arrays), 64):
+        mx.eval([a.sum() for a in arrays[i:i + 64] if a.size])
+
+
+def _arrays(obj, seen=None):
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, mx.array):
+        yield obj
+    elif isinstance(obj, (list, tuple, dict)):
+        for o in (obj.values() if isinstance(obj, dict) else obj):
+            yield from _arrays(o, seen)
+    elif hasattr(obj, "__dict__") and type(obj).__module__.startswith(("llm_flashmoe", "builtins")):
+        for o in vars(obj).values():
+            yield from _arrays(o, seen)
+
+
+def decode(args) -> None:
     from ..engine.load import load_model
+    from .decode_bench import with_ops
+    from . import ops as kernel_ops
 
     t0 = time.perf_counter()
-    model = load_model(path, experts_per_token=k)
+    if args.packed:
+        model = load_model(args.packed, experts_per_token=args.k, gpu_cache="100%")
+        model.experts.preload()
+        where = f"{args.packed} (GPU expert cache: all experts)"
+    else:
+        model = load_model(args.dir, experts_per_token=args.k)
+        where = args.dir
+    _touch(model)
     L = len(model.layers)
-    print(f"loaded {path} in {time.perf_counter() - t0:.1f} s, {L} layers, K={k}, {model.dtype} ({_env()})", flush=True)
+    print(f"loaded {where} in {time.perf_counter() - t0:.1f} s, {L} layers, K={args.k}, {model.dtype} ({_env()})", flush=True)
     prompt = list(range(1, 9))
-    for label in ("default",):
+    ops = kernel_ops()
+    rt = None
+    if args.profile:
+        from ..experts import cuda
+        rt = cuda.runtime()
+    for label, compile in (("op by op", False), ("compiled", True)):
+        with_ops(model, ops, compile)
         cache = model.make_cache()
         mx.eval(model(prompt, cache, last_only=True))
         tok, rows = [prompt[-1]], []
-        for i in range(steps):
+        for i in range(args.steps):
+            if rt is not None and i == args.steps - 3:
+                mx.synchronize()
+                rt.lib.cudaProfilerStart()
             mx.synchronize()
             t0 = time.perf_counter()
             logits = model(tok, cache, last_only=True)
@@ -122,9 +164,37 @@ def decode(path: str, steps: int, k: int) -> None:
             t2 = time.perf_counter()
             rows.append((t1 - t0, t2 - t1))
             tok = [int((i * 7919) % 150000)]
+        if rt is not None:
+            rt.lib.cudaProfilerStop()
         b, e = np.median(np.array(rows[2:]), axis=0)
-        print(f"decode ({label}): build {b * 1e3:.2f} ms + eval {e * 1e3:.2f} ms = {(b + e) * 1e3:.2f} ms/token; "
-              f"per layer (embed+head included) build {b / L * 1e6:.0f} us, eval {e / L * 1e6:.0f} us", flush=True)
+        first = sum(rows[0]) * 1e3
+        print(f"decode ({label}): build {b * 1e3:.2f} ms + eval {e * 1e3:.2f} ms = {(b + e) * 1e3:.2f} ms/token "
+              f"(first step {first:.0f} ms); per layer (embed+head included) {(b + e) / L * 1e6:.0f} us", flush=True)
+
+
+def ncu_summary(path: str) -> None:
+    """Sum an `ncu --csv --metrics gpu__time_duration.sum` log per kernel name."""
+    import csv
+
+    rows = []
+    with open(path) as f:
+        lines = [l for l in f if l.startswith('"')]
+    for r in csv.DictReader(lines):
+        if r.get("Metric Name") == "gpu__time_duration.sum":
+            v = float(r["Metric Value"].replace(",", ""))
+            unit = r.get("Metric Unit", "ns")
+            rows.append((r["Kernel Name"], v * {"ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3}.get(unit, 1e-3)))
+    if not rows:
+        print(f"no gpu__time_duration rows in {path}")
+        return
+    total: dict = {}
+    for name, us in rows:
+        n, t = total.get(name[:60], (0, 0.0))
+        total[name[:60]] = (n + 1, t + us)
+    print(f"{len(rows)} kernels, {sum(t for _, t in rows):.1f} us on the GPU in all (both paths, 3 steps each)")
+    print(f"{'kernel':60} {'calls':>6} {'us total':>9} {'us/call':>8}")
+    for name, (n, t) in sorted(total.items(), key=lambda kv: -kv[1][1]):
+        print(f"{name:60} {n:6d} {t:9.1f} {t / n:8.1f}")
 
 
 def main(argv=None) -> int:
@@ -133,14 +203,22 @@ def main(argv=None) -> int:
     p = sub.add_parser("launch")
     p.add_argument("--n", type=int, default=200)
     p = sub.add_parser("decode")
-    p.add_argument("--dir", required=True)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--dir", help="MLX-layout model: every weight resident")
+    where.add_argument("--packed", help="packed model: experts in a GPU expert cache holding all of them")
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--k", type=int, default=4)
+    p.add_argument("--profile", action="store_true",
+                   help="cudaProfilerStart/Stop around the last 3 steps of each path (run under ncu --profile-from-start off)")
+    p = sub.add_parser("ncu", help="summarise an ncu CSV log per kernel")
+    p.add_argument("csv")
     args = ap.parse_args(argv)
     if args.cmd == "launch":
         launch(args.n)
+    elif args.cmd == "ncu":
+        ncu_summary(args.csv)
     else:
-        decode(args.dir, args.steps, args.k)
+        decode(args)
     return 0
 
 
