@@ -445,14 +445,16 @@ class Qwen35Model:
         x = embedding_rows(self.embed, ids).astype(self.dtype)[None]      # [1, T, H]
         for layer, c in zip(self.layers, cache.layers):
             x = layer(x, c)
-        if not isinstance(self.experts, ResidentExperts):
-            # Streamed experts live in reused buffers (the store's double buffer, the GPU cache's
-            # slots): finish reading them now, before a later call's fetches overwrite them.
-            mx.eval(x)
         if last_only:
             x = x[:, -1:]
         cache.tokens.extend(int(t) for t in tokens)
-        return self.head(x[0])
+        logits = self.head(x[0])
+        if not isinstance(self.experts, ResidentExperts):
+            # Streamed experts live in reused buffers (the store's double buffer, the GPU cache's
+            # slots): finish reading them now, before a later call's fetches overwrite them (one
+            # evaluation with the head's: each costs ~0.15 ms on the H200).
+            mx.eval(logits)
+        return logits
 
     def head(self, x: mx.array) -> mx.array:
         """Final norm and lm_head: hidden states [T, H] -> float32 logits [T, V]."""

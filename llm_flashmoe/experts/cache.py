@@ -353,6 +353,7 @@ class ExpertCache:
         # larger than this many rows is handed to it as a compact copy of the rows needed.
         self.max_gather_rows = (2**31 - 1) // max(c.nbytes for c in store.components)
         self._device_lookup = None
+        self._batches: dict = {}   # resident_batch's answers per layer, with the table they belong to
         # Host tier (enable_host_tier): every expert's nine part addresses, GPU slot or pinned page cache.
         self.host_tier = False
         self._table: np.ndarray | None = None   # uint64 [layers, E, 9]
@@ -384,17 +385,28 @@ class ExpertCache:
         if self.host_tier and self.filled < self.layers * self.num_experts:
             if self._device_table is None:
                 self._device_table = mx.array(self._table)
-            g, u, d = self._pool_linears
-            return ExpertBatch(g, u, d, self.where[layer * self.num_experts:(layer + 1) * self.num_experts]
-                               .astype(np.int32), self._device_table[layer], all_in_gpu=False)
+            return self._batch(layer, self._device_table, all_in_gpu=False)
         if self.filled < self.layers * self.num_experts:
             return None
-
         if self._device_lookup is None:
             self._device_lookup = mx.array(self.where.reshape(self.layers, self.num_experts).astype(np.int32))
-        g, u, d = self._pool_linears or self._linears(self.pool, self.slots)
-        return ExpertBatch(g, u, d, self.where[layer * self.num_experts:(layer + 1) * self.num_experts]
-                           .astype(np.int32), self._device_lookup[layer])
+        return self._batch(layer, self._device_lookup, all_in_gpu=True)
+
+    def _batch(self, layer: int, table, all_in_gpu: bool) -> ExpertBatch:
+        """Layer `layer`'s batch over the whole pool with its row of `table` (the device lookup or
+        the host tier's addresses), kept until the table is replaced: decode asks for it every
+        token, and compiled decode steps are keyed on the stacks it hands out."""
+        kept = self._batches.get(layer)
+        if kept is not None and kept[0] is table:
+            return kept[1]
+        if self._batches.get("linears", (None,))[0] is not table:
+            self._batches = {"linears": (table, self._pool_linears or self._linears(self.pool, self.slots))}
+        g, u, d = self._batches["linears"][1]
+        E = self.num_experts
+        batch = ExpertBatch(g, u, d, self.where[layer * E:(layer + 1) * E].astype(np.int32), table[layer],
+                            all_in_gpu=all_in_gpu)
+        self._batches[layer] = (table, batch)
+        return batch
 
     def preload(self, progress=None) -> None:
         """Read experts into the pool, layer by layer, until it is full (all of them if they fit)."""

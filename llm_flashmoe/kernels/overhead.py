@@ -100,7 +100,7 @@ def launch(n: int) -> None:
         print(f"{name:42} {b / n * 1e6:8.1f} {e / n * 1e6:8.1f} {(b + e) / n * 1e6:8.1f} {ce / n * 1e6:14.1f}", flush=True)
 
 
-def _touch(model) -> None:
+def touch(model) -> None:
     """Read every weight once on the GPU: arrays the loader filled from the host live in
     managed memory and would otherwise move to the GPU page by page inside the timed steps
     (each fresh token routes to experts not touched before)."""
@@ -137,7 +137,7 @@ def decode(args) -> None:
     else:
         model = load_model(args.dir, experts_per_token=args.k)
         where = args.dir
-    _touch(model)
+    touch(model)
     L = len(model.layers)
     print(f"loaded {where} in {time.perf_counter() - t0:.1f} s, {L} layers, K={args.k}, {model.dtype} ({_env()})", flush=True)
     prompt = list(range(1, 9))
