@@ -16,6 +16,8 @@
 #   firstuse the host tier's first-use stall taken apart (registration, first reads, page touches)
 # Steps (issue 6, fused kernels):
 #   kcheck   every kernel vs its twin, and timings      kdecode   fused vs plain decode, tolerance check
+#   rows     rows per warp of qmv and the MoE kernels, checked and timed
+#   firststep the first decode step's stall in two processes in a row (MLX's kernel cache)
 #   odecode  a decode step's build/evaluate split, op by op and compiled (resident; all experts cached)
 #   ncu      each kernel's GPU time in decode steps (ncu), summed per kernel
 #   overhead MLX's host cost per operation and a decode step's build/evaluate split, under each
@@ -67,6 +69,17 @@ for s in "$@"; do
       done
       for e in ${MLX_SETTINGS:--}; do e=${e#-}
         step overhead.log env ${e//,/ } python3 -m llm_flashmoe.kernels.overhead decode --dir "$M/mlx"
+      done ;;
+    rows)  # rows per warp of qmv and the MoE kernels; falls back to one row per warp if the MoE's fail
+      step rows.log python3 -m llm_flashmoe.kernels.overhead rows
+      if grep -q "^  moe.*FAIL" "$out/rows.log"; then
+        export FLASHMOE_MOE_ROWS=1,1; echo "== MoE kernels FAIL with several rows per warp: FLASHMOE_MOE_ROWS=1,1 from here"
+      fi ;;
+    firststep)  # is the first decode step's stall compilation, and does MLX's kernel cache remove it?
+      rm -rf /tmp/mlx/*/ptx
+      for i in 1 2; do
+        echo "== MLX kernel cache: $(ls /tmp/mlx/*/ptx 2>/dev/null | wc -l) files" | tee -a "$out/firststep.log"
+        step firststep.log python3 -m llm_flashmoe.kernels.overhead decode --dir "$M/mlx" --steps 4
       done ;;
     odecode)
       step overhead.log python3 -m llm_flashmoe.kernels.overhead decode --dir "$M/mlx"

@@ -488,7 +488,7 @@ class ExpertCache:
             return False
         if self._registered:
             print(f"flashmoe: host tier on: {len(bases) * size / 1e9:.1f} GB of expert files pinned in the page "
-                  "cache for the GPU (the first steps may stall for a while: see the README)", file=sys.stderr)
+                  "cache for the GPU (FLASHMOE_HOST_TIER=off to keep them unpinned)", file=sys.stderr)
         comps = store.components
         offs = np.array([c.offset for c in comps], np.uint64)
         E = self.num_experts
@@ -613,13 +613,13 @@ def wrap_store(store: ExpertStore, setting: str | None = None):
 
 
 def host_tier_wanted(expert_bytes: int) -> bool:
-    """FLASHMOE_HOST_TIER: on | off (default) | auto (on where every expert file fits in half the RAM).
+    """FLASHMOE_HOST_TIER: auto (default: on where every expert file fits in half the RAM) | on | off.
 
-    Off by default: on the H200 the first use after registering 14.5 GB of page cache stalled
-    18-22 s (the first decode step; 72 s in the prompt on a fresh machine), a one-time cost not
-    yet understood (the first compilation of the two ADDRESSED kernels in each process? the
-    driver mapping 14.5 GB of pinned pages?) nor moved to load time."""
-    want = os.environ.get("FLASHMOE_HOST_TIER", "off").strip().lower()
+    The first decode step of a process stalls for ~15-25 s on the H200 with the tier or without
+    it (the kernels' first compilation, measured in kernels.overhead's first step); an earlier
+    reading blamed the tier: `gpu_bench firstuse` found registering 3.6 GB of page cache takes
+    0.1-0.2 s and a kernel's first read through it 0.2-0.5 ms."""
+    want = os.environ.get("FLASHMOE_HOST_TIER", "auto").strip().lower()
     if want in ("off", "0", "no", "false"):
         return False
     if want in ("on", "1", "yes", "true"):

@@ -22,6 +22,9 @@ QBITS = (2, 3, 4, 8)
 QGROUPS = (32, 64, 128)
 # rows per warp in qmv: each staged input serves this many rows (FLASHMOE_QMV_ROWS to try others)
 QMV_ROWS = int(os.environ.get("FLASHMOE_QMV_ROWS", "4"))
+# rows per warp of moe_gate_up and moe_down (FLASHMOE_MOE_ROWS=GU,DOWN; 1,1 = one row per warp):
+# more rows share one staged input and keep more loads in flight
+MOE_GU_ROWS, MOE_DOWN_ROWS = (int(v) for v in os.environ.get("FLASHMOE_MOE_ROWS", "2,4").split(","))
 
 
 def _addressed(rows, x, *stacks) -> bool:
@@ -106,13 +109,14 @@ class GpuKernels:
             _no_addresses(addressed)
             return plain.moe_gate_up(x, rows, gate, up, shared_gate, shared_up)
         I, Is = gate.weight.shape[1], shared_gate.out_features
-        defines = {"HD": H, "KE": K, "IE": I, "BE": gate.bits, "GE": gate.group_size,
-                   "SHI": Is, "SHB": shared_gate.bits, "SHG": shared_gate.group_size, "ADDRESSED": int(addressed)}
+        defines = {"HD": H, "KE": K, "IE": I, "BE": gate.bits, "GE": gate.group_size, "SHI": Is,
+                   "SHB": shared_gate.bits, "SHG": shared_gate.group_size, "ADDRESSED": int(addressed), "GU_R": MOE_GU_ROWS}
         names = ("x", "ids", "gw", "gs", "gb", "uw", "us", "ub", "sgw", "sgs", "sgb", "suw", "sus", "sub")
         kern = self.kernel("moe_gate_up", names, ("h", "hs"), defines)
         ids = rows.reshape(-1) if addressed else rows.astype(mx.int32)
         args = [x.reshape(-1), ids, *_parts(gate), *_parts(up), *_parts(shared_gate), *_parts(shared_up)]
-        h, hs = kern(inputs=args, template=[("T", x.dtype)], grid=(_ceil(K * I + Is, 8) * 256, 1, 1),
+        warps = _ceil(K * I + Is, MOE_GU_ROWS)
+        h, hs = kern(inputs=args, template=[("T", x.dtype)], grid=(_ceil(warps, 8) * 256, 1, 1),
                      threadgroup=(256, 1, 1), output_shapes=[(K, I), (Is,)], output_dtypes=[x.dtype, x.dtype], **self._fill)
         return h, hs
 
@@ -124,14 +128,14 @@ class GpuKernels:
                 and _q2d(shared_down, Is) and shared_down.out_features == H):
             _no_addresses(addressed)
             return plain.moe_down(h, rows, weights, down, hs, shared_down, shared_gate_logit, residual)
-        defines = {"HD": H, "KE": K, "IE": I, "BE": down.bits, "GE": down.group_size,
-                   "SHI": Is, "SHB": shared_down.bits, "SHG": shared_down.group_size, "ADDRESSED": int(addressed)}
+        defines = {"HD": H, "KE": K, "IE": I, "BE": down.bits, "GE": down.group_size, "SHI": Is,
+                   "SHB": shared_down.bits, "SHG": shared_down.group_size, "ADDRESSED": int(addressed), "DOWN_R": MOE_DOWN_ROWS}
         names = ("h", "ids", "weights", "dw", "ds", "db", "hs", "sdw", "sds", "sdb", "sg", "res")
         kern = self.kernel("moe_down", names, ("out",), defines)
         ids = rows.reshape(-1) if addressed else rows.astype(mx.int32)
         args = [h, ids, weights.astype(mx.float32), *_parts(down), hs.reshape(-1),
                 *_parts(shared_down), shared_gate_logit.reshape(-1), residual.reshape(-1)]
-        return kern(inputs=args, template=[("T", residual.dtype)], grid=(_ceil(H, 8) * 256, 1, 1),
+        return kern(inputs=args, template=[("T", residual.dtype)], grid=(_ceil(_ceil(H, MOE_DOWN_ROWS), 8) * 256, 1, 1),
                     threadgroup=(256, 1, 1), output_shapes=[(H,)], output_dtypes=[residual.dtype], **self._fill)[0]
 
     # -- family 3 ---------------------------------------------------------

@@ -172,6 +172,74 @@ def decode(args) -> None:
               f"(first step {first:.0f} ms); per layer (embed+head included) {(b + e) / L * 1e6:.0f} us", flush=True)
 
 
+def rows_sweep(reps: int) -> None:
+    """Rows per warp of qmv (the decode's matrix shapes) and of the MoE kernels: each setting
+    checked against the plain twin (bf16 bound) and timed as a chain of `reps` dependent calls
+    (the decode's situation: one token, each launch waiting for the last)."""
+    from . import gpu, plain
+    from .check import BOUND, qlinear, rnd, moe_inputs
+
+    dt = mx.bfloat16
+    gk = gpu.GpuKernels("cuda")
+
+    def err(a, b):
+        a, b = np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))
+        return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+    def chain(step, x0):
+        def run():
+            x = x0
+            for _ in range(reps):
+                x = step(x)
+            return x
+        _, e = timed(run)
+        return e / reps * 1e6
+
+    qshapes = {"GDN in_proj 4096->12288|8192|64|64": (4096, [12288, 8192, 64, 64]),
+               "attn q|k|v 4096->16384|512|512": (4096, [16384, 512, 512]),
+               "out_proj/o_proj 8192->4096": (8192, [4096]),
+               "router|shared gate 4096->512|1": (4096, [512, 1])}
+    print(f"qmv rows per warp (FLASHMOE_QMV_ROWS; now {gpu.QMV_ROWS}), us per dependent call, max rel err vs twin:")
+    saved = gpu.QMV_ROWS
+    for name, (K, Ns) in qshapes.items():
+        lins = [qlinear(n, K, 4, 64, dt) for n in Ns]
+        x0 = rnd((1, K), dt)
+        ref = plain.qmv(x0, lins)
+        cells = []
+        for R in (1, 2, 4, 8):
+            gpu.QMV_ROWS = R
+            e = max(err(a, b) for a, b in zip(gk.qmv(x0, lins), ref))
+            # the next call's input depends on this one's output (a scalar mix keeps the shape)
+            us = chain(lambda x: x + gk.qmv(x, lins)[0][..., :1] * 0, x0)
+            cells.append(f"R={R}: {us:6.1f} us{'' if e <= BOUND[dt] else f' FAIL {e:.1e}'}")
+        print(f"  {name:38} " + "   ".join(cells), flush=True)
+    gpu.QMV_ROWS = saved
+    d = moe_inputs("397b", dt)
+    K, I, Is = d["K"], d["gate"].weight.shape[1], d["sg"].out_features
+    h0, hs0 = rnd((K, I), dt), rnd((Is,), dt)
+    print(f"MoE rows per warp (FLASHMOE_MOE_ROWS; now {gpu.MOE_GU_ROWS},{gpu.MOE_DOWN_ROWS}):")
+    saved = gpu.MOE_GU_ROWS, gpu.MOE_DOWN_ROWS
+    ref_gu = plain.moe_gate_up(d["x"], d["rows"], d["gate"], d["up"], d["sg"], d["su"])
+    ref_dn = plain.moe_down(h0, d["rows"], d["w"], d["down"], hs0, d["sd"], rnd((1,), dt) * 0, d["res"])
+    cells = []
+    for R in (1, 2, 4):
+        gpu.MOE_GU_ROWS = R
+        got = gk.moe_gate_up(d["x"], d["rows"], d["gate"], d["up"], d["sg"], d["su"])
+        e = max(err(a, b) for a, b in zip(got, ref_gu))
+        us = chain(lambda x: x + gk.moe_gate_up(x, d["rows"], d["gate"], d["up"], d["sg"], d["su"])[1][:1] * 0, d["x"])
+        cells.append(f"R={R}: {us:6.1f} us{'' if e <= BOUND[dt] else f' FAIL {e:.1e}'}")
+    print("  moe_gate_up (4 experts + shared)      " + "   ".join(cells), flush=True)
+    cells = []
+    for R in (1, 2, 4, 8):
+        gpu.MOE_DOWN_ROWS = R
+        got = gk.moe_down(h0, d["rows"], d["w"], d["down"], hs0, d["sd"], rnd((1,), dt) * 0, d["res"])
+        e = err(got, ref_dn)
+        us = chain(lambda r: gk.moe_down(h0, d["rows"], d["w"], d["down"], hs0, d["sd"], mx.zeros((1,), dt), r), d["res"])
+        cells.append(f"R={R}: {us:6.1f} us{'' if e <= BOUND[dt] else f' FAIL {e:.1e}'}")
+    print("  moe_down (4 experts + shared)         " + "   ".join(cells), flush=True)
+    gpu.MOE_GU_ROWS, gpu.MOE_DOWN_ROWS = saved
+
+
 def ncu_summary(path: str) -> None:
     """Sum an `ncu --csv --metrics gpu__time_duration.sum` log per kernel name."""
     import csv
@@ -210,11 +278,15 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--profile", action="store_true",
                    help="cudaProfilerStart/Stop around the last 3 steps of each path (run under ncu --profile-from-start off)")
+    p = sub.add_parser("rows", help="rows-per-warp settings of qmv and the MoE kernels, checked and timed")
+    p.add_argument("--reps", type=int, default=50)
     p = sub.add_parser("ncu", help="summarise an ncu CSV log per kernel")
     p.add_argument("csv")
     args = ap.parse_args(argv)
     if args.cmd == "launch":
         launch(args.n)
+    elif args.cmd == "rows":
+        rows_sweep(args.reps)
     elif args.cmd == "ncu":
         ncu_summary(args.csv)
     else:
