@@ -20,11 +20,19 @@ from .source import render
 
 QBITS = (2, 3, 4, 8)
 QGROUPS = (32, 64, 128)
-# rows per warp in qmv: each staged input serves this many rows (FLASHMOE_QMV_ROWS to try others)
-QMV_ROWS = int(os.environ.get("FLASHMOE_QMV_ROWS", "4"))
-# rows per warp of moe_gate_up and moe_down (FLASHMOE_MOE_ROWS=GU,DOWN; 1,1 = one row per warp):
-# more rows share one staged input and keep more loads in flight
-MOE_GU_ROWS, MOE_DOWN_ROWS = (int(v) for v in os.environ.get("FLASHMOE_MOE_ROWS", "2,4").split(","))
+# Rows per warp in qmv: each staged input serves this many rows. FLASHMOE_QMV_ROWS=N fixes it;
+# auto (None) takes 8 for launches of 16384 rows or more and 1 below (H200, 397B decode shapes,
+# `python -m llm_flashmoe.kernels.overhead rows`: 4096->20608 rows 65.2/53.6 us at 4/8 rows,
+# 8192->4096 44.7/38.4 us at 4/1, 4096->513 29.2/24.0 us at 4/1).
+_qmv_rows = os.environ.get("FLASHMOE_QMV_ROWS", "auto").strip().lower()
+QMV_ROWS = None if _qmv_rows in ("", "auto") else int(_qmv_rows)
+# Rows per warp of moe_gate_up and moe_down (FLASHMOE_MOE_ROWS=GU,DOWN). The same sweep found
+# no gain from more (gate/up 33.6/32.0/40.7 us at 1/2/4 rows, down 22.2/27.8/28.9/43.4 at 1/2/4/8).
+MOE_GU_ROWS, MOE_DOWN_ROWS = (int(v) for v in os.environ.get("FLASHMOE_MOE_ROWS", "1,1").split(","))
+
+
+def qmv_rows(total_rows: int) -> int:
+    return QMV_ROWS if QMV_ROWS is not None else (8 if total_rows >= 16384 else 1)
 
 
 def _addressed(rows, x, *stacks) -> bool:
@@ -78,13 +86,14 @@ class GpuKernels:
             return plain.qmv(x, linears)
         M = math.prod(x.shape[:-1])
         n = len(linears)
-        defines = {"KDIM": K, "NSLOT": n, "QMV_R": QMV_ROWS}
+        R = qmv_rows(sum(l.out_features for l in linears))
+        defines = {"KDIM": K, "NSLOT": n, "QMV_R": R}
         inputs, args = ["x"], [x]
         for i, lin in enumerate(linears):
             defines.update({f"N{i}": lin.out_features, f"B{i}": lin.bits, f"G{i}": lin.group_size})
             inputs += [f"w{i}", f"s{i}", f"b{i}"]
             args += [lin.weight, lin.scales, lin.biases]
-        warps = sum(_ceil(l.out_features, QMV_ROWS) for l in linears)
+        warps = sum(_ceil(l.out_features, R) for l in linears)
         k = self.kernel("qmv", tuple(inputs), tuple(f"y{i}" for i in range(n)), defines)
         outs = k(inputs=args, template=[("T", x.dtype)], grid=(_ceil(warps, 8) * 256, M, 1),
                  threadgroup=(256, 1, 1), output_shapes=[(*x.shape[:-1], l.out_features) for l in linears],

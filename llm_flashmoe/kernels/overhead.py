@@ -199,7 +199,8 @@ def rows_sweep(reps: int) -> None:
                "attn q|k|v 4096->16384|512|512": (4096, [16384, 512, 512]),
                "out_proj/o_proj 8192->4096": (8192, [4096]),
                "router|shared gate 4096->512|1": (4096, [512, 1])}
-    print(f"qmv rows per warp (FLASHMOE_QMV_ROWS; now {gpu.QMV_ROWS}), us per dependent call, max rel err vs twin:")
+    print(f"qmv rows per warp (FLASHMOE_QMV_ROWS; now {gpu.QMV_ROWS or 'auto'}), us per dependent call "
+          "(and a small add), max rel err vs twin:")
     saved = gpu.QMV_ROWS
     for name, (K, Ns) in qshapes.items():
         lins = [qlinear(n, K, 4, 64, dt) for n in Ns]
