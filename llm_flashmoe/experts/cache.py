@@ -615,10 +615,11 @@ def wrap_store(store: ExpertStore, setting: str | None = None):
 def host_tier_wanted(expert_bytes: int) -> bool:
     """FLASHMOE_HOST_TIER: auto (default: on where every expert file fits in half the RAM) | on | off.
 
-    The first decode step of a process stalls for ~15-25 s on the H200 with the tier or without
-    it (the kernels' first compilation, measured in kernels.overhead's first step); an earlier
-    reading blamed the tier: `gpu_bench firstuse` found registering 3.6 GB of page cache takes
-    0.1-0.2 s and a kernel's first read through it 0.2-0.5 ms."""
+    The first decode step of a process stalls for ~20 s on the H200 with the tier or without it
+    (`kernels.overhead decode`: 21.3 and 19.8 s in two processes in a row, the second with MLX's
+    kernel cache filled by the first; cause under study). An earlier reading blamed the tier;
+    `gpu_bench firstuse` found registering 3.6 GB of page cache takes 0.1-0.2 s (the pages are
+    pinned then) and a kernel's first read through it 0.2-0.5 ms."""
     want = os.environ.get("FLASHMOE_HOST_TIER", "auto").strip().lower()
     if want in ("off", "0", "no", "false"):
         return False

@@ -263,6 +263,12 @@ class ExpertStore:
         self._mapper: _Mapper | None = None
         self._maps: list[int] = [0] * len(m.layers)  # per layer: address of its file's mapping (0: none yet)
         self._in_flight = 0  # experts of a fetch_streaming read still running
+        # How fetch_streaming reads misses: `copy` (the C pool preads them into buffers) or
+        # `readahead` (FLASHMOE_COLD_READS=readahead: POSIX_FADV_WILLNEED, then used in place).
+        self.cold_reads = os.environ.get("FLASHMOE_COLD_READS", "copy").strip().lower()
+        if self.cold_reads not in ("copy", "readahead"):
+            raise FlashMoeError(f"FLASHMOE_COLD_READS={self.cold_reads!r}: use copy or readahead.")
+        self._readahead = None
         # Decode on the CPU kernels computes while the misses are read (fetch_streaming);
         # FLASHMOE_OVERLAP_READS=0: read, then compute.
         self.overlap = (self.map_hits and self._native is not None and os.environ.get(
@@ -398,10 +404,20 @@ class ExpertStore:
             in_place = np.zeros(n, bool)
         miss = np.flatnonzero(~in_place)
         buf = self._buffers_for(n)
-        if len(miss):
-            self._start_reads(layer, ids[miss], miss, buf)
         if self.trace is not None:
             self.trace.append((layer, ids.copy()))
+        if self.cold_reads == "readahead" and len(miss) and self._maps[layer]:
+            # The kernel reads the misses into the page cache (no copy), used in place once there.
+            m = self.manifest
+            self._readahead = self._pool.submit(_advise, self.fds[layer], m.header_bytes + ids[miss] * m.expert_stride,
+                                                m.expert_bytes)
+            self.stats.experts += len(miss)
+            self.stats.bytes += len(miss) * m.expert_bytes
+            batch = self._batch(ids, buf, self._row_addresses(layer, ids, np.ones(n, bool), buf))
+            return batch, PendingReads(self, in_place.copy(), miss,
+                                       mapped=self._maps[layer] + m.header_bytes + ids * m.expert_stride)
+        if len(miss):
+            self._start_reads(layer, ids[miss], miss, buf)
         batch = self._batch(ids, buf, self._row_addresses(layer, ids, in_place, buf))
         return batch, PendingReads(self, in_place.copy(), miss)
 
@@ -438,6 +454,15 @@ class ExpertStore:
             self.stats.cache_hits += hits
             if self.probe:
                 self.hit_rate = 0.8 * self.hit_rate + 0.2 * hits / n
+
+    def _end_readahead(self) -> None:
+        """The readahead requests of the last streaming fetch submitted (its errors raised)."""
+        ra, self._readahead = self._readahead, None
+        if ra is not None:
+            try:
+                ra.result()
+            except OSError as e:
+                raise self._read_error(e) from e
 
     def _wait_landed(self, i: int) -> None:
         t0 = time.perf_counter()
@@ -575,10 +600,15 @@ class ExpertStore:
 
 class PendingReads:
     """The experts of a `fetch_streaming` batch: `ready` rows are usable now; `wait(row)`
-    blocks until that row's expert has landed; `misses` lists the other rows in landing order."""
+    blocks until that row's expert has landed; `misses` lists the other rows in landing order.
+    `mapped` (readahead mode): each row's address in its layer file's mapping, where the kernel's
+    readahead puts the misses; a row has landed when `mincore` finds all its pages."""
 
-    def __init__(self, store: ExpertStore, ready: np.ndarray, misses):
-        self.store, self.ready = store, ready
+    # a row not in the page cache after this long is used anyway (its faults read what is missing)
+    READAHEAD_PATIENCE_S = 5.0
+
+    def __init__(self, store: ExpertStore, ready: np.ndarray, misses, mapped: np.ndarray | None = None):
+        self.store, self.ready, self.mapped = store, ready, mapped
         self.misses = [int(r) for r in misses]
         self._order = {r: i for i, r in enumerate(self.misses)}
 
@@ -587,15 +617,35 @@ class PendingReads:
         return bool(self.ready.all())
 
     def wait(self, row: int) -> None:
-        if not self.ready[row]:
+        if self.ready[row]:
+            return
+        if self.mapped is None:
             self.store._wait_landed(self._order[row])
-            self.ready[row] = True
+        else:
+            st, t0 = self.store, time.perf_counter()
+            while (not st._mapper.resident(int(self.mapped[row]), st.manifest.expert_bytes)
+                   and time.perf_counter() - t0 < self.READAHEAD_PATIENCE_S):
+                time.sleep(0.0002)
+            st.stats.read_seconds += time.perf_counter() - t0
+        self.ready[row] = True
 
     def finish(self) -> None:
         """Every read done (counted in the store's stats); raises the reads' error, if any."""
         if not self.ready.all():
-            self.store._settle()
+            if self.mapped is None:
+                self.store._settle()
+            else:
+                for row in self.misses:
+                    self.wait(row)
             self.ready[:] = True
+        if self.mapped is not None:
+            self.store._end_readahead()
+
+
+def _advise(fd: int, offsets: np.ndarray, nbytes: int) -> None:
+    """Ask the kernel to read each expert into the page cache (in order; returns once submitted)."""
+    for off in offsets:
+        os.posix_fadvise(fd, int(off), nbytes, os.POSIX_FADV_WILLNEED)
 
 
 def _read_jobs(jobs) -> int:
