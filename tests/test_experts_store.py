@@ -375,3 +375,16 @@ def test_decode_computing_while_reads_land_matches_read_then_compute(packed, mon
         assert np.abs(a - b).max() <= 1e-4 * max(1.0, np.abs(a).max())  # float32: summation order only
     seq.experts.close()
     over.experts.close()
+
+
+def test_stream_bench_times_decode_against_both_ways_of_reading(packed):
+    """`cpu.bench --packed`: cold and warm decode beside expert I/O alone, replayed both ways the
+    store reads misses (copies, the kernel's readahead), the faster one counting."""
+    from llm_flashmoe.cpu.bench import stream_figures
+
+    out = stream_figures(str(packed), k=2, tokens=2, rounds=1)
+    copies, readahead = out["cold I/O ms alone, copies / readahead (median)"]
+    cold = out["cold (median of rounds)"]
+    assert copies > 0 and readahead > 0 and cold["expert I/O ms (alone)"] == pytest.approx(min(copies, readahead), abs=0.06)
+    assert cold["ms per token"] > 0 and cold["time / max(io, compute)"] > 0
+    assert out["cold reads"] == "readahead" and out["warm (median of rounds)"]["used in place"] == 1.0
