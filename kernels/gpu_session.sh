@@ -18,6 +18,7 @@
 #   kcheck   every kernel vs its twin, and timings      kdecode   fused vs plain decode, tolerance check
 #   rows     rows per warp of qmv and the MoE kernels, checked and timed
 #   firststep the first decode step's stall in two processes in a row (MLX's kernel cache)
+#   firstcalls the first decode steps' fused ops timed one by one (what the first step's stall is)
 #   odecode  a decode step's build/evaluate split, op by op and compiled (resident; all experts cached)
 #   ncu      each kernel's GPU time in decode steps (ncu), summed per kernel
 #   overhead MLX's host cost per operation and a decode step's build/evaluate split, under each
@@ -81,6 +82,7 @@ for s in "$@"; do
         echo "== MLX kernel cache: $(ls /tmp/mlx/*/ptx 2>/dev/null | wc -l) files" | tee -a "$out/firststep.log"
         step firststep.log python3 -m llm_flashmoe.kernels.overhead decode --dir "$M/mlx" --steps 4
       done ;;
+    firstcalls) step firstcalls.log python3 -m llm_flashmoe.kernels.overhead firstcalls --dir "$M/mlx" ;;
     odecode)
       step overhead.log python3 -m llm_flashmoe.kernels.overhead decode --dir "$M/mlx"
       step overhead.log python3 -m llm_flashmoe.kernels.overhead decode --packed "$M/packed" ;;

@@ -241,6 +241,48 @@ def rows_sweep(reps: int) -> None:
     gpu.MOE_GU_ROWS, gpu.MOE_DOWN_ROWS = saved
 
 
+def first_calls(path: str) -> None:
+    """Where the first decode step's time goes: every fused op of the first two decode steps
+    evaluated on its own (mx.eval + synchronize) and timed, beside the embedding and the head."""
+    from ..engine.load import load_model
+    from . import Ops, OP_NAMES, ops as kernel_ops
+    from .decode_bench import with_ops
+
+    t0 = time.perf_counter()
+    model = load_model(path, experts_per_token=4)
+    touch(model)
+    print(f"loaded and moved to the GPU in {time.perf_counter() - t0:.1f} s ({_env()})", flush=True)
+    fused = kernel_ops()
+    log: list = []
+
+    def timed_op(name, fn):
+        def call(*a, **k):
+            mx.synchronize()
+            t = time.perf_counter()
+            out = fn(*a, **k)
+            mx.eval(out)
+            mx.synchronize()
+            log.append((name, time.perf_counter() - t))
+            return out
+        return call
+
+    ops = Ops(fused.backend, **{n: timed_op(n, getattr(fused, n)) for n in OP_NAMES})
+    cache = model.make_cache()
+    t = time.perf_counter()
+    mx.eval(model(list(range(1, 9)), cache, last_only=True))
+    print(f"prompt (8 tokens, plain path): {time.perf_counter() - t:.2f} s", flush=True)
+    with_ops(model, ops, compile=False)
+    for step in (1, 2):
+        log.clear()
+        t = time.perf_counter()
+        mx.eval(model([step], cache, last_only=True))
+        total = time.perf_counter() - t
+        in_ops = sum(dt for _, dt in log)
+        print(f"decode step {step}: {total:.2f} s, of which the fused ops {in_ops:.2f} s ({len(log)} calls); "
+              f"slowest calls: " + ", ".join(f"{n} {dt * 1e3:.0f} ms" for n, dt in sorted(log, key=lambda x: -x[1])[:8]),
+              flush=True)
+
+
 def ncu_summary(path: str) -> None:
     """Sum an `ncu --csv --metrics gpu__time_duration.sum` log per kernel name."""
     import csv
@@ -281,6 +323,8 @@ def main(argv=None) -> int:
                    help="cudaProfilerStart/Stop around the last 3 steps of each path (run under ncu --profile-from-start off)")
     p = sub.add_parser("rows", help="rows-per-warp settings of qmv and the MoE kernels, checked and timed")
     p.add_argument("--reps", type=int, default=50)
+    p = sub.add_parser("firstcalls", help="the first decode steps' fused ops timed one by one")
+    p.add_argument("--dir", required=True)
     p = sub.add_parser("ncu", help="summarise an ncu CSV log per kernel")
     p.add_argument("csv")
     args = ap.parse_args(argv)
@@ -288,6 +332,8 @@ def main(argv=None) -> int:
         launch(args.n)
     elif args.cmd == "rows":
         rows_sweep(args.reps)
+    elif args.cmd == "firstcalls":
+        first_calls(args.dir)
     elif args.cmd == "ncu":
         ncu_summary(args.csv)
     else:
