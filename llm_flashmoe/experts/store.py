@@ -351,7 +351,7 @@ class ExpertStore:
         m = self.manifest
         ids = np.asarray(expert_ids, np.int64)
         try:
-            hit_bytes = self._native.run(fd, m.header_bytes + ids * m.expert_stride, rows,
+            hit_bytes = self._native.run(fd, self._offsets(ids), rows,
                                          m.expert_bytes, self.components, buf.addresses,
                                          piece_for(len(ids), m.expert_bytes, self.threads, PIECE_CAP), self.probe)
         except OSError as e:
@@ -411,17 +411,28 @@ class ExpertStore:
         if self.cold_reads == "readahead" and len(miss) and self._maps[layer]:
             # The kernel reads the misses into the page cache (no copy), used in place once there.
             m = self.manifest
-            self._readahead = self._pool.submit(_advise, self.fds[layer], m.header_bytes + ids[miss] * m.expert_stride,
-                                                m.expert_bytes)
+            self._readahead = self._pool.submit(_advise, self.fds[layer], self._offsets(ids[miss]), m.expert_bytes)
             self.stats.experts += len(miss)
             self.stats.bytes += len(miss) * m.expert_bytes
             batch = self._batch(ids, buf, self._row_addresses(layer, ids, np.ones(n, bool), buf))
             return batch, PendingReads(self, in_place.copy(), miss,
-                                       mapped=self._maps[layer] + m.header_bytes + ids * m.expert_stride)
+                                       mapped=self._maps[layer] + self._offsets(ids))
         if len(miss):
             self._start_reads(layer, ids[miss], miss, buf)
         batch = self._batch(ids, buf, self._row_addresses(layer, ids, in_place, buf))
         return batch, PendingReads(self, in_place.copy(), miss)
+
+    def _offsets(self, ids: np.ndarray) -> np.ndarray:
+        """File offsets of experts `ids` in their layer file."""
+        m = self.manifest
+        return m.header_bytes + np.asarray(ids, np.int64) * m.expert_stride
+
+    def _wait_resident(self, addr: int, patience: float = float("inf")) -> None:
+        """Until the expert mapped at `addr` is wholly in the page cache (or `patience` seconds)."""
+        t0 = time.perf_counter()
+        while (not self._mapper.resident(addr, self.manifest.expert_bytes)
+               and time.perf_counter() - t0 < patience):
+            time.sleep(0.0002)
 
     def _start_reads(self, layer: int, ids: np.ndarray, rows: np.ndarray, buf: "_Buffers") -> None:
         from .native import MIN_PIECE
@@ -431,7 +442,7 @@ class ExpertStore:
         piece = max(MIN_PIECE, -(-m.expert_bytes // self.threads // MIN_PIECE) * MIN_PIECE)
         t0 = time.perf_counter()
         try:
-            self._native.start(self.fds[layer], m.header_bytes + ids * m.expert_stride, rows, m.expert_bytes,
+            self._native.start(self.fds[layer], self._offsets(ids), rows, m.expert_bytes,
                                self.components, buf.addresses, piece, self.probe)
         except OSError as e:
             raise self._read_error(e) from e
@@ -460,12 +471,11 @@ class ExpertStore:
     def read_ahead(self, layer: int, expert_ids: np.ndarray) -> None:
         """Have the kernel read experts into the page cache and wait until they are all there (the
         I/O of FLASHMOE_COLD_READS=readahead alone, for benchmarks)."""
-        m, base = self.manifest, self.mapped_layer(layer)
-        ids = np.asarray(expert_ids, np.int64)
-        _advise(self.fds[layer], m.header_bytes + ids * m.expert_stride, m.expert_bytes)
-        for a in base + m.header_bytes + ids * m.expert_stride:
-            while not self._mapper.resident(int(a), m.expert_bytes):
-                time.sleep(0.0002)
+        offsets = self._offsets(expert_ids)
+        base = self.mapped_layer(layer)
+        _advise(self.fds[layer], offsets, self.manifest.expert_bytes)
+        for off in offsets:
+            self._wait_resident(int(base + off))
 
     def _end_readahead(self) -> None:
         """The readahead requests of the last streaming fetch submitted (its errors raised)."""
@@ -507,7 +517,7 @@ class ExpertStore:
             raise FlashMoeError(f"{path} has {size} bytes, expected {m.layer_file_bytes()}: the expert file was "
                                 "truncated while in use; run llm flashmoe verify.")
         mapper, nbytes = self._mapper, m.expert_bytes
-        starts = base + m.header_bytes + ids * m.expert_stride
+        starts = base + self._offsets(ids)
         hit = np.array([mapper.resident(int(a), nbytes) for a in starts], bool)
         if not hit.any():
             self.stats.read_seconds += time.perf_counter() - t0
@@ -535,8 +545,7 @@ class ExpertStore:
 
     def _row_addresses(self, layer: int, ids: np.ndarray, in_place: np.ndarray, buf: _Buffers) -> np.ndarray:
         """int64 [n, 9]: per expert, the host address of each component (page cache or buffer row)."""
-        m = self.manifest
-        mapped = self._maps[layer] + m.header_bytes + ids * m.expert_stride
+        mapped = self._maps[layer] + self._offsets(ids)
         out = np.empty((len(ids), len(self.components)), np.int64)
         rows = np.arange(len(ids), dtype=np.int64)
         for j, c in enumerate(self.components):
@@ -550,9 +559,7 @@ class ExpertStore:
             # Reads come from the page cache already: a wrong guess would only start disk
             # reads that compete with compute (measured: -25% tokens/s warm on 2 cores).
             return
-        m, fd = self.manifest, self.fds[layer]
-        for e in expert_ids:
-            os.posix_fadvise(fd, m.header_bytes + int(e) * m.expert_stride, m.expert_bytes, os.POSIX_FADV_WILLNEED)
+        _advise(self.fds[layer], self._offsets(expert_ids), self.manifest.expert_bytes)
         self._announced[layer] = np.array(expert_ids, copy=True)
         self.stats.prefetched += len(expert_ids)
 
@@ -634,11 +641,9 @@ class PendingReads:
         if self.mapped is None:
             self.store._wait_landed(self._order[row])
         else:
-            st, t0 = self.store, time.perf_counter()
-            while (not st._mapper.resident(int(self.mapped[row]), st.manifest.expert_bytes)
-                   and time.perf_counter() - t0 < self.READAHEAD_PATIENCE_S):
-                time.sleep(0.0002)
-            st.stats.read_seconds += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            self.store._wait_resident(int(self.mapped[row]), self.READAHEAD_PATIENCE_S)
+            self.store.stats.read_seconds += time.perf_counter() - t0
         self.ready[row] = True
 
     def finish(self) -> None:
