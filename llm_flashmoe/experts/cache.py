@@ -353,7 +353,9 @@ class ExpertCache:
         # larger than this many rows is handed to it as a compact copy of the rows needed.
         self.max_gather_rows = (2**31 - 1) // max(c.nbytes for c in store.components)
         self._device_lookup = None
-        self._batches: dict = {}   # resident_batch's answers per layer, with the table they belong to
+        # resident_batch's answers per layer, kept while the table they index stays the same
+        self._batches: dict = {}
+        self._batches_table = self._batches_linears = None
         # Host tier (enable_host_tier): every expert's nine part addresses, GPU slot or pinned page cache.
         self.host_tier = False
         self._table: np.ndarray | None = None   # uint64 [layers, E, 9]
@@ -396,16 +398,15 @@ class ExpertCache:
         """Layer `layer`'s batch over the whole pool with its row of `table` (the device lookup or
         the host tier's addresses), kept until the table is replaced: decode asks for it every
         token, and compiled decode steps are keyed on the stacks it hands out."""
-        kept = self._batches.get(layer)
-        if kept is not None and kept[0] is table:
-            return kept[1]
-        if self._batches.get("linears", (None,))[0] is not table:
-            self._batches = {"linears": (table, self._pool_linears or self._linears(self.pool, self.slots))}
-        g, u, d = self._batches["linears"][1]
-        E = self.num_experts
-        batch = ExpertBatch(g, u, d, self.where[layer * E:(layer + 1) * E].astype(np.int32), table[layer],
-                            all_in_gpu=all_in_gpu)
-        self._batches[layer] = (table, batch)
+        if self._batches_table is not table:
+            self._batches_table, self._batches = table, {}
+            self._batches_linears = self._pool_linears or self._linears(self.pool, self.slots)
+        batch = self._batches.get(layer)
+        if batch is None:
+            g, u, d = self._batches_linears
+            E = self.num_experts
+            batch = self._batches[layer] = ExpertBatch(g, u, d, self.where[layer * E:(layer + 1) * E].astype(np.int32),
+                                                       table[layer], all_in_gpu=all_in_gpu)
         return batch
 
     def preload(self, progress=None) -> None:
