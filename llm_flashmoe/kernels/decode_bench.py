@@ -51,6 +51,14 @@ def decode_times(model, prompt, steps: int, embed_head_only: bool = False, after
     """Prefill `prompt`, call `after_prefill()` if given, then time decode steps (seconds each,
     the first two dropped as warm-up). `fresh_tokens`: a new random token each step (random
     weights then route near uniformly, the pessimistic case for expert caches)."""
+    split = decode_steps(model, prompt, steps, embed_head_only, after_prefill, fresh_tokens)
+    return [b + e for b, e in split][2:]
+
+
+def decode_steps(model, prompt, steps: int, embed_head_only: bool = False, after_prefill=None,
+                 fresh_tokens: bool = False, before_step=None) -> list[tuple[float, float]]:
+    """`decode_times`' steps, every one, each split into (building the graph, evaluating it) in
+    seconds; `before_step(i)` is called before step i's clock starts."""
     cache = model.make_cache()
     layers = model.layers
     if embed_head_only:
@@ -62,17 +70,20 @@ def decode_times(model, prompt, steps: int, embed_head_only: bool = False, after
     rng = np.random.default_rng(len(prompt) + steps)
     tok = [int(prompt[-1])]
     times = []
-    for _ in range(steps):
+    for i in range(steps):
+        if before_step is not None:
+            before_step(i)
         mx.synchronize()
         t0 = time.perf_counter()
         logits = model(tok, cache, last_only=True)
+        t1 = time.perf_counter()
         mx.eval(logits)
         mx.synchronize()
-        times.append(time.perf_counter() - t0)
+        times.append((t1 - t0, time.perf_counter() - t1))
         if fresh_tokens:
             tok = [int(rng.integers(0, 200000))]
     model.layers = layers
-    return times[2:]
+    return times
 
 
 def logits_run(model, ops, prompt, steps: int) -> list[np.ndarray]:

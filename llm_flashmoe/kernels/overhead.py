@@ -126,7 +126,7 @@ def _arrays(obj, seen=None):
 
 def decode(args) -> None:
     from ..engine.load import load_model
-    from .decode_bench import with_ops
+    from .decode_bench import decode_steps, with_ops
     from . import ops as kernel_ops
 
     t0 = time.perf_counter()
@@ -146,24 +146,15 @@ def decode(args) -> None:
     if args.profile:
         from ..experts import cuda
         rt = cuda.runtime()
+
+    def profile_last_steps(i):
+        if rt is not None and i == args.steps - 3:
+            mx.synchronize()
+            rt.lib.cudaProfilerStart()
+
     for label, compile in (("op by op", False), ("compiled", True)):
         with_ops(model, ops, compile)
-        cache = model.make_cache()
-        mx.eval(model(prompt, cache, last_only=True))
-        tok, rows = [prompt[-1]], []
-        for i in range(args.steps):
-            if rt is not None and i == args.steps - 3:
-                mx.synchronize()
-                rt.lib.cudaProfilerStart()
-            mx.synchronize()
-            t0 = time.perf_counter()
-            logits = model(tok, cache, last_only=True)
-            t1 = time.perf_counter()
-            mx.eval(logits)
-            mx.synchronize()
-            t2 = time.perf_counter()
-            rows.append((t1 - t0, t2 - t1))
-            tok = [int((i * 7919) % 150000)]
+        rows = decode_steps(model, prompt, args.steps, fresh_tokens=True, before_step=profile_last_steps)
         if rt is not None:
             rt.lib.cudaProfilerStop()
         b, e = np.median(np.array(rows[2:]), axis=0)
