@@ -305,7 +305,9 @@ class DecoderLayer:
 
     def __call__(self, x: mx.array, cache) -> mx.array:
         if self.compile and self.ops is not None and x.shape[1] == 1:
-            return self.decode_step(x, cache)
+            out = self.decode_step(x, cache)
+            if out is not None:
+                return out
         norm = rms_norm if self.ops is None else self.ops.rms_norm
         y = self.mixer(norm(x, self.input_norm, self.eps), cache)
         if self.ops is None:
@@ -332,11 +334,15 @@ class DecoderLayer:
             fn = self._compiled[key] = mx.compile(make())
         return fn
 
-    def decode_step(self, x: mx.array, cache) -> mx.array:
+    def decode_step(self, x: mx.array, cache) -> mx.array | None:
+        """One token through compiled graphs; None where nothing compiles (attention before an MoE
+        that needs the host): then the op-by-op path runs."""
         moe, ops, eps = self.moe, self.ops, self.eps
         dev = moe.device_experts()
         if dev is not None and dev[3] is not None and dev[3].dtype == mx.uint64 and ops.backend != "cuda":
             dev = None      # experts by host address: only the CUDA kernels read them on the device
+        if dev is None and not self.is_linear:
+            return None
         lk = () if dev is None or dev[3] is None else (dev[3],)
         stacks = () if dev is None else tuple(id(l.weight) for l in dev[:3])
         key = (id(ops), moe.k, stacks, len(lk))
@@ -348,9 +354,6 @@ class DecoderLayer:
 
         if not self.is_linear:
             y = self.mixer(ops.rms_norm(x, self.input_norm, eps), cache)
-            if dev is None:
-                h, n = ops.add_rms_norm(x, y, self.post_norm, eps)
-                return moe(n, residual=h)
 
             def after_attention():
                 def f(x, y, *lookup):
