@@ -220,18 +220,21 @@ def stream_figures(model_dir: str, k: int = 4, tokens: int = 6, seed: int = 0, r
         used = max(st.experts, 1)
         return total / n, st.read_seconds / n, (st.cache_hits / used, st.in_place / used), store.trace, st.bytes / n
 
-    def replay(trace):
-        """Expert I/O alone, per token: the recorded reads again, both ways the store can read
-        misses (copies into buffers; the kernel's readahead into the page cache), the faster
-        counting (each way is timed cold, before and after the cold decode)."""
+    def replay(trace, read) -> float:
+        """Expert I/O alone, per token: the recorded reads again through `read`."""
         store.trace = None  # (recording would extend the list being replayed)
+        t0 = time.perf_counter()
+        for layer, ids in trace:
+            read(layer, ids)
+        return (time.perf_counter() - t0) / len(seq)
+
+    def replay_cold(trace):
+        """Both ways the store can read misses (copies into buffers; the kernel's readahead into
+        the page cache), each from a dropped page cache; the faster counts."""
         times = []
         for read in (store.read_experts, store.read_ahead):
             store.drop_page_cache()
-            t0 = time.perf_counter()
-            for layer, ids in trace:
-                read(layer, ids)
-            times.append((time.perf_counter() - t0) / len(seq))
+            times.append(replay(trace, read))
         return np.array(times)
 
     trace = decode_pass()[3]  # warm up code paths (and the kernel build), then start cold
@@ -239,16 +242,12 @@ def stream_figures(model_dir: str, k: int = 4, tokens: int = 6, seed: int = 0, r
     for _ in range(rounds):  # the disk and the memory bandwidth drift: pair figures within a round
         # Expert I/O alone, cold, just before and just after the cold decode (the disk's speed
         # drifts: the mean of both), then warm. The same tokens route alike in every pass.
-        io_before = replay(trace)
+        io_before = replay_cold(trace)
         store.drop_page_cache()
         cold, cold_reads, cold_hits, trace, nbytes = decode_pass()
-        io_ways = (io_before + replay(trace)) / 2        # [copy, readahead]
+        io_ways = (io_before + replay_cold(trace)) / 2   # [copy, readahead]
         io_cold = float(io_ways.min())
-        store.trace = None
-        t0 = time.perf_counter()                        # warm: from the page cache (copies)
-        for layer, ids in trace:
-            store.read_experts(layer, ids)
-        io_warm = (time.perf_counter() - t0) / len(seq)
+        io_warm = replay(trace, store.read_experts)    # warm: from the page cache (copies)
         warm, warm_reads, warm_hits, _, _ = decode_pass()
         compute = min(cold - cold_reads, warm - warm_reads)
         runs.append({"cold": (cold, cold_reads, io_cold, cold_hits), "warm": (warm, warm_reads, io_warm, warm_hits),
