@@ -20,7 +20,8 @@
 #   firststep the first decode step's stall in two processes in a row (MLX's kernel cache)
 #   firstcalls the first decode steps' fused ops timed one by one (what the first step's stall is)
 #   odecode  a decode step's build/evaluate split, op by op and compiled (resident; all experts cached)
-#   ncu      each kernel's GPU time in decode steps (ncu), summed per kernel
+#   ncu      each kernel's GPU time in decode steps (ncu), summed per kernel; NCU_ARGS adds ncu
+#            options (e.g. "--clock-control none --cache-control none": the card's own clocks, warm L2)
 #   overhead MLX's host cost per operation and a decode step's build/evaluate split, under each
 #            MLX CUDA-graph setting in $MLX_SETTINGS (space-separated VAR=value lists, '-' = defaults)
 set -uo pipefail
@@ -87,7 +88,7 @@ for s in "$@"; do
       step overhead.log python3 -m llm_flashmoe.kernels.overhead decode --dir "$M/mlx"
       step overhead.log python3 -m llm_flashmoe.kernels.overhead decode --packed "$M/packed" ;;
     ncu)  # each kernel's time on the GPU over 3 decode steps, op by op and compiled
-      step ncu.log "$(command -v ncu || echo /usr/local/cuda/bin/ncu)" --profile-from-start off --metrics gpu__time_duration.sum \
+      step ncu.log "$(command -v ncu || echo /usr/local/cuda/bin/ncu)" --profile-from-start off --metrics gpu__time_duration.sum ${NCU_ARGS:-} \
         --csv --log-file "$out/ncu.csv" python3 -m llm_flashmoe.kernels.overhead decode --dir "$M/mlx" --steps 8 --profile
       python3 -m llm_flashmoe.kernels.overhead ncu "$out/ncu.csv" | tee -a "$out/ncu.log" ;;
     kcheck) step kcheck.log python3 -m llm_flashmoe.kernels.check --runs "$runs" ;;

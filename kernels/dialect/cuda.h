@@ -4,9 +4,12 @@
 #define GLOBAL
 #define SHARED __shared__
 #define SHARED_PTR
+#define THREAD_PTR
 #define BARRIER() __syncthreads()
 #define UNROLL _Pragma("unroll")
 typedef long long i64;
+// a hint that the line holding p will be read soon: fetch it into L2 (no wait, no fault)
+#define PREFETCH_L2(p) asm volatile("prefetch.global.L2 [%0];" ::"l"(p))
 DEVICE_FN float shfl_xor(float v, int o) { return __shfl_xor_sync(0xffffffffu, v, o); }
 DEVICE_FN int shfl_xor(int v, int o) { return __shfl_xor_sync(0xffffffffu, v, o); }
 DEVICE_FN float f_exp(float x) { return expf(x); }

@@ -6,9 +6,12 @@ using namespace metal;
 #define GLOBAL device
 #define SHARED threadgroup
 #define SHARED_PTR threadgroup
+#define THREAD_PTR thread
 #define BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
 #define UNROLL _Pragma("clang loop unroll(full)")
 typedef long i64;
+// no prefetch instruction: the loads themselves fetch
+#define PREFETCH_L2(p) ((void)(p))
 DEVICE_FN float shfl_xor(float v, int o) { return simd_shuffle_xor(v, ushort(o)); }
 DEVICE_FN int shfl_xor(int v, int o) { return simd_shuffle_xor(v, ushort(o)); }
 DEVICE_FN float f_exp(float x) { return metal::exp(x); }

@@ -213,8 +213,9 @@ def _ceil(a: int, b: int) -> int:
 
 
 def _xs_bytes(n: int) -> int:
-    """Threadgroup memory of an input vector of n staged as padded float chunks (stage_x)."""
-    return n // 32 * 33 * 4
+    """Threadgroup memory of an input vector of n staged as padded float chunks and their sums
+    (stage_x)."""
+    return n // 32 * 34 * 4
 
 
 def _parts(lin: Linear):

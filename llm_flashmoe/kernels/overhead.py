@@ -189,7 +189,8 @@ def rows_sweep(reps: int) -> None:
     qshapes = {"GDN in_proj 4096->12288|8192|64|64": (4096, [12288, 8192, 64, 64]),
                "attn q|k|v 4096->16384|512|512": (4096, [16384, 512, 512]),
                "out_proj/o_proj 8192->4096": (8192, [4096]),
-               "router|shared gate 4096->512|1": (4096, [512, 1])}
+               "router|shared gate 4096->512|1": (4096, [512, 1]),
+               "lm_head 4096->248320": (4096, [248320])}
     print(f"qmv rows per warp (FLASHMOE_QMV_ROWS; now {gpu.QMV_ROWS or 'auto'}), us per dependent call "
           "(and a small add), max rel err vs twin:")
     saved = gpu.QMV_ROWS
@@ -204,6 +205,8 @@ def rows_sweep(reps: int) -> None:
             # the next call's input depends on this one's output (a scalar mix keeps the shape)
             us = chain(lambda x: x + gk.qmv(x, lins)[0][..., :1] * 0, x0)
             cells.append(f"R={R}: {us:6.1f} us{'' if e <= BOUND[dt] else f' FAIL {e:.1e}'}")
+        us = chain(lambda x: x + plain.qmv(x, lins)[0][..., :1] * 0, x0)   # MLX's own kernel
+        cells.append(f"MLX: {us:6.1f} us")
         print(f"  {name:38} " + "   ".join(cells), flush=True)
     gpu.QMV_ROWS = saved
     d = moe_inputs("397b", dt)
