@@ -21,18 +21,21 @@ from .source import render
 QBITS = (2, 3, 4, 8)
 QGROUPS = (32, 64, 128)
 # Rows per warp in qmv: each staged input serves this many rows. FLASHMOE_QMV_ROWS=N fixes it;
-# auto (None) takes 8 for launches of 16384 rows or more and 1 below (H200, 397B decode shapes,
-# `python -m llm_flashmoe.kernels.overhead rows`: 4096->20608 rows 65.2/53.6 us at 4/8 rows,
-# 8192->4096 44.7/38.4 us at 4/1, 4096->513 29.2/24.0 us at 4/1).
+# auto (None) takes 8 for launches of 65536 rows or more, 4 from 16384, else 2 (H200, 397B decode
+# shapes, `python -m llm_flashmoe.kernels.overhead rows`, us per dependent call at 1/2/4/8 rows:
+# 4096->248320 400/386/337/293, 4096->20608 82/79/57/56, 4096->17408 64/70/55/60,
+# 8192->4096 46/39/41/57, 4096->513 25/24/27/38).
 _qmv_rows = os.environ.get("FLASHMOE_QMV_ROWS", "auto").strip().lower()
 QMV_ROWS = None if _qmv_rows in ("", "auto") else int(_qmv_rows)
 # Rows per warp of moe_gate_up and moe_down (FLASHMOE_MOE_ROWS=GU,DOWN). The same sweep found
-# no gain from more (gate/up 33.6/32.0/40.7 us at 1/2/4 rows, down 22.2/27.8/28.9/43.4 at 1/2/4/8).
+# no gain from more (gate/up 33.3/31.9/36.4 us at 1/2/4 rows, down 24.3/24.1/26.0/30.6 at 1/2/4/8).
 MOE_GU_ROWS, MOE_DOWN_ROWS = (int(v) for v in os.environ.get("FLASHMOE_MOE_ROWS", "1,1").split(","))
 
 
 def qmv_rows(total_rows: int) -> int:
-    return QMV_ROWS if QMV_ROWS is not None else (8 if total_rows >= 16384 else 1)
+    if QMV_ROWS is not None:
+        return QMV_ROWS
+    return 8 if total_rows >= 65536 else 4 if total_rows >= 16384 else 2
 
 
 def _addressed(rows, x, *stacks) -> bool:
