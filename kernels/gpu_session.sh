@@ -16,6 +16,8 @@
 #   firstuse the host tier's first-use stall taken apart (registration, first reads, page touches)
 # Steps (issue 6, fused kernels):
 #   kcheck   every kernel vs its twin, and timings      kdecode   fused vs plain decode, tolerance check
+#            (KDECODE_ARGS replaces its default --check-layers 2,all)
+#   kncu     each kernel's GPU time (ncu, NCU_ARGS as below) in the check's MoE block and qmv cases
 #   rows     rows per warp of qmv and the MoE kernels, checked and timed
 #   firststep the first decode step's stall in two processes in a row (MLX's kernel cache)
 #   firstcalls the first decode steps' fused ops timed one by one (what the first step's stall is)
@@ -92,7 +94,11 @@ for s in "$@"; do
         --csv --log-file "$out/ncu.csv" python3 -m llm_flashmoe.kernels.overhead decode --dir "$M/mlx" --steps 8 --profile
       python3 -m llm_flashmoe.kernels.overhead ncu "$out/ncu.csv" | tee -a "$out/ncu.log" ;;
     kcheck) step kcheck.log python3 -m llm_flashmoe.kernels.check --runs "$runs" ;;
-    kdecode) step kdecode.log python3 -m llm_flashmoe.kernels.decode_bench --dir "$M/mlx" --check-layers 2,all ;;
+    kdecode) step kdecode.log python3 -m llm_flashmoe.kernels.decode_bench --dir "$M/mlx" ${KDECODE_ARGS:---check-layers 2,all} ;;
+    kncu)
+      step kncu.log "$(command -v ncu || echo /usr/local/cuda/bin/ncu)" --metrics gpu__time_duration.sum ${NCU_ARGS:-} \
+        --csv --log-file "$out/kncu.csv" python3 -m llm_flashmoe.kernels.check --only "MoE block,qmv" --runs 1 --dtypes bfloat16
+      python3 -m llm_flashmoe.kernels.overhead ncu "$out/kncu.csv" | tee -a "$out/kncu.log" ;;
     *) echo "unknown step $s" ;;
   esac
 done
