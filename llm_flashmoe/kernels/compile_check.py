@@ -1,0 +1,117 @@
+"""Compile the generated CUDA kernel sources with the host's C++ compiler, before a GPU run.
+
+    python -m llm_flashmoe.kernels.compile_check [--cxx g++] [--keep DIR]
+
+Drives the CUDA launchers (gpu.py) through every case of `kernels.check` on the CPU, with
+`mx.fast.cuda_kernel` replaced by a recorder, so each kernel is rendered exactly as a GPU run
+would render it (same defines, same input and output names and dtypes). Each source is then
+wrapped in a function of the signature MLX would give it and compiled with `-fsyntax-only`
+against a small host shim of the CUDA names it uses. Syntax, type and template errors show up
+here in seconds instead of in a device session; what only the GPU can tell (numerics, speed)
+stays with `kernels.check`. Exits 1 if any source fails to compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+
+# Host stand-ins for what the CUDA dialect header and MLX's kernel wrapper provide.
+SHIM = r"""
+#include <cstdint>
+#include <cstring>
+#include <cmath>
+#include <algorithm>
+using std::min; using std::max;
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+#define __device__
+#define __forceinline__ inline
+#define __global__
+#define __shared__ static
+struct dim3_ { unsigned x, y, z; };
+static dim3_ blockIdx, threadIdx, blockDim;
+inline void __syncthreads() {}
+inline float __shfl_xor_sync(unsigned, float v, int) { return v; }
+inline int __shfl_xor_sync(unsigned, int v, int) { return v; }
+inline float __uint_as_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+struct uint4 { uint32_t x, y, z, w; };
+struct bf16 {
+  uint16_t v;
+  bf16() {}
+  bf16(float f) { uint32_t u; std::memcpy(&u, &f, 4); v = uint16_t(u >> 16); }
+  operator float() const { uint32_t u = uint32_t(v) << 16; float f; std::memcpy(&f, &u, 4); return f; }
+};
+"""
+
+C_TYPES = {mx.bfloat16: "bf16", mx.float16: "bf16", mx.float32: "float", mx.int32: "int32_t",
+           mx.uint32: "uint32_t", mx.uint64: "uint64_t", mx.uint8: "uint8_t"}
+
+
+class _Recorder:
+    """Stands in for one mx.fast.cuda_kernel: records the translation unit of each call."""
+
+    def __init__(self, sink: dict, name, input_names, output_names, source, header):
+        self.sink, self.spec = sink, (name, list(input_names), list(output_names), source, header)
+
+    def __call__(self, inputs, template, grid, threadgroup, output_shapes, output_dtypes, **_):
+        name, ins, outs, body, header = self.spec
+        params = [f"const {C_TYPES[a.dtype]}* {n}" for n, a in zip(ins, inputs)]
+        params += [f"const int32_t* {n}_shape" for n in ins if f"{n}_shape" in body]
+        params += [f"{C_TYPES[d]}* {n}" for n, d in zip(outs, output_dtypes)]
+        t = C_TYPES[dict(template)["T"]]
+        self.sink[name] = (f'#include "shim.h"\n{header}\n'
+                           f"template <typename T> void {name}({', '.join(params)}) {{\n{body}\n}}\n"
+                           f"template void {name}<{t}>({', '.join(p.rsplit(' ', 1)[0] for p in params)});\n")
+        return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
+
+
+def render_all() -> dict[str, str]:
+    """{kernel name: C++ translation unit} for every kernel the check's cases launch."""
+    from . import check
+    from .gpu import GpuKernels
+
+    units: dict[str, str] = {}
+    kernels = GpuKernels("cuda")
+    kernels._make = lambda **kw: _Recorder(units, **kw)
+    for _, make, labels in check.CASES:
+        for label in labels:
+            for dtype in (mx.bfloat16, mx.float32):
+                make(label, dtype)[0](kernels)
+    return units
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cxx", default="g++", help="C++ compiler (default g++)")
+    ap.add_argument("--keep", default=None, help="write the translation units to this folder")
+    args = ap.parse_args(argv)
+    if shutil.which(args.cxx) is None:
+        print(f"no C++ compiler {args.cxx!r} on PATH: install g++ or pass --cxx")
+        return 2
+    units = render_all()
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="fm-compile-"))
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "shim.h").write_text(SHIM)
+    fails = 0
+    for name, text in units.items():
+        path = work / f"{name}.cpp"
+        path.write_text(text)
+        r = subprocess.run([args.cxx, "-std=c++17", "-fsyntax-only", "-w", f"-I{work}", str(path)],
+                           capture_output=True, text=True)
+        if r.returncode:
+            fails += 1
+            print(f"FAIL {name} ({path}):\n{r.stderr[:4000]}")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"{len(units)} kernel sources, {fails} failed to compile")
+    return 1 if fails else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
