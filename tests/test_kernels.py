@@ -82,6 +82,35 @@ def test_moe_twins_match_numpy():
     close(out, want)
 
 
+@pytest.mark.parametrize("with_lookup", [False, True])
+def test_route_gate_up_twin_is_route_then_gate_up(with_lookup):
+    E, K, H, I, Is = 12, 3, 64, 32, 64
+    gate, up = qlin(I, H, 4, 32, E + 5), qlin(I, H, 4, 32, E + 5)     # a cache: more rows than experts
+    sg, su = qlin(Is, H, 4, 32), qlin(Is, H, 4, 32)
+    logits, x = mx.array(RNG.normal(size=E).astype(np.float32)), mx.array(RNG.normal(size=(1, H)).astype(np.float32))
+    lookup = mx.array(RNG.permutation(E + 5)[:E].astype(np.int32)) if with_lookup else None
+    h, hs, rows, w = plain.moe_route_gate_up(logits, K, True, lookup, x, gate, up, sg, su)
+    ids, w_ref = plain.moe_route(logits, K, True)
+    rows_ref = ids if lookup is None else lookup[ids]
+    h_ref, hs_ref = plain.moe_gate_up(x, rows_ref, gate, up, sg, su)
+    assert rows.dtype == mx.int32 and np.array_equal(np.array(rows), np.array(rows_ref))
+    for got, ref in ((h, h_ref), (hs, hs_ref), (w, w_ref)):
+        assert np.array_equal(np.array(got), np.array(ref))
+
+
+def test_ops_compose_route_gate_up_from_the_backends_own_ops():
+    calls = []
+    route = lambda *a: calls.append("route") or plain.moe_route(*a)        # noqa: E731
+    gate_up = lambda *a: calls.append("gate_up") or plain.moe_gate_up(*a)  # noqa: E731
+    kernels.register_backend("test-route", lambda: {"moe_route": route, "moe_gate_up": gate_up})
+    o = kernels.ops("test-route")
+    E, H, I, Is = 8, 64, 32, 64
+    o.moe_route_gate_up(mx.zeros((E,)), 2, True, None, mx.ones((1, H)), qlin(I, H, 4, 32, E), qlin(I, H, 4, 32, E),
+                        qlin(Is, H, 4, 32), qlin(Is, H, 4, 32))
+    assert calls == ["route", "gate_up"]
+    assert kernels.ops("twin").moe_route_gate_up is plain.moe_route_gate_up
+
+
 def test_decode_attention_matches_numpy():
     Hq, Hkv, Dh, cap, n = 4, 2, 32, 16, 9
     q = RNG.normal(size=(Hq, Dh)).astype(np.float32)
@@ -168,6 +197,7 @@ def test_metal_and_cuda_differ_only_in_the_dialect(kernel):
         assert header.startswith(d["header"]) and body.startswith(d["prologue"])
         stripped.add((header[len(d["header"]):], body[len(d["prologue"]):]))
         assert "kernel " + kernel in source.family(source.KERNELS[kernel])
+        assert "//@part" not in body   # shared parts expanded
     assert len(stripped) == 1
     # the shared part uses only dialect names for what differs between backends
     shared = "".join(next(iter(stripped)))

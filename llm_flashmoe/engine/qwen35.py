@@ -240,9 +240,8 @@ class SparseMoE:
         """residual + moe(x1) for one token with the experts' stacks and a device-side lookup (no
         host round trip): all arrays in, all arrays out, so that it can be compiled."""
         logits, shared_logit = self.ops.qmv(x1, [self.router, self.shared_expert_gate])
-        ids, scores = self.ops.moe_route(logits, self.k, self.norm_topk_prob)
-        rows = ids if lookup is None else lookup[ids]
-        h, hs = self.ops.moe_gate_up(x1, rows, gate, up, self.shared_gate_proj, self.shared_up_proj)
+        h, hs, rows, scores = self.ops.moe_route_gate_up(logits, self.k, self.norm_topk_prob, lookup, x1, gate, up,
+                                                         self.shared_gate_proj, self.shared_up_proj)
         return self.ops.moe_down(h, rows, scores, down, hs, self.shared_down_proj, shared_logit, residual)
 
     def decode_fused(self, x: mx.array, residual: mx.array) -> mx.array:

@@ -8,7 +8,8 @@ and the default device once, and returns an `Ops` whose attributes are the
 chosen backend's functions (no lookups per call). Backends are tables of op
 name -> function in `_TABLES`; an op a backend lacks falls back to its
 plain-MLX twin (plain.py), so a partial backend (e.g. CPU native kernels)
-slots in by registering only what it implements. 'twin' runs the twins
+slots in by registering only what it implements; a composed op a backend
+lacks (moe_route_gate_up) is made of the backend's own parts instead. 'twin' runs the twins
 themselves through the fused code path (for CPU tests of the wiring).
 """
 
@@ -81,6 +82,7 @@ class Ops:
     qmv: Callable
     moe_route: Callable
     moe_gate_up: Callable
+    moe_route_gate_up: Callable
     moe_down: Callable
     decode_attention: Callable
     qk_norm_rope: Callable
@@ -101,4 +103,7 @@ def ops(backend: str | None = None) -> Ops | None:
     if name not in _built:
         _built[name] = _TABLES[name]()
     table = _built[name]
-    return Ops(name, **{op: table.get(op, plain.OPS[op]) for op in OP_NAMES})
+    chosen = {op: table.get(op, plain.OPS[op]) for op in OP_NAMES}
+    if "moe_route_gate_up" not in table:   # the backend's own moe_route and moe_gate_up, in turn
+        chosen["moe_route_gate_up"] = plain.route_gate_up(chosen["moe_route"], chosen["moe_gate_up"])
+    return Ops(name, **chosen)

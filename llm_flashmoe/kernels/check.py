@@ -108,6 +108,23 @@ def case_moe_gate_up(label, dtype):
     return pair("moe_gate_up", d["x"], d["rows"], d["gate"], d["up"], d["sg"], d["su"])
 
 
+def case_moe_route_gate_up(label, dtype):
+    """Without a lookup, and (label "+lookup") through an int32 lookup [E] of rows of the stacks
+    (a GPU expert cache: its stacks hold more rows than there are experts)."""
+    shape, lookup = label.removesuffix("+lookup"), label.endswith("+lookup")
+    d = moe_inputs(shape, dtype)
+    E, K = d["E"], d["K"]
+    table = mx.array(np.random.permutation(E).astype(np.int32)) if lookup else None
+    logits = rnd((E,), dtype, 2.0)
+    f, t, t32 = pair("moe_route_gate_up", logits, K, True, table, d["x"], d["gate"], d["up"], d["sg"], d["su"])
+
+    def sort(r):   # the twin's experts come in no particular order
+        h, hs, rows, w = r
+        order = mx.argsort(rows)
+        return [h[order], hs, rows[order].astype(mx.float32), w[order]]
+    return lambda o: sort(f(o)), lambda: sort(t()), lambda: sort(t32())
+
+
 def case_moe_down(label, dtype):
     d = moe_inputs(label, dtype)
     K, I, Is = d["K"], d["gate"].weight.shape[1], d["sg"].out_features
@@ -119,8 +136,11 @@ def moe_block(o, d, fused):
     """The whole MoE block at decode: router + shared gate, top-k, experts, shared expert, residual."""
     x1 = d["x"].reshape(1, -1)
     logits, sgl = o.qmv(x1, [d["router"], d["sgate"]])
-    ids, w = o.moe_route(logits, d["K"], True)
-    h, hs = o.moe_gate_up(d["x"], ids, d["gate"], d["up"], d["sg"], d["su"])
+    if fused:   # routing folded into the gate/up launch, as the engine runs it
+        h, hs, ids, w = o.moe_route_gate_up(logits, d["K"], True, None, d["x"], d["gate"], d["up"], d["sg"], d["su"])
+    else:
+        ids, w = o.moe_route(logits, d["K"], True)
+        h, hs = o.moe_gate_up(d["x"], ids, d["gate"], d["up"], d["sg"], d["su"])
     return o.moe_down(h, ids, w, d["down"], hs, d["sd"], sgl, d["res"])
 
 
@@ -166,6 +186,8 @@ CASES = [
     ("qmv", case_qmv, ["397b", "397b-4096", "397b-2bit", "397b-3bit", "397b-8bit", "tiny", "odd"]),
     ("moe_route", case_moe_route, ["397b", "tiny", "odd"]),
     ("moe_gate_up", case_moe_gate_up, ["397b", "tiny", "odd"]),
+    ("moe_route_gate_up", case_moe_route_gate_up,
+     ["397b", "397b+lookup", "tiny", "tiny+lookup", "odd", "odd+lookup"]),
     ("moe_down", case_moe_down, ["397b", "tiny", "odd"]),
     ("MoE block", case_moe_block, ["397b", "tiny", "odd"]),
     ("decode_attention", case_attention, ["397b", "397b-short", "tiny", "odd"]),

@@ -115,22 +115,56 @@ class GpuKernels:
 
     def moe_gate_up(self, x, rows, gate: Linear, up: Linear, shared_gate: Linear, shared_up: Linear):
         addressed = _addressed(rows, x, gate, up)
-        H, K = x.size, rows.shape[0] if addressed else rows.size
-        if not (H % 32 == 0 and _xs_bytes(H) <= self.max_shared and _q3d(gate, H) and _q3d(up, H) and _same_q(gate, up)
-                and _q2d(shared_gate, H) and _q2d(shared_up, H) and _same_q(shared_gate, shared_up)):
+        K = rows.shape[0] if addressed else rows.size
+        launch = self._gate_up_launch(x, K, addressed, gate, up, shared_gate, shared_up)
+        if launch is None:
             _no_addresses(addressed)
             return plain.moe_gate_up(x, rows, gate, up, shared_gate, shared_up)
+        defines, stacks, kw = launch
+        kern = self.kernel("moe_gate_up", ("x", "ids", *_GATE_UP_STACKS), ("h", "hs"), defines)
+        ids = rows.reshape(-1) if addressed else rows.astype(mx.int32)
+        h, hs = kern(inputs=[x.reshape(-1), ids, *stacks], output_dtypes=[x.dtype, x.dtype], **kw)
+        return h, hs
+
+    def moe_route_gate_up(self, logits, k: int, norm_topk: bool, lookup, x, gate: Linear, up: Linear,
+                          shared_gate: Linear, shared_up: Linear):
+        """moe_route, the rows (ids, or lookup[ids]: int32 [E] rows of the stacks or uint64 [E, 9]
+        addresses) and moe_gate_up in one launch -> h, hs, rows, weights. Up to 1024 experts (a
+        lane holds E/32 probabilities in registers), else the two ops in turn."""
+        E = logits.size
+        addressed = lookup is not None and _addressed(lookup, x, gate, up)
+        launch = (self._gate_up_launch(x, k, addressed, gate, up, shared_gate, shared_up)
+                  if E <= 1024 and k <= 32 and (lookup is None or lookup.shape[0] == E) else None)
+        if launch is None:   # the two ops (each falls back where its kernel does not cover the shapes)
+            return plain.route_gate_up(self.moe_route, self.moe_gate_up)(
+                logits, k, norm_topk, lookup, x, gate, up, shared_gate, shared_up)
+        defines, stacks, kw = launch
+        defines.update({"NE": E, "NORM": bool(norm_topk), "LOOKUP": int(lookup is not None)})
+        names, args = ["logits"], [logits.reshape(-1)]
+        if lookup is not None:
+            names.append("lookup")
+            args.append(lookup.reshape(-1) if addressed else lookup.astype(mx.int32))
+        kern = self.kernel("moe_route_gate_up", (*names, "x", *_GATE_UP_STACKS), ("h", "hs", "rows", "weights"), defines)
+        kw["output_shapes"] += [(k, 9) if addressed else (k,), (k,)]
+        return tuple(kern(inputs=[*args, x.reshape(-1), *stacks],
+                          output_dtypes=[x.dtype, x.dtype, mx.uint64 if addressed else mx.int32, mx.float32], **kw))
+
+    def _gate_up_launch(self, x, K: int, addressed: bool, gate: Linear, up: Linear, shared_gate: Linear,
+                        shared_up: Linear):
+        """(defines, the stacks' arrays, launch keywords) of the gate/up kernels for K experts, or
+        None where they do not cover the shapes."""
+        H = x.size
+        if not (H % 32 == 0 and _xs_bytes(H) <= self.max_shared and _q3d(gate, H) and _q3d(up, H) and _same_q(gate, up)
+                and _q2d(shared_gate, H) and _q2d(shared_up, H) and _same_q(shared_gate, shared_up)):
+            return None
         I, Is = gate.weight.shape[1], shared_gate.out_features
         defines = {"HD": H, "KE": K, "IE": I, "BE": gate.bits, "GE": gate.group_size, "SHI": Is,
                    "SHB": shared_gate.bits, "SHG": shared_gate.group_size, "ADDRESSED": int(addressed), "GU_R": MOE_GU_ROWS}
-        names = ("x", "ids", "gw", "gs", "gb", "uw", "us", "ub", "sgw", "sgs", "sgb", "suw", "sus", "sub")
-        kern = self.kernel("moe_gate_up", names, ("h", "hs"), defines)
-        ids = rows.reshape(-1) if addressed else rows.astype(mx.int32)
-        args = [x.reshape(-1), ids, *_parts(gate), *_parts(up), *_parts(shared_gate), *_parts(shared_up)]
+        stacks = [*_parts(gate), *_parts(up), *_parts(shared_gate), *_parts(shared_up)]
         warps = _ceil(K * I + Is, MOE_GU_ROWS)
-        h, hs = kern(inputs=args, template=[("T", x.dtype)], grid=(_ceil(warps, 8) * 256, 1, 1),
-                     threadgroup=(256, 1, 1), output_shapes=[(K, I), (Is,)], output_dtypes=[x.dtype, x.dtype], **self._fill)
-        return h, hs
+        kw = dict(template=[("T", x.dtype)], grid=(_ceil(warps, 8) * 256, 1, 1), threadgroup=(256, 1, 1),
+                  output_shapes=[(K, I), (Is,)], **self._fill)
+        return defines, stacks, kw
 
     def moe_down(self, h, rows, weights, down: Linear, hs, shared_down: Linear, shared_gate_logit, residual):
         K, I = h.shape
@@ -209,6 +243,9 @@ class GpuKernels:
         h, n = kern(inputs=[x, y, w], template=[("T", x.dtype)], grid=(M * threads, 1, 1),
                     threadgroup=(threads, 1, 1), output_shapes=[x.shape, x.shape], output_dtypes=[x.dtype, x.dtype], **self._fill)
         return h, n
+
+
+_GATE_UP_STACKS = ("gw", "gs", "gb", "uw", "us", "ub", "sgw", "sgs", "sgb", "suw", "sus", "sub")
 
 
 def _ceil(a: int, b: int) -> int:

@@ -68,6 +68,22 @@ def moe_gate_up(x: mx.array, rows: mx.array, gate: Linear, up: Linear,
     return h, hs
 
 
+def route_gate_up(route, gate_up):
+    """moe_route_gate_up made of a backend's own `route` (moe_route) and `gate_up` (moe_gate_up)."""
+    def moe_route_gate_up(logits: mx.array, k: int, norm_topk: bool, lookup: mx.array | None, x: mx.array,
+                          gate: Linear, up: Linear, shared_gate: Linear, shared_up: Linear):
+        """moe_route, then moe_gate_up on the chosen experts' rows: ids, or lookup[ids] (int32 [E]
+        rows of the stacks, or uint64 [E, 9] addresses) -> h [K, I], hs [Is], those rows, weights [K]."""
+        ids, weights = route(logits, k, norm_topk)
+        rows = ids if lookup is None else lookup[ids]
+        h, hs = gate_up(x, rows, gate, up, shared_gate, shared_up)
+        return h, hs, rows, weights
+    return moe_route_gate_up
+
+
+moe_route_gate_up = route_gate_up(moe_route, moe_gate_up)
+
+
 def moe_down(h: mx.array, rows: mx.array, weights: mx.array, down: Linear, hs: mx.array,
              shared_down: Linear, shared_gate_logit: mx.array, residual: mx.array) -> mx.array:
     """residual [H] + sum_k weights[k] * down_{rows[k]}(h[k]) + sigmoid(logit) * shared_down(hs) -> [H].
@@ -152,5 +168,5 @@ def add_rms_norm(x: mx.array, y: mx.array, w: mx.array, eps: float) -> tuple[mx.
 
 
 OPS = {name: globals()[name] for name in (
-    "qmv", "moe_route", "moe_gate_up", "moe_down", "decode_attention", "qk_norm_rope",
+    "qmv", "moe_route", "moe_gate_up", "moe_route_gate_up", "moe_down", "decode_attention", "qk_norm_rope",
     "gdn_step", "add_rms_norm", "rms_norm")}

@@ -6,6 +6,9 @@ A kernel's generated source is `(header, body)` for `mx.fast.metal_kernel` /
     header = dialect header (backend) + #defines + common.kern + family helpers
     body   = dialect prologue (backend) + kernel body
 
+A `//@@ part NAME` section is code two kernels of a family share: a line `//@part NAME` in a
+kernel body stands for it.
+
 so the Metal and CUDA texts of a kernel differ only in the dialect layer.
 """
 
@@ -22,7 +25,7 @@ BACKENDS = ("metal", "cuda")
 # kernel name -> family file
 KERNELS = {
     "qmv": "qmv",
-    "moe_route": "moe", "moe_gate_up": "moe", "moe_down": "moe",
+    "moe_route": "moe", "moe_gate_up": "moe", "moe_route_gate_up": "moe", "moe_down": "moe",
     "decode_attention": "attention",
     "qk_norm_rope": "qk_norm_rope",
     "gdn_step": "gated_delta",
@@ -81,5 +84,11 @@ def render(kernel: str, backend: str, defines: dict | None = None) -> tuple[str,
     d = dialect(backend)
     header = (d["header"] + defines_text(defines or {}) + family("common")["helpers"]
               + fam.get("helpers", ""))
-    body = d["prologue"] + fam["kernel " + kernel]
+    body = d["prologue"] + _expand(fam["kernel " + kernel], fam)
     return header, body
+
+
+def _expand(text: str, fam: dict[str, str]) -> str:
+    """`text` with each `//@part NAME` line replaced by the family's `part NAME` section."""
+    return "".join(fam["part " + line[len("//@part "):].strip()] if line.startswith("//@part ") else line
+                   for line in text.splitlines(keepends=True))
