@@ -34,6 +34,7 @@ mapping is used.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -265,11 +266,20 @@ class ExpertStore:
         self._in_flight = 0  # experts of a fetch_streaming read still running
         # How fetch_streaming reads misses: `readahead` (default: POSIX_FADV_WILLNEED, the kernel
         # reads them into the page cache, used in place once mincore finds them; no copy, and the
-        # page cache stays the cache) or `copy` (the C pool preads them into buffers). 8 streamed
-        # 397B layers on 2 cores, cold: 212-304 ms/token against 234-335 (8 runs each, alternating).
+        # page cache stays the cache), `copy` (the C pool preads them into buffers) or `direct`
+        # (the C pool reads them with O_DIRECT: no page-cache pages to allocate, insert and later
+        # reclaim, ~5x less CPU per byte and faster here, but what it reads is not cached for the
+        # next token). 8 streamed 397B layers on 2 cores, cold: readahead 212-304 ms/token against
+        # copy 234-335 (8 runs each, alternating); see llm_flashmoe/cpu/DESIGN.md for direct.
         self.cold_reads = os.environ.get("FLASHMOE_COLD_READS", "readahead").strip().lower()
-        if self.cold_reads not in ("copy", "readahead"):
-            raise FlashMoeError(f"FLASHMOE_COLD_READS={self.cold_reads!r}: use copy or readahead.")
+        if self.cold_reads not in ("copy", "readahead", "direct"):
+            raise FlashMoeError(f"FLASHMOE_COLD_READS={self.cold_reads!r}: use readahead, copy or direct.")
+        self._direct_fds: dict[int, int] = {}   # layer -> its file opened with O_DIRECT
+        self.direct_reads = self._direct_possible()
+        if self.cold_reads == "direct" and not self.direct_reads:
+            print("flashmoe: FLASHMOE_COLD_READS=direct needs O_DIRECT on 4 KiB-aligned expert parts and the C "
+                  "reader; reading with copies instead.", file=sys.stderr)
+            self.cold_reads = "copy"
         self._readahead = None
         # Decode on the CPU kernels computes while the misses are read (fetch_streaming);
         # FLASHMOE_OVERLAP_READS=0: read, then compute.
@@ -418,9 +428,37 @@ class ExpertStore:
             return batch, PendingReads(self, in_place.copy(), miss,
                                        mapped=self._maps[layer] + self._offsets(ids))
         if len(miss):
-            self._start_reads(layer, ids[miss], miss, buf)
+            self._start_reads(layer, ids[miss], miss, buf, direct=self.cold_reads == "direct")
         batch = self._batch(ids, buf, self._row_addresses(layer, ids, in_place, buf))
         return batch, PendingReads(self, in_place.copy(), miss)
+
+    def _direct_possible(self) -> bool:
+        """Whether misses can be read with O_DIRECT: every expert part starts and ends on a 4 KiB
+        boundary in the file and in the buffers, the C reader is there, and the file system takes it."""
+        m = self.manifest
+        if (not hasattr(os, "O_DIRECT") or self._native is None or not self.fds
+                or any(v % PAGE for v in (m.header_bytes, m.expert_stride, m.expert_bytes))
+                or any(c.offset % PAGE or c.nbytes % PAGE for c in self.components)):
+            return False
+        try:
+            self._direct_fd(0)
+        except OSError:   # e.g. tmpfs: no O_DIRECT
+            return False
+        return True
+
+    def _direct_fd(self, layer: int) -> int:
+        fd = self._direct_fds.get(layer)
+        if fd is None:
+            fd = self._direct_fds[layer] = os.open(self.dir / self.manifest.layers[layer].file,
+                                                   os.O_RDONLY | os.O_DIRECT)
+        return fd
+
+    def read_direct(self, layer: int, expert_ids: np.ndarray) -> None:
+        """Read experts with O_DIRECT into the next buffer set and wait (the I/O of
+        FLASHMOE_COLD_READS=direct alone, for benchmarks)."""
+        ids = np.asarray(expert_ids, np.int64)
+        self._start_reads(layer, ids, np.arange(len(ids)), self._buffers_for(len(ids)), direct=True)
+        self._settle()
 
     def _offsets(self, ids: np.ndarray) -> np.ndarray:
         """File offsets of experts `ids` in their layer file."""
@@ -434,16 +472,22 @@ class ExpertStore:
                and time.perf_counter() - t0 < patience):
             time.sleep(0.0002)
 
-    def _start_reads(self, layer: int, ids: np.ndarray, rows: np.ndarray, buf: "_Buffers") -> None:
+    def _start_reads(self, layer: int, ids: np.ndarray, rows: np.ndarray, buf: "_Buffers",
+                     direct: bool = False) -> None:
         from .native import MIN_PIECE
 
         m = self.manifest
         # Each expert cut across every thread, pieces taken in expert order: expert 0 lands first.
+        # (Pieces are whole multiples of MIN_PIECE and parts 4 KiB-aligned: O_DIRECT takes them.)
         piece = max(MIN_PIECE, -(-m.expert_bytes // self.threads // MIN_PIECE) * MIN_PIECE)
         t0 = time.perf_counter()
         try:
-            self._native.start(self.fds[layer], self._offsets(ids), rows, m.expert_bytes,
-                               self.components, buf.addresses, piece, self.probe)
+            if direct:   # the misses are known: no page-cache probe
+                self._native.start(self._direct_fd(layer), self._offsets(ids), rows, m.expert_bytes,
+                                   self.components, buf.addresses, piece, False)
+            else:
+                self._native.start(self.fds[layer], self._offsets(ids), rows, m.expert_bytes,
+                                   self.components, buf.addresses, piece, self.probe)
         except OSError as e:
             raise self._read_error(e) from e
         s = self.stats
@@ -589,6 +633,9 @@ class ExpertStore:
                 self._settle()
             except FlashMoeError:
                 pass
+        for fd in getattr(self, "_direct_fds", {}).values():
+            os.close(fd)
+        self._direct_fds = {}
         pool = getattr(self, "_pool", None)
         if pool is not None:
             pool.shutdown(wait=True)
