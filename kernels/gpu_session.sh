@@ -15,7 +15,8 @@
 #   profile  the host round trip's cost per layer; hostread: kernels reading host memory directly
 #   firstuse the host tier's first-use stall taken apart (registration, first reads, page touches)
 # Steps (issue 6, fused kernels):
-#   kcheck   every kernel vs its twin, and timings      kdecode   fused vs plain decode, tolerance check
+#   kcheck   every kernel vs its twin, and timings (KCHECK_ONLY: a comma-separated subset)
+#   kdecode  fused vs plain decode, tolerance check
 #            (KDECODE_ARGS replaces its default --check-layers 2,all)
 #   kncu     each kernel's GPU time (ncu, NCU_ARGS as below) in the check's MoE block and qmv cases
 #   rows     rows per warp of qmv and the MoE kernels, checked and timed
@@ -93,7 +94,7 @@ for s in "$@"; do
       step ncu.log "$(command -v ncu || echo /usr/local/cuda/bin/ncu)" --profile-from-start off --metrics gpu__time_duration.sum ${NCU_ARGS:-} \
         --csv --log-file "$out/ncu.csv" python3 -m llm_flashmoe.kernels.overhead decode --dir "$M/mlx" --steps 8 --profile
       python3 -m llm_flashmoe.kernels.overhead ncu "$out/ncu.csv" | tee -a "$out/ncu.log" ;;
-    kcheck) step kcheck.log python3 -m llm_flashmoe.kernels.check --runs "$runs" ;;
+    kcheck) step kcheck.log python3 -m llm_flashmoe.kernels.check --runs "$runs" ${KCHECK_ONLY:+--only "$KCHECK_ONLY"} ;;
     kdecode) step kdecode.log python3 -m llm_flashmoe.kernels.decode_bench --dir "$M/mlx" ${KDECODE_ARGS:---check-layers 2,all} ;;
     kncu)
       step kncu.log "$(command -v ncu || echo /usr/local/cuda/bin/ncu)" --metrics gpu__time_duration.sum ${NCU_ARGS:-} \
