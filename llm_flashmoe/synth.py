@@ -36,6 +36,11 @@ PRESETS = {
                  head_dim=256, linear_num_key_heads=4, linear_num_value_heads=16, linear_key_head_dim=128,
                  linear_value_head_dim=128, num_experts=64, num_experts_per_tok=4,
                  moe_intermediate_size=128, shared_expert_intermediate_size=128),
+    # For tests of O_DIRECT reads: every expert part a multiple of 4 KiB.
+    "small": dict(hidden_size=512, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                  head_dim=256, linear_num_key_heads=4, linear_num_value_heads=16, linear_key_head_dim=128,
+                  linear_value_head_dim=128, num_experts=16, num_experts_per_tok=4,
+                  moe_intermediate_size=512, shared_expert_intermediate_size=512),
     # The real 397B-A17B per-layer shapes; choose the layer count with --layers.
     "397b": dict(hidden_size=4096, num_hidden_layers=60, num_attention_heads=32, num_key_value_heads=2,
                  head_dim=256, linear_num_key_heads=16, linear_num_value_heads=64, linear_key_head_dim=128,

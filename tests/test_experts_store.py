@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import mlx.core as mx
@@ -34,6 +35,25 @@ def greedy(model, prompt, steps, cold=False):
 @pytest.fixture(scope="module")
 def packed(tiny_mlx, tmp_path_factory):
     return convert_checkpoint(tiny_mlx, tmp_path_factory.mktemp("store") / "packed", progress=False)
+
+
+@pytest.fixture(scope="module")
+def small_packed(tmp_path_factory):
+    """The `small` synthetic model written packed: every expert part a multiple of 4 KiB (O_DIRECT)."""
+    from llm_flashmoe.synth import write_synthetic
+
+    return write_synthetic(tmp_path_factory.mktemp("store") / "small", preset="small", layout="packed",
+                           progress=False)
+
+
+def _o_direct_opens(path) -> bool:
+    """Whether the file system of `path` takes O_DIRECT (tmpfs does not)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except (OSError, AttributeError):
+        return False
+    os.close(fd)
+    return True
 
 
 @pytest.fixture
@@ -338,6 +358,84 @@ def test_streaming_fetch_lands_every_expert_in_turn(packed, monkeypatch, cold_re
     store.close()
 
 
+def test_direct_cold_reads_land_every_expert_and_leave_the_page_cache_alone(small_packed, monkeypatch, capsys):
+    # direct: the C pool reads the misses with O_DIRECT into buffers; what distinguishes it from
+    # copy is that the misses never enter the page cache. Where O_DIRECT does not open (tmpfs),
+    # the store falls back to copies, with a notice: then the misses are read through the cache.
+    monkeypatch.setenv("FLASHMOE_COLD_READS", "direct")
+    store = ExpertStore(small_packed, dtype=mx.float32, threads=3)
+    m, layer = store.manifest, 1
+    assert all(v % 4096 == 0 for v in (m.header_bytes, m.expert_stride, m.expert_bytes))
+    assert all(c.offset % 4096 == 0 and c.nbytes % 4096 == 0 for c in store.components)
+    direct = _o_direct_opens(small_packed / m.layers[layer].file)
+    err = capsys.readouterr().err
+    if direct:
+        assert store.cold_reads == "direct" and store.direct_reads is True
+        assert "FLASHMOE_COLD_READS=direct" not in err
+    else:
+        assert store.cold_reads == "copy" and store.direct_reads is False
+        assert "FLASHMOE_COLD_READS=direct" in err and "copies instead" in err
+    assert store.overlap
+    ids = np.array([1, 4, 9, 12, 15])
+    n = len(ids)
+    ref = store.fetch(layer, ids)           # buffered preads: the reference bytes
+    want = [[np.array(getattr(lin, part)[r].view(mx.uint8)).tobytes() for part in ("weight", "scales", "biases")]
+            for lin in (ref.gate, ref.up, ref.down) for r in range(n)]
+    store.drop_page_cache()
+    store.read_experts(layer, ids[[1]])      # one of them cached: usable at once, in place
+    store.stats.reset()
+    batch, pending = store.fetch_streaming(layer, ids)
+    assert pending.ready.tolist() == [False, True, False, False, False] and pending.misses == [0, 2, 3, 4]
+    for row in pending.misses:
+        pending.wait(row)
+        assert pending.ready[row]
+    pending.finish()
+    assert store.stats.experts == n and store.stats.in_place == 1
+    for i, lin in enumerate((batch.gate, batch.up, batch.down)):
+        for r in range(n):
+            for j in range(3):
+                assert _bytes_at(lin.row_addresses[r, j], len(want[i * n + r][j])) == want[i * n + r][j]
+
+    base = store.mapped_layer(layer)
+    starts = base + store._offsets(ids)
+
+    def pages_cached(a: int) -> list[bool]:
+        return [store._mapper.resident(int(a) + p, 4096) for p in range(0, m.expert_bytes, 4096)]
+
+    assert all(pages_cached(starts[1]))     # the one read with a buffered pread
+    for row in pending.misses:              # direct: not a page of the misses cached; copy: all of them
+        assert (not any(pages_cached(starts[row]))) if direct else all(pages_cached(starts[row]))
+
+    if direct:  # read_direct (the benchmarks' replay): the experts' bytes in the next buffer set
+        store.drop_page_cache()
+        store.read_direct(layer, ids)
+        buf = store._slots[store._next ^ 1]
+        for i in range(3):
+            for r in range(n):
+                for j in range(3):
+                    c = store.components[3 * i + j]
+                    assert buf.host[3 * i + j][r * c.nbytes : (r + 1) * c.nbytes].tobytes() == want[i * n + r][j]
+        assert not any(any(pages_cached(a)) for a in starts)
+    store.close()
+
+
+def test_direct_cold_reads_fall_back_to_copies_where_parts_are_not_4k_aligned(packed, monkeypatch, capsys):
+    monkeypatch.setenv("FLASHMOE_COLD_READS", "direct")
+    store = ExpertStore(packed, dtype=mx.float32)
+    assert any(c.nbytes % 4096 for c in store.components)   # tiny: 1 KiB scales
+    assert store.cold_reads == "copy" and store.direct_reads is False
+    err = capsys.readouterr().err
+    assert "FLASHMOE_COLD_READS=direct needs O_DIRECT on 4 KiB-aligned expert parts" in err
+    assert "copies instead" in err
+    store.close()
+
+
+def test_unknown_cold_reads_value_is_refused(packed, monkeypatch):
+    monkeypatch.setenv("FLASHMOE_COLD_READS", "bogus")
+    with pytest.raises(FlashMoeError, match="FLASHMOE_COLD_READS='bogus'"):
+        ExpertStore(packed)
+
+
 def test_streaming_fetch_of_a_truncated_file_is_an_error(damaged):
     store = ExpertStore(damaged, dtype=mx.float32, threads=2)
     m = store.manifest
@@ -377,14 +475,23 @@ def test_decode_computing_while_reads_land_matches_read_then_compute(packed, mon
     over.experts.close()
 
 
-def test_stream_bench_times_decode_against_both_ways_of_reading(packed):
-    """`cpu.bench --packed`: cold and warm decode beside expert I/O alone, replayed both ways the
-    store reads misses (copies, the kernel's readahead), the faster one counting."""
+@pytest.mark.parametrize("model", ["packed", "small_packed"])
+def test_stream_bench_times_decode_against_every_way_of_reading(model, request):
+    """`cpu.bench --packed`: cold and warm decode beside expert I/O alone, replayed every way the
+    store reads misses (copies, the kernel's readahead, and O_DIRECT where the expert parts are
+    4 KiB-aligned and the file system takes it), the fastest one counting."""
     from llm_flashmoe.cpu.bench import stream_figures
 
-    out = stream_figures(str(packed), k=2, tokens=2, rounds=1)
-    copies, readahead = out["cold I/O ms alone, copies / readahead (median)"]
+    path = request.getfixturevalue(model)
+    direct = model == "small_packed" and _o_direct_opens(path / fmt.read_manifest(path).layers[0].file)
+    names = ["copies", "readahead"] + (["direct"] if direct else [])   # tiny: no third way, not a zero
+    out = stream_figures(str(path), k=2, tokens=2, rounds=1)
+    ways = [key for key in out if key.startswith("cold I/O ms alone")]
+    assert ways == [f"cold I/O ms alone, {' / '.join(names)} (median)"]
+    times = out[ways[0]]
     cold = out["cold (median of rounds)"]
-    assert copies > 0 and readahead > 0 and cold["expert I/O ms (alone)"] == pytest.approx(min(copies, readahead), abs=0.06)
+    assert len(times) == len(names) and all(t > 0 for t in times)
+    assert cold["expert I/O ms (alone)"] == pytest.approx(min(times), abs=0.06)
+    assert times[names.index(out["fastest cold I/O way (median)"])] == min(times)   # (ties: rounded to 0.1 ms)
     assert cold["ms per token"] > 0 and cold["time / max(io, compute)"] > 0
     assert out["cold reads"] == "readahead" and out["warm (median of rounds)"]["used in place"] == 1.0
