@@ -1,19 +1,22 @@
 """Compile the generated CUDA kernel sources with the host's C++ compiler, before a GPU run.
 
-    python -m llm_flashmoe.kernels.compile_check [--cxx g++] [--keep DIR]
+    python -m llm_flashmoe.kernels.compile_check [--cxx g++ | --nvcc [--arch sm_90]] [--keep DIR]
 
 Drives the CUDA launchers (gpu.py) through every case of `kernels.check` on the CPU, with
 `mx.fast.cuda_kernel` replaced by a recorder, so each kernel is rendered exactly as a GPU run
 would render it (same defines, same input and output names and dtypes). Each source is then
 wrapped in a function of the signature MLX would give it and compiled with `-fsyntax-only`
-against a small host shim of the CUDA names it uses. Syntax, type and template errors show up
-here in seconds instead of in a device session; what only the GPU can tell (numerics, speed)
-stays with `kernels.check`. Exits 1 if any source fails to compile.
+against a small host shim of the CUDA names it uses, or, with --nvcc, compiled for real as a
+__global__ function (ptxas reports each kernel's registers and spills). Syntax, type and template
+errors show up here in seconds instead of in a device session; what only the GPU can tell
+(numerics, speed) stays with `kernels.check`. Exits 1 if any source fails to compile.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -51,62 +54,85 @@ struct bf16 {
 
 C_TYPES = {mx.bfloat16: "bf16", mx.float16: "bf16", mx.float32: "float", mx.int32: "int32_t",
            mx.uint32: "uint32_t", mx.uint64: "uint64_t", mx.uint8: "uint8_t"}
+CUDA_TYPES = {**C_TYPES, mx.bfloat16: "__nv_bfloat16", mx.float16: "__half"}
+CUDA_PRELUDE = "#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n#include <cstdint>\n"
 
 
 class _Recorder:
     """Stands in for one mx.fast.cuda_kernel: records the translation unit of each call."""
 
-    def __init__(self, sink: dict, name, input_names, output_names, source, header):
-        self.sink, self.spec = sink, (name, list(input_names), list(output_names), source, header)
+    def __init__(self, sink: dict, nvcc: bool, name, input_names, output_names, source, header):
+        self.sink, self.nvcc = sink, nvcc
+        self.spec = (name, list(input_names), list(output_names), source, header)
 
     def __call__(self, inputs, template, grid, threadgroup, output_shapes, output_dtypes, **_):
         name, ins, outs, body, header = self.spec
-        params = [f"const {C_TYPES[a.dtype]}* {n}" for n, a in zip(ins, inputs)]
+        types = CUDA_TYPES if self.nvcc else C_TYPES
+        params = [f"const {types[a.dtype]}* {n}" for n, a in zip(ins, inputs)]
         params += [f"const int32_t* {n}_shape" for n in ins if f"{n}_shape" in body]
-        params += [f"{C_TYPES[d]}* {n}" for n, d in zip(outs, output_dtypes)]
-        t = C_TYPES[dict(template)["T"]]
-        self.sink[name] = (f'#include "shim.h"\n{header}\n'
-                           f"template <typename T> void {name}({', '.join(params)}) {{\n{body}\n}}\n"
-                           f"template void {name}<{t}>({', '.join(p.rsplit(' ', 1)[0] for p in params)});\n")
+        params += [f"{types[d]}* {n}" for n, d in zip(outs, output_dtypes)]
+        t, fn = types[dict(template)["T"]], "__global__ void" if self.nvcc else "void"
+        self.sink[name] = ((CUDA_PRELUDE if self.nvcc else '#include "shim.h"\n') + f"{header}\n"
+                           f"template <typename T> {fn} {name}({', '.join(params)}) {{\n{body}\n}}\n"
+                           f"template {fn} {name}<{t}>({', '.join(p.rsplit(' ', 1)[0] for p in params)});\n")
         return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
 
 
-def render_all() -> dict[str, str]:
-    """{kernel name: C++ translation unit} for every kernel the check's cases launch."""
+def render_all(nvcc: bool = False) -> dict[str, str]:
+    """{kernel name: translation unit} for every kernel the check's cases launch, and the MoE
+    kernels' ADDRESSED mode (experts given by address: the GPU cache's host tier)."""
     from . import check
     from .gpu import GpuKernels
 
     units: dict[str, str] = {}
     kernels = GpuKernels("cuda")
-    kernels._make = lambda **kw: _Recorder(units, **kw)
+    kernels._make = lambda **kw: _Recorder(units, nvcc, **kw)
     for _, make, labels in check.CASES:
         for label in labels:
             for dtype in (mx.bfloat16, mx.float32):
                 make(label, dtype)[0](kernels)
+    for label in ("397b", "odd"):
+        d = check.moe_inputs(label, mx.bfloat16)
+        E, K, I, Is = d["E"], d["K"], d["gate"].weight.shape[1], d["sg"].out_features
+        table, rows = mx.zeros((E, 9), mx.uint64), mx.zeros((K, 9), mx.uint64)
+        kernels.moe_route_gate_up(check.rnd((E,)), K, True, table, d["x"], d["gate"], d["up"], d["sg"], d["su"])
+        kernels.moe_gate_up(d["x"], rows, d["gate"], d["up"], d["sg"], d["su"])
+        kernels.moe_down(check.rnd((K, I)), rows, d["w"], d["down"], check.rnd((Is,)), d["sd"], check.rnd((1,)), d["res"])
     return units
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cxx", default="g++", help="C++ compiler (default g++)")
+    ap.add_argument("--nvcc", action="store_true", help="compile with nvcc for --arch; report registers and spills")
+    ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--keep", default=None, help="write the translation units to this folder")
     args = ap.parse_args(argv)
-    if shutil.which(args.cxx) is None:
-        print(f"no C++ compiler {args.cxx!r} on PATH: install g++ or pass --cxx")
+    tool = "nvcc" if args.nvcc else args.cxx
+    if shutil.which(tool) is None:
+        print(f"no compiler {tool!r} on PATH: install it or pass --cxx")
         return 2
-    units = render_all()
+    units = render_all(args.nvcc)
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="fm-compile-"))
     work.mkdir(parents=True, exist_ok=True)
     (work / "shim.h").write_text(SHIM)
     fails = 0
-    for name, text in units.items():
-        path = work / f"{name}.cpp"
+    for name, text in sorted(units.items()):
+        path = work / f"{name}.{'cu' if args.nvcc else 'cpp'}"
         path.write_text(text)
-        r = subprocess.run([args.cxx, "-std=c++17", "-fsyntax-only", "-w", f"-I{work}", str(path)],
-                           capture_output=True, text=True)
+        if args.nvcc:
+            cmd = ["nvcc", "-std=c++17", f"-arch={args.arch}", "-c", "-Xptxas", "-v", "-o", os.devnull, str(path)]
+        else:
+            cmd = [args.cxx, "-std=c++17", "-fsyntax-only", "-w", f"-I{work}", str(path)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode:
             fails += 1
             print(f"FAIL {name} ({path}):\n{r.stderr[:4000]}")
+        elif args.nvcc:   # ptxas: "Used N registers, ..." and "N bytes spill stores, N bytes spill loads"
+            used = re.search(r"Used (\d+) registers", r.stderr)
+            spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", r.stderr)
+            print(f"{name:34} {used.group(1) if used else '?':>4} registers, spills "
+                  f"{spill.group(1) + '/' + spill.group(2) if spill else '?'} bytes (stores/loads)")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     print(f"{len(units)} kernel sources, {fails} failed to compile")
