@@ -1,0 +1,246 @@
+"""Run the generated CUDA kernel sources on the CPU, one OS thread per GPU thread.
+
+    python -m llm_flashmoe.kernels.emulate [--cases tiny,odd] [--only NAMES]
+
+A check of the kernels' numerics without a GPU: each launch of the CUDA launchers (gpu.py) is
+compiled with the host's g++ against an executing shim (kernels/compile_check's shim, plus
+threads): a block's threads are std::threads, `__syncthreads` a block barrier, a warp shuffle an
+exchange through memory between two warp barriers, blocks run one after another. The results are
+compared with the plain twins run in float32 (the `kernels.check` verdict and bounds), on the
+check's small shape sets, and the MoE kernels also in ADDRESSED mode (experts given by their
+parts' host addresses: the GPU cache's host tier) through the same addresses the CPU twin reads.
+It says nothing about speed, and Metal is not covered. Slow (a thread per lane): small shapes only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import hashlib
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from .compile_check import C_TYPES
+
+# What the CUDA dialect and MLX's wrapper provide, made to run: thread-local indices, a block
+# barrier, warp shuffles through memory. (Blocks run one at a time, so `static` shared memory
+# is the block's.)
+SHIM = r"""
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <algorithm>
+#include <thread>
+#include <vector>
+using std::min; using std::max;
+#define __device__
+#define __forceinline__ inline
+#define __global__
+#define __shared__ static
+struct dim3_ { unsigned x, y, z; };
+static thread_local dim3_ blockIdx, threadIdx;
+static dim3_ blockDim;
+static std::barrier<>* fm_block_barrier;
+static std::barrier<>* fm_warp_barrier[32];
+static uint64_t fm_xchg[1024];
+inline void __syncthreads() { fm_block_barrier->arrive_and_wait(); }
+template <typename V> inline V fm_shfl_xor(V v, int o) {
+  const unsigned t = threadIdx.x, w = t >> 5;
+  uint64_t u = 0; std::memcpy(&u, &v, sizeof(V));
+  fm_warp_barrier[w]->arrive_and_wait();
+  fm_xchg[t] = u;
+  fm_warp_barrier[w]->arrive_and_wait();
+  u = fm_xchg[(w << 5) | ((t & 31) ^ unsigned(o))];
+  V r; std::memcpy(&r, &u, sizeof(V));
+  return r;
+}
+inline float __shfl_xor_sync(unsigned, float v, int o) { return fm_shfl_xor(v, o); }
+inline int __shfl_xor_sync(unsigned, int v, int o) { return fm_shfl_xor(v, o); }
+inline float __uint_as_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+struct uint4 { uint32_t x, y, z, w; };
+struct bf16 {   // round to nearest even, as MLX converts
+  uint16_t v;
+  bf16() {}
+  bf16(float f) { uint32_t u; std::memcpy(&u, &f, 4); u += 0x7FFFu + ((u >> 16) & 1u); v = uint16_t(u >> 16); }
+  operator float() const { uint32_t u = uint32_t(v) << 16; float f; std::memcpy(&f, &u, 4); return f; }
+};
+"""
+
+_LIBS: dict[str, ctypes.CDLL] = {}
+
+
+def _np_view(a: mx.array) -> np.ndarray:
+    """The bytes of `a` as a contiguous numpy array (bf16/fp16 as uint16)."""
+    if a.dtype in (mx.bfloat16, mx.float16):
+        return np.ascontiguousarray(np.array(a.view(mx.uint16)))
+    return np.ascontiguousarray(np.array(a))
+
+
+class _Launch:
+    """Stands in for one mx.fast.cuda_kernel: compiles the kernel for the host and runs it."""
+
+    def __init__(self, workdir: Path, name, input_names, output_names, source, header):
+        self.workdir = workdir
+        self.spec = (name, list(input_names), list(output_names), source, header)
+
+    def shaped(self) -> list[str]:
+        """Inputs whose shape the body reads (MLX passes `NAME_shape` for those)."""
+        return [n for n in self.spec[1] if f"{n}_shape" in self.spec[3]]
+
+    def _library(self, inputs, output_dtypes, template) -> tuple[ctypes.CDLL, str]:
+        name, ins, outs, body, header = self.spec
+        header = header.replace('#define PREFETCH_L2(p) asm volatile("prefetch.global.L2 [%0];" ::"l"(p))',
+                                "#define PREFETCH_L2(p) ((void)(p))")
+        params = [f"const {C_TYPES[a.dtype]}* {n}" for n, a in zip(ins, inputs)]
+        params += [f"const int32_t* {n}_shape" for n in self.shaped()]
+        params += [f"{C_TYPES[d]}* {n}" for n, d in zip(outs, output_dtypes)]
+        t = C_TYPES[dict(template)["T"]]
+        casts = [f"({p.rsplit(' ', 1)[0]})a[{i}]" for i, p in enumerate(params)]
+        text = (SHIM + header + f"\ntemplate <typename T> void {name}({', '.join(params)}) {{\n{body}\n}}\n"
+                f'extern "C" void fm_launch(void** a, int gx, int gy, int tx) {{\n'
+                f"  blockDim = {{unsigned(tx), 1, 1}};\n"
+                f"  std::barrier<> block(tx); fm_block_barrier = &block;\n"
+                f"  std::vector<std::barrier<>*> warps;\n"
+                f"  for (int w = 0; w < tx / 32; w++) warps.push_back(fm_warp_barrier[w] = new std::barrier<>(32));\n"
+                f"  for (int by = 0; by < gy; by++) for (int bx = 0; bx < gx; bx++) {{\n"
+                f"    std::vector<std::thread> th;\n"
+                f"    for (int t = 0; t < tx; t++) th.emplace_back([=] {{\n"
+                f"      blockIdx = {{unsigned(bx), unsigned(by), 0}}; threadIdx = {{unsigned(t), 0, 0}};\n"
+                f"      {name}<{t}>({', '.join(casts)});\n"
+                f"    }});\n"
+                f"    for (auto& x : th) x.join();\n"
+                f"  }}\n"
+                f"  for (auto* w : warps) delete w;\n"
+                f"}}\n")
+        key = hashlib.sha1(text.encode()).hexdigest()[:16]
+        lib = _LIBS.get(key)
+        if lib is None:
+            src, so = self.workdir / f"{name}_{key}.cpp", self.workdir / f"{name}_{key}.so"
+            src.write_text(text)
+            r = subprocess.run(["g++", "-std=c++20", "-O1", "-w", "-shared", "-fPIC", "-pthread", "-o", str(so), str(src)],
+                               capture_output=True, text=True)
+            if r.returncode:
+                raise RuntimeError(f"{name}: g++ failed ({src}):\n{r.stderr[:3000]}")
+            lib = _LIBS[key] = ctypes.CDLL(str(so))
+        return lib, key
+
+    def __call__(self, inputs, template, grid, threadgroup, output_shapes, output_dtypes, init_value=None, **_):
+        lib, _ = self._library(inputs, output_dtypes, template)
+        ins = [_np_view(a) for a in inputs]
+        by_name = dict(zip(self.spec[1], inputs))
+        ins += [np.array(by_name[n].shape, np.int32) for n in self.shaped()]
+        outs = []
+        for shape, dt in zip(output_shapes, output_dtypes):
+            o = _np_view(mx.zeros(shape, dt))
+            if init_value is not None and mx.issubdtype(dt, mx.floating):   # poison, as the GPU check does
+                o[...] = _np_view(mx.full((1,), init_value, dt))
+            outs.append(o)
+        args = (ctypes.c_void_p * (len(ins) + len(outs)))(*[a.ctypes.data for a in ins + outs])
+        tx = threadgroup[0]
+        lib.fm_launch(args, ctypes.c_int(grid[0] // tx), ctypes.c_int(grid[1] // max(threadgroup[1], 1)), ctypes.c_int(tx))
+        res = []
+        for o, dt in zip(outs, output_dtypes):
+            a = mx.array(o)
+            res.append(a.view(dt) if dt in (mx.bfloat16, mx.float16) else a)
+        return res
+
+
+def emulated_kernels(workdir: Path, poison: bool = True):
+    from .gpu import GpuKernels
+
+    k = GpuKernels("cuda", poison=poison)
+    k._make = lambda **kw: _Launch(workdir, **kw)
+    return k
+
+
+def host_table(stacks: tuple, rows: np.ndarray, keep: list) -> mx.array:
+    """uint64 [len(rows), 9]: host addresses of the parts of experts `rows` of the stacks
+    (gate, up, down) x (weight, scales, biases), ADDRESSED mode's input, in host copies of the
+    stacks appended to `keep` (which must outlive every use of the addresses)."""
+    out = np.zeros((len(rows), 9), np.uint64)
+    for p, lin in enumerate(stacks):
+        for j, a in enumerate((lin.weight, lin.scales, lin.biases)):
+            host = _np_view(a)
+            keep.append(host)
+            per = host[0].nbytes
+            out[:, 3 * p + j] = [host.ctypes.data + int(r) * per for r in rows]
+    return mx.array(out)
+
+
+def run(labels=("tiny", "odd"), only=None) -> int:
+    from . import check, plain
+
+    work = Path(tempfile.mkdtemp(prefix="fm-emulate-"))
+    kern = emulated_kernels(work)
+    fails = 0
+    print(f"{'kernel':18} {'shape':12} {'dtype':8} {'rel.err':>9} {'bound':>7} ok")
+
+    def verdict(name, label, dt, got, ref):
+        nonlocal fails
+        err = check.rel_err(got, ref)
+        ok = err <= check.BOUND[dt]
+        fails += not ok
+        print(f"{name:18} {label:12} {str(dt).split('.')[-1]:8} {err:9.2e} {check.BOUND[dt]:7.0e} {'yes' if ok else 'NO'}",
+              flush=True)
+
+    for name, make, case_labels in check.CASES:
+        if only and name not in only:
+            continue
+        for label in case_labels:
+            if label not in labels:
+                continue
+            for dt in (mx.bfloat16, mx.float32):
+                if dt == mx.float32 and name == "MoE block":
+                    continue
+                f, _, t32 = make(label, dt)
+                verdict(name, label, dt, f(kern), t32())
+    # ADDRESSED mode: the experts' parts by host address, against the twins reading the same addresses
+    for label in labels:
+        if label not in check.MOE_SHAPES or (only and not {"moe_gate_up", "moe_down", "moe_route_gate_up"} & set(only)):
+            continue
+        d = check.moe_inputs(label, mx.bfloat16)
+        stacks, keep = (d["gate"], d["up"], d["down"]), []
+        rows = host_table(stacks, np.array(d["rows"]), keep)
+        table = host_table(stacks, np.arange(d["E"]), keep)
+        K, I, Is = d["K"], d["gate"].weight.shape[1], d["sg"].out_features
+        up32 = check.up32
+        # the reference: the float32 twins on the same experts given by row
+        x, ids = d["x"], d["rows"]
+        verdict("moe_gate_up", label + "+addr", mx.bfloat16, kern.moe_gate_up(x, rows, *stacks[:2], d["sg"], d["su"]),
+                plain.moe_gate_up(*up32((x, ids, *stacks[:2], d["sg"], d["su"]))))
+        h, hs, g = check.rnd((K, I)), check.rnd((Is,)), check.rnd((1,))
+        verdict("moe_down", label + "+addr", mx.bfloat16, kern.moe_down(h, rows, d["w"], d["down"], hs, d["sd"], g, d["res"]),
+                plain.moe_down(*up32((h, ids, d["w"], d["down"], hs, d["sd"], g, d["res"]))))
+        logits = check.rnd((d["E"],), scale=2.0)
+        h, hs, got_rows, w = kern.moe_route_gate_up(logits, K, True, table, x, *stacks[:2], d["sg"], d["su"])
+        ref_ids, ref_w = plain.moe_route(logits, K, True)
+        ref_h, ref_hs = plain.moe_gate_up(*up32((x, ref_ids, *stacks[:2], d["sg"], d["su"])))
+        # the same experts (any order: the twin's top-k is unordered): their addresses, weights, h
+        got_order, ref_order = np.argsort(np.array(got_rows)[:, 0]), np.argsort(np.array(ref_ids))
+        same = np.array_equal(np.array(got_rows)[got_order], np.array(table)[np.array(ref_ids)][ref_order])
+        fails += not same
+        print(f"{'moe_route_gate_up':18} {label + '+addr':12} {'bfloat16':8} rows {'equal' if same else 'DIFFER'}")
+        verdict("moe_route_gate_up", label + "+addr", mx.bfloat16,
+                [h[mx.array(got_order)], hs, w[mx.array(got_order)]], [ref_h[mx.array(ref_order)], ref_hs, ref_w[mx.array(ref_order)]])
+    print("all emulated kernels pass" if not fails else f"{fails} FAILED")
+    return 1 if fails else 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cases", default="tiny,odd", help="shape sets of kernels.check (small ones: a thread per lane)")
+    ap.add_argument("--only", default=None, help="comma-separated kernel names")
+    args = ap.parse_args(argv)
+    mx.set_default_device(mx.cpu)
+    return run(tuple(args.cases.split(",")), set(args.only.split(",")) if args.only else None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
