@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import hashlib
+import os
 import subprocess
 import sys
 import tempfile
@@ -233,12 +234,37 @@ def run(labels=("tiny", "odd"), only=None) -> int:
     return 1 if fails else 0
 
 
+def decode(layers: int = 2, steps: int = 3) -> int:
+    """A `tiny` synthetic model's decode (bf16) through the emulated CUDA kernels, op by op, and
+    through the plain path, each against the plain path in float32 (decode_bench's verdict)."""
+    from .. import synth
+    from ..engine.load import load_model
+    from . import OP_NAMES, Ops, plain
+    from .decode_bench import print_tolerance, tolerance_check
+
+    work = Path(tempfile.mkdtemp(prefix="fm-emulate-"))
+    synth._write_tokenizer = lambda d: None   # the engine needs no tokenizer
+    synth.write_synthetic(work / "m", preset="tiny", layout="mlx", layers=layers, progress=False)
+    ref = load_model(work / "m", dtype=mx.float32)
+    model = load_model(work / "m", dtype=mx.bfloat16)
+    table = emulated_kernels(work, poison=False).table()
+    fused = Ops("cuda", **{op: table.get(op, plain.OPS[op]) for op in OP_NAMES})   # as ops() builds it
+    os.environ["FLASHMOE_COMPILE"] = "0"   # the emulator runs eagerly: nothing to trace
+    rows = tolerance_check(ref, model, fused, [3, 1, 4, 1, 5], steps)
+    print_tolerance(rows, f"emulated cuda, tiny L={layers}", mx.bfloat16)
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", default="tiny,odd", help="shape sets of kernels.check (small ones: a thread per lane)")
     ap.add_argument("--only", default=None, help="comma-separated kernel names")
+    ap.add_argument("--decode", action="store_true",
+                    help="instead: a tiny model's decode through the emulated kernels against plain float32")
     args = ap.parse_args(argv)
     mx.set_default_device(mx.cpu)
+    if args.decode:
+        return decode()
     return run(tuple(args.cases.split(",")), set(args.only.split(",")) if args.only else None)
 
 
