@@ -9,6 +9,8 @@
 # DECODE_ARGS replaces decode's default extra arguments (--resident $M/mlx).
 # Steps (issue 7, GPU streaming; the model is built once per machine under $M, default /tmp/m):
 #   prep     synthetic 397b-shaped model, LAYERS layers (default 4): MLX layout, then converted (packed)
+#   prepmlx  the MLX layout only (enough for kdecode, ncu, firststep, firstcalls: saves the
+#            30-45 s conversion)
 #   upload   expert upload throughput: store path vs pinned+cudaMemcpyAsync vs the limits
 #   check    logits with the GPU expert cache on and off are identical
 #   decode   decode with GPU caches of 25/50/100% (warm; 50% cold too), all-resident and mlx-lm beside
@@ -42,7 +44,7 @@ step() {  # step LOG CMD...: run CMD until the deadline, output to the terminal 
   echo "== [$SECONDS s, $left s left] $*"
   timeout "$left" "$@" 2>&1 | grep --line-buffered -v "^synth\|^convert \[" | tee -a "$out/$log"
 }
-prep() {
+prep() {  # prep [mlx]: the MLX layout, then (unless "mlx") the packed conversion
   if [ ! -f "$M/mlx/config.json" ]; then
     step prep.log python3 -c "
 import time; from llm_flashmoe import synth
@@ -50,7 +52,7 @@ synth._write_tokenizer = lambda d: None   # the engine needs no tokenizer
 t = time.perf_counter(); synth.write_synthetic('$M/mlx', preset='397b', layout='mlx', layers=$LAYERS, progress=False)
 print(f'synth 397b x $LAYERS layers (mlx layout) in {time.perf_counter() - t:.0f} s')"
   fi
-  if [ ! -f "$M/packed/complete" ]; then
+  if [ "${1:-}" != mlx ] && [ ! -f "$M/packed/complete" ]; then
     local t0=$SECONDS
     step prep.log python3 -m llm_flashmoe.convert "$M/mlx" "$M/packed"
     echo "converted in $((SECONDS - t0)) s" | tee -a "$out/prep.log"
@@ -62,6 +64,7 @@ python3 -c 'import mlx.core as mx; print("mlx", mx.__version__, mx.default_devic
 for s in "$@"; do
   case $s in
     prep) prep ;;
+    prepmlx) prep mlx ;;
     upload) step upload.log python3 -m llm_flashmoe.experts.gpu_bench upload --packed "$M/packed" ;;
     check) step check.log python3 -m llm_flashmoe.experts.gpu_bench check --packed "$M/packed" --settings "${CHECK:-25%,100%}" ;;
     profile) step profile.log python3 -m llm_flashmoe.experts.gpu_bench profile --packed "$M/packed" ;;
