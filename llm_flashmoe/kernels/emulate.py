@@ -18,6 +18,7 @@ import argparse
 import ctypes
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -262,6 +263,9 @@ def main(argv=None) -> int:
     ap.add_argument("--decode", action="store_true",
                     help="instead: a tiny model's decode through the emulated kernels against plain float32")
     args = ap.parse_args(argv)
+    if shutil.which("g++") is None:
+        print("the emulator compiles the kernels with g++ (C++20), which is not on PATH: install g++.")
+        return 2
     mx.set_default_device(mx.cpu)
     if args.decode:
         return decode()
