@@ -475,6 +475,63 @@ def test_decode_computing_while_reads_land_matches_read_then_compute(packed, mon
     over.experts.close()
 
 
+def test_direct_reads_are_kept_in_the_host_cache_for_later_tokens(small_packed, monkeypatch):
+    """With direct reads (nothing enters the page cache) the store keeps what it read in its own
+    RAM cache: a later fetch of the same experts reads nothing; the least recently used slot
+    goes first, never one of the batch being built or of the one before; dropping the cache
+    (cold measurements) empties it; a bad size is an error."""
+    m = fmt.read_manifest(small_packed)
+    if not _o_direct_opens(small_packed / m.layers[0].file):   # (tmpfs: copies, no host cache)
+        monkeypatch.setenv("FLASHMOE_COLD_READS", "direct")
+        assert ExpertStore(small_packed, dtype=mx.float32).host_cache is None
+        return
+    monkeypatch.setenv("FLASHMOE_COLD_READS", "direct")
+    monkeypatch.setenv("FLASHMOE_HOST_CACHE_GB", "bogus")
+    with pytest.raises(FlashMoeError, match="FLASHMOE_HOST_CACHE_GB"):
+        ExpertStore(small_packed, dtype=mx.float32)
+    monkeypatch.setenv("FLASHMOE_HOST_CACHE_GB", str(6 * m.expert_stride / 1e9))   # six slots
+    store = ExpertStore(small_packed, dtype=mx.float32, threads=2)
+    assert store.host_cache is not None and store.host_cache.slots == 6
+    def parts(batch, r):   # expert row r's nine parts, as bytes (the buffers are reused: copy now)
+        return [np.array(getattr(lin, part)[r].view(mx.uint8)).tobytes()
+                for lin in (batch.gate, batch.up, batch.down) for part in ("weight", "scales", "biases")]
+
+    ref = {e: parts(store.fetch(1, np.array([e])), 0) for e in range(8)}
+
+    def check(batch, ids):
+        for r, e in enumerate(ids):
+            for k, want in enumerate(ref[e]):
+                lin = (batch.gate, batch.up, batch.down)[k // 3]
+                assert _bytes_at(lin.row_addresses[r, k % 3], len(want)) == want
+
+    def fetch(ids):
+        store.stats.reset()
+        batch, pending = store.fetch_streaming(1, np.array(ids))
+        pending.finish()
+        check(batch, ids)
+        return store.stats.bytes - store.stats.in_place * m.expert_bytes, pending
+
+    store.drop_page_cache()
+    read, pending = fetch([0, 1, 2])
+    assert read == 3 * m.expert_bytes and pending.misses == [0, 1, 2]      # cold: all read
+    read, pending = fetch([0, 1, 2])
+    assert read == 0 and pending.all_ready and store.stats.in_place == 3    # kept: nothing read
+    read, _ = fetch([3, 4])          # five slots used
+    read, _ = fetch([5, 0])          # the sixth; 0 again becomes the most recent
+    assert read == m.expert_bytes
+    read, _ = fetch([6, 7])          # evicts 1 and 2 (least recent; 5 and 0 are the last batch)
+    assert read == 2 * m.expert_bytes
+    cached = {k[1] for k in store.host_cache.slot_of}
+    assert cached == {0, 3, 4, 5, 6, 7}
+    read, _ = fetch([1])
+    assert read == m.expert_bytes    # evicted: read again, and right
+    store.drop_page_cache()
+    assert not store.host_cache.slot_of
+    read, _ = fetch([6])
+    assert read == m.expert_bytes
+    store.close()
+
+
 @pytest.mark.parametrize("model", ["packed", "small_packed"])
 def test_stream_bench_times_decode_against_every_way_of_reading(model, request):
     """`cpu.bench --packed`: cold and warm decode beside expert I/O alone, replayed every way the

@@ -36,6 +36,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -212,6 +213,55 @@ def _remaining(views: list, skip: int) -> list:
     return out
 
 
+class _HostCache:
+    """Experts read with O_DIRECT, kept in anonymous memory for later tokens: the page cache's
+    job, which direct reads skip. (layer, expert) -> slot, least recently used first; slots of
+    the batch being built and of the one before are never given away."""
+
+    def __init__(self, components: list[fmt.Component], slots: int):
+        self.buf = _Buffers(components, slots, zero_copy=False)
+        self.slots = slots
+        self.slot_of: OrderedDict = OrderedDict()
+        self.owner: dict[int, tuple[int, int]] = {}
+        self.last: set[int] = set()
+
+    def clear(self) -> None:
+        self.slot_of.clear()
+        self.owner.clear()
+        self.last = set()
+
+    def find(self, layer: int, ids: np.ndarray) -> np.ndarray:
+        """Per expert, its slot (-1: not cached); hits become the most recently used."""
+        out = np.full(len(ids), -1, np.int64)
+        for i, e in enumerate(ids):
+            slot = self.slot_of.get((layer, int(e)))
+            if slot is not None:
+                self.slot_of.move_to_end((layer, int(e)))
+                out[i] = slot
+        return out
+
+    def place(self, layer: int, ids: np.ndarray, keep: set[int]) -> np.ndarray:
+        """Slots for experts `ids` (not cached): free ones first, then the least recently used
+        outside `keep` and the previous batch."""
+        keep = keep | self.last
+        free = [s for s in range(self.slots) if s not in self.owner]
+        out = np.empty(len(ids), np.int64)
+        for i, e in enumerate(ids):
+            if free:
+                slot = free.pop()
+            else:
+                key = next((k for k, v in self.slot_of.items() if v not in keep), None)
+                if key is None:
+                    raise FlashMoeError("the expert cache is smaller than one layer's experts: raise "
+                                        "FLASHMOE_HOST_CACHE_GB.")
+                slot = self.slot_of.pop(key)
+            self.slot_of[(layer, int(e))] = slot
+            self.owner[slot] = (layer, int(e))
+            keep = keep | {slot}
+            out[i] = slot
+        return out
+
+
 class ExpertStore:
     """Streams experts of a packed model directory; an `ExpertSource`."""
 
@@ -280,6 +330,9 @@ class ExpertStore:
             print("flashmoe: FLASHMOE_COLD_READS=direct needs O_DIRECT on 4 KiB-aligned expert parts and the C "
                   "reader; reading with copies instead.", file=sys.stderr)
             self.cold_reads = "copy"
+        # Direct reads leave nothing in the page cache: keep them in RAM instead
+        # (FLASHMOE_HOST_CACHE_GB, default: half the memory available at open, at most the files).
+        self.host_cache = self._make_host_cache() if self.cold_reads == "direct" else None
         self._readahead = None
         # Decode on the CPU kernels computes while the misses are read (fetch_streaming);
         # FLASHMOE_OVERLAP_READS=0: read, then compute.
@@ -427,10 +480,41 @@ class ExpertStore:
             batch = self._batch(ids, buf, self._row_addresses(layer, ids, np.ones(n, bool), buf))
             return batch, PendingReads(self, in_place.copy(), miss,
                                        mapped=self._maps[layer] + self._offsets(ids))
+        if self.host_cache is not None:   # direct reads, kept in RAM for later tokens
+            return self._fetch_cached(layer, ids, in_place, buf)
         if len(miss):
             self._start_reads(layer, ids[miss], miss, buf, direct=self.cold_reads == "direct")
         batch = self._batch(ids, buf, self._row_addresses(layer, ids, in_place, buf))
         return batch, PendingReads(self, in_place.copy(), miss)
+
+    def _fetch_cached(self, layer: int, ids: np.ndarray, in_place: np.ndarray, buf: "_Buffers"):
+        """fetch_streaming's misses from the host cache, or read into it with O_DIRECT."""
+        cache, m = self.host_cache, self.manifest
+        slots = np.full(len(ids), -1, np.int64)
+        slots[~in_place] = cache.find(layer, ids[~in_place])
+        ready = in_place | (slots >= 0)
+        miss = np.flatnonzero(~ready)
+        k = int((slots >= 0).sum())
+        self.stats.experts += k
+        self.stats.bytes += k * m.expert_bytes
+        self.stats.in_place += k
+        if len(miss):
+            slots[miss] = cache.place(layer, ids[miss], keep={int(v) for v in slots if v >= 0})
+            self._start_reads(layer, ids[miss], slots[miss], cache.buf, direct=True)
+        cache.last = {int(v) for v in slots if v >= 0}
+        batch = self._batch(ids, buf, self._row_addresses(layer, ids, in_place, cache.buf, rows=slots))
+        return batch, PendingReads(self, ready, miss)
+
+    def _make_host_cache(self, slots: int | None = None) -> "_HostCache | None":
+        m = self.manifest
+        if slots is None:
+            want = os.environ.get("FLASHMOE_HOST_CACHE_GB", "auto").strip().lower()
+            try:
+                nbytes = _mem_available() // 2 if want in ("", "auto") else int(float(want) * 1e9)
+            except ValueError:
+                raise FlashMoeError(f"FLASHMOE_HOST_CACHE_GB={want!r}: give a size in GB, or auto.") from None
+            slots = min(nbytes // m.expert_stride, m.num_experts * len(m.layers))
+        return _HostCache(self.components, int(slots)) if slots > 0 else None
 
     def _direct_possible(self) -> bool:
         """Whether misses can be read with O_DIRECT: every expert part starts and ends on a 4 KiB
@@ -587,11 +671,13 @@ class ExpertStore:
             self._maps[layer] = self._mapper.map(self.fds[layer], self.manifest.layer_file_bytes())
         return self._maps[layer]
 
-    def _row_addresses(self, layer: int, ids: np.ndarray, in_place: np.ndarray, buf: _Buffers) -> np.ndarray:
-        """int64 [n, 9]: per expert, the host address of each component (page cache or buffer row)."""
+    def _row_addresses(self, layer: int, ids: np.ndarray, in_place: np.ndarray, buf: _Buffers,
+                       rows: np.ndarray | None = None) -> np.ndarray:
+        """int64 [n, 9]: per expert, the host address of each component (page cache, or row
+        rows[i] of `buf`, by default row i)."""
         mapped = self._maps[layer] + self._offsets(ids)
         out = np.empty((len(ids), len(self.components)), np.int64)
-        rows = np.arange(len(ids), dtype=np.int64)
+        rows = np.arange(len(ids), dtype=np.int64) if rows is None else np.maximum(rows, 0)
         for j, c in enumerate(self.components):
             out[:, j] = np.where(in_place, mapped + c.offset, buf.addresses[j] + rows * c.nbytes)
         return out
@@ -626,6 +712,9 @@ class ExpertStore:
                     self._mapper.madvise(addr, self.manifest.layer_file_bytes(), _MADV_DONTNEED)
         for fd in self.fds:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if getattr(self, "host_cache", None) is not None:   # (and what direct reads kept in RAM)
+            self._settle()
+            self.host_cache.clear()
 
     def close(self) -> None:
         if getattr(self, "_in_flight", 0):
@@ -704,6 +793,18 @@ class PendingReads:
             self.ready[:] = True
         if self.mapped is not None:
             self.store._end_readahead()
+
+
+def _mem_available() -> int:
+    """Bytes of memory available (Linux MemAvailable; elsewhere a quarter of physical memory)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
 
 
 def _advise(fd: int, offsets: np.ndarray, nbytes: int) -> None:
