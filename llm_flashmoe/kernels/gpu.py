@@ -32,6 +32,11 @@ QMV_ROWS = None if _qmv_rows in ("", "auto") else int(_qmv_rows)
 MOE_GU_ROWS, MOE_DOWN_ROWS = (int(v) for v in os.environ.get("FLASHMOE_MOE_ROWS", "1,1").split(","))
 
 
+# Words of 4-byte codes a lane loads before computing on them (the QWORDS define of the matrix-vector
+# and MoE kernels; FLASHMOE_QMV_WORDS, default 32): bytes in flight against registers per thread.
+QWORDS = int(os.environ.get("FLASHMOE_QMV_WORDS", "32"))
+
+
 def qmv_rows(total_rows: int) -> int:
     if QMV_ROWS is not None:
         return QMV_ROWS
@@ -90,7 +95,7 @@ class GpuKernels:
         M = math.prod(x.shape[:-1])
         n = len(linears)
         R = qmv_rows(sum(l.out_features for l in linears))
-        defines = {"KDIM": K, "NSLOT": n, "QMV_R": R}
+        defines = {"KDIM": K, "NSLOT": n, "QMV_R": R, "QWORDS": QWORDS}
         inputs, args = ["x"], [x]
         for i, lin in enumerate(linears):
             defines.update({f"N{i}": lin.out_features, f"B{i}": lin.bits, f"G{i}": lin.group_size})
@@ -159,7 +164,8 @@ class GpuKernels:
             return None
         I, Is = gate.weight.shape[1], shared_gate.out_features
         defines = {"HD": H, "KE": K, "IE": I, "BE": gate.bits, "GE": gate.group_size, "SHI": Is,
-                   "SHB": shared_gate.bits, "SHG": shared_gate.group_size, "ADDRESSED": int(addressed), "GU_R": MOE_GU_ROWS}
+                   "SHB": shared_gate.bits, "SHG": shared_gate.group_size, "ADDRESSED": int(addressed), "GU_R": MOE_GU_ROWS,
+                   "QWORDS": QWORDS}
         stacks = [*_parts(gate), *_parts(up), *_parts(shared_gate), *_parts(shared_up)]
         warps = _ceil(K * I + Is, MOE_GU_ROWS)
         kw = dict(template=[("T", x.dtype)], grid=(_ceil(warps, 8) * 256, 1, 1), threadgroup=(256, 1, 1),
@@ -175,7 +181,8 @@ class GpuKernels:
             _no_addresses(addressed)
             return plain.moe_down(h, rows, weights, down, hs, shared_down, shared_gate_logit, residual)
         defines = {"HD": H, "KE": K, "IE": I, "BE": down.bits, "GE": down.group_size, "SHI": Is,
-                   "SHB": shared_down.bits, "SHG": shared_down.group_size, "ADDRESSED": int(addressed), "DOWN_R": MOE_DOWN_ROWS}
+                   "SHB": shared_down.bits, "SHG": shared_down.group_size, "ADDRESSED": int(addressed), "DOWN_R": MOE_DOWN_ROWS,
+                   "QWORDS": QWORDS}
         names = ("h", "ids", "weights", "dw", "ds", "db", "hs", "sdw", "sds", "sdb", "sg", "res")
         kern = self.kernel("moe_down", names, ("out",), defines)
         ids = rows.reshape(-1) if addressed else rows.astype(mx.int32)

@@ -164,9 +164,10 @@ def decode(args) -> None:
 
 
 def rows_sweep(reps: int) -> None:
-    """Rows per warp of qmv (the decode's matrix shapes) and of the MoE kernels: each setting
-    checked against the plain twin (bf16 bound) and timed as a chain of `reps` dependent calls
-    (the decode's situation: one token, each launch waiting for the last)."""
+    """Rows per warp of qmv (the decode's matrix shapes) and of the MoE kernels, then the words
+    of codes a lane keeps in flight (QWORDS) at the default rows: each setting checked against
+    the plain twin (bf16 bound) and timed as a chain of `reps` dependent calls (the decode's
+    situation: one token, each launch waiting for the last)."""
     from . import gpu, plain
     from .check import BOUND, qlinear, rnd, moe_inputs
 
@@ -186,53 +187,76 @@ def rows_sweep(reps: int) -> None:
         _, e = timed(run)
         return e / reps * 1e6
 
+    def cell(label, got, ref, step, x0) -> str:
+        e = max(err(a, b) for a, b in zip(got, ref))
+        return f"{label}: {chain(step, x0):6.1f} us{'' if e <= BOUND[dt] else f' FAIL {e:.1e}'}"
+
     qshapes = {"GDN in_proj 4096->12288|8192|64|64": (4096, [12288, 8192, 64, 64]),
                "attn q|k|v 4096->16384|512|512": (4096, [16384, 512, 512]),
                "out_proj/o_proj 8192->4096": (8192, [4096]),
                "router|shared gate 4096->512|1": (4096, [512, 1]),
                "lm_head 4096->248320": (4096, [248320])}
-    print(f"qmv rows per warp (FLASHMOE_QMV_ROWS; now {gpu.QMV_ROWS or 'auto'}), us per dependent call "
-          "(and a small add), max rel err vs twin:")
-    saved = gpu.QMV_ROWS
+    qcases = []
     for name, (K, Ns) in qshapes.items():
         lins = [qlinear(n, K, 4, 64, dt) for n in Ns]
         x0 = rnd((1, K), dt)
-        ref = plain.qmv(x0, lins)
-        cells = []
-        for R in (1, 2, 4, 8):
-            gpu.QMV_ROWS = R
-            e = max(err(a, b) for a, b in zip(gk.qmv(x0, lins), ref))
-            # the next call's input depends on this one's output (a scalar mix keeps the shape)
-            us = chain(lambda x: x + gk.qmv(x, lins)[0][..., :1] * 0, x0)
-            cells.append(f"R={R}: {us:6.1f} us{'' if e <= BOUND[dt] else f' FAIL {e:.1e}'}")
-        us = chain(lambda x: x + plain.qmv(x, lins)[0][..., :1] * 0, x0)   # MLX's own kernel
-        cells.append(f"MLX: {us:6.1f} us")
-        print(f"  {name:38} " + "   ".join(cells), flush=True)
-    gpu.QMV_ROWS = saved
+        qcases.append((name, lins, x0, plain.qmv(x0, lins)))
     d = moe_inputs("397b", dt)
     K, I, Is = d["K"], d["gate"].weight.shape[1], d["sg"].out_features
     h0, hs0 = rnd((K, I), dt), rnd((Is,), dt)
+    gu_args = lambda x: (x, d["rows"], d["gate"], d["up"], d["sg"], d["su"])
+    dn_args = lambda r: (h0, d["rows"], d["w"], d["down"], hs0, d["sd"], mx.zeros((1,), dt), r)
+    ref_gu, ref_dn = plain.moe_gate_up(*gu_args(d["x"])), plain.moe_down(*dn_args(d["res"]))
+
+    def qmv_cell(label, lins, x0, ref):
+        # the next call's input depends on this one's output (a scalar mix keeps the shape)
+        return cell(label, gk.qmv(x0, lins), ref, lambda x: x + gk.qmv(x, lins)[0][..., :1] * 0, x0)
+
+    def gu_cell(label):
+        return cell(label, gk.moe_gate_up(*gu_args(d["x"])), ref_gu,
+                    lambda x: x + gk.moe_gate_up(*gu_args(x))[1][:1] * 0, d["x"])
+
+    def dn_cell(label):
+        return cell(label, [gk.moe_down(*dn_args(d["res"]))], [ref_dn], lambda r: gk.moe_down(*dn_args(r)), d["res"])
+
+    saved = gpu.QMV_ROWS, gpu.MOE_GU_ROWS, gpu.MOE_DOWN_ROWS, gpu.QWORDS
+    print(f"qmv rows per warp (FLASHMOE_QMV_ROWS; now {gpu.QMV_ROWS or 'auto'}), us per dependent call "
+          "(and a small add), max rel err vs twin:")
+    for name, lins, x0, ref in qcases:
+        cells = []
+        for R in (1, 2, 4, 8):
+            gpu.QMV_ROWS = R
+            cells.append(qmv_cell(f"R={R}", lins, x0, ref))
+        cells.append(f"MLX: {chain(lambda x: x + plain.qmv(x, lins)[0][..., :1] * 0, x0):6.1f} us")   # MLX's own
+        print(f"  {name:38} " + "   ".join(cells), flush=True)
+    gpu.QMV_ROWS = saved[0]
     print(f"MoE rows per warp (FLASHMOE_MOE_ROWS; now {gpu.MOE_GU_ROWS},{gpu.MOE_DOWN_ROWS}):")
-    saved = gpu.MOE_GU_ROWS, gpu.MOE_DOWN_ROWS
-    ref_gu = plain.moe_gate_up(d["x"], d["rows"], d["gate"], d["up"], d["sg"], d["su"])
-    ref_dn = plain.moe_down(h0, d["rows"], d["w"], d["down"], hs0, d["sd"], rnd((1,), dt) * 0, d["res"])
     cells = []
     for R in (1, 2, 4):
         gpu.MOE_GU_ROWS = R
-        got = gk.moe_gate_up(d["x"], d["rows"], d["gate"], d["up"], d["sg"], d["su"])
-        e = max(err(a, b) for a, b in zip(got, ref_gu))
-        us = chain(lambda x: x + gk.moe_gate_up(x, d["rows"], d["gate"], d["up"], d["sg"], d["su"])[1][:1] * 0, d["x"])
-        cells.append(f"R={R}: {us:6.1f} us{'' if e <= BOUND[dt] else f' FAIL {e:.1e}'}")
+        cells.append(gu_cell(f"R={R}"))
     print("  moe_gate_up (4 experts + shared)      " + "   ".join(cells), flush=True)
+    gpu.MOE_GU_ROWS = saved[1]
     cells = []
     for R in (1, 2, 4, 8):
         gpu.MOE_DOWN_ROWS = R
-        got = gk.moe_down(h0, d["rows"], d["w"], d["down"], hs0, d["sd"], rnd((1,), dt) * 0, d["res"])
-        e = err(got, ref_dn)
-        us = chain(lambda r: gk.moe_down(h0, d["rows"], d["w"], d["down"], hs0, d["sd"], mx.zeros((1,), dt), r), d["res"])
-        cells.append(f"R={R}: {us:6.1f} us{'' if e <= BOUND[dt] else f' FAIL {e:.1e}'}")
+        cells.append(dn_cell(f"R={R}"))
     print("  moe_down (4 experts + shared)         " + "   ".join(cells), flush=True)
-    gpu.MOE_GU_ROWS, gpu.MOE_DOWN_ROWS = saved
+    gpu.MOE_DOWN_ROWS = saved[2]
+    print(f"words of codes in flight per lane (FLASHMOE_QMV_WORDS; now {gpu.QWORDS}), default rows:")
+    for name, lins, x0, ref in qcases:
+        cells = []
+        for W in (8, 16, 32, 64):
+            gpu.QWORDS = W
+            cells.append(qmv_cell(f"W={W}", lins, x0, ref))
+        print(f"  {name:38} " + "   ".join(cells), flush=True)
+    for name, one in (("moe_gate_up (4 experts + shared)", gu_cell), ("moe_down (4 experts + shared)", dn_cell)):
+        cells = []
+        for W in (8, 16, 32, 64):
+            gpu.QWORDS = W
+            cells.append(one(f"W={W}"))
+        print(f"  {name:38} " + "   ".join(cells), flush=True)
+    gpu.QMV_ROWS, gpu.MOE_GU_ROWS, gpu.MOE_DOWN_ROWS, gpu.QWORDS = saved
 
 
 def first_calls(path: str) -> None:
