@@ -210,6 +210,10 @@ def check(args) -> int:
               "FLASHMOE_CACHE_TRANSPORT=host forces it on elsewhere)")
         return 1
     off = load_model(args.packed, gpu_cache="off", experts_per_token=args.k)
+    # On the CPU the store's decode computes experts as their reads land (FLASHMOE_OVERLAP_READS),
+    # summing them in landing order, which depends on what the page cache holds at that moment:
+    # the reference reads first, then computes, in the cached path's order.
+    off.experts.overlap = False
     ref = _run_tokens(off, prompt, args.steps)
     off.experts.close()
     ok = True
