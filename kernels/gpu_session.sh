@@ -59,6 +59,14 @@ print(f'synth 397b x $LAYERS layers (mlx layout) in {time.perf_counter() - t:.0f
   fi
   df -h /tmp | tail -1 | tee -a "$out/prep.log"
 }
+profile() {  # profile NAME [ncu options] -- CMD...: each kernel's GPU time under ncu, summed per kernel
+  local name=$1; shift
+  local opts=()
+  while [ "$1" != -- ]; do opts+=("$1"); shift; done; shift
+  step "$name.log" "$(command -v ncu || echo /usr/local/cuda/bin/ncu)" "${opts[@]}" --metrics gpu__time_duration.sum \
+    ${NCU_ARGS:-} --csv --log-file "$out/$name.csv" "$@"
+  python3 -m llm_flashmoe.kernels.overhead ncu "$out/$name.csv" | tee -a "$out/$name.log"
+}
 nvidia-smi --query-gpu=name,clocks.sm,memory.used,memory.total --format=csv,noheader
 python3 -c 'import mlx.core as mx; print("mlx", mx.__version__, mx.default_device())'
 for s in "$@"; do
@@ -94,15 +102,10 @@ for s in "$@"; do
       step overhead.log python3 -m llm_flashmoe.kernels.overhead decode --dir "$M/mlx"
       step overhead.log python3 -m llm_flashmoe.kernels.overhead decode --packed "$M/packed" ;;
     ncu)  # each kernel's time on the GPU over 3 decode steps, op by op and compiled
-      step ncu.log "$(command -v ncu || echo /usr/local/cuda/bin/ncu)" --profile-from-start off --metrics gpu__time_duration.sum ${NCU_ARGS:-} \
-        --csv --log-file "$out/ncu.csv" python3 -m llm_flashmoe.kernels.overhead decode --dir "$M/mlx" --steps 8 --profile
-      python3 -m llm_flashmoe.kernels.overhead ncu "$out/ncu.csv" | tee -a "$out/ncu.log" ;;
+      profile ncu --profile-from-start off -- python3 -m llm_flashmoe.kernels.overhead decode --dir "$M/mlx" --steps 8 --profile ;;
     kcheck) step kcheck.log python3 -m llm_flashmoe.kernels.check --runs "$runs" ${KCHECK_ONLY:+--only "$KCHECK_ONLY"} ;;
     kdecode) step kdecode.log python3 -m llm_flashmoe.kernels.decode_bench --dir "$M/mlx" ${KDECODE_ARGS:---check-layers 2,all} ;;
-    kncu)
-      step kncu.log "$(command -v ncu || echo /usr/local/cuda/bin/ncu)" --metrics gpu__time_duration.sum ${NCU_ARGS:-} \
-        --csv --log-file "$out/kncu.csv" python3 -m llm_flashmoe.kernels.check --only "MoE block,qmv" --runs 1 --dtypes bfloat16
-      python3 -m llm_flashmoe.kernels.overhead ncu "$out/kncu.csv" | tee -a "$out/kncu.log" ;;
+    kncu) profile kncu -- python3 -m llm_flashmoe.kernels.check --only "MoE block,qmv" --runs 1 --dtypes bfloat16 ;;
     *) echo "unknown step $s" ;;
   esac
 done

@@ -222,12 +222,12 @@ class _HostCache:
         self.buf = _Buffers(components, slots, zero_copy=False)
         self.slots = slots
         self.slot_of: OrderedDict = OrderedDict()
-        self.owner: dict[int, tuple[int, int]] = {}
+        self.free = list(range(slots))
         self.last: set[int] = set()
 
     def clear(self) -> None:
         self.slot_of.clear()
-        self.owner.clear()
+        self.free = list(range(self.slots))
         self.last = set()
 
     def find(self, layer: int, ids: np.ndarray) -> np.ndarray:
@@ -244,11 +244,10 @@ class _HostCache:
         """Slots for experts `ids` (not cached): free ones first, then the least recently used
         outside `keep` and the previous batch."""
         keep = keep | self.last
-        free = [s for s in range(self.slots) if s not in self.owner]
         out = np.empty(len(ids), np.int64)
         for i, e in enumerate(ids):
-            if free:
-                slot = free.pop()
+            if self.free:
+                slot = self.free.pop()
             else:
                 key = next((k for k, v in self.slot_of.items() if v not in keep), None)
                 if key is None:
@@ -256,7 +255,6 @@ class _HostCache:
                                         "FLASHMOE_HOST_CACHE_GB.")
                 slot = self.slot_of.pop(key)
             self.slot_of[(layer, int(e))] = slot
-            self.owner[slot] = (layer, int(e))
             keep = keep | {slot}
             out[i] = slot
         return out

@@ -58,6 +58,15 @@ CUDA_TYPES = {**C_TYPES, mx.bfloat16: "__nv_bfloat16", mx.float16: "__half"}
 CUDA_PRELUDE = "#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n#include <cstdint>\n"
 
 
+def kernel_params(spec: tuple, inputs, output_dtypes, types: dict) -> list[str]:
+    """The parameters MLX gives a kernel of `spec` (name, input names, output names, body,
+    header): its inputs, the shapes of those whose `NAME_shape` the body reads, its outputs."""
+    _, ins, outs, body, _ = spec
+    params = [f"const {types[a.dtype]}* {n}" for n, a in zip(ins, inputs)]
+    params += [f"const int32_t* {n}_shape" for n in ins if f"{n}_shape" in body]
+    return params + [f"{types[d]}* {n}" for n, d in zip(outs, output_dtypes)]
+
+
 class _Recorder:
     """Stands in for one mx.fast.cuda_kernel: records the translation unit of each call."""
 
@@ -66,11 +75,9 @@ class _Recorder:
         self.spec = (name, list(input_names), list(output_names), source, header)
 
     def __call__(self, inputs, template, grid, threadgroup, output_shapes, output_dtypes, **_):
-        name, ins, outs, body, header = self.spec
+        name, _, _, body, header = self.spec
         types = CUDA_TYPES if self.nvcc else C_TYPES
-        params = [f"const {types[a.dtype]}* {n}" for n, a in zip(ins, inputs)]
-        params += [f"const int32_t* {n}_shape" for n in ins if f"{n}_shape" in body]
-        params += [f"{types[d]}* {n}" for n, d in zip(outs, output_dtypes)]
+        params = kernel_params(self.spec, inputs, output_dtypes, types)
         t, fn = types[dict(template)["T"]], "__global__ void" if self.nvcc else "void"
         self.sink[name] = ((CUDA_PRELUDE if self.nvcc else '#include "shim.h"\n') + f"{header}\n"
                            f"template <typename T> {fn} {name}({', '.join(params)}) {{\n{body}\n}}\n"

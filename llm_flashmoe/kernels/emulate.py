@@ -27,7 +27,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .compile_check import C_TYPES
+from .compile_check import C_TYPES, kernel_params
 
 # What the CUDA dialect and MLX's wrapper provide, made to run: thread-local indices, a block
 # barrier, warp shuffles through memory. (Blocks run one at a time, so `static` shared memory
@@ -97,12 +97,10 @@ class _Launch:
         return [n for n in self.spec[1] if f"{n}_shape" in self.spec[3]]
 
     def _library(self, inputs, output_dtypes, template) -> tuple[ctypes.CDLL, str]:
-        name, ins, outs, body, header = self.spec
+        name, _, _, body, header = self.spec
         header = header.replace('#define PREFETCH_L2(p) asm volatile("prefetch.global.L2 [%0];" ::"l"(p))',
                                 "#define PREFETCH_L2(p) ((void)(p))")
-        params = [f"const {C_TYPES[a.dtype]}* {n}" for n, a in zip(ins, inputs)]
-        params += [f"const int32_t* {n}_shape" for n in self.shaped()]
-        params += [f"{C_TYPES[d]}* {n}" for n, d in zip(outs, output_dtypes)]
+        params = kernel_params(self.spec, inputs, output_dtypes, C_TYPES)
         t = C_TYPES[dict(template)["T"]]
         casts = [f"({p.rsplit(' ', 1)[0]})a[{i}]" for i, p in enumerate(params)]
         text = (SHIM + header + f"\ntemplate <typename T> void {name}({', '.join(params)}) {{\n{body}\n}}\n"
