@@ -503,15 +503,14 @@ class ExpertStore:
         batch = self._batch(ids, buf, self._row_addresses(layer, ids, in_place, cache.buf, rows=slots))
         return batch, PendingReads(self, ready, miss)
 
-    def _make_host_cache(self, slots: int | None = None) -> "_HostCache | None":
+    def _make_host_cache(self) -> "_HostCache | None":
         m = self.manifest
-        if slots is None:
-            want = os.environ.get("FLASHMOE_HOST_CACHE_GB", "auto").strip().lower()
-            try:
-                nbytes = _mem_available() // 2 if want in ("", "auto") else int(float(want) * 1e9)
-            except ValueError:
-                raise FlashMoeError(f"FLASHMOE_HOST_CACHE_GB={want!r}: give a size in GB, or auto.") from None
-            slots = min(nbytes // m.expert_stride, m.num_experts * len(m.layers))
+        want = os.environ.get("FLASHMOE_HOST_CACHE_GB", "auto").strip().lower()
+        try:
+            nbytes = _mem_available() // 2 if want in ("", "auto") else int(float(want) * 1e9)
+        except ValueError:
+            raise FlashMoeError(f"FLASHMOE_HOST_CACHE_GB={want!r}: give a size in GB, or auto.") from None
+        slots = min(nbytes // m.expert_stride, m.num_experts * len(m.layers))
         return _HostCache(self.components, int(slots)) if slots > 0 else None
 
     def _direct_possible(self) -> bool:
@@ -564,12 +563,10 @@ class ExpertStore:
         piece = max(MIN_PIECE, -(-m.expert_bytes // self.threads // MIN_PIECE) * MIN_PIECE)
         t0 = time.perf_counter()
         try:
-            if direct:   # the misses are known: no page-cache probe
-                self._native.start(self._direct_fd(layer), self._offsets(ids), rows, m.expert_bytes,
-                                   self.components, buf.addresses, piece, False)
-            else:
-                self._native.start(self.fds[layer], self._offsets(ids), rows, m.expert_bytes,
-                                   self.components, buf.addresses, piece, self.probe)
+            # direct: the misses are known, no page-cache probe
+            fd, probe = (self._direct_fd(layer), False) if direct else (self.fds[layer], self.probe)
+            self._native.start(fd, self._offsets(ids), rows, m.expert_bytes, self.components, buf.addresses,
+                               piece, probe)
         except OSError as e:
             raise self._read_error(e) from e
         s = self.stats
