@@ -54,6 +54,34 @@ def test_qmv_matches_numpy(bits, gs, K, N):
         close(got, x @ np_dequant(lin).T)
 
 
+@pytest.mark.parametrize("add", [False, True])
+def test_norm_qmv_twin_is_the_norm_then_qmv(add):
+    K = 96
+    lins = [qlin(20, K, 4, 32), qlin(1, K, 4, 32)]
+    x, xa, w = RNG.normal(size=(2, K)), RNG.normal(size=(2, K)), 1 + 0.1 * RNG.normal(size=K)
+    outs, h, n = plain.norm_qmv(*(mx.array(t.astype(np.float32)) if t is not None else None
+                                  for t in (x, xa if add else None, w)), 1e-6, lins)
+    h_ref = x + xa if add else x
+    close(h, h_ref)
+    close(n, rmsnorm(h_ref, w))
+    for got, lin in zip(outs, lins):
+        close(got, rmsnorm(h_ref, w) @ np_dequant(lin).T)
+
+
+def test_ops_compose_norm_qmv_from_the_backends_own_ops():
+    calls = []
+    qmv = lambda *a: calls.append("qmv") or plain.qmv(*a)                          # noqa: E731
+    norm = lambda *a: calls.append("rms_norm") or plain.rms_norm(*a)               # noqa: E731
+    add_norm = lambda *a: calls.append("add_rms_norm") or plain.add_rms_norm(*a)   # noqa: E731
+    kernels.register_backend("test-norm", lambda: {"qmv": qmv, "rms_norm": norm, "add_rms_norm": add_norm})
+    o = kernels.ops("test-norm")
+    x, w, lin = mx.ones((1, 64)), mx.ones((64,)), qlin(8, 64, 4, 32)
+    o.norm_qmv(x, None, w, 1e-6, [lin])
+    o.norm_qmv(x, x, w, 1e-6, [lin])
+    assert calls == ["rms_norm", "qmv", "add_rms_norm", "qmv"]
+    assert kernels.ops("twin").norm_qmv is plain.norm_qmv
+
+
 def test_moe_twins_match_numpy():
     E, K, H, I, Is = 12, 3, 64, 32, 64
     gate, up, down = qlin(I, H, 4, 32, E), qlin(I, H, 4, 32, E), qlin(H, I, 4, 32, E)

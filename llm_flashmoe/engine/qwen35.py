@@ -99,13 +99,23 @@ class GatedDeltaNet:
         C, Kc = self.conv_weight.shape
         return mx.zeros((1, Kc - 1, C), dtype), mx.zeros((1, self.Hv, self.Dv, self.Dk), mx.float32)
 
-    def decode_fused(self, x: mx.array, state: LinearAttentionState) -> mx.array:
-        """One token, the same math as above through the fused kernels."""
-        qkv, z, b, a = self.ops.qmv(x.reshape(1, -1), [self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a])
+    def decode_fused(self, x: mx.array, state: LinearAttentionState, norm=None) -> mx.array:
+        """One token, the same math as above through the fused kernels; norm = (weight, eps): x is
+        the layer's input, normalized in the projections' launch."""
+        qkv, z, b, a = _in_proj(self.ops, x, norm, [self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a])
         o, state.conv, state.recurrent = self.ops.gdn_step(
             qkv, z, b, a, state.conv, self.conv_weight, self.A, self.dt_bias, self.norm_weight,
             state.recurrent, self.Hk, self.Dk, self.eps)
         return self.ops.qmv(o.reshape(1, -1), [self.out_proj])[0].reshape(x.shape)
+
+
+def _in_proj(ops, x: mx.array, norm, linears):
+    """A mixer's input projections of one token: of x, or of rmsnorm(x) * norm[0] computed in
+    the same launch (norm = (weight, eps))."""
+    x1 = x.reshape(1, -1)
+    if norm is None:
+        return ops.qmv(x1, linears)
+    return ops.norm_qmv(x1, None, norm[0], norm[1], linears)[0]
 
 
 class Attention:
@@ -147,10 +157,10 @@ class Attention:
         out = out.transpose(0, 2, 1, 3).reshape(1, T, Hq * Dh)
         return self.o_proj(out * mx.sigmoid(gate))
 
-    def decode_fused(self, x: mx.array, cache: KVCache) -> mx.array:
-        """One token, the same math as above through the fused kernels."""
+    def decode_fused(self, x: mx.array, cache: KVCache, norm=None) -> mx.array:
+        """One token, the same math as above through the fused kernels (norm: as GatedDeltaNet's)."""
         Hkv, Dh = self.Hkv, self.Dh
-        qg, k, v = self.ops.qmv(x.reshape(1, -1), [self.q_proj, self.k_proj, self.v_proj])
+        qg, k, v = _in_proj(self.ops, x, norm, [self.q_proj, self.k_proj, self.v_proj])
         q, k = self.ops.qk_norm_rope(qg, k, self.q_norm, self.k_norm, cache.offset, self.rope_dims,
                                      self.rope_theta, self.eps, Hkv)
         # The cache holds MLX arrays (a backend may hand back host arrays).
@@ -185,8 +195,6 @@ class SparseMoE:
     def __call__(self, x: mx.array, residual: mx.array) -> mx.array:
         """residual + moe(x)"""
         B, T, H = x.shape
-        if T == 1 and self.ops is not None:
-            return self.decode_fused(x, residual)
         x2 = x.reshape(T, H)
         inds, scores = self.route(x2)
         inds_np = np.array(inds)                         # the read below needs the ids now
@@ -235,25 +243,33 @@ class SparseMoE:
         if dev[3] is not None and dev[4]:
             self.experts.stats.gpu_hits += self.k
 
-    def decode_math(self, x1: mx.array, residual: mx.array, gate: Linear, up: Linear, down: Linear,
-                    lookup: mx.array | None) -> mx.array:
-        """residual + moe(x1) for one token with the experts' stacks and a device-side lookup (no
-        host round trip): all arrays in, all arrays out, so that it can be compiled."""
-        logits, shared_logit = self.ops.qmv(x1, [self.router, self.shared_expert_gate])
-        h, hs, rows, scores = self.ops.moe_route_gate_up(logits, self.k, self.norm_topk_prob, lookup, x1, gate, up,
-                                                         self.shared_gate_proj, self.shared_up_proj)
-        return self.ops.moe_down(h, rows, scores, down, hs, self.shared_down_proj, shared_logit, residual)
+    def _router(self, x: mx.array, y: mx.array, norm_w: mx.array, eps: float):
+        """h = x + y, n = rmsnorm(h) * norm_w, and the router's and the shared expert gate's
+        logits of n, in one launch -> (logits, shared logit, h, n)."""
+        (logits, shared_logit), h, n = self.ops.norm_qmv(x.reshape(1, -1), y.reshape(1, -1), norm_w, eps,
+                                                         [self.router, self.shared_expert_gate])
+        return logits, shared_logit, h, n
 
-    def decode_fused(self, x: mx.array, residual: mx.array) -> mx.array:
-        """One token, the same math as above through the fused kernels."""
-        x1 = x.reshape(1, -1)
+    def decode_math(self, x: mx.array, y: mx.array, norm_w: mx.array, eps: float, gate: Linear, up: Linear,
+                    down: Linear, lookup: mx.array | None) -> mx.array:
+        """h + moe(rmsnorm(h) * norm_w), h = x + y, for one token with the experts' stacks and a
+        device-side lookup (no host round trip): all arrays in, all arrays out, so that it can be
+        compiled."""
+        logits, shared_logit, h, n = self._router(x, y, norm_w, eps)
+        hh, hs, rows, scores = self.ops.moe_route_gate_up(logits, self.k, self.norm_topk_prob, lookup, n, gate, up,
+                                                          self.shared_gate_proj, self.shared_up_proj)
+        return self.ops.moe_down(hh, rows, scores, down, hs, self.shared_down_proj, shared_logit, h)
+
+    def decode_fused(self, x: mx.array, y: mx.array, norm_w: mx.array, eps: float) -> mx.array:
+        """One token of h + moe(rmsnorm(h) * norm_w), h = x + y (the layer's input and its mixer's
+        output), through the fused kernels."""
         dev = self.device_experts()
         if dev is not None:
             # No mx.async_eval(out) here to start the MoE early: on the H200 each extra evaluation
             # cost ~0.15 ms per layer (0.574 -> 0.425 ms per layer without it, all experts cached).
             self.count_device(dev)
-            return self.decode_math(x1, residual, *dev[:4]).reshape(x.shape)
-        logits, shared_logit = self.ops.qmv(x1, [self.router, self.shared_expert_gate])
+            return self.decode_math(x, y, norm_w, eps, *dev[:4]).reshape(x.shape)
+        logits, shared_logit, residual, x1 = self._router(x, y, norm_w, eps)
         ids, scores = self.ops.moe_route(logits, self.k, self.norm_topk_prob)
         ids_np = np.array(ids)
         on_cpu = self.ops.backend == "cpu"
@@ -307,6 +323,10 @@ class DecoderLayer:
             out = self.decode_step(x, cache)
             if out is not None:
                 return out
+        if self.ops is not None and x.shape[1] == 1:
+            # one token through the kernels: each norm runs in the launch of the matvec after it
+            y = self.mixer.decode_fused(x, cache, (self.input_norm, self.eps))
+            return self.moe.decode_fused(x, y, self.post_norm, self.eps)
         norm = rms_norm if self.ops is None else self.ops.rms_norm
         y = self.mixer(norm(x, self.input_norm, self.eps), cache)
         if self.ops is None:
@@ -348,18 +368,12 @@ class DecoderLayer:
         if dev is not None:
             moe.count_device(dev)
 
-        def moe_part(n, h, *lookup):
-            return moe.decode_math(n.reshape(1, -1), h, *dev[:3], lookup[0] if lookup else None).reshape(x.shape)
+        def moe_part(x, y, *lookup):
+            return moe.decode_math(x, y, self.post_norm, eps, *dev[:3], lookup[0] if lookup else None).reshape(x.shape)
 
         if not self.is_linear:
-            y = self.mixer(ops.rms_norm(x, self.input_norm, eps), cache)
-
-            def after_attention():
-                def f(x, y, *lookup):
-                    h, n = ops.add_rms_norm(x, y, self.post_norm, eps)
-                    return moe_part(n, h, *lookup)
-                return f
-            return self._fn(("attn",) + key, after_attention)(x, y, *lk)
+            y = self.mixer.decode_fused(x, cache, (self.input_norm, eps))
+            return self._fn(("attn",) + key, lambda: moe_part)(x, y, *lk)
 
         state = cache
         if state.conv is None or state.recurrent is None:
@@ -368,18 +382,17 @@ class DecoderLayer:
         def mixer_part(x, conv, rec):
             st = LinearAttentionState()
             st.conv, st.recurrent = conv, rec
-            y = self.mixer.decode_fused(ops.rms_norm(x, self.input_norm, eps), st)
-            h, n = ops.add_rms_norm(x, y, self.post_norm, eps)
-            return h, n, st.conv, st.recurrent
+            y = self.mixer.decode_fused(x, st, (self.input_norm, eps))
+            return y, st.conv, st.recurrent
 
         if dev is None:
-            h, n, state.conv, state.recurrent = self._fn(("gdn",) + key, lambda: mixer_part)(x, state.conv, state.recurrent)
-            return moe(n, residual=h)
+            y, state.conv, state.recurrent = self._fn(("gdn",) + key, lambda: mixer_part)(x, state.conv, state.recurrent)
+            return moe.decode_fused(x, y, self.post_norm, eps)
 
         def whole():
             def f(x, conv, rec, *lookup):
-                h, n, conv, rec = mixer_part(x, conv, rec)
-                return moe_part(n, h, *lookup), conv, rec
+                y, conv, rec = mixer_part(x, conv, rec)
+                return moe_part(x, y, *lookup), conv, rec
             return f
         out, state.conv, state.recurrent = self._fn(("layer",) + key, whole)(x, state.conv, state.recurrent, *lk)
         return out

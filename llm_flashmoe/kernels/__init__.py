@@ -9,7 +9,7 @@ chosen backend's functions (no lookups per call). Backends are tables of op
 name -> function in `_TABLES`; an op a backend lacks falls back to its
 plain-MLX twin (plain.py), so a partial backend (e.g. CPU native kernels)
 slots in by registering only what it implements; a composed op a backend
-lacks (moe_route_gate_up) is made of the backend's own parts instead. 'twin' runs the twins
+lacks (moe_route_gate_up, norm_qmv) is made of the backend's own parts instead. 'twin' runs the twins
 themselves through the fused code path (for CPU tests of the wiring).
 """
 
@@ -80,6 +80,7 @@ def active_backend() -> str:
 class Ops:
     backend: str
     qmv: Callable
+    norm_qmv: Callable
     moe_route: Callable
     moe_gate_up: Callable
     moe_route_gate_up: Callable
@@ -104,6 +105,8 @@ def ops(backend: str | None = None) -> Ops | None:
         _built[name] = _TABLES[name]()
     table = _built[name]
     chosen = {op: table.get(op, plain.OPS[op]) for op in OP_NAMES}
+    if "norm_qmv" not in table:   # the backend's own norms, then its qmv
+        chosen["norm_qmv"] = plain.compose_norm_qmv(chosen["qmv"], chosen["rms_norm"], chosen["add_rms_norm"])
     if "moe_route_gate_up" not in table:   # the backend's own moe_route and moe_gate_up, in turn
         chosen["moe_route_gate_up"] = plain.route_gate_up(chosen["moe_route"], chosen["moe_gate_up"])
     return Ops(name, **chosen)

@@ -76,6 +76,17 @@ def case_qmv(label, dtype):
     return pair("qmv", rnd((1, K), dtype), lins)
 
 
+def case_norm_qmv(label, dtype):
+    """The RMSNorm (label "+add": residual add and RMSNorm) in front of qmv, as the engine runs the
+    input projections (no add) and the router with the shared expert's gate (add)."""
+    shape, add = label.removesuffix("+add"), label.endswith("+add")
+    M, K, Ns, bits, gs = {"397b": (1, 4096, [12288, 8192, 64, 64], 4, 64), "397b-router": (1, 4096, [512, 1], 4, 64),
+                          "tiny": (1, 256, [64, 1], 4, 64), "odd": (2, 96, [37, 5], 3, 32)}[shape]
+    lins = [qlinear(n, K, bits, gs, dtype) for n in Ns]
+    return pair("norm_qmv", rnd((M, K), dtype), rnd((M, K), dtype) if add else None, rnd((K,), dtype, 0.2) + 1,
+                1e-6, lins)
+
+
 MOE_SHAPES = {"397b": (512, 4, 4096, 1024, 1024, 64), "tiny": (64, 4, 256, 128, 128, 64),
               "odd": (40, 3, 160, 96, 64, 32)}
 
@@ -184,6 +195,7 @@ def case_add_rms_norm(label, dtype):
 
 CASES = [
     ("qmv", case_qmv, ["397b", "397b-4096", "397b-2bit", "397b-3bit", "397b-8bit", "tiny", "odd"]),
+    ("norm_qmv", case_norm_qmv, ["397b", "397b-router+add", "tiny", "tiny+add", "odd", "odd+add"]),
     ("moe_route", case_moe_route, ["397b", "tiny", "odd"]),
     ("moe_gate_up", case_moe_gate_up, ["397b", "tiny", "odd"]),
     ("moe_route_gate_up", case_moe_route_gate_up,

@@ -88,24 +88,50 @@ class GpuKernels:
 
     # -- family 1 ---------------------------------------------------------
     def qmv(self, x: mx.array, linears: list[Linear]) -> list[mx.array]:
-        K = x.shape[-1]
-        if not (1 <= len(linears) <= 4 and K % 32 == 0 and _xs_bytes(K) <= self.max_shared
-                and all(_q2d(l, K) for l in linears)):
+        if not self._qmv_covers(x, linears):
             return plain.qmv(x, linears)
+        return self._qmv(x, linears)
+
+    def norm_qmv(self, x: mx.array, xadd, w: mx.array, eps: float, linears: list[Linear]):
+        """The linears of n = rmsnorm(h) * w, h = x (+ xadd), with the norm computed in the
+        matvec's launch -> (outputs, h, n)."""
+        if not (self._qmv_covers(x, linears) and w.size == x.shape[-1] and (xadd is None or xadd.shape == x.shape)):
+            return plain.compose_norm_qmv(self.qmv, plain.rms_norm, self.add_rms_norm)(x, xadd, w, eps, linears)
+        outs = self._qmv(x, linears, (xadd, w, eps))
+        if xadd is None:
+            return outs[:-1], x, outs[-1]
+        return outs[:-2], outs[-2], outs[-1]
+
+    def _qmv_covers(self, x, linears) -> bool:
+        K = x.shape[-1]
+        return (1 <= len(linears) <= 4 and K % 32 == 0 and _xs_bytes(K) <= self.max_shared
+                and all(_q2d(l, K) for l in linears))
+
+    def _qmv(self, x, linears, norm=None) -> list[mx.array]:
+        """The qmv kernel; norm = (xadd or None, weight, eps) puts an RMSNorm in front, whose
+        input (x + xadd, if given) and output come back after the linears' outputs."""
+        K = x.shape[-1]
         M = math.prod(x.shape[:-1])
         n = len(linears)
         R = qmv_rows(sum(l.out_features for l in linears))
-        defines = {"KDIM": K, "NSLOT": n, "QMV_R": R, "QWORDS": QWORDS}
+        mode = 0 if norm is None else 1 if norm[0] is None else 2
+        defines = {"KDIM": K, "NSLOT": n, "QMV_R": R, "QWORDS": QWORDS, "NORM": mode,
+                   "EPS": float(norm[2]) if norm else 0.0}
         inputs, args = ["x"], [x]
+        if mode == 2:
+            inputs, args = inputs + ["xadd"], args + [norm[0]]
+        if mode:
+            inputs, args = inputs + ["nw"], args + [norm[1]]
         for i, lin in enumerate(linears):
             defines.update({f"N{i}": lin.out_features, f"B{i}": lin.bits, f"G{i}": lin.group_size})
             inputs += [f"w{i}", f"s{i}", f"b{i}"]
             args += [lin.weight, lin.scales, lin.biases]
+        outputs = [f"y{i}" for i in range(n)] + (["hout"] if mode == 2 else []) + (["nout"] if mode else [])
+        shapes = [(*x.shape[:-1], l.out_features) for l in linears] + [x.shape] * (len(outputs) - n)
         warps = sum(_ceil(l.out_features, R) for l in linears)
-        k = self.kernel("qmv", tuple(inputs), tuple(f"y{i}" for i in range(n)), defines)
+        k = self.kernel("qmv", tuple(inputs), tuple(outputs), defines)
         outs = k(inputs=args, template=[("T", x.dtype)], grid=(_ceil(warps, 8) * 256, M, 1),
-                 threadgroup=(256, 1, 1), output_shapes=[(*x.shape[:-1], l.out_features) for l in linears],
-                 output_dtypes=[x.dtype] * n, **self._fill)
+                 threadgroup=(256, 1, 1), output_shapes=shapes, output_dtypes=[x.dtype] * len(outputs), **self._fill)
         return list(outs)
 
     # -- family 2 ---------------------------------------------------------

@@ -19,6 +19,18 @@ def qmv(x: mx.array, linears: list[Linear]) -> list[mx.array]:
     return [lin(x) for lin in linears]
 
 
+def compose_norm_qmv(qmv, rms_norm, add_rms_norm):
+    """norm_qmv made of a backend's own `qmv`, `rms_norm` and `add_rms_norm`."""
+    def norm_qmv(x: mx.array, xadd: mx.array | None, w: mx.array, eps: float, linears: list[Linear]):
+        """h = x (+ xadd), n = rmsnorm(h) * w -> ([l(n) for l in linears], h, n)."""
+        if xadd is None:
+            h, n = x, rms_norm(x, w, eps)
+        else:
+            h, n = add_rms_norm(x, xadd, w, eps)
+        return qmv(n, linears), h, n
+    return norm_qmv
+
+
 def stacks_at(addresses: mx.array, stacks: list[tuple[Linear, int]]) -> list[Linear]:
     """Per (stack, first part): a [K, ...] stack read from the K experts' part addresses
     (uint64 [K, 9]: gate, up, down x weight, scales, biases). The twin of the CUDA kernels'
@@ -167,6 +179,8 @@ def add_rms_norm(x: mx.array, y: mx.array, w: mx.array, eps: float) -> tuple[mx.
     return h, mx.fast.rms_norm(h, w, eps)
 
 
+norm_qmv = compose_norm_qmv(qmv, rms_norm, add_rms_norm)
+
 OPS = {name: globals()[name] for name in (
-    "qmv", "moe_route", "moe_gate_up", "moe_route_gate_up", "moe_down", "decode_attention", "qk_norm_rope",
+    "qmv", "norm_qmv", "moe_route", "moe_gate_up", "moe_route_gate_up", "moe_down", "decode_attention", "qk_norm_rope",
     "gdn_step", "add_rms_norm", "rms_norm")}
