@@ -87,6 +87,7 @@ class CudaRuntime:
             "cudaGetErrorString": [ci],
             "cudaRuntimeGetVersion": [ctypes.POINTER(ci)],
             "cudaGetDevice": [ctypes.POINTER(ci)],
+            "cudaDeviceGetAttribute": [ctypes.POINTER(ci), ci, ci],
             "cudaMemGetInfo": [ctypes.POINTER(sz), ctypes.POINTER(sz)],
             "cudaHostAlloc": [ctypes.POINTER(vp), sz, ctypes.c_uint],
             "cudaFreeHost": [vp],
@@ -119,6 +120,16 @@ class CudaRuntime:
         if err != 0:
             msg = self.lib.cudaGetErrorString(err)
             raise FlashMoeError(f"CUDA error in {what}: {msg.decode() if msg else err}")
+
+    def sm_count(self) -> int:
+        """The current device's multiprocessors."""
+        if getattr(self, "_sms", None) is None:
+            dev, n = ctypes.c_int(), ctypes.c_int()
+            self.check(self.lib.cudaGetDevice(ctypes.byref(dev)), "cudaGetDevice")
+            self.check(self.lib.cudaDeviceGetAttribute(ctypes.byref(n), 16, dev.value),   # cudaDevAttrMultiProcessorCount
+                       "cudaDeviceGetAttribute")
+            self._sms = n.value
+        return self._sms
 
     def mem_info(self) -> tuple[int, int]:
         free, total = ctypes.c_size_t(), ctypes.c_size_t()

@@ -37,6 +37,27 @@ MOE_GU_ROWS, MOE_DOWN_ROWS = (int(v) for v in os.environ.get("FLASHMOE_MOE_ROWS"
 QWORDS = int(os.environ.get("FLASHMOE_QMV_WORDS", "32"))
 
 
+# Groups of 8 warps a matvec launch may have (FLASHMOE_GRID, a multiple of the GPU's
+# multiprocessors, e.g. 2; default off: one warp per row group). A smaller grid makes each warp take
+# several row groups in turn: the input is staged once per group of warps for all of them, and
+# a launch is no longer a few waves of short-lived groups each paying the staging's latency.
+_grid = os.environ.get("FLASHMOE_GRID", "off").strip().lower()
+GRID_PER_SM = None if _grid in ("", "off", "0", "none") else float(_grid)
+# FLASHMOE_GRID_BLOCKS=N: at most N groups per launch, on any backend (emulation, tuning)
+GRID_BLOCKS = int(os.environ.get("FLASHMOE_GRID_BLOCKS", "0") or 0) or None
+
+
+def grid_blocks(needed: int, backend: str) -> int:
+    """Thread groups of 256 to launch for `needed` groups' worth of warps (FLASHMOE_GRID)."""
+    if GRID_BLOCKS is not None:
+        return max(1, min(needed, GRID_BLOCKS))
+    if GRID_PER_SM is None or backend != "cuda":
+        return needed
+    from ..experts.cuda import runtime
+
+    return max(1, min(needed, round(GRID_PER_SM * runtime().sm_count())))
+
+
 def qmv_rows(total_rows: int) -> int:
     if QMV_ROWS is not None:
         return QMV_ROWS
@@ -128,9 +149,10 @@ class GpuKernels:
             args += [lin.weight, lin.scales, lin.biases]
         outputs = [f"y{i}" for i in range(n)] + (["hout"] if mode == 2 else []) + (["nout"] if mode else [])
         shapes = [(*x.shape[:-1], l.out_features) for l in linears] + [x.shape] * (len(outputs) - n)
-        warps = sum(_ceil(l.out_features, R) for l in linears)
+        blocks = grid_blocks(_ceil(sum(_ceil(l.out_features, R) for l in linears), 8), self.backend)
+        defines["QMV_GW"] = blocks * 8
         k = self.kernel("qmv", tuple(inputs), tuple(outputs), defines)
-        outs = k(inputs=args, template=[("T", x.dtype)], grid=(_ceil(warps, 8) * 256, M, 1),
+        outs = k(inputs=args, template=[("T", x.dtype)], grid=(blocks * 256, M, 1),
                  threadgroup=(256, 1, 1), output_shapes=shapes, output_dtypes=[x.dtype] * len(outputs), **self._fill)
         return list(outs)
 
@@ -193,8 +215,9 @@ class GpuKernels:
                    "SHB": shared_gate.bits, "SHG": shared_gate.group_size, "ADDRESSED": int(addressed), "GU_R": MOE_GU_ROWS,
                    "QWORDS": QWORDS}
         stacks = [*_parts(gate), *_parts(up), *_parts(shared_gate), *_parts(shared_up)]
-        warps = _ceil(K * I + Is, MOE_GU_ROWS)
-        kw = dict(template=[("T", x.dtype)], grid=(_ceil(warps, 8) * 256, 1, 1), threadgroup=(256, 1, 1),
+        blocks = grid_blocks(_ceil(_ceil(K * I, MOE_GU_ROWS) + _ceil(Is, MOE_GU_ROWS), 8), self.backend)
+        defines["GU_GW"] = blocks * 8
+        kw = dict(template=[("T", x.dtype)], grid=(blocks * 256, 1, 1), threadgroup=(256, 1, 1),
                   output_shapes=[(K, I), (Is,)], **self._fill)
         return defines, stacks, kw
 
