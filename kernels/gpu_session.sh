@@ -21,6 +21,9 @@
 #   kdecode  fused vs plain decode, tolerance check
 #            (KDECODE_ARGS replaces its default --check-layers 2,all)
 #   kncu     each kernel's GPU time (ncu, NCU_ARGS as below) in the check's MoE block and qmv cases
+#   settings decode under each kernel setting in $SETTINGS (';'-separated, e.g. "-;grid=2 words=16"),
+#            one process; the fastest one's environment goes to /tmp/fm-best.env, and with USE_BEST=1
+#            the steps kcheck, kdecode, kncu and ncu run under it
 #   rows     rows per warp of qmv and the MoE kernels, checked and timed
 #   firststep the first decode step's stall in two processes in a row (MLX's kernel cache)
 #   firstcalls the first decode steps' fused ops timed one by one (what the first step's stall is)
@@ -67,6 +70,7 @@ profile() {  # profile NAME [ncu options] -- CMD...: each kernel's GPU time unde
     ${NCU_ARGS:-} --csv --log-file "$out/$name.csv" "$@"
   python3 -m llm_flashmoe.kernels.overhead ncu "$out/$name.csv" | tee -a "$out/$name.log"
 }
+best() { [ "${USE_BEST:-0}" = 1 ] && [ -f /tmp/fm-best.env ] && cat /tmp/fm-best.env; }
 nvidia-smi --query-gpu=name,clocks.sm,memory.used,memory.total --format=csv,noheader
 python3 -c 'import mlx.core as mx; print("mlx", mx.__version__, mx.default_device())'
 for s in "$@"; do
@@ -102,10 +106,14 @@ for s in "$@"; do
       step overhead.log python3 -m llm_flashmoe.kernels.overhead decode --dir "$M/mlx"
       step overhead.log python3 -m llm_flashmoe.kernels.overhead decode --packed "$M/packed" ;;
     ncu)  # each kernel's time on the GPU over 3 decode steps, op by op and compiled
-      profile ncu --profile-from-start off -- python3 -m llm_flashmoe.kernels.overhead decode --dir "$M/mlx" --steps 8 --profile ;;
-    kcheck) step kcheck.log python3 -m llm_flashmoe.kernels.check --runs "$runs" ${KCHECK_ONLY:+--only "$KCHECK_ONLY"} ;;
-    kdecode) step kdecode.log python3 -m llm_flashmoe.kernels.decode_bench --dir "$M/mlx" ${KDECODE_ARGS:---check-layers 2,all} ;;
-    kncu) profile kncu -- python3 -m llm_flashmoe.kernels.check --only "MoE block,qmv" --runs 1 --dtypes bfloat16 ;;
+      profile ncu --profile-from-start off -- env $(best) python3 -m llm_flashmoe.kernels.overhead decode --dir "$M/mlx" --steps 8 --profile ;;
+    settings)
+      step settings.log python3 -m llm_flashmoe.kernels.overhead settings --dir "$M/mlx" ${SETTINGS:+--settings "$SETTINGS"} \
+        --best /tmp/fm-best.env
+      echo "== fastest: $(cat /tmp/fm-best.env 2>/dev/null)" | tee -a "$out/settings.log" ;;
+    kcheck) step kcheck.log env $(best) python3 -m llm_flashmoe.kernels.check --runs "$runs" ${KCHECK_ONLY:+--only "$KCHECK_ONLY"} ;;
+    kdecode) step kdecode.log env $(best) python3 -m llm_flashmoe.kernels.decode_bench --dir "$M/mlx" ${KDECODE_ARGS:---check-layers 2,all} ;;
+    kncu) profile kncu -- env $(best) python3 -m llm_flashmoe.kernels.check --only "MoE block,qmv" --runs 1 --dtypes bfloat16 ;;
     *) echo "unknown step $s" ;;
   esac
 done

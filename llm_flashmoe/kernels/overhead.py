@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -301,6 +302,88 @@ def first_calls(path: str) -> None:
               flush=True)
 
 
+# setting key -> (environment variable, parse into the kernel module's globals)
+SETTING_KEYS = {"grid": "FLASHMOE_GRID", "blocks": "FLASHMOE_GRID_BLOCKS", "words": "FLASHMOE_QMV_WORDS",
+                "qrows": "FLASHMOE_QMV_ROWS", "moerows": "FLASHMOE_MOE_ROWS"}
+
+
+def parse_setting(text: str) -> dict:
+    """'grid=2 words=16' -> {'grid': '2', 'words': '16'} ('-': the defaults)."""
+    out = {}
+    for part in text.split():
+        if part == "-":
+            continue
+        k, _, v = part.partition("=")
+        if k not in SETTING_KEYS or not v:
+            raise SystemExit(f"bad setting {part!r}: use {', '.join(f'{k}=...' for k in SETTING_KEYS)}")
+        out[k] = v
+    return out
+
+
+def apply_setting(setting: dict, backend: str = "cuda"):
+    """Set the kernel module's knobs as the environment variables would (then fresh kernels) ->
+    the backend's ops with them."""
+    from . import gpu, _built, ops
+
+    g = setting.get("grid", "off")
+    gpu.GRID_PER_SM = None if g in ("off", "0") else float(g)
+    gpu.GRID_BLOCKS = int(setting.get("blocks", "0")) or None
+    gpu.QWORDS = int(setting.get("words", "32"))
+    q = setting.get("qrows", "auto")
+    gpu.QMV_ROWS = None if q == "auto" else int(q)
+    gpu.MOE_GU_ROWS, gpu.MOE_DOWN_ROWS = (int(v) for v in setting.get("moerows", "1,1").split(","))
+    _built.pop(backend, None)
+    return ops(backend)
+
+
+def settings_sweep(args) -> None:
+    """Decode (resident, compiled, fresh tokens) under each setting in one process, with the plain
+    path and embed+head timed once: ms per layer; each setting's logits for the same tokens
+    against the plain path's; the 397B MoE block (check case) compiled, fused against plain. The
+    fastest setting's environment goes to --best."""
+    from ..engine.load import load_model
+    from . import check
+    from .decode_bench import decode_times, logits_run, with_ops
+
+    t0 = time.perf_counter()
+    model = load_model(args.dir, experts_per_token=args.k)
+    touch(model)
+    L = len(model.layers)
+    print(f"loaded {args.dir} in {time.perf_counter() - t0:.1f} s, {L} layers, K={args.k}, {model.dtype} ({_env()})",
+          flush=True)
+    prompt = list(range(1, 9))
+    ref = logits_run(model, None, prompt, 4)
+    with_ops(model, None)
+    plain_tok = float(np.median(decode_times(model, prompt, args.steps, fresh_tokens=True))) * 1e3
+    eh = float(np.median(decode_times(model, prompt, args.steps, embed_head_only=True))) * 1e3
+    print(f"plain: {plain_tok:.2f} ms/token, {(plain_tok - eh) / L * 1e3:.1f} us/layer; embed+head {eh:.2f} ms", flush=True)
+    mx.random.seed(0)
+    f, t, _ = check.case_moe_block(args.moe_shape, mx.bfloat16)
+    moe_plain = check.time_call(mx.compile(lambda: check._flat(t())), args.runs)
+    print(f"{'setting':36} {'ms/token':>8} {'us/layer':>8} {'vs plain':>8} {'rel diff':>9} {'top1':>5} "
+          f"{'MoE us':>7} {'MoE x':>6}", flush=True)
+    best = None
+    for text in args.settings.split(";"):
+        setting = parse_setting(text)
+        o = apply_setting(setting, args.backend)
+        got = logits_run(model, o, prompt, 4)
+        diff = max(float(np.abs(a - b).max() / np.abs(b).max()) for a, b in zip(got, ref))
+        top1 = float(np.mean([a.argmax() == b.argmax() for a, b in zip(got, ref)]))
+        with_ops(model, o)
+        tok = float(np.median(decode_times(model, prompt, args.steps, fresh_tokens=True))) * 1e3
+        with_ops(model, None)
+        moe = check.time_call(mx.compile(lambda: check._flat(f(o))), args.runs)
+        per_layer = (tok - eh) / L * 1e3
+        print(f"{text:36} {tok:8.2f} {per_layer:8.1f} {(plain_tok - eh) / (tok - eh):7.2f}x {diff:9.2e} {top1:5.2f} "
+              f"{moe:7.1f} {moe_plain / moe:5.2f}x", flush=True)
+        if best is None or per_layer < best[0]:
+            best = (per_layer, setting)
+    env = " ".join(f"{SETTING_KEYS[k]}={v}" for k, v in best[1].items())
+    print(f"fastest: {env or 'the defaults'} ({best[0]:.1f} us/layer)")
+    if args.best:
+        Path(args.best).write_text(env + "\n")
+
+
 def ncu_summary(path: str) -> None:
     """Sum an `ncu --csv --metrics gpu__time_duration.sum` log per kernel name."""
     import csv
@@ -343,6 +426,16 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=50)
     p = sub.add_parser("firstcalls", help="the first decode steps' fused ops timed one by one")
     p.add_argument("--dir", required=True)
+    p = sub.add_parser("settings", help="decode under several kernel settings in one process")
+    p.add_argument("--dir", required=True)
+    p.add_argument("--settings", default="-;grid=1;grid=2;grid=4",
+                   help="';'-separated settings, each space-separated key=value of " + ", ".join(SETTING_KEYS))
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--best", default=None, help="write the fastest setting's environment here")
+    p.add_argument("--moe-shape", default="397b", help="shape set of the MoE block timed (check.MOE_SHAPES)")
+    p.add_argument("--backend", default="cuda", help="kernel backend (twin: a CPU run of the sweep itself)")
     p = sub.add_parser("ncu", help="summarise an ncu CSV log per kernel")
     p.add_argument("csv")
     args = ap.parse_args(argv)
@@ -352,6 +445,8 @@ def main(argv=None) -> int:
         rows_sweep(args.reps)
     elif args.cmd == "firstcalls":
         first_calls(args.dir)
+    elif args.cmd == "settings":
+        settings_sweep(args)
     elif args.cmd == "ncu":
         ncu_summary(args.csv)
     else:
