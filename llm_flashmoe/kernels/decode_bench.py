@@ -154,6 +154,49 @@ def print_tolerance(rows, label: str, dtype) -> None:
               f"{'yes' if r['ok'] else 'NO'}", flush=True)
 
 
+def variants(ref_model, model, fused, prompt, steps: int, layers, timing_steps: int = 16) -> bool:
+    """The tolerance check and the decode time per layer of the fused ops compiled and op by op,
+    with the norms in the matvecs' launches, with only one of the two (the input norm, or the
+    router's add and norm) and with neither (norm_qmv made of the separate norm and qmv): which
+    part of the fused path an error comes from, and what each costs."""
+    from dataclasses import replace
+
+    from . import plain
+
+    split = plain.compose_norm_qmv(fused.qmv, fused.rms_norm, fused.add_rms_norm)
+
+    def only(add: bool):
+        return lambda x, xa, w, eps, lins: (fused.norm_qmv if (xa is not None) == add else split)(x, xa, w, eps, lins)
+
+    L = len(model.layers)
+    with_ops(model, None)
+    eh = float(np.median(decode_times(model, prompt, timing_steps, embed_head_only=True))) * 1e3
+    ok = True
+    saved = os.environ.get("FLASHMOE_COMPILE")
+    try:
+        for label, o, comp in (("compiled, fused norms", fused, "1"), ("op by op, fused norms", fused, "0"),
+                               ("compiled, input norm fused", replace(fused, norm_qmv=only(False)), "1"),
+                               ("compiled, router add+norm fused", replace(fused, norm_qmv=only(True)), "1"),
+                               ("compiled, separate norms", replace(fused, norm_qmv=split), "1"),
+                               ("compiled, separate norms, routing launch of its own",
+                                replace(fused, norm_qmv=split,
+                                        moe_route_gate_up=plain.route_gate_up(fused.moe_route, fused.moe_gate_up)), "1")):
+            os.environ["FLASHMOE_COMPILE"] = comp
+            with_ops(model, o)
+            tok = float(np.median(decode_times(model, prompt, timing_steps))) * 1e3
+            with_ops(model, None)
+            print(f"{label}: {tok:.2f} ms/token, {(tok - eh) / L * 1e3:.1f} us/layer (embed+head {eh:.2f} ms)", flush=True)
+            rows = tolerance_check(ref_model, model, o, prompt, steps, layers)
+            print_tolerance(rows, f"{o.backend}, {label}", model.dtype)
+            ok = ok and all(r["ok"] for r in rows)
+    finally:
+        if saved is None:
+            os.environ.pop("FLASHMOE_COMPILE", None)
+        else:
+            os.environ["FLASHMOE_COMPILE"] = saved
+    return ok
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="397b")
@@ -167,6 +210,8 @@ def main(argv=None) -> int:
     ap.add_argument("--check-steps", type=int, default=16,
                     help="decode steps of the bf16-tolerance check against float32 (0: skip)")
     ap.add_argument("--check-layers", default="all", help="comma-separated layer counts for that check, e.g. 2,all")
+    ap.add_argument("--variants", action="store_true",
+                    help="only the tolerance check, compiled and op by op, with and without fused norms")
     args = ap.parse_args(argv)
     from ..engine.load import load_model
     from . import ops as kernel_ops
@@ -184,6 +229,10 @@ def main(argv=None) -> int:
         return 2
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, 1000, args.prompt).tolist()
+    if args.variants:
+        ref = load_model(dest, experts_per_token=model.experts_per_token, dtype=mx.float32)
+        layers = [int(n) if n != "all" else None for n in args.check_layers.split(",")]
+        return 0 if variants(ref, model, fused, prompt, args.check_steps, layers) else 1
     err, top1 = compare(model, fused, prompt, 8)
     print(f"logits fused vs plain ({fused.backend}, {args.preset} L={len(model.layers)}): "
           f"max rel diff {err:.3e}, top-1 agreement {top1:.2f}", flush=True)
