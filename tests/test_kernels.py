@@ -263,16 +263,28 @@ def test_partial_backend_falls_back_to_twins():
     assert calls == [1]
 
 
-def test_engine_decode_through_twins_matches_plain(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fuse_input_norm", ["0", "1"])
+def test_engine_decode_through_twins_matches_plain(tmp_path, monkeypatch, fuse_input_norm):
+    """One token through the fused ops' twins: the router's add+norm always in its matvec's launch
+    (norm_qmv with a residual), the input norm there only with FLASHMOE_FUSE_INPUT_NORM=1."""
+    from dataclasses import replace
+
     from llm_flashmoe import synth
     from llm_flashmoe.engine.load import load_model
     from llm_flashmoe.kernels.decode_bench import compare
 
+    monkeypatch.setenv("FLASHMOE_FUSE_INPUT_NORM", fuse_input_norm)
     monkeypatch.setattr(synth, "_write_tokenizer", lambda d: None)
     synth.write_synthetic(tmp_path / "m", preset="tiny", layout="mlx", layers=4)
     model = load_model(tmp_path / "m", dtype=mx.float32)
-    err, top1 = compare(model, kernels.ops("twin"), [3, 1, 4, 1, 5], 4)
+    calls = []
+    twin = kernels.ops("twin")
+    ops = replace(twin, norm_qmv=lambda x, xa, *a: calls.append(xa is not None) or twin.norm_qmv(x, xa, *a))
+    err, top1 = compare(model, ops, [3, 1, 4, 1, 5], 4)
     assert err < 1e-4 and top1 == 1.0
+    layers, steps = len(model.layers), 4
+    assert calls.count(True) == layers * steps
+    assert calls.count(False) == (layers * steps if fuse_input_norm == "1" else 0)
 
 
 def test_compiled_decode_steps_match_the_uncompiled_ones(tmp_path, monkeypatch):

@@ -119,8 +119,8 @@ class GpuKernels:
         if not (self._qmv_covers(x, linears) and w.size == x.shape[-1] and (xadd is None or xadd.shape == x.shape)):
             return plain.compose_norm_qmv(self.qmv, plain.rms_norm, self.add_rms_norm)(x, xadd, w, eps, linears)
         outs = self._qmv(x, linears, (xadd, w, eps))
-        if xadd is None:
-            return outs[:-1], x, outs[-1]
+        if xadd is None:   # the kernel keeps the normed input to itself: n only if asked for (lazy)
+            return outs, x, plain.rms_norm(x, w, eps)
         return outs[:-2], outs[-2], outs[-1]
 
     def _qmv_covers(self, x, linears) -> bool:
@@ -129,8 +129,8 @@ class GpuKernels:
                 and all(_q2d(l, K) for l in linears))
 
     def _qmv(self, x, linears, norm=None) -> list[mx.array]:
-        """The qmv kernel; norm = (xadd or None, weight, eps) puts an RMSNorm in front, whose
-        input (x + xadd, if given) and output come back after the linears' outputs."""
+        """The qmv kernel; norm = (xadd or None, weight, eps) puts an RMSNorm in front; with xadd,
+        its input x + xadd and its output come back after the linears' outputs."""
         K = x.shape[-1]
         M = math.prod(x.shape[:-1])
         n = len(linears)
@@ -147,7 +147,7 @@ class GpuKernels:
             defines.update({f"N{i}": lin.out_features, f"B{i}": lin.bits, f"G{i}": lin.group_size})
             inputs += [f"w{i}", f"s{i}", f"b{i}"]
             args += [lin.weight, lin.scales, lin.biases]
-        outputs = [f"y{i}" for i in range(n)] + (["hout"] if mode == 2 else []) + (["nout"] if mode else [])
+        outputs = [f"y{i}" for i in range(n)] + (["hout", "nout"] if mode == 2 else [])
         shapes = [(*x.shape[:-1], l.out_features) for l in linears] + [x.shape] * (len(outputs) - n)
         blocks = grid_blocks(_ceil(sum(_ceil(l.out_features, R) for l in linears), 8), self.backend)
         defines["QMV_GW"] = blocks * 8

@@ -359,6 +359,7 @@ def settings_sweep(args) -> None:
     print(f"plain: {plain_tok:.2f} ms/token, {(plain_tok - eh) / L * 1e3:.1f} us/layer; embed+head {eh:.2f} ms", flush=True)
     mx.random.seed(0)
     f, t, _ = check.case_moe_block(args.moe_shape, mx.bfloat16)
+    mx.eval(check._flat(t()))    # the case's random inputs, made once (not inside each timed graph)
     moe_plain = check.time_call(mx.compile(lambda: check._flat(t())), args.runs)
     print(f"{'setting':36} {'ms/token':>8} {'us/layer':>8} {'vs plain':>8} {'rel diff':>9} {'top1':>5} "
           f"{'MoE us':>7} {'MoE x':>6}", flush=True)
