@@ -172,7 +172,8 @@ def variants(ref_model, model, fused, prompt, steps: int, layers, timing_steps: 
     with_ops(model, None)
     eh = float(np.median(decode_times(model, prompt, timing_steps, embed_head_only=True))) * 1e3
     ok = True
-    saved = os.environ.get("FLASHMOE_COMPILE")
+    saved = {k: os.environ.get(k) for k in ("FLASHMOE_COMPILE", "FLASHMOE_FUSE_INPUT_NORM")}
+    os.environ["FLASHMOE_FUSE_INPUT_NORM"] = "1"   # the engine asks norm_qmv; the variants choose what it fuses
     try:
         for label, o, comp in (("compiled, fused norms", fused, "1"), ("op by op, fused norms", fused, "0"),
                                ("compiled, input norm fused", replace(fused, norm_qmv=only(False)), "1"),
@@ -190,10 +191,11 @@ def variants(ref_model, model, fused, prompt, steps: int, layers, timing_steps: 
             print_tolerance(rows, f"{o.backend}, {label}", model.dtype)
             ok = ok and all(r["ok"] for r in rows)
     finally:
-        if saved is None:
-            os.environ.pop("FLASHMOE_COMPILE", None)
-        else:
-            os.environ["FLASHMOE_COMPILE"] = saved
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return ok
 
 
