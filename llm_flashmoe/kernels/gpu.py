@@ -20,31 +20,43 @@ from .source import render
 
 QBITS = (2, 3, 4, 8)
 QGROUPS = (32, 64, 128)
+# The launch knobs, set from the environment by `configure` (below, at import):
 # Rows per warp in qmv: each staged input serves this many rows. FLASHMOE_QMV_ROWS=N fixes it;
 # auto (None) takes 8 for launches of 65536 rows or more, 4 from 16384, else 2 (H200, 397B decode
 # shapes, `python -m llm_flashmoe.kernels.overhead rows`, us per dependent call at 1/2/4/8 rows:
 # 4096->248320 400/386/337/293, 4096->20608 82/79/57/56, 4096->17408 64/70/55/60,
 # 8192->4096 46/39/41/57, 4096->513 25/24/27/38).
-_qmv_rows = os.environ.get("FLASHMOE_QMV_ROWS", "auto").strip().lower()
-QMV_ROWS = None if _qmv_rows in ("", "auto") else int(_qmv_rows)
+QMV_ROWS: int | None = None
 # Rows per warp of moe_gate_up and moe_down (FLASHMOE_MOE_ROWS=GU,DOWN). The same sweep found
 # no gain from more (gate/up 33.3/31.9/36.4 us at 1/2/4 rows, down 24.3/24.1/26.0/30.6 at 1/2/4/8).
-MOE_GU_ROWS, MOE_DOWN_ROWS = (int(v) for v in os.environ.get("FLASHMOE_MOE_ROWS", "1,1").split(","))
-
-
+MOE_GU_ROWS, MOE_DOWN_ROWS = 1, 1
 # Words of 4-byte codes a lane loads before computing on them (the QWORDS define of the matrix-vector
 # and MoE kernels; FLASHMOE_QMV_WORDS, default 32): bytes in flight against registers per thread.
-QWORDS = int(os.environ.get("FLASHMOE_QMV_WORDS", "32"))
-
-
+QWORDS = 32
 # Groups of 8 warps a matvec launch may have (FLASHMOE_GRID, a multiple of the GPU's
 # multiprocessors, e.g. 2; default off: one warp per row group). A smaller grid makes each warp take
 # several row groups in turn: the input is staged once per group of warps for all of them, and
 # a launch is no longer a few waves of short-lived groups each paying the staging's latency.
-_grid = os.environ.get("FLASHMOE_GRID", "off").strip().lower()
-GRID_PER_SM = None if _grid in ("", "off", "0", "none") else float(_grid)
+GRID_PER_SM: float | None = None
 # FLASHMOE_GRID_BLOCKS=N: at most N groups per launch, on any backend (emulation, tuning)
-GRID_BLOCKS = int(os.environ.get("FLASHMOE_GRID_BLOCKS", "0") or 0) or None
+GRID_BLOCKS: int | None = None
+
+
+def configure(env=os.environ) -> None:
+    """Set the launch knobs above from `env` (FLASHMOE_QMV_ROWS, FLASHMOE_MOE_ROWS,
+    FLASHMOE_QMV_WORDS, FLASHMOE_GRID, FLASHMOE_GRID_BLOCKS; absent: the defaults). Kernels
+    built before keep their settings: make a new GpuKernels after changing them."""
+    global QMV_ROWS, MOE_GU_ROWS, MOE_DOWN_ROWS, QWORDS, GRID_PER_SM, GRID_BLOCKS
+    rows = env.get("FLASHMOE_QMV_ROWS", "auto").strip().lower()
+    QMV_ROWS = None if rows in ("", "auto") else int(rows)
+    MOE_GU_ROWS, MOE_DOWN_ROWS = (int(v) for v in env.get("FLASHMOE_MOE_ROWS", "1,1").split(","))
+    QWORDS = int(env.get("FLASHMOE_QMV_WORDS", "32"))
+    grid = env.get("FLASHMOE_GRID", "off").strip().lower()
+    GRID_PER_SM = None if grid in ("", "off", "0", "none") else float(grid)
+    GRID_BLOCKS = int(env.get("FLASHMOE_GRID_BLOCKS", "0") or 0) or None
+
+
+configure()
 
 
 def grid_blocks(needed: int, backend: str) -> int:

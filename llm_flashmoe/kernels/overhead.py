@@ -302,13 +302,13 @@ def first_calls(path: str) -> None:
               flush=True)
 
 
-# setting key -> (environment variable, parse into the kernel module's globals)
+# setting key -> the environment variable it stands for
 SETTING_KEYS = {"grid": "FLASHMOE_GRID", "blocks": "FLASHMOE_GRID_BLOCKS", "words": "FLASHMOE_QMV_WORDS",
                 "qrows": "FLASHMOE_QMV_ROWS", "moerows": "FLASHMOE_MOE_ROWS"}
 
 
 def parse_setting(text: str) -> dict:
-    """'grid=2 words=16' -> {'grid': '2', 'words': '16'} ('-': the defaults)."""
+    """'grid=2 words=16' -> {'FLASHMOE_GRID': '2', 'FLASHMOE_QMV_WORDS': '16'} ('-': the defaults)."""
     out = {}
     for part in text.split():
         if part == "-":
@@ -316,22 +316,16 @@ def parse_setting(text: str) -> dict:
         k, _, v = part.partition("=")
         if k not in SETTING_KEYS or not v:
             raise SystemExit(f"bad setting {part!r}: use {', '.join(f'{k}=...' for k in SETTING_KEYS)}")
-        out[k] = v
+        out[SETTING_KEYS[k]] = v
     return out
 
 
-def apply_setting(setting: dict, backend: str = "cuda"):
-    """Set the kernel module's knobs as the environment variables would (then fresh kernels) ->
-    the backend's ops with them."""
+def apply_setting(env: dict, backend: str = "cuda"):
+    """The kernel module's knobs as under environment `env` (unset ones at their defaults), then
+    fresh kernels -> the backend's ops with them."""
     from . import gpu, _built, ops
 
-    g = setting.get("grid", "off")
-    gpu.GRID_PER_SM = None if g in ("off", "0") else float(g)
-    gpu.GRID_BLOCKS = int(setting.get("blocks", "0")) or None
-    gpu.QWORDS = int(setting.get("words", "32"))
-    q = setting.get("qrows", "auto")
-    gpu.QMV_ROWS = None if q == "auto" else int(q)
-    gpu.MOE_GU_ROWS, gpu.MOE_DOWN_ROWS = (int(v) for v in setting.get("moerows", "1,1").split(","))
+    gpu.configure(env)
     _built.pop(backend, None)
     return ops(backend)
 
@@ -379,7 +373,7 @@ def settings_sweep(args) -> None:
               f"{moe:7.1f} {moe_plain / moe:5.2f}x", flush=True)
         if best is None or per_layer < best[0]:
             best = (per_layer, setting)
-    env = " ".join(f"{SETTING_KEYS[k]}={v}" for k, v in best[1].items())
+    env = " ".join(f"{k}={v}" for k, v in best[1].items())
     print(f"fastest: {env or 'the defaults'} ({best[0]:.1f} us/layer)")
     if args.best:
         Path(args.best).write_text(env + "\n")
