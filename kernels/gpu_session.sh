@@ -30,6 +30,8 @@
 #   odecode  a decode step's build/evaluate split, op by op and compiled (resident; all experts cached)
 #   ncu      each kernel's GPU time in decode steps (ncu), summed per kernel; NCU_ARGS adds ncu
 #            options (e.g. "--clock-control none --cache-control none": the card's own clocks, warm L2)
+#   ncusol   as ncu, with each kernel's throughputs (% of peak), occupancy, registers and warp-stall
+#            reasons (ncu sections SpeedOfLight, Occupancy, LaunchStats, WarpStateStats, SchedulerStats)
 #   overhead MLX's host cost per operation and a decode step's build/evaluate split, under each
 #            MLX CUDA-graph setting in $MLX_SETTINGS (space-separated VAR=value lists, '-' = defaults)
 set -uo pipefail
@@ -107,6 +109,11 @@ for s in "$@"; do
       step overhead.log python3 -m llm_flashmoe.kernels.overhead decode --packed "$M/packed" ;;
     ncu)  # each kernel's time on the GPU over 3 decode steps, op by op and compiled
       profile ncu --profile-from-start off -- env $(best) python3 -m llm_flashmoe.kernels.overhead decode --dir "$M/mlx" --steps 8 --profile ;;
+    ncusol)  # the same decode steps with ncu's speed-of-light, occupancy and warp-stall figures per kernel
+      profile ncusol --profile-from-start off --section SpeedOfLight --section Occupancy --section LaunchStats \
+        --section WarpStateStats --section SchedulerStats \
+        --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
+        -- env $(best) python3 -m llm_flashmoe.kernels.overhead decode --dir "$M/mlx" --steps 6 --profile ;;
     settings)
       step settings.log python3 -m llm_flashmoe.kernels.overhead settings --dir "$M/mlx" ${SETTINGS:+--settings "$SETTINGS"} \
         --best /tmp/fm-best.env

@@ -379,29 +379,67 @@ def settings_sweep(args) -> None:
         Path(args.best).write_text(env + "\n")
 
 
-def ncu_summary(path: str) -> None:
-    """Sum an `ncu --csv --metrics gpu__time_duration.sum` log per kernel name."""
+_TIME_UNITS = {"ns": 1e-3, "nsecond": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3}
+# The Speed-of-light, occupancy, launch and warp-state figures shown per kernel (ncu's display
+# names, matched as prefixes), then every raw stall-reason metric that was collected.
+NCU_SHOWN = ("Memory Throughput", "DRAM Throughput", "Compute (SM) Throughput", "Registers Per Thread",
+             "Theoretical Occupancy", "Achieved Occupancy", "Warp Cycles Per Issued Instruction",
+             "Issue Slots Busy", "Executed Ipc Active", "Waves Per SM")
+STALL = "smsp__average_warps_issue_stalled_"
+
+
+def ncu_rows(path: str) -> dict:
+    """An `ncu --csv` log -> {kernel name (60 chars): {metric: [values, one per call]}}, durations
+    in us under "us" (from gpu__time_duration.sum or the Speed-of-light section's Duration)."""
     import csv
 
-    rows = []
     with open(path) as f:
         lines = [l for l in f if l.startswith('"')]
+    out: dict = {}
     for r in csv.DictReader(lines):
-        if r.get("Metric Name") == "gpu__time_duration.sum":
-            v = float(r["Metric Value"].replace(",", ""))
-            unit = r.get("Metric Unit", "ns")
-            rows.append((r["Kernel Name"], v * {"ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3}.get(unit, 1e-3)))
-    if not rows:
-        print(f"no gpu__time_duration rows in {path}")
+        name, metric = r.get("Kernel Name", "")[:60], r.get("Metric Name", "")
+        try:
+            v = float(r.get("Metric Value", "").replace(",", ""))
+        except ValueError:
+            continue
+        if metric in ("gpu__time_duration.sum", "Duration"):
+            metric = "us" if metric == "gpu__time_duration.sum" else metric
+            v *= _TIME_UNITS.get(r.get("Metric Unit", "ns"), 1e-3)
+        out.setdefault(name, {}).setdefault(metric, []).append(v)
+    for m in out.values():      # the section's Duration stands in only where the raw metric is absent
+        if "Duration" in m:
+            m.setdefault("us", m.pop("Duration"))
+            m.pop("Duration", None)
+    return out
+
+
+def ncu_summary(path: str) -> None:
+    """Per kernel of an ncu CSV log: calls, GPU time in all and per call; where the log has more
+    than durations (`--section ...`, stall-reason metrics), each collected figure's mean too."""
+    per = ncu_rows(path)
+    times = {k: m["us"] for k, m in per.items() if "us" in m}
+    if not times:
+        print(f"no kernel durations in {path}")
         return
-    total: dict = {}
-    for name, us in rows:
-        n, t = total.get(name[:60], (0, 0.0))
-        total[name[:60]] = (n + 1, t + us)
-    print(f"{len(rows)} kernels, {sum(t for _, t in rows):.1f} us on the GPU in all (both paths, 3 steps each)")
+    n_all = sum(len(v) for v in times.values())
+    print(f"{n_all} kernels, {sum(sum(v) for v in times.values()):.1f} us on the GPU in all")
     print(f"{'kernel':60} {'calls':>6} {'us total':>9} {'us/call':>8}")
-    for name, (n, t) in sorted(total.items(), key=lambda kv: -kv[1][1]):
-        print(f"{name:60} {n:6d} {t:9.1f} {t / n:8.1f}")
+    order = sorted(times, key=lambda k: -sum(times[k]))
+    for name in order:
+        t = times[name]
+        print(f"{name:60} {len(t):6d} {sum(t):9.1f} {sum(t) / len(t):8.1f}")
+    for name in order:
+        m = per[name]
+        shown = [(k, v) for k, v in m.items() if k.startswith(NCU_SHOWN)]
+        stalls = sorted(((k[len(STALL):].split("_per_")[0], sum(v) / len(v)) for k, v in m.items()
+                         if k.startswith(STALL)), key=lambda kv: -kv[1])
+        if not shown and not stalls:
+            continue
+        print(f"\n{name} ({len(times[name])} calls, {sum(times[name]) / len(times[name]):.1f} us/call)")
+        for k, v in sorted(shown):
+            print(f"    {k:40} {sum(v) / len(v):10.2f}")
+        if stalls:
+            print("    stalls (warps per issue): " + ", ".join(f"{k} {v:.2f}" for k, v in stalls if v >= 0.05))
 
 
 def main(argv=None) -> int:
