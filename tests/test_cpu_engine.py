@@ -50,3 +50,63 @@ def test_decode_reuses_released_state_and_spares_held_state(tiny_mlx, monkeypatc
     for rec_copy, rec, conv_copy, conv in held:
         assert np.array_equal(rec_copy, np.asarray(rec)) and np.array_equal(conv_copy, np.asarray(conv))
     assert addresses[-1] == addresses[-3] and addresses[-2] == addresses[-4]   # two buffers take turns
+
+
+def test_speculative_direct_reads_change_no_logits(tmp_path, monkeypatch):
+    """FLASHMOE_PREFETCH with direct reads into the host cache: the next layer's best guess is
+    read while the disk would idle. Every step cold, the logits are exactly those without it;
+    each guess the router picked is one read fewer; `auto` turns it on only for direct reads."""
+    import os
+
+    from llm_flashmoe.engine.qwen35 import _prefetch_default
+    from llm_flashmoe.errors import FlashMoeError
+    from llm_flashmoe.experts import format as fmt
+    from llm_flashmoe.synth import write_synthetic
+
+    path = write_synthetic(tmp_path / "small", preset="small", layout="packed", layers=4, progress=False)
+    try:
+        os.close(os.open(path / fmt.read_manifest(path).layers[0].file, os.O_RDONLY | os.O_DIRECT))
+        direct = True
+    except OSError:   # tmpfs: no O_DIRECT, so no host cache and nothing to speculate
+        direct = False
+    monkeypatch.setenv("FLASHMOE_KERNELS", "auto")
+    monkeypatch.setenv("FLASHMOE_COLD_READS", "direct")
+    prompt = np.random.default_rng(5).integers(0, 248000, 5).tolist()
+
+    def run(prefetch):
+        monkeypatch.setenv("FLASHMOE_PREFETCH", prefetch)
+        model = load_model(path, dtype=mx.float32)
+        store = model.experts
+        cache = model.make_cache()
+        out = [np.array(model(prompt, cache))]
+        store.stats.reset()
+        read = 0
+        for _ in range(6):
+            store.drop_page_cache()                          # cold: every step reads from disk
+            out.append(np.array(model([int(np.argmax(out[-1][-1]))], cache)))
+        s = store.stats
+        read = s.experts - s.in_place                        # experts the router's fetches read
+        store.close()
+        return model, out, read, s.prefetched, s.prefetch_hits
+
+    off, ref, read_off, pre_off, _ = run("0")
+    assert off.layers[0].moe.next_router is None and pre_off == 0
+    on, got, read_on, pre_on, hits = run("auto")
+    for r, g in zip(ref, got):
+        assert np.array_equal(r, g)                          # exactly: speculation changes no sum
+    if not direct:
+        assert on.layers[0].moe.next_router is None          # auto: nothing to speculate with
+        return
+    assert on.layers[0].moe.next_router is on.layers[1].moe.router
+    assert 0 < pre_on <= 6 * 3                               # at most one guess per layer but the last
+    assert 0 < hits <= pre_on                                # (this model's guesses are mostly right)
+    assert read_on == read_off - hits                        # each picked guess: one read fewer
+
+    monkeypatch.setenv("FLASHMOE_COLD_READS", "readahead")   # auto: off where reads go to the page cache
+    monkeypatch.setenv("FLASHMOE_PREFETCH", "auto")
+    model = load_model(path, dtype=mx.float32)
+    assert model.layers[0].moe.next_router is None
+    monkeypatch.setenv("FLASHMOE_PREFETCH", "sometimes")
+    with pytest.raises(FlashMoeError, match="FLASHMOE_PREFETCH"):
+        _prefetch_default(model.experts)
+    model.experts.close()

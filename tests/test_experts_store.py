@@ -552,3 +552,90 @@ def test_stream_bench_times_decode_against_every_way_of_reading(model, request):
     assert times[names.index(out["fastest cold I/O way (median)"])] == min(times)   # (ties: rounded to 0.1 ms)
     assert cold["ms per token"] > 0 and cold["time / max(io, compute)"] > 0
     assert out["cold reads"] == "readahead" and out["warm (median of rounds)"]["used in place"] == 1.0
+
+
+def test_speculative_reads_land_in_the_host_cache_only_once_verified(small_packed, tmp_path, monkeypatch):
+    """With direct reads into the host cache, `prefetch` (the next layer's guesses, best first)
+    reads the top FLASHMOE_PREFETCH_EXPERTS guesses not cached once the misses in flight have all
+    landed; no fetch finds such a slot before the read has ended without error; a fetch that
+    picks the guess waits for that read instead of reading again; a wrong guess's slot is an
+    ordinary entry; a failed speculative read is an error at the next fetch and never found."""
+    m = fmt.read_manifest(small_packed)
+    monkeypatch.setenv("FLASHMOE_COLD_READS", "direct")
+    if not _o_direct_opens(small_packed / m.layers[0].file):   # (tmpfs: copies, nothing to speculate)
+        assert not ExpertStore(small_packed, dtype=mx.float32).speculative
+        return
+    monkeypatch.setenv("FLASHMOE_PREFETCH_EXPERTS", "x")
+    with pytest.raises(FlashMoeError, match="FLASHMOE_PREFETCH_EXPERTS"):
+        ExpertStore(small_packed, dtype=mx.float32)
+    monkeypatch.setenv("FLASHMOE_PREFETCH_EXPERTS", "1")
+    store = ExpertStore(small_packed, dtype=mx.float32, threads=2)
+    assert store.speculative
+    cache = store.host_cache
+
+    def parts(batch, r):
+        return [np.array(getattr(lin, part)[r].view(mx.uint8)).tobytes()
+                for lin in (batch.gate, batch.up, batch.down) for part in ("weight", "scales", "biases")]
+
+    ref = {e: parts(store.fetch(1, np.array([e])), 0) for e in range(m.num_experts)}
+
+    def check(batch, ids):
+        for r, e in enumerate(ids):
+            for k, want in enumerate(ref[e]):
+                lin = (batch.gate, batch.up, batch.down)[k // 3]
+                assert _bytes_at(lin.row_addresses[r, k % 3], len(want)) == want
+
+    store.drop_page_cache()
+    store.stats.reset()
+    batch, pending = store.fetch_streaming(0, np.array([0, 1, 2]))
+    store.prefetch(1, np.array([9, 5, 6]))       # best guess first
+    assert not cache.inflight                    # waits for layer 0's misses to land first
+    for row in pending.misses:
+        pending.wait(row)
+    assert set(cache.inflight) == {(1, 9)}       # top-1 only, started once the misses landed
+    pending.finish()
+    assert cache.find(1, np.array([9]))[0] == -1 and (1, 9) not in cache.slot_of   # not before verified
+    assert store.stats.prefetched == 1 and store.stats.experts == 3
+
+    store.stats.reset()
+    batch, pending = store.fetch_streaming(1, np.array([3, 9]))   # the router picks the guess
+    assert pending.ready.tolist() == [False, True] and pending.misses == [0]   # awaited, not read again
+    assert store.stats.prefetch_hits == 1 and store.stats.in_place == 1
+    pending.finish()
+    check(batch, [3, 9])
+    assert store.stats.bytes - store.stats.in_place * m.expert_bytes == m.expert_bytes   # only 3 read
+
+    # A guess already cached reads nothing; the next uncached one within the top N is read.
+    monkeypatch.setattr(store, "speculate_experts", 2)
+    store.stats.reset()
+    batch, pending = store.fetch_streaming(0, np.array([0, 1]))   # all cached: nothing in flight
+    assert pending.all_ready and not pending.misses
+    store.prefetch(1, np.array([3, 12, 13]))    # 3 is cached; 12 is read at once (the disk is free)
+    assert set(cache.inflight) == {(1, 12)} and store.stats.prefetched == 1
+    pending.finish()
+    batch, pending = store.fetch_streaming(1, np.array([4, 5]))   # a wrong guess: 12 not picked
+    pending.finish()
+    check(batch, [4, 5])
+    assert (1, 12) in cache.slot_of and store.stats.prefetch_hits == 0   # an ordinary entry now
+    batch, pending = store.fetch_streaming(1, np.array([12]))
+    assert pending.all_ready
+    check(batch, [12])
+    store.close()
+
+    # A speculative read that fails (the file lost its last expert) is an error, never a slot.
+    broken = shutil.copytree(small_packed, tmp_path / "broken")
+    store = ExpertStore(broken, dtype=mx.float32, threads=2)
+    path = broken / m.layers[1].file
+    with open(path, "r+b") as f:                 # truncated while in use
+        f.truncate(path.stat().st_size - m.expert_stride)
+    store.drop_page_cache()
+    batch, pending = store.fetch_streaming(0, np.array([0]))
+    pending.finish()
+    store.prefetch(1, np.array([m.num_experts - 1]))
+    assert (1, m.num_experts - 1) in store.host_cache.inflight
+    free = len(store.host_cache.free)
+    with pytest.raises(FlashMoeError, match="truncated"):
+        store.fetch(0, np.array([1]))            # the next read of any layer ends the failed one first
+    assert store.host_cache.find(1, np.array([m.num_experts - 1]))[0] == -1
+    assert not store.host_cache.inflight and len(store.host_cache.free) == free + 1
+    store.close()

@@ -219,7 +219,9 @@ def stream_figures(model_dir: str, k: int = 4, tokens: int = 6, seed: int = 0, r
         n = len(seq)
         st = store.stats
         used = max(st.experts, 1)
-        return total / n, st.read_seconds / n, (st.cache_hits / used, st.in_place / used), store.trace, st.bytes / n
+        spec = (st.prefetched / n, st.prefetch_hits / max(st.prefetched, 1))
+        return (total / n, st.read_seconds / n, (st.cache_hits / used, st.in_place / used, spec), store.trace,
+                st.bytes / n)
 
     def replay(trace, read) -> float:
         """Expert I/O alone, per token: the recorded reads again through `read`."""
@@ -266,6 +268,8 @@ def stream_figures(model_dir: str, k: int = 4, tokens: int = 6, seed: int = 0, r
            "expert MB per token": round(nbytes / 1e6, 1),
            "overlap of reads and compute": bool(getattr(store, "overlap", False)),
            "cold reads": getattr(store, "cold_reads", "copy"),
+           "prefetch": ("speculative direct reads" if getattr(store, "speculative", False) else "readahead")
+                       if model.layers[0].moe.next_router is not None else "off",
            f"cold I/O ms alone, {' / '.join(names)} (median)": [round(float(np.median([r["io ways"][i] for r in runs]))
                                                                       * 1e3, 1) for i in range(len(names))],
            "fastest cold I/O way (median)": names[int(np.argmin([np.median([r["io ways"][i] for r in runs])
@@ -273,10 +277,12 @@ def stream_figures(model_dir: str, k: int = 4, tokens: int = 6, seed: int = 0, r
     for name in ("cold", "warm"):
         rows = []
         for r in runs:
-            t, reads, io, (hits, in_place) = r[name]
+            t, reads, io, (hits, in_place, (guessed, guess_hits)) = r[name]
             rows.append({"ms per token": t * 1e3, "tokens/s (layers only)": 1 / t, "reads within decode ms": reads * 1e3,
                          "expert I/O ms (alone)": io * 1e3, "compute ms": r["compute"] * 1e3,
                          "page-cache hit rate": hits, "used in place": in_place, "read GB/s (alone)": nbytes / io / 1e9,
+                         # guesses read (or announced) ahead of their layer, and the share its router then picked
+                         "prefetched experts per token": guessed, "prefetch hit rate": guess_hits,
                          "time / max(io, compute)": t / max(io, r["compute"])})
         med = {key: round(float(np.median([row[key] for row in rows])), 3) for key in rows[0]}
         med["time / max(io, compute), every round"] = [round(row["time / max(io, compute)"], 3) for row in rows]

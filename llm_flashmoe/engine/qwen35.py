@@ -289,7 +289,7 @@ class SparseMoE:
             batch, pending = self.experts.fetch(self.layer, np.unique(ids_np), host_rows=on_cpu), None
         if self.next_router is not None:
             self._prefetch_next(x1)
-        if pending is not None and not pending.all_ready:
+        if pending is not None:   # (all ready too: the same sums whatever speculation made ready)
             from ..cpu.streamed import moe_streamed
 
             out = moe_streamed(x1, batch.lookup[ids_np], scores, batch, pending, self.shared_gate_proj,
@@ -307,9 +307,12 @@ class SparseMoE:
         prefetch = getattr(self.experts, "prefetch", None)
         if prefetch is None:
             return
+        wants = getattr(self.experts, "wants_prefetch", None)
+        if wants is not None and not wants(self.layer + 1):
+            return   # (the source would ignore the guess: skip the router's matvec)
         logits = np.asarray(self.ops.qmv(x1, [self.next_router])[0], dtype=np.float32).reshape(-1)
         guess = np.argpartition(-logits, self.k - 1)[: self.k]
-        prefetch(self.layer + 1, np.sort(guess))
+        prefetch(self.layer + 1, guess[np.argsort(-logits[guess], kind="stable")])   # best guess first
 
 
 class DecoderLayer:
@@ -421,13 +424,23 @@ def compile_default(ops) -> bool:
 
 
 def _prefetch_default(experts) -> bool:
-    """FLASHMOE_PREFETCH=1 turns on reading ahead the next layer's guessed experts. Off by
-    default: on synthetic 397B layers (random weights, so guesses are right a third of the
-    time) the wrong guesses' reads cost the disk what the right ones saved (2-core machine,
-    8 layers streamed cold: 3.86 vs 3.76 tokens/s on average over six runs each, noise
-    larger than the difference). Real weights route more predictably; measure them first."""
+    """FLASHMOE_PREFETCH: guess the next layer's experts (its router on this layer's MoE input)
+    and have the expert source read them ahead. `1`: always; `auto`: only where the source reads
+    guesses straight into its own RAM cache (FLASHMOE_COLD_READS=direct: speculative direct reads
+    fill the disk's idle time between a layer's last read and the next layer's router); `0`
+    (default): never. Announcing guesses to the kernel's readahead instead (the other read
+    modes) did not pay on synthetic 397B layers (random weights, so guesses are right a third
+    of the time; the wrong guesses' reads cost the disk what the right ones saved: 2-core
+    machine, 8 layers streamed cold, 3.86 vs 3.76 tokens/s on average over six runs each,
+    noise larger than the difference)."""
     want = os.environ.get("FLASHMOE_PREFETCH", "0").strip().lower()
-    return want in ("1", "on", "yes", "true") and hasattr(experts, "prefetch")
+    if want in ("", "0", "off", "no", "false"):
+        return False
+    if want not in ("1", "on", "yes", "true", "auto"):
+        raise FlashMoeError(f"FLASHMOE_PREFETCH={want!r}: use 0, 1 or auto.")
+    if not hasattr(experts, "prefetch"):
+        return False
+    return want != "auto" or bool(getattr(experts, "speculative", False))
 
 
 class Qwen35Model:

@@ -216,7 +216,11 @@ def _remaining(views: list, skip: int) -> list:
 class _HostCache:
     """Experts read with O_DIRECT, kept in anonymous memory for later tokens: the page cache's
     job, which direct reads skip. (layer, expert) -> slot, least recently used first; slots of
-    the batch being built and of the one before are never given away."""
+    the batch being built and of the one before are never given away.
+
+    Speculative reads (`reserve`) write slots that are in neither `slot_of` nor `free` until
+    the read has ended without error (`commit`: then they are ordinary entries) or failed
+    (`discard`): no fetch can find a slot whose bytes are still landing."""
 
     def __init__(self, components: list[fmt.Component], slots: int):
         self.buf = _Buffers(components, slots, zero_copy=False)
@@ -224,11 +228,46 @@ class _HostCache:
         self.slot_of: OrderedDict = OrderedDict()
         self.free = list(range(slots))
         self.last: set[int] = set()
+        self.before: set[int] = set()   # the batch before `last`
+        self.inflight: dict = {}        # (layer, expert) -> slot of a speculative read in flight
 
     def clear(self) -> None:
         self.slot_of.clear()
         self.free = list(range(self.slots))
-        self.last = set()
+        self.last, self.before = set(), set()
+        self.inflight = {}
+
+    def reserve(self, layer: int, ids, keep: set[int]) -> np.ndarray:
+        """Slots for a speculative read of experts `ids` (not cached), invisible to `find` until
+        `commit`: free ones first, then the least recently used outside `keep`, the last two
+        batches. Fewer than asked (none) where nothing can be given away: a guess never fails."""
+        keep = keep | self.last | self.before
+        out = []
+        for e in ids:
+            if self.free:
+                slot = self.free.pop()
+            else:
+                key = next((k for k, v in self.slot_of.items() if v not in keep), None)
+                if key is None:
+                    break
+                slot = self.slot_of.pop(key)
+            self.inflight[(layer, int(e))] = slot
+            out.append(slot)
+        return np.array(out, np.int64)
+
+    def commit(self) -> list:
+        """The speculative reads ended without error: their slots become ordinary entries
+        (the most recently used). Returns their keys."""
+        keys = list(self.inflight)
+        for key, slot in self.inflight.items():
+            self.slot_of[key] = slot
+        self.inflight = {}
+        return keys
+
+    def discard(self) -> None:
+        """The speculative reads failed: their slots are free again, never found."""
+        self.free.extend(self.inflight.values())
+        self.inflight = {}
 
     def find(self, layer: int, ids: np.ndarray) -> np.ndarray:
         """Per expert, its slot (-1: not cached); hits become the most recently used."""
@@ -332,6 +371,21 @@ class ExpertStore:
         # (FLASHMOE_HOST_CACHE_GB, default: half the memory available at open, at most the files).
         self.host_cache = self._make_host_cache() if self.cold_reads == "direct" else None
         self._readahead = None
+        # Speculative reads (direct reads with a host cache; `prefetch`): the next layer's top
+        # guessed experts read into host-cache slots once this layer's misses have landed, while
+        # the disk would otherwise idle through the last expert's compute and the next layer's
+        # mixer and router. FLASHMOE_PREFETCH_EXPERTS: how many of the top guesses (default 1:
+        # a 397B expert read, ~3.5-7 ms, about fills that gap; a real read of the next layer
+        # waits for at most the speculative read in flight).
+        try:
+            self.speculate_experts = max(0, int(os.environ.get("FLASHMOE_PREFETCH_EXPERTS", "1")))
+        except ValueError:
+            raise FlashMoeError("FLASHMOE_PREFETCH_EXPERTS: give a number of experts (default 1).") from None
+        self._spec_request = None     # (layer, ranked guesses) waiting for this layer's reads to land
+        self._spec_keys: set = set()  # (layer, expert) read speculatively, not yet asked for
+        self._reads_done = True       # the read in flight (if any) has landed every expert it must
+        self.cache_hit_rate = 0.0     # moving average of the share of fetched experts needing no read
+        self.speculate_below = 0.9    # speculate only while that rate is below this
         # Decode on the CPU kernels computes while the misses are read (fetch_streaming);
         # FLASHMOE_OVERLAP_READS=0: read, then compute.
         self.overlap = (self.map_hits and self._native is not None and os.environ.get(
@@ -460,6 +514,7 @@ class ExpertStore:
         in place) and waits for the others, read in turn so that the first lands early."""
         ids = np.asarray(expert_ids, np.int64)
         n = len(ids)
+        self._spec_request = None   # a guess for this layer not started by now is stale
         if self._native is None or not self.map_hits or n == 0:
             return self.fetch(layer, ids, host_rows=True), PendingReads(self, np.ones(n, bool), [])
         in_place = self._in_place(layer, ids)
@@ -493,15 +548,57 @@ class ExpertStore:
         ready = in_place | (slots >= 0)
         miss = np.flatnonzero(~ready)
         k = int((slots >= 0).sum())
-        self.stats.experts += k
-        self.stats.bytes += k * m.expert_bytes
-        self.stats.in_place += k
+        s = self.stats
+        s.experts += k
+        s.bytes += k * m.expert_bytes
+        s.in_place += k
+        if self._spec_keys:   # speculative reads of this layer that the router picked
+            s.prefetch_hits += sum((layer, int(e)) in self._spec_keys for e in ids[slots >= 0])
+            self._spec_keys = {key for key in self._spec_keys if key[0] != layer}
+        if len(ids):   # (page-cache hits used in place count too: neither needs a read)
+            self.cache_hit_rate = 0.8 * self.cache_hit_rate + 0.2 * float(ready.mean())
         if len(miss):
             slots[miss] = cache.place(layer, ids[miss], keep={int(v) for v in slots if v >= 0})
             self._start_reads(layer, ids[miss], slots[miss], cache.buf, direct=True)
-        cache.last = {int(v) for v in slots if v >= 0}
+        cache.before, cache.last = cache.last, {int(v) for v in slots if v >= 0}
         batch = self._batch(ids, buf, self._row_addresses(layer, ids, in_place, cache.buf, rows=slots))
-        return batch, PendingReads(self, ready, miss)
+        return batch, PendingReads(self, ready, miss, on_landed=self._reads_landed if len(miss) else None)
+
+    # -- speculative reads (direct reads with a host cache) -------------------
+    @property
+    def speculative(self) -> bool:
+        """Whether `prefetch` reads guesses into the host cache (direct reads) instead of
+        announcing them to the kernel's readahead."""
+        return self.host_cache is not None and self.speculate_experts > 0
+
+    def wants_prefetch(self, layer: int) -> bool:
+        """Whether a guess of `layer`'s experts would be used now (the caller can skip making it)."""
+        if self.speculative:
+            return self.cache_hit_rate < self.speculate_below
+        return _HAVE_FADVISE and self.hit_rate <= self.readahead_below
+
+    def _reads_landed(self) -> None:
+        """Every miss of the fetch in flight has landed: the disk is about to idle. Start the
+        speculative read waiting for that moment, if any."""
+        self._reads_done = True
+        if self._spec_request is not None:
+            self._start_speculation()
+
+    def _start_speculation(self) -> None:
+        layer, ranked = self._spec_request
+        self._spec_request = None
+        self._settle()   # the pool's job has landed everything: it ends at once
+        cache = self.host_cache
+        want = [int(e) for e in ranked[: self.speculate_experts] if (layer, int(e)) not in cache.slot_of]
+        if want and self.map_hits and self.mapped_layer(layer):   # page-cache hits are used in place
+            base, nbytes = self._maps[layer], self.manifest.expert_bytes
+            want = [e for e in want if not self._mapper.resident(int(base + self._offsets([e])[0]), nbytes)]
+        if not want:
+            return
+        slots = cache.reserve(layer, want, keep=set())
+        if len(slots):
+            self._start_reads(layer, np.array(want[: len(slots)], np.int64), slots, cache.buf, direct=True,
+                              speculative=True)
 
     def _make_host_cache(self) -> "_HostCache | None":
         m = self.manifest
@@ -554,7 +651,7 @@ class ExpertStore:
             time.sleep(0.0002)
 
     def _start_reads(self, layer: int, ids: np.ndarray, rows: np.ndarray, buf: "_Buffers",
-                     direct: bool = False) -> None:
+                     direct: bool = False, speculative: bool = False) -> None:
         from .native import MIN_PIECE
 
         m = self.manifest
@@ -570,22 +667,32 @@ class ExpertStore:
         except OSError as e:
             raise self._read_error(e) from e
         s = self.stats
-        s.experts += len(ids)
-        s.bytes += len(ids) * m.expert_bytes
+        if speculative:   # counted as experts (and bytes) when a fetch asks for them
+            s.prefetched += len(ids)
+        else:
+            s.experts += len(ids)
+            s.bytes += len(ids) * m.expert_bytes
         s.read_seconds += time.perf_counter() - t0
         self._in_flight = len(ids)
+        self._reads_done = speculative   # a speculative read is waited for by nobody
 
     def _settle(self) -> None:
         """End the streaming read in flight, if any (before the next read, or its buffers' reuse)."""
         if self._in_flight:
             n, self._in_flight = self._in_flight, 0
             t0 = time.perf_counter()
+            cache = self.host_cache
             try:
                 hit_bytes = self._native.finish()
             except OSError as e:
+                if cache is not None:
+                    cache.discard()   # a speculative read that failed is never found
                 raise self._read_error(e) from e
             finally:
                 self.stats.read_seconds += time.perf_counter() - t0
+                self._reads_done = True
+            if cache is not None and cache.inflight:   # verified like every read: now usable
+                self._spec_keys.update(cache.commit())
             hits = int(round(hit_bytes / self.manifest.expert_bytes))
             self.stats.cache_hits += hits
             if self.probe:
@@ -678,8 +785,24 @@ class ExpertStore:
         return out
 
     def prefetch(self, layer: int, expert_ids: np.ndarray) -> None:
-        """Announce experts a later fetch of `layer` will probably want: the kernel reads them
-        into the page cache in the background (POSIX_FADV_WILLNEED), while the engine computes."""
+        """Announce experts a later fetch of `layer` will probably want (best guess first).
+
+        With direct reads into the host cache (`speculative`): the top FLASHMOE_PREFETCH_EXPERTS
+        guesses not cached are read into host-cache slots as soon as the misses of the fetch in
+        flight have landed (at once if none is in flight), one read behind them; a fetch that
+        picks one waits for that read instead of reading again, a wrong guess's slot is an
+        ordinary least-recently-used entry. Otherwise the kernel reads them into the page cache
+        in the background (POSIX_FADV_WILLNEED), while the engine computes."""
+        if self.speculative:
+            if self.cache_hit_rate >= self.speculate_below:
+                return   # the host cache serves the reads: a guess would only compete with them
+            self._spec_request = (layer, np.array(expert_ids, np.int64))
+            if self._reads_done:
+                if self.host_cache.inflight:   # a guess still being read: never wait for it here
+                    self._spec_request = None
+                else:
+                    self._start_speculation()
+            return
         if not _HAVE_FADVISE or self.hit_rate > self.readahead_below:
             # Reads come from the page cache already: a wrong guess would only start disk
             # reads that compete with compute (measured: -25% tokens/s warm on 2 cores).
@@ -710,6 +833,7 @@ class ExpertStore:
         if getattr(self, "host_cache", None) is not None:   # (and what direct reads kept in RAM)
             self._settle()
             self.host_cache.clear()
+            self._spec_keys, self._spec_request = set(), None
 
     def close(self) -> None:
         if getattr(self, "_in_flight", 0):
@@ -757,10 +881,12 @@ class PendingReads:
     # a row not in the page cache after this long is used anyway (its faults read what is missing)
     READAHEAD_PATIENCE_S = 5.0
 
-    def __init__(self, store: ExpertStore, ready: np.ndarray, misses, mapped: np.ndarray | None = None):
+    def __init__(self, store: ExpertStore, ready: np.ndarray, misses, mapped: np.ndarray | None = None,
+                 on_landed=None):
         self.store, self.ready, self.mapped = store, ready, mapped
         self.misses = [int(r) for r in misses]
         self._order = {r: i for i, r in enumerate(self.misses)}
+        self._on_landed = on_landed   # called once every miss has landed (the disk is free)
 
     @property
     def all_ready(self) -> bool:
@@ -776,6 +902,9 @@ class PendingReads:
             self.store._wait_resident(int(self.mapped[row]), self.READAHEAD_PATIENCE_S)
             self.store.stats.read_seconds += time.perf_counter() - t0
         self.ready[row] = True
+        if self._on_landed is not None and self.ready.all():
+            hook, self._on_landed = self._on_landed, None
+            hook()
 
     def finish(self) -> None:
         """Every read done (counted in the store's stats); raises the reads' error, if any."""
@@ -786,6 +915,9 @@ class PendingReads:
                 for row in self.misses:
                     self.wait(row)
             self.ready[:] = True
+        if self._on_landed is not None:
+            hook, self._on_landed = self._on_landed, None
+            hook()
         if self.mapped is not None:
             self.store._end_readahead()
 
