@@ -30,8 +30,12 @@
 #   odecode  a decode step's build/evaluate split, op by op and compiled (resident; all experts cached)
 #   ncu      each kernel's GPU time in decode steps (ncu), summed per kernel; NCU_ARGS adds ncu
 #            options (e.g. "--clock-control none --cache-control none": the card's own clocks, warm L2)
+#   mlxdecode a decode step's build/evaluate split under each MLX setting in $MLX_SETTINGS
+#            (e.g. "- MLX_MAX_OPS_PER_BUFFER=4"), a process each; with USE_BEST=1 under the fastest setting
 #   ncusol   as ncu, with each kernel's throughputs (% of peak), occupancy, registers and warp-stall
-#            reasons (ncu sections SpeedOfLight, Occupancy, LaunchStats, WarpStateStats, SchedulerStats)
+#            reasons (ncu sections SpeedOfLight, Occupancy, LaunchStats, WarpStateStats, SchedulerStats).
+#            Slow: each kernel is replayed once per pass with the device memory saved and restored,
+#            ~45 s per kernel on the 4-layer model; NCU_COUNT kernels (default 12: one layer)
 #   overhead MLX's host cost per operation and a decode step's build/evaluate split, under each
 #            MLX CUDA-graph setting in $MLX_SETTINGS (space-separated VAR=value lists, '-' = defaults)
 set -uo pipefail
@@ -68,7 +72,8 @@ profile() {  # profile NAME [ncu options] -- CMD...: each kernel's GPU time unde
   local name=$1; shift
   local opts=()
   while [ "$1" != -- ]; do opts+=("$1"); shift; done; shift
-  step "$name.log" "$(command -v ncu || echo /usr/local/cuda/bin/ncu)" "${opts[@]}" --metrics gpu__time_duration.sum \
+  [[ " ${opts[*]} " == *" --metrics "* ]] || opts+=(--metrics gpu__time_duration.sum)   # one --metrics only
+  step "$name.log" "$(command -v ncu || echo /usr/local/cuda/bin/ncu)" "${opts[@]}" \
     ${NCU_ARGS:-} --csv --log-file "$out/$name.csv" "$@"
   python3 -m llm_flashmoe.kernels.overhead ncu "$out/$name.csv" | tee -a "$out/$name.log"
 }
@@ -109,10 +114,14 @@ for s in "$@"; do
       step overhead.log python3 -m llm_flashmoe.kernels.overhead decode --packed "$M/packed" ;;
     ncu)  # each kernel's time on the GPU over 3 decode steps, op by op and compiled
       profile ncu --profile-from-start off -- env $(best) python3 -m llm_flashmoe.kernels.overhead decode --dir "$M/mlx" --steps 8 --profile ;;
+    mlxdecode)  # decode (op by op, compiled) under each MLX setting in $MLX_SETTINGS, one process each
+      for e in ${MLX_SETTINGS:--}; do e=${e#-}
+        step mlxdecode.log env ${e//,/ } $(best) python3 -m llm_flashmoe.kernels.overhead decode --dir "$M/mlx" --steps 16
+      done ;;
     ncusol)  # the same decode steps with ncu's speed-of-light, occupancy and warp-stall figures per kernel
-      profile ncusol --profile-from-start off --section SpeedOfLight --section Occupancy --section LaunchStats \
+      profile ncusol --profile-from-start off --launch-count "${NCU_COUNT:-12}" --section SpeedOfLight --section Occupancy --section LaunchStats \
         --section WarpStateStats --section SchedulerStats \
-        --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
+        --metrics 'gpu__time_duration.sum,regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
         -- env $(best) python3 -m llm_flashmoe.kernels.overhead decode --dir "$M/mlx" --steps 6 --profile ;;
     settings)
       step settings.log python3 -m llm_flashmoe.kernels.overhead settings --dir "$M/mlx" ${SETTINGS:+--settings "$SETTINGS"} \

@@ -40,13 +40,22 @@ QWORDS = 32
 GRID_PER_SM: float | None = None
 # FLASHMOE_GRID_BLOCKS=N: at most N groups per launch, on any backend (emulation, tuning)
 GRID_BLOCKS: int | None = None
+# Threads per group of the matrix-vector launches (qmv, the MoE's gate/up and down;
+# FLASHMOE_MV_THREADS, 64-1024, a multiple of 32): each group stages the input once for its warps;
+# fewer threads per group fit more groups per multiprocessor when registers are the limit.
+MV_THREADS = 256
+# Rows of the GatedDeltaNet state a warp loads at once in gdn_step (FLASHMOE_GDN_ROWS, the GROWS
+# define; 1: a memory round trip per row, as before). 64 heads are 64 thread groups, under half
+# the H200's multiprocessors, so the step is latency-bound: 8 rows per load batch.
+GDN_ROWS = 8
 
 
 def configure(env=os.environ) -> None:
     """Set the launch knobs above from `env` (FLASHMOE_QMV_ROWS, FLASHMOE_MOE_ROWS,
-    FLASHMOE_QMV_WORDS, FLASHMOE_GRID, FLASHMOE_GRID_BLOCKS; absent: the defaults). Kernels
-    built before keep their settings: make a new GpuKernels after changing them."""
-    global QMV_ROWS, MOE_GU_ROWS, MOE_DOWN_ROWS, QWORDS, GRID_PER_SM, GRID_BLOCKS
+    FLASHMOE_QMV_WORDS, FLASHMOE_GRID, FLASHMOE_GRID_BLOCKS, FLASHMOE_GDN_ROWS; absent: the
+    defaults). Kernels built before keep their settings: make a new GpuKernels after changing
+    them."""
+    global QMV_ROWS, MOE_GU_ROWS, MOE_DOWN_ROWS, QWORDS, GRID_PER_SM, GRID_BLOCKS, GDN_ROWS, MV_THREADS
     rows = env.get("FLASHMOE_QMV_ROWS", "auto").strip().lower()
     QMV_ROWS = None if rows in ("", "auto") else int(rows)
     MOE_GU_ROWS, MOE_DOWN_ROWS = (int(v) for v in env.get("FLASHMOE_MOE_ROWS", "1,1").split(","))
@@ -54,13 +63,17 @@ def configure(env=os.environ) -> None:
     grid = env.get("FLASHMOE_GRID", "off").strip().lower()
     GRID_PER_SM = None if grid in ("", "off", "0", "none") else float(grid)
     GRID_BLOCKS = int(env.get("FLASHMOE_GRID_BLOCKS", "0") or 0) or None
+    GDN_ROWS = int(env.get("FLASHMOE_GDN_ROWS", "8"))
+    MV_THREADS = int(env.get("FLASHMOE_MV_THREADS", "256"))
+    if not (64 <= MV_THREADS <= 1024 and MV_THREADS % 32 == 0):
+        raise FlashMoeError(f"FLASHMOE_MV_THREADS={MV_THREADS}: use a multiple of 32 from 64 to 1024.")
 
 
 configure()
 
 
 def grid_blocks(needed: int, backend: str) -> int:
-    """Thread groups of 256 to launch for `needed` groups' worth of warps (FLASHMOE_GRID)."""
+    """Thread groups (of MV_THREADS) to launch for `needed` groups' worth of warps (FLASHMOE_GRID)."""
     if GRID_BLOCKS is not None:
         return max(1, min(needed, GRID_BLOCKS))
     if GRID_PER_SM is None or backend != "cuda":
@@ -161,11 +174,12 @@ class GpuKernels:
             args += [lin.weight, lin.scales, lin.biases]
         outputs = [f"y{i}" for i in range(n)] + (["hout", "nout"] if mode == 2 else [])
         shapes = [(*x.shape[:-1], l.out_features) for l in linears] + [x.shape] * (len(outputs) - n)
-        blocks = grid_blocks(_ceil(sum(_ceil(l.out_features, R) for l in linears), 8), self.backend)
-        defines["QMV_GW"] = blocks * 8
+        W = MV_THREADS // 32
+        blocks = grid_blocks(_ceil(sum(_ceil(l.out_features, R) for l in linears), W), self.backend)
+        defines["QMV_GW"] = blocks * W
         k = self.kernel("qmv", tuple(inputs), tuple(outputs), defines)
-        outs = k(inputs=args, template=[("T", x.dtype)], grid=(blocks * 256, M, 1),
-                 threadgroup=(256, 1, 1), output_shapes=shapes, output_dtypes=[x.dtype] * len(outputs), **self._fill)
+        outs = k(inputs=args, template=[("T", x.dtype)], grid=(blocks * MV_THREADS, M, 1),
+                 threadgroup=(MV_THREADS, 1, 1), output_shapes=shapes, output_dtypes=[x.dtype] * len(outputs), **self._fill)
         return list(outs)
 
     # -- family 2 ---------------------------------------------------------
@@ -227,9 +241,10 @@ class GpuKernels:
                    "SHB": shared_gate.bits, "SHG": shared_gate.group_size, "ADDRESSED": int(addressed), "GU_R": MOE_GU_ROWS,
                    "QWORDS": QWORDS}
         stacks = [*_parts(gate), *_parts(up), *_parts(shared_gate), *_parts(shared_up)]
-        blocks = grid_blocks(_ceil(_ceil(K * I, MOE_GU_ROWS) + _ceil(Is, MOE_GU_ROWS), 8), self.backend)
-        defines["GU_GW"] = blocks * 8
-        kw = dict(template=[("T", x.dtype)], grid=(blocks * 256, 1, 1), threadgroup=(256, 1, 1),
+        W = MV_THREADS // 32
+        blocks = grid_blocks(_ceil(_ceil(K * I, MOE_GU_ROWS) + _ceil(Is, MOE_GU_ROWS), W), self.backend)
+        defines["GU_GW"] = blocks * W
+        kw = dict(template=[("T", x.dtype)], grid=(blocks * MV_THREADS, 1, 1), threadgroup=(MV_THREADS, 1, 1),
                   output_shapes=[(K, I), (Is,)], **self._fill)
         return defines, stacks, kw
 
@@ -249,8 +264,9 @@ class GpuKernels:
         ids = rows.reshape(-1) if addressed else rows.astype(mx.int32)
         args = [h, ids, weights.astype(mx.float32), *_parts(down), hs.reshape(-1),
                 *_parts(shared_down), shared_gate_logit.reshape(-1), residual.reshape(-1)]
-        return kern(inputs=args, template=[("T", residual.dtype)], grid=(_ceil(_ceil(H, MOE_DOWN_ROWS), 8) * 256, 1, 1),
-                    threadgroup=(256, 1, 1), output_shapes=[(H,)], output_dtypes=[residual.dtype], **self._fill)[0]
+        W = MV_THREADS // 32
+        return kern(inputs=args, template=[("T", residual.dtype)], grid=(_ceil(_ceil(H, MOE_DOWN_ROWS), W) * MV_THREADS, 1, 1),
+                    threadgroup=(MV_THREADS, 1, 1), output_shapes=[(H,)], output_dtypes=[residual.dtype], **self._fill)[0]
 
     # -- family 3 ---------------------------------------------------------
     def decode_attention(self, q, keys, values, n: int, qg):
@@ -291,7 +307,7 @@ class GpuKernels:
             conv_state = mx.zeros((1, Kc - 1, C), qkv.dtype)
         if state is None:
             state = mx.zeros((1, Hv, Dv, Dk), mx.float32)
-        defines = {"HK": Hk, "HV": Hv, "DK": Dk, "DV": Dv, "KC": Kc, "EPS": float(eps)}
+        defines = {"HK": Hk, "HV": Hv, "DK": Dk, "DV": Dv, "KC": Kc, "EPS": float(eps), "GROWS": GDN_ROWS}
         names = ("qkv", "z", "b", "a", "conv_state", "conv_w", "A", "dt_bias", "norm_w", "state")
         kern = self.kernel("gdn_step", names, ("out", "conv_out", "state_out"), defines)
         args = [qkv.reshape(-1), z.reshape(-1), b.reshape(-1), a.reshape(-1), conv_state, conv_w,

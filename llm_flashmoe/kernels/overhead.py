@@ -304,7 +304,10 @@ def first_calls(path: str) -> None:
 
 # setting key -> the environment variable it stands for
 SETTING_KEYS = {"grid": "FLASHMOE_GRID", "blocks": "FLASHMOE_GRID_BLOCKS", "words": "FLASHMOE_QMV_WORDS",
-                "qrows": "FLASHMOE_QMV_ROWS", "moerows": "FLASHMOE_MOE_ROWS"}
+                "qrows": "FLASHMOE_QMV_ROWS", "moerows": "FLASHMOE_MOE_ROWS", "gdnrows": "FLASHMOE_GDN_ROWS",
+                "threads": "FLASHMOE_MV_THREADS", "fusenorm": "FLASHMOE_FUSE_INPUT_NORM"}
+# read by the engine at each call rather than by the kernel module: set in the environment itself
+_ENGINE_KEYS = ("FLASHMOE_FUSE_INPUT_NORM",)
 
 
 def parse_setting(text: str) -> dict:
@@ -325,6 +328,11 @@ def apply_setting(env: dict, backend: str = "cuda"):
     fresh kernels -> the backend's ops with them."""
     from . import gpu, _built, ops
 
+    for k in _ENGINE_KEYS:
+        if k in env:
+            os.environ[k] = env[k]
+        else:
+            os.environ.pop(k, None)
     gpu.configure(env)
     _built.pop(backend, None)
     return ops(backend)
