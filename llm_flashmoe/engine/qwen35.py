@@ -425,16 +425,18 @@ def compile_default(ops) -> bool:
 
 def _prefetch_default(experts) -> bool:
     """FLASHMOE_PREFETCH: guess the next layer's experts (its router on this layer's MoE input)
-    and have the expert source read them ahead. `1`: always; `auto`: only where the source reads
+    and have the expert source read them ahead. `auto` (default): only where the source reads
     guesses straight into its own RAM cache (FLASHMOE_COLD_READS=direct: speculative direct reads
-    fill the disk's idle time between a layer's last read and the next layer's router); `0`
-    (default): never. Announcing guesses to the kernel's readahead instead (the other read
-    modes) did not pay on synthetic 397B layers (random weights, so guesses are right a third
-    of the time; the wrong guesses' reads cost the disk what the right ones saved: 2-core
-    machine, 8 layers streamed cold, 3.86 vs 3.76 tokens/s on average over six runs each,
-    noise larger than the difference)."""
-    want = os.environ.get("FLASHMOE_PREFETCH", "0").strip().lower()
-    if want in ("", "0", "off", "no", "false"):
+    of the top guess fill the disk's idle time between a layer's last read and the next layer's
+    router; 8 streamed 397B layers on 2 cores, cold: faster in 6 of 7 alternating bench pairs, 190
+    against 212 ms/token on average, and 142.7 against 147.4 (median) interleaved in one process;
+    62% of the guesses picked; llm_flashmoe/cpu/DESIGN.md);
+    `1`: always, also as announcements to the kernel's readahead (the other read modes), which did
+    not pay on synthetic 397B layers (the wrong guesses' reads cost the disk what the right ones
+    saved: 3.86 vs 3.76 tokens/s on average over six runs each, noise larger than the difference);
+    `0`: never."""
+    want = os.environ.get("FLASHMOE_PREFETCH", "auto").strip().lower() or "auto"
+    if want in ("0", "off", "no", "false"):
         return False
     if want not in ("1", "on", "yes", "true", "auto"):
         raise FlashMoeError(f"FLASHMOE_PREFETCH={want!r}: use 0, 1 or auto.")
