@@ -569,6 +569,11 @@ def test_speculative_reads_land_in_the_host_cache_only_once_verified(small_packe
     with pytest.raises(FlashMoeError, match="FLASHMOE_PREFETCH_EXPERTS"):
         ExpertStore(small_packed, dtype=mx.float32)
     monkeypatch.setenv("FLASHMOE_PREFETCH_EXPERTS", "1")
+    monkeypatch.setenv("FLASHMOE_OVERLAP_READS", "0")   # fetches not streamed: nothing looks in the cache
+    store = ExpertStore(small_packed, dtype=mx.float32, threads=2)
+    assert store.host_cache is not None and not store.speculative
+    store.close()
+    monkeypatch.setenv("FLASHMOE_OVERLAP_READS", "1")
     store = ExpertStore(small_packed, dtype=mx.float32, threads=2)
     assert store.speculative
     cache = store.host_cache

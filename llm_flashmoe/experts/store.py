@@ -568,8 +568,10 @@ class ExpertStore:
     @property
     def speculative(self) -> bool:
         """Whether `prefetch` reads guesses into the host cache (direct reads) instead of
-        announcing them to the kernel's readahead."""
-        return self.host_cache is not None and self.speculate_experts > 0
+        announcing them to the kernel's readahead: only where decode's fetches are streamed
+        (`fetch_streaming`, the CPU kernels), the one path that looks in the host cache."""
+        return (self.host_cache is not None and self.speculate_experts > 0 and self.overlap
+                and self.raw_scales)
 
     def wants_prefetch(self, layer: int) -> bool:
         """Whether a guess of `layer`'s experts would be used now (the caller can skip making it)."""
