@@ -398,3 +398,68 @@ def test_compile_check_renders_every_kernel_and_the_addressed_mode():
     cuda = compile_check.render_all(nvcc=True)
     assert set(cuda) == set(units)
     assert all("#include <cuda_bf16.h>" in t and f"template __global__ void {n}<" in t for n, t in cuda.items())
+
+
+def test_launch_knobs_reach_the_kernels_and_bad_ones_are_refused():
+    """FLASHMOE_GDN_ROWS becomes gdn_step's GROWS define; FLASHMOE_MV_THREADS must be a multiple of
+    32 from 64 to 1024, and the error names the variable."""
+    from llm_flashmoe.errors import FlashMoeError
+    from llm_flashmoe.kernels import compile_check, gpu
+
+    try:
+        gpu.configure({"FLASHMOE_GDN_ROWS": "3", "FLASHMOE_MV_THREADS": "128"})
+        assert (gpu.GDN_ROWS, gpu.MV_THREADS) == (3, 128)
+        units = compile_check.render_all()
+        gdn = [t for n, t in units.items() if n.startswith("fm_gdn_step_")]
+        assert gdn and all("#define GROWS 3" in t for t in gdn)
+        for bad in ("100", "32", "2048"):
+            with pytest.raises(FlashMoeError, match="FLASHMOE_MV_THREADS"):
+                gpu.configure({"FLASHMOE_MV_THREADS": bad})
+    finally:
+        gpu.configure()
+    assert (gpu.GDN_ROWS, gpu.MV_THREADS) == (8, 256)
+
+
+def test_settings_set_the_engine_read_knobs_in_the_environment(monkeypatch):
+    """`overhead settings`: a setting's engine-read knob (fusenorm) is put in the environment while
+    it runs and taken out for the next setting; kernel knobs go to the kernel module."""
+    from llm_flashmoe.engine.qwen35 import _fuse_input_norm
+    from llm_flashmoe.kernels import gpu, overhead
+
+    monkeypatch.delenv("FLASHMOE_FUSE_INPUT_NORM", raising=False)
+    try:
+        overhead.apply_setting(overhead.parse_setting("fusenorm=1 gdnrows=2"), "twin")
+        assert _fuse_input_norm() and gpu.GDN_ROWS == 2
+        overhead.apply_setting(overhead.parse_setting("-"), "twin")
+        assert not _fuse_input_norm() and gpu.GDN_ROWS == 8
+    finally:
+        gpu.configure()
+    with pytest.raises(SystemExit, match="fusenorm"):
+        overhead.parse_setting("fusenorm")
+
+
+def test_ncu_summary_per_kernel(tmp_path, capsys):
+    """`overhead ncu`: the raw duration metric is preferred over the section's Duration (not counted
+    twice), values with thousands separators are read, section figures and stall reasons are
+    averaged per kernel."""
+    from llm_flashmoe.kernels import overhead
+
+    head = '"ID","Kernel Name","Section Name","Metric Name","Metric Unit","Metric Value"\n'
+    rows = [
+        ("0", "qmv_a", "GPU Speed Of Light Throughput", "Duration", "usecond", "40.0"),
+        ("0", "qmv_a", "Command line profiler metrics", "gpu__time_duration.sum", "nsecond", "41,000"),
+        ("0", "qmv_a", "GPU Speed Of Light Throughput", "DRAM Throughput", "%", "20"),
+        ("0", "qmv_a", "Command line profiler metrics",
+         "smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio", "", "3.0"),
+        ("1", "qmv_a", "Command line profiler metrics", "gpu__time_duration.sum", "usecond", "43"),
+        ("1", "qmv_a", "GPU Speed Of Light Throughput", "DRAM Throughput", "%", "30"),
+        ("2", "gdn_b", "GPU Speed Of Light Throughput", "Duration", "usecond", "14.5"),
+    ]
+    path = tmp_path / "ncu.csv"
+    path.write_text("==PROF== noise\n" + head + "".join(",".join(f'"{v}"' for v in r) + "\n" for r in rows))
+    per = overhead.ncu_rows(str(path))
+    assert per["qmv_a"]["us"] == [41.0, 43.0] and per["gdn_b"]["us"] == [14.5]
+    overhead.ncu_summary(str(path))
+    out = capsys.readouterr().out
+    assert "3 kernels, 98.5 us" in out
+    assert re.search(r"DRAM Throughput\s+25\.00", out) and "long_scoreboard 3.00" in out
