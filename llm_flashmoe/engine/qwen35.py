@@ -428,8 +428,8 @@ def _prefetch_default(experts) -> bool:
     and have the expert source read them ahead. `auto` (default): only where the source reads
     guesses straight into its own RAM cache (FLASHMOE_COLD_READS=direct: speculative direct reads
     of the top guess fill the disk's idle time between a layer's last read and the next layer's
-    router; 8 streamed 397B layers on 2 cores, cold: faster in 9 of 10 alternating bench pairs,
-    192.5 against 216.6 ms/token on average, and 142.7 against 147.4 (median) interleaved in one
+    router; 8 streamed 397B layers on 2 cores, cold: faster in 13 of 14 alternating bench pairs,
+    190.0 against 220.4 ms/token on average, and 142.7 against 147.4 (median) interleaved in one
     process; 62% of the guesses picked; llm_flashmoe/cpu/DESIGN.md);
     `1`: always, also as announcements to the kernel's readahead (the other read modes), which did
     not pay on synthetic 397B layers (the wrong guesses' reads cost the disk what the right ones
