@@ -48,6 +48,9 @@ MV_THREADS = 256
 # all of a warp's rows instead of holding a chunk's 32 inputs in registers (the XV_INNER define;
 # the same sums in the same order, fewer registers: `compile_check --nvcc`). Off until timed.
 XV_INNER = 0
+# FLASHMOE_L2_PREFETCH=0: the matrix-vector and MoE kernels do not ask for their rows' bytes ahead
+# (the L2PF define; prefetch.global.L2 on CUDA), to time what the prefetch is worth per kernel.
+L2PF = 1
 # Rows of the GatedDeltaNet state a warp loads at once in gdn_step (FLASHMOE_GDN_ROWS, the GROWS
 # define; 1: a memory round trip per row, as before). 64 heads are 64 thread groups, under half
 # the H200's multiprocessors, so the step is latency-bound: 8 rows per load batch.
@@ -56,10 +59,10 @@ GDN_ROWS = 8
 
 def configure(env=os.environ) -> None:
     """Set the launch knobs above from `env` (FLASHMOE_QMV_ROWS, FLASHMOE_MOE_ROWS,
-    FLASHMOE_QMV_WORDS, FLASHMOE_GRID, FLASHMOE_GRID_BLOCKS, FLASHMOE_GDN_ROWS; absent: the
-    defaults). Kernels built before keep their settings: make a new GpuKernels after changing
-    them."""
-    global QMV_ROWS, MOE_GU_ROWS, MOE_DOWN_ROWS, QWORDS, GRID_PER_SM, GRID_BLOCKS, GDN_ROWS, MV_THREADS, XV_INNER
+    FLASHMOE_QMV_WORDS, FLASHMOE_GRID, FLASHMOE_GRID_BLOCKS, FLASHMOE_GDN_ROWS, FLASHMOE_MV_THREADS,
+    FLASHMOE_XV_INNER, FLASHMOE_L2_PREFETCH; absent: the defaults). Kernels built before keep
+    their settings: make a new GpuKernels after changing them."""
+    global QMV_ROWS, MOE_GU_ROWS, MOE_DOWN_ROWS, QWORDS, GRID_PER_SM, GRID_BLOCKS, GDN_ROWS, MV_THREADS, XV_INNER, L2PF
     rows = env.get("FLASHMOE_QMV_ROWS", "auto").strip().lower()
     QMV_ROWS = None if rows in ("", "auto") else int(rows)
     MOE_GU_ROWS, MOE_DOWN_ROWS = (int(v) for v in env.get("FLASHMOE_MOE_ROWS", "1,1").split(","))
@@ -70,6 +73,7 @@ def configure(env=os.environ) -> None:
     GDN_ROWS = int(env.get("FLASHMOE_GDN_ROWS", "8"))
     MV_THREADS = int(env.get("FLASHMOE_MV_THREADS", "256"))
     XV_INNER = int(env.get("FLASHMOE_XV_INNER", "0"))
+    L2PF = int(env.get("FLASHMOE_L2_PREFETCH", "1"))
     if not (64 <= MV_THREADS <= 1024 and MV_THREADS % 32 == 0):
         raise FlashMoeError(f"FLASHMOE_MV_THREADS={MV_THREADS}: use a multiple of 32 from 64 to 1024.")
 
@@ -166,7 +170,7 @@ class GpuKernels:
         n = len(linears)
         R = qmv_rows(sum(l.out_features for l in linears))
         mode = 0 if norm is None else 1 if norm[0] is None else 2
-        defines = {"KDIM": K, "NSLOT": n, "QMV_R": R, "QWORDS": QWORDS, "XV_INNER": XV_INNER, "NORM": mode,
+        defines = {"KDIM": K, "NSLOT": n, "QMV_R": R, "QWORDS": QWORDS, "XV_INNER": XV_INNER, "L2PF": L2PF, "NORM": mode,
                    "EPS": float(norm[2]) if norm else 0.0}
         inputs, args = ["x"], [x]
         if mode == 2:
@@ -244,7 +248,7 @@ class GpuKernels:
         I, Is = gate.weight.shape[1], shared_gate.out_features
         defines = {"HD": H, "KE": K, "IE": I, "BE": gate.bits, "GE": gate.group_size, "SHI": Is,
                    "SHB": shared_gate.bits, "SHG": shared_gate.group_size, "ADDRESSED": int(addressed), "GU_R": MOE_GU_ROWS,
-                   "QWORDS": QWORDS, "XV_INNER": XV_INNER}
+                   "QWORDS": QWORDS, "XV_INNER": XV_INNER, "L2PF": L2PF}
         stacks = [*_parts(gate), *_parts(up), *_parts(shared_gate), *_parts(shared_up)]
         W = MV_THREADS // 32
         blocks = grid_blocks(_ceil(_ceil(K * I, MOE_GU_ROWS) + _ceil(Is, MOE_GU_ROWS), W), self.backend)
@@ -263,7 +267,7 @@ class GpuKernels:
             return plain.moe_down(h, rows, weights, down, hs, shared_down, shared_gate_logit, residual)
         defines = {"HD": H, "KE": K, "IE": I, "BE": down.bits, "GE": down.group_size, "SHI": Is,
                    "SHB": shared_down.bits, "SHG": shared_down.group_size, "ADDRESSED": int(addressed), "DOWN_R": MOE_DOWN_ROWS,
-                   "QWORDS": QWORDS, "XV_INNER": XV_INNER}
+                   "QWORDS": QWORDS, "XV_INNER": XV_INNER, "L2PF": L2PF}
         names = ("h", "ids", "weights", "dw", "ds", "db", "hs", "sdw", "sds", "sdb", "sg", "res")
         kern = self.kernel("moe_down", names, ("out",), defines)
         ids = rows.reshape(-1) if addressed else rows.astype(mx.int32)
