@@ -402,26 +402,29 @@ def test_compile_check_renders_every_kernel_and_the_addressed_mode():
 
 def test_launch_knobs_reach_the_kernels_and_bad_ones_are_refused():
     """FLASHMOE_GDN_ROWS becomes gdn_step's GROWS define, FLASHMOE_XV_INNER and FLASHMOE_L2_PREFETCH
-    the matvecs' XV_INNER and L2PF; FLASHMOE_MV_THREADS must be a multiple of 32 from 64 to 1024,
-    and the error names the variable."""
+    the matvecs' XV_INNER and L2PF; FLASHMOE_FUSE_ROUTE=0 routes in a launch of its own;
+    FLASHMOE_MV_THREADS must be a multiple of 32 from 64 to 1024, and the error names the variable."""
     from llm_flashmoe.errors import FlashMoeError
     from llm_flashmoe.kernels import compile_check, gpu
 
     try:
         gpu.configure({"FLASHMOE_GDN_ROWS": "3", "FLASHMOE_MV_THREADS": "128", "FLASHMOE_XV_INNER": "1",
-                       "FLASHMOE_L2_PREFETCH": "0"})
+                       "FLASHMOE_L2_PREFETCH": "0", "FLASHMOE_FUSE_ROUTE": "0"})
         assert (gpu.GDN_ROWS, gpu.MV_THREADS, gpu.XV_INNER) == (3, 128, 1)
         units = compile_check.render_all()
         gdn = [t for n, t in units.items() if n.startswith("fm_gdn_step_")]
         assert gdn and all("#define GROWS 3" in t for t in gdn)
         mv = [t for n, t in units.items() if n.startswith(("fm_qmv_", "fm_moe_gate_up_", "fm_moe_down_"))]
         assert mv and all("#define XV_INNER 1" in t and "#define L2PF 0" in t for t in mv)
+        # the routing in a launch of its own: moe_route and moe_gate_up, no fused launch
+        assert not any(n.startswith("fm_moe_route_gate_up_") for n in units)
+        assert any(n.startswith("fm_moe_route_") and not n.startswith("fm_moe_route_gate_up_") for n in units)
         for bad in ("100", "32", "2048"):
             with pytest.raises(FlashMoeError, match="FLASHMOE_MV_THREADS"):
                 gpu.configure({"FLASHMOE_MV_THREADS": bad})
     finally:
         gpu.configure()
-    assert (gpu.GDN_ROWS, gpu.MV_THREADS, gpu.XV_INNER, gpu.L2PF) == (8, 256, 0, 1)
+    assert (gpu.GDN_ROWS, gpu.MV_THREADS, gpu.XV_INNER, gpu.L2PF, gpu.FUSE_ROUTE) == (8, 256, 0, 1, True)
 
 
 def test_settings_set_the_engine_read_knobs_in_the_environment(monkeypatch):

@@ -51,6 +51,12 @@ XV_INNER = 0
 # FLASHMOE_L2_PREFETCH=0: the matrix-vector and MoE kernels do not ask for their rows' bytes ahead
 # (the L2PF define; prefetch.global.L2 on CUDA), to time what the prefetch is worth per kernel.
 L2PF = 1
+# FLASHMOE_FUSE_ROUTE=0: the MoE's routing in a launch of its own (moe_route, then moe_gate_up)
+# rather than inside the gate/up launch, where warp 0 of every thread group routes while the
+# others wait (ncu: the barrier is that kernel's top stall). On the H200 the separate launch timed
+# 229.3 against 262.8 us per layer in one run (other norms separate too); not yet A/B'd against
+# the current default, so the fused launch stays.
+FUSE_ROUTE = True
 # Rows of the GatedDeltaNet state a warp loads at once in gdn_step (FLASHMOE_GDN_ROWS, the GROWS
 # define; 1: a memory round trip per row, as before). 64 heads are 64 thread groups, under half
 # the H200's multiprocessors, so the step is latency-bound: 8 rows per load batch.
@@ -60,9 +66,10 @@ GDN_ROWS = 8
 def configure(env=os.environ) -> None:
     """Set the launch knobs above from `env` (FLASHMOE_QMV_ROWS, FLASHMOE_MOE_ROWS,
     FLASHMOE_QMV_WORDS, FLASHMOE_GRID, FLASHMOE_GRID_BLOCKS, FLASHMOE_GDN_ROWS, FLASHMOE_MV_THREADS,
-    FLASHMOE_XV_INNER, FLASHMOE_L2_PREFETCH; absent: the defaults). Kernels built before keep
-    their settings: make a new GpuKernels after changing them."""
+    FLASHMOE_XV_INNER, FLASHMOE_L2_PREFETCH, FLASHMOE_FUSE_ROUTE; absent: the defaults). Kernels
+    built before keep their settings: make a new GpuKernels after changing them."""
     global QMV_ROWS, MOE_GU_ROWS, MOE_DOWN_ROWS, QWORDS, GRID_PER_SM, GRID_BLOCKS, GDN_ROWS, MV_THREADS, XV_INNER, L2PF
+    global FUSE_ROUTE
     rows = env.get("FLASHMOE_QMV_ROWS", "auto").strip().lower()
     QMV_ROWS = None if rows in ("", "auto") else int(rows)
     MOE_GU_ROWS, MOE_DOWN_ROWS = (int(v) for v in env.get("FLASHMOE_MOE_ROWS", "1,1").split(","))
@@ -74,6 +81,7 @@ def configure(env=os.environ) -> None:
     MV_THREADS = int(env.get("FLASHMOE_MV_THREADS", "256"))
     XV_INNER = int(env.get("FLASHMOE_XV_INNER", "0"))
     L2PF = int(env.get("FLASHMOE_L2_PREFETCH", "1"))
+    FUSE_ROUTE = env.get("FLASHMOE_FUSE_ROUTE", "1").strip().lower() not in ("0", "off", "no", "false")
     if not (64 <= MV_THREADS <= 1024 and MV_THREADS % 32 == 0):
         raise FlashMoeError(f"FLASHMOE_MV_THREADS={MV_THREADS}: use a multiple of 32 from 64 to 1024.")
 
@@ -222,7 +230,7 @@ class GpuKernels:
         E = logits.size
         addressed = lookup is not None and _addressed(lookup, x, gate, up)
         launch = (self._gate_up_launch(x, k, addressed, gate, up, shared_gate, shared_up)
-                  if E <= 1024 and k <= 32 and (lookup is None or lookup.shape[0] == E) else None)
+                  if FUSE_ROUTE and E <= 1024 and k <= 32 and (lookup is None or lookup.shape[0] == E) else None)
         if launch is None:   # the two ops (each falls back where its kernel does not cover the shapes)
             return plain.route_gate_up(self.moe_route, self.moe_gate_up)(
                 logits, k, norm_topk, lookup, x, gate, up, shared_gate, shared_up)
