@@ -244,13 +244,9 @@ class _HostCache:
         keep = keep | self.last | self.before
         out = []
         for e in ids:
-            if self.free:
-                slot = self.free.pop()
-            else:
-                key = next((k for k, v in self.slot_of.items() if v not in keep), None)
-                if key is None:
-                    break
-                slot = self.slot_of.pop(key)
+            slot = self._take(keep)
+            if slot is None:
+                break
             self.inflight[(layer, int(e))] = slot
             out.append(slot)
         return np.array(out, np.int64)
@@ -285,18 +281,22 @@ class _HostCache:
         keep = keep | self.last
         out = np.empty(len(ids), np.int64)
         for i, e in enumerate(ids):
-            if self.free:
-                slot = self.free.pop()
-            else:
-                key = next((k for k, v in self.slot_of.items() if v not in keep), None)
-                if key is None:
-                    raise FlashMoeError("the expert cache is smaller than one layer's experts: raise "
-                                        "FLASHMOE_HOST_CACHE_GB.")
-                slot = self.slot_of.pop(key)
+            slot = self._take(keep)
+            if slot is None:
+                raise FlashMoeError("the expert cache is smaller than one layer's experts: raise "
+                                    "FLASHMOE_HOST_CACHE_GB.")
             self.slot_of[(layer, int(e))] = slot
             keep = keep | {slot}
             out[i] = slot
         return out
+
+    def _take(self, keep: set[int]) -> int | None:
+        """A slot to fill: a free one, else the least recently used entry's outside `keep`
+        (forgotten), else None."""
+        if self.free:
+            return self.free.pop()
+        key = next((k for k, v in self.slot_of.items() if v not in keep), None)
+        return None if key is None else self.slot_of.pop(key)
 
 
 class ExpertStore:
@@ -904,7 +904,12 @@ class PendingReads:
             self.store._wait_resident(int(self.mapped[row]), self.READAHEAD_PATIENCE_S)
             self.store.stats.read_seconds += time.perf_counter() - t0
         self.ready[row] = True
-        if self._on_landed is not None and self.ready.all():
+        if self.ready.all():
+            self._landed()
+
+    def _landed(self) -> None:
+        """Every miss has landed: the hook, once."""
+        if self._on_landed is not None:
             hook, self._on_landed = self._on_landed, None
             hook()
 
@@ -917,9 +922,7 @@ class PendingReads:
                 for row in self.misses:
                     self.wait(row)
             self.ready[:] = True
-        if self._on_landed is not None:
-            hook, self._on_landed = self._on_landed, None
-            hook()
+        self._landed()
         if self.mapped is not None:
             self.store._end_readahead()
 

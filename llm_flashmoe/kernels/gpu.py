@@ -68,8 +68,8 @@ def configure(env=os.environ) -> None:
     FLASHMOE_QMV_WORDS, FLASHMOE_GRID, FLASHMOE_GRID_BLOCKS, FLASHMOE_GDN_ROWS, FLASHMOE_MV_THREADS,
     FLASHMOE_XV_INNER, FLASHMOE_L2_PREFETCH, FLASHMOE_FUSE_ROUTE; absent: the defaults). Kernels
     built before keep their settings: make a new GpuKernels after changing them."""
-    global QMV_ROWS, MOE_GU_ROWS, MOE_DOWN_ROWS, QWORDS, GRID_PER_SM, GRID_BLOCKS, GDN_ROWS, MV_THREADS, XV_INNER, L2PF
-    global FUSE_ROUTE
+    global QMV_ROWS, MOE_GU_ROWS, MOE_DOWN_ROWS, QWORDS, GRID_PER_SM, GRID_BLOCKS, GDN_ROWS, MV_THREADS
+    global XV_INNER, L2PF, FUSE_ROUTE
     rows = env.get("FLASHMOE_QMV_ROWS", "auto").strip().lower()
     QMV_ROWS = None if rows in ("", "auto") else int(rows)
     MOE_GU_ROWS, MOE_DOWN_ROWS = (int(v) for v in env.get("FLASHMOE_MOE_ROWS", "1,1").split(","))
@@ -87,6 +87,11 @@ def configure(env=os.environ) -> None:
 
 
 configure()
+
+
+def _mv_defines() -> dict:
+    """The knobs every matrix-vector kernel (qmv, the MoE's gate/up and down) is built with."""
+    return {"QWORDS": QWORDS, "XV_INNER": XV_INNER, "L2PF": L2PF}
 
 
 def grid_blocks(needed: int, backend: str) -> int:
@@ -178,7 +183,7 @@ class GpuKernels:
         n = len(linears)
         R = qmv_rows(sum(l.out_features for l in linears))
         mode = 0 if norm is None else 1 if norm[0] is None else 2
-        defines = {"KDIM": K, "NSLOT": n, "QMV_R": R, "QWORDS": QWORDS, "XV_INNER": XV_INNER, "L2PF": L2PF, "NORM": mode,
+        defines = {"KDIM": K, "NSLOT": n, "QMV_R": R, **_mv_defines(), "NORM": mode,
                    "EPS": float(norm[2]) if norm else 0.0}
         inputs, args = ["x"], [x]
         if mode == 2:
@@ -256,7 +261,7 @@ class GpuKernels:
         I, Is = gate.weight.shape[1], shared_gate.out_features
         defines = {"HD": H, "KE": K, "IE": I, "BE": gate.bits, "GE": gate.group_size, "SHI": Is,
                    "SHB": shared_gate.bits, "SHG": shared_gate.group_size, "ADDRESSED": int(addressed), "GU_R": MOE_GU_ROWS,
-                   "QWORDS": QWORDS, "XV_INNER": XV_INNER, "L2PF": L2PF}
+                   **_mv_defines()}
         stacks = [*_parts(gate), *_parts(up), *_parts(shared_gate), *_parts(shared_up)]
         W = MV_THREADS // 32
         blocks = grid_blocks(_ceil(_ceil(K * I, MOE_GU_ROWS) + _ceil(Is, MOE_GU_ROWS), W), self.backend)
@@ -275,7 +280,7 @@ class GpuKernels:
             return plain.moe_down(h, rows, weights, down, hs, shared_down, shared_gate_logit, residual)
         defines = {"HD": H, "KE": K, "IE": I, "BE": down.bits, "GE": down.group_size, "SHI": Is,
                    "SHB": shared_down.bits, "SHG": shared_down.group_size, "ADDRESSED": int(addressed), "DOWN_R": MOE_DOWN_ROWS,
-                   "QWORDS": QWORDS, "XV_INNER": XV_INNER, "L2PF": L2PF}
+                   **_mv_defines()}
         names = ("h", "ids", "weights", "dw", "ds", "db", "hs", "sdw", "sds", "sdb", "sg", "res")
         kern = self.kernel("moe_down", names, ("out",), defines)
         ids = rows.reshape(-1) if addressed else rows.astype(mx.int32)

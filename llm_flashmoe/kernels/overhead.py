@@ -346,7 +346,7 @@ def settings_sweep(args) -> None:
     fastest setting's environment goes to --best."""
     from ..engine.load import load_model
     from . import check
-    from .decode_bench import decode_times, logits_run, with_ops
+    from .decode_bench import decode_times, logits_error, logits_run, with_ops
 
     t0 = time.perf_counter()
     model = load_model(args.dir, experts_per_token=args.k)
@@ -370,15 +370,13 @@ def settings_sweep(args) -> None:
     for text in args.settings.split(";"):
         setting = parse_setting(text)
         o = apply_setting(setting, args.backend)
-        got = logits_run(model, o, prompt, 4)
-        diff = max(float(np.abs(a - b).max() / np.abs(b).max()) for a, b in zip(got, ref))
-        top1 = float(np.mean([a.argmax() == b.argmax() for a, b in zip(got, ref)]))
+        err = logits_error(logits_run(model, o, prompt, 4), ref)
         with_ops(model, o)
         tok = float(np.median(decode_times(model, prompt, args.steps, fresh_tokens=True))) * 1e3
         with_ops(model, None)
         moe = check.time_call(mx.compile(lambda: check._flat(f(o))), args.runs)
         per_layer = (tok - eh) / L * 1e3
-        print(f"{text:36} {tok:8.2f} {per_layer:8.1f} {(plain_tok - eh) / (tok - eh):7.2f}x {diff:9.2e} {top1:5.2f} "
+        print(f"{text:36} {tok:8.2f} {per_layer:8.1f} {(plain_tok - eh) / (tok - eh):7.2f}x {err['max']:9.2e} {err['top1']:5.2f} "
               f"{moe:7.1f} {moe_plain / moe:5.2f}x", flush=True)
         if best is None or per_layer < best[0]:
             best = (per_layer, setting)
@@ -412,13 +410,13 @@ def ncu_rows(path: str) -> dict:
         except ValueError:
             continue
         if metric in ("gpu__time_duration.sum", "Duration"):
-            metric = "us" if metric == "gpu__time_duration.sum" else metric
             v *= _TIME_UNITS.get(r.get("Metric Unit", "ns"), 1e-3)
         out.setdefault(name, {}).setdefault(metric, []).append(v)
     for m in out.values():      # the section's Duration stands in only where the raw metric is absent
-        if "Duration" in m:
-            m.setdefault("us", m.pop("Duration"))
-            m.pop("Duration", None)
+        dur = m.pop("Duration", None)
+        m["us"] = m.pop("gpu__time_duration.sum", dur)
+        if m["us"] is None:
+            del m["us"]
     return out
 
 
