@@ -70,3 +70,18 @@ class ModelCache:
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays())
+
+    def mark(self) -> list:
+        """Where every layer's state stands now, for `rewind` (cheap: references and offsets)."""
+        return [c.offset if isinstance(c, KVCache) else (c.conv, c.recurrent) for c in self.layers]
+
+    def rewind(self, mark: list) -> None:
+        """Forget what was fed since `mark` (tokens not in `self.tokens`: a pipelined decode step
+        built before its token was known to be wanted). A KV cache only moves its offset back
+        (what lies past it is written over by the next token); the linear-attention states are
+        immutable arrays, replaced per step, so the marked ones come back."""
+        for c, m in zip(self.layers, mark):
+            if isinstance(c, KVCache):
+                c.offset = m
+            else:
+                c.conv, c.recurrent = m

@@ -10,6 +10,7 @@ resumes from the longest one that prefixes the new prompt.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -17,7 +18,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from .cache import KVCache, LinearAttentionState, ModelCache
-from .sampling import Sampler, SamplingParams
+from .sampling import DeviceSampler, Sampler, SamplingParams
 
 # (tokens generated so far in this call, logits [V]) -> logits; used for
 # constrained decoding, thinking budgets and test steering.
@@ -212,12 +213,27 @@ class Session:
         logits = self._prefill(todo)
         stats.prefill_seconds = time.perf_counter() - t0
 
-        sampler = Sampler(params)
         stops = set(int(t) for t in stop_token_ids)
         out: list[int] = []
         stats.finish_reason = "length"
         t_decode = time.perf_counter()
+        pipelined = not logits_processors and pipeline_wanted() and self.model.pipelinable()
         try:
+            if pipelined:
+                steps = self._decode_pipelined(logits, params, max_tokens, stops, vocab_size)
+                try:    # (closed here, not when collected: a step fed ahead is taken back at once)
+                    for token in steps:
+                        if not out:
+                            stats.time_to_first_token = time.perf_counter() - t0
+                            t_decode = time.perf_counter()
+                        out.append(token)
+                        stats.generated_tokens = len(out)
+                        yield token
+                finally:
+                    steps.close()
+                stats.finish_reason = "length" if len(out) >= max_tokens else "stop"
+                return
+            sampler = Sampler(params)
             while len(out) < max_tokens:
                 row = np.array(logits[-1], dtype=np.float32)
                 for proc in logits_processors:
@@ -246,6 +262,49 @@ class Session:
             stats.expert_gpu_cache_hits = st.gpu_hits
             if hasattr(mx, "get_peak_memory"):
                 stats.peak_memory_bytes = int(mx.get_peak_memory())
+
+
+    def _decode_pipelined(self, logits, params: SamplingParams, max_tokens: int, stops: set,
+                          vocab_size: int | None) -> Iterator[int]:
+        """The decode loop with the host one step ahead: the token is sampled on the device, and
+        the next step's graph is built on it and started before the token is read back, so that
+        building a step (Python, ~0.1 ms per layer) overlaps the device running the one before
+        (as mlx-lm's generate does). A step fed a token that is then not wanted (a stop token,
+        the caller stopping after it) is taken back with `ModelCache.rewind`: the cache ends as
+        the step-by-step loop leaves it. Yields tokens up to `max_tokens`, ending at a stop."""
+        import mlx.core as mx
+
+        sample = DeviceSampler(params, vocab_size)
+        cache = self.cache
+        y = sample(logits[-1])
+        mx.async_eval(y)
+        n = 0
+        while n < max_tokens:
+            feed = n + 1 < max_tokens      # (the last token is never fed: the loop above neither)
+            if feed:
+                mark = cache.mark()
+                following = sample(self.model.step(y, cache)[-1])
+                mx.async_eval(following)
+            token = int(y.item())
+            wanted = False
+            try:
+                if token not in stops:
+                    n += 1
+                    yield token
+                    wanted = True
+            finally:
+                if feed and not wanted:
+                    cache.rewind(mark)
+            if not (wanted and feed):
+                return
+            cache.tokens.append(token)
+            y = following
+
+
+def pipeline_wanted() -> bool:
+    """FLASHMOE_PIPELINE: `auto` (default) pipelines decode wherever a step needs no host round
+    trip (`Qwen35Model.pipelinable`) and no logits processor runs on the host; `0` never."""
+    return os.environ.get("FLASHMOE_PIPELINE", "auto").strip().lower() not in ("0", "off", "no", "false")
 
 
 def generate_text_tokens(model, prompt: Sequence[int], **kwargs) -> list[int]:

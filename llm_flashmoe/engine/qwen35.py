@@ -498,6 +498,22 @@ class Qwen35Model:
             mx.eval(logits)
         return logits
 
+    def pipelinable(self) -> bool:
+        """Whether a decode step runs with no round trip to the host (every layer through the
+        fused ops on the device, the router's choice resolved there: all experts resident), so
+        that the next step's graph can be built while this one runs (`step`)."""
+        return isinstance(self.experts, ResidentExperts) and all(
+            l.ops is not None and l.ops.backend != "cpu" for l in self.layers)
+
+    def step(self, token: mx.array, cache: ModelCache) -> mx.array:
+        """One decode step whose token is an array not yet computed (sampled on the device from
+        the previous step's logits) -> float32 logits [1, V], lazily. `cache.tokens` is left to
+        the caller, who learns the token later (see `pipelinable`)."""
+        x = embedding_rows(self.embed, token.reshape(1).astype(mx.int32)).astype(self.dtype)[None]
+        for layer, c in zip(self.layers, cache.layers):
+            x = layer(x, c)
+        return self.head(x[0])
+
     def head(self, x: mx.array) -> mx.array:
         """Final norm and lm_head: hidden states [T, H] -> float32 logits [T, V]."""
         ops = self.layers[0].ops if self.layers else None

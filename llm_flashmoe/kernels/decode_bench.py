@@ -86,6 +86,36 @@ def decode_steps(model, prompt, steps: int, embed_head_only: bool = False, after
     return times
 
 
+def pipelined_time(model, prompt, steps: int, embed_head_only: bool = False, warmup: int = 3) -> float:
+    """Seconds per token of greedy decode pipelined as `Session.generate` runs it where a step
+    needs no host round trip: each token sampled on the device and the next step built on it and
+    started before it is read back, so building a step overlaps the device running the one
+    before. Averaged over `steps` steps after `warmup`."""
+    from ..engine.sampling import DeviceSampler, SamplingParams
+
+    cache = model.make_cache()
+    layers = model.layers
+    if embed_head_only:
+        model.layers = []
+        cache.layers = []
+    try:
+        sample = DeviceSampler(SamplingParams(temperature=0.0))
+        y = sample(model(prompt, cache, last_only=True)[-1])
+        mx.async_eval(y)
+        t0 = None
+        for i in range(warmup + steps):
+            if i == warmup:
+                t0 = time.perf_counter()
+            following = sample(model.step(y, cache)[-1])
+            mx.async_eval(following)
+            y.item()
+            y = following
+        y.item()
+        return (time.perf_counter() - t0) / steps
+    finally:
+        model.layers = layers
+
+
 def logits_run(model, ops, prompt, steps: int) -> list[np.ndarray]:
     """Prefill `prompt` on the plain path, then decode `steps` given tokens (the prompt's,
     cycled) through `ops` -> float32 logits of the prefill's last token and of each step."""
@@ -250,6 +280,12 @@ def main(argv=None) -> int:
                   f"{(tok - eh) / L * 1e3:7.1f} us/layer  -> 60 layers: {eh + 60 * (tok - eh) / L:7.1f} ms/token",
                   flush=True)
         print(f"speedup per layer {rows['plain'][2] / rows['fused'][2]:.2f}x", flush=True)
+        with_ops(model, fused)
+        tok = pipelined_time(model, prompt, args.steps) * 1e3
+        eh = pipelined_time(model, prompt, args.steps, embed_head_only=True) * 1e3
+        print(f"fused, pipelined (as generate runs it): {tok:8.2f} ms/token, embed+head {eh:6.2f} ms, "
+              f"{(tok - eh) / L * 1e3:7.1f} us/layer  -> 60 layers: {eh + 60 * (tok - eh) / L:7.1f} ms/token",
+              flush=True)
         with_ops(model, None)
     tol_ok = True
     if model.dtype != mx.float32 and args.check_steps > 0:

@@ -324,10 +324,10 @@ def parse_setting(text: str) -> dict:
     return out
 
 
-def apply_setting(env: dict, backend: str = "cuda"):
-    """The kernel module's knobs as under environment `env` (unset ones at their defaults), then
-    fresh kernels -> the backend's ops with them."""
-    from . import gpu, _built, ops
+def set_knobs(env: dict) -> None:
+    """The kernel module's knobs as under environment `env` (unset ones at their defaults); the
+    engine-read ones put in the process environment itself."""
+    from . import gpu
 
     for k in _ENGINE_KEYS:
         if k in env:
@@ -335,18 +335,27 @@ def apply_setting(env: dict, backend: str = "cuda"):
         else:
             os.environ.pop(k, None)
     gpu.configure(env)
+
+
+def apply_setting(env: dict, backend: str = "cuda"):
+    """`set_knobs(env)`, then fresh kernels -> the backend's ops with them."""
+    from . import _built, ops
+
+    set_knobs(env)
     _built.pop(backend, None)
     return ops(backend)
 
 
 def settings_sweep(args) -> None:
     """Decode (resident, compiled, fresh tokens) under each setting in one process, with the plain
-    path and embed+head timed once: ms per layer; each setting's logits for the same tokens
+    path and embed+head timed once: us per layer, step by step (build, then evaluate) and
+    pipelined (as generate runs it), each the median over --rounds rounds that visit the settings
+    in turn (the card's speed drifts between minutes); each setting's logits for the same tokens
     against the plain path's; the 397B MoE block (check case) compiled, fused against plain. The
-    fastest setting's environment goes to --best."""
+    fastest setting (pipelined) goes to --best."""
     from ..engine.load import load_model
     from . import check
-    from .decode_bench import decode_times, logits_error, logits_run, with_ops
+    from .decode_bench import decode_times, logits_error, logits_run, pipelined_time, with_ops
 
     t0 = time.perf_counter()
     model = load_model(args.dir, experts_per_token=args.k)
@@ -364,24 +373,40 @@ def settings_sweep(args) -> None:
     f, t, _ = check.case_moe_block(args.moe_shape, mx.bfloat16)
     mx.eval(check._flat(t()))    # the case's random inputs, made once (not inside each timed graph)
     moe_plain = check.time_call(mx.compile(lambda: check._flat(t())), args.runs)
-    print(f"{'setting':36} {'ms/token':>8} {'us/layer':>8} {'vs plain':>8} {'rel diff':>9} {'top1':>5} "
-          f"{'MoE us':>7} {'MoE x':>6}", flush=True)
+    texts = args.settings.split(";")
+    built, seen = {}, {text: {"step": [], "pipe": [], "eh": []} for text in texts}
+    for r in range(args.rounds):
+        for text in texts:
+            setting = parse_setting(text)
+            if text not in built:
+                o = built[text] = apply_setting(setting, args.backend)
+                seen[text]["err"] = logits_error(logits_run(model, o, prompt, 4), ref)
+                with_ops(model, o)
+                seen[text]["moe"] = check.time_call(mx.compile(lambda: check._flat(f(o))), args.runs)
+            set_knobs(setting)
+            with_ops(model, built[text])
+            seen[text]["step"].append(float(np.median(decode_times(model, prompt, args.steps, fresh_tokens=True))) * 1e3)
+            seen[text]["pipe"].append(pipelined_time(model, prompt, args.steps) * 1e3)
+            seen[text]["eh"].append(pipelined_time(model, prompt, args.steps, embed_head_only=True) * 1e3)
+            with_ops(model, None)
+        print(f"round {r + 1}: " + ", ".join(f"{t} {(seen[t]['pipe'][-1] - seen[t]['eh'][-1]) / L * 1e3:.1f}"
+                                             for t in texts) + " us/layer pipelined", flush=True)
+    print(f"medians of {args.rounds} rounds; step: build then evaluate, as the benchmarks time it; pipelined: "
+          f"as generate runs it (embed+head pipelined alone beside it)")
+    print(f"{'setting':36} {'ms/token':>8} {'us/layer':>8} {'vs plain':>8} {'pipe ms':>8} {'pipe us/l':>9} "
+          f"{'rel diff':>9} {'top1':>5} {'MoE us':>7} {'MoE x':>6}", flush=True)
     best = None
-    for text in args.settings.split(";"):
-        setting = parse_setting(text)
-        o = apply_setting(setting, args.backend)
-        err = logits_error(logits_run(model, o, prompt, 4), ref)
-        with_ops(model, o)
-        tok = float(np.median(decode_times(model, prompt, args.steps, fresh_tokens=True))) * 1e3
-        with_ops(model, None)
-        moe = check.time_call(mx.compile(lambda: check._flat(f(o))), args.runs)
-        per_layer = (tok - eh) / L * 1e3
-        print(f"{text:36} {tok:8.2f} {per_layer:8.1f} {(plain_tok - eh) / (tok - eh):7.2f}x {err['max']:9.2e} {err['top1']:5.2f} "
-              f"{moe:7.1f} {moe_plain / moe:5.2f}x", flush=True)
-        if best is None or per_layer < best[0]:
-            best = (per_layer, setting)
+    for text in texts:
+        v = seen[text]
+        tok, pipe, peh = (float(np.median(v[k])) for k in ("step", "pipe", "eh"))
+        per_layer, pipe_layer = (tok - eh) / L * 1e3, (pipe - peh) / L * 1e3
+        print(f"{text:36} {tok:8.2f} {per_layer:8.1f} {(plain_tok - eh) / (tok - eh):7.2f}x {pipe:8.2f} {pipe_layer:9.1f} "
+              f"{v['err']['max']:9.2e} {v['err']['top1']:5.2f} {v['moe']:7.1f} {moe_plain / v['moe']:5.2f}x", flush=True)
+        if best is None or pipe_layer < best[0]:
+            best = (pipe_layer, parse_setting(text))
+    set_knobs({})
     env = " ".join(f"{k}={v}" for k, v in best[1].items())
-    print(f"fastest: {env or 'the defaults'} ({best[0]:.1f} us/layer)")
+    print(f"fastest: {env or 'the defaults'} ({best[0]:.1f} us/layer pipelined)")
     if args.best:
         Path(args.best).write_text(env + "\n")
 
@@ -473,6 +498,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--k", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=3, help="rounds over the settings (medians reported)")
     p.add_argument("--best", default=None, help="write the fastest setting's environment here")
     p.add_argument("--moe-shape", default="397b", help="shape set of the MoE block timed (check.MOE_SHAPES)")
     p.add_argument("--backend", default="cuda", help="kernel backend (twin: a CPU run of the sweep itself)")

@@ -1,0 +1,148 @@
+"""Pipelined decode (the next step built on a token sampled on the device, before it is read
+back) against the step-by-step loop, and the device sampler against the host one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mlx.core as mx
+
+from llm_flashmoe.engine.cache import KVCache
+from llm_flashmoe.engine.generate import Session
+from llm_flashmoe.engine.sampling import DeviceSampler, Sampler, SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@pytest.fixture()
+def twin_model(tiny_mlx, monkeypatch):
+    """The tiny model, all experts resident, through the fused ops' twins with compiled decode
+    steps: the configuration of a GPU backend, whose steps need no host round trip."""
+    monkeypatch.setenv("FLASHMOE_KERNELS", "twin")
+    monkeypatch.setenv("FLASHMOE_COMPILE", "1")
+    from llm_flashmoe.engine.load import load_model
+
+    model = load_model(tiny_mlx)
+    assert model.pipelinable()
+    steps = []
+    real = model.step
+    model.step = lambda token, cache: steps.append(1) or real(token, cache)
+    model.steps_taken = steps
+    return model
+
+
+def _states(cache):
+    out = []
+    for c in cache.layers:
+        if isinstance(c, KVCache):
+            out += [np.array(c.keys[:, :, : c.offset]), np.array(c.values[:, :, : c.offset])]
+        else:
+            out += [np.array(c.conv), np.array(c.recurrent)]
+    return out
+
+
+def _run(model, monkeypatch, pipeline: str, prompts, take=None, **kw):
+    """Generate for each prompt in turn in one session -> (token lists, the cache's tokens after
+    each turn, its states after each turn, the last turn's stats)."""
+    monkeypatch.setenv("FLASHMOE_PIPELINE", pipeline)
+    s = Session(model)
+    outs, tokens, states = [], [], []
+    for i, p in enumerate(prompts):
+        gen = s.generate(p, **kw)
+        if take is not None and i == 0:
+            got = [t for _, t in zip(range(take), gen)]
+            gen.close()
+        else:
+            got = list(gen)
+        outs.append(got)
+        tokens.append(list(s.cache.tokens))
+        states += _states(s.cache)
+    return outs, tokens, states, s.stats
+
+
+@pytest.mark.parametrize("case", ["length", "stop", "closed"])
+def test_pipelined_decode_matches_step_by_step(twin_model, monkeypatch, case):
+    """The same tokens, and the cache left exactly as the step-by-step loop leaves it, whether
+    generation ends at max_tokens, at a stop token, or when the caller stops iterating; a second
+    turn on the same session then continues identically."""
+    prompt = [5, 17, 300, 42, 7, 99]
+    first, _, _, _ = _run(twin_model, monkeypatch, "0", [prompt], max_tokens=10, params=GREEDY)
+    kw = dict(max_tokens=10, params=GREEDY)
+    take = None
+    if case == "stop":
+        kw["stop_token_ids"] = [first[0][4]]
+    if case == "closed":
+        take = 3
+    second = prompt + first[0][:3] + [11, 12]
+    ref = _run(twin_model, monkeypatch, "0", [prompt, second], take=take, **kw)
+    twin_model.steps_taken.clear()
+    got = _run(twin_model, monkeypatch, "auto", [prompt, second], take=take, **kw)
+    assert twin_model.steps_taken, "the pipelined loop did not run"
+    assert got[0] == ref[0]
+    assert got[1] == ref[1]
+    assert len(got[2]) == len(ref[2])
+    for a, b in zip(got[2], ref[2]):
+        assert a.shape == b.shape and np.array_equal(a, b)
+    assert got[3].finish_reason == ref[3].finish_reason
+    if case == "stop":
+        assert len(ref[0][0]) == first[0].index(first[0][4])
+
+
+def test_logits_processors_keep_the_step_by_step_loop(twin_model, monkeypatch):
+    monkeypatch.setenv("FLASHMOE_PIPELINE", "auto")
+    seen = []
+    list(Session(twin_model).generate([1, 2, 3], max_tokens=4, params=GREEDY,
+                                      logits_processors=[lambda out, row: seen.append(1) or row]))
+    assert len(seen) == 4 and not twin_model.steps_taken
+
+
+def _expected(logits, p: SamplingParams, vocab=None):
+    """The distribution the samplers draw from, written out directly."""
+    l = logits.astype(np.float64).copy()
+    if vocab is not None:
+        l[vocab:] = -np.inf
+    l /= p.temperature
+    order = np.argsort(-l, kind="stable")[: p.top_k or len(l)]
+    pr = np.exp(l[order] - l[order[0]])
+    pr /= pr.sum()
+    keep = (pr >= p.min_p * pr[0]) & ((np.cumsum(pr) - pr) < p.top_p)
+    keep[0] = True
+    out = np.zeros(len(l))
+    out[order[keep]] = pr[keep] / pr[keep].sum()
+    return out
+
+
+@pytest.mark.parametrize("params", [SamplingParams(0.8, 0.9, 10, 0.05, seed=3),
+                                    SamplingParams(1.3, 1.0, 0, 0.0, seed=4),
+                                    SamplingParams(0.6, 0.5, 5, 0.2, seed=5)])
+def test_device_sampler_draws_from_the_host_samplers_distribution(params):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 2, 40).astype(np.float32)
+    vocab = 36
+    logits[37] = 50.0                                   # past the vocabulary: never drawn
+    want = _expected(logits, params, vocab)
+    dev = DeviceSampler(params, vocab_size=vocab)
+    x = mx.array(logits)
+    n = 3000
+    draws = np.array([int(dev(x).item()) for _ in range(n)])
+    host = Sampler(params)
+    masked = logits.copy()
+    masked[vocab:] = -np.inf
+    host_draws = np.array([host(masked) for _ in range(n)])
+    for d in (draws, host_draws):
+        assert set(d) <= set(np.flatnonzero(want))
+        freq = np.bincount(d, minlength=len(want)) / n
+        assert 0.5 * np.abs(freq - want).sum() < 0.05     # total variation; ~0.02 expected at n=3000
+    # reproducible for a seed
+    again = DeviceSampler(params, vocab_size=vocab)
+    assert [int(again(x).item()) for _ in range(20)] == draws[:20].tolist()
+
+
+def test_device_sampler_greedy_is_the_host_argmax():
+    logits = np.array([0.5, 3.0, -1.0, 3.0, 2.0, 9.0], np.float32)
+    dev = DeviceSampler(GREEDY, vocab_size=5)          # 9.0 lies past the vocabulary
+    host = Sampler(GREEDY)
+    masked = logits.copy()
+    masked[5:] = -np.inf
+    assert int(dev(mx.array(logits)).item()) == host(masked) == 1    # the first of equal maxima
