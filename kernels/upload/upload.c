@@ -15,6 +15,12 @@
 // counter per expert says when it has landed (fm_upload_wait_expert), so the caller
 // computes with the first experts while the later ones are still being read.
 //
+// Asynchronous direct jobs (fm_upload_start_async, after fm_uploader_async): one thread keeps up
+// to `depth` pieces in flight through Linux native AIO (io_submit / io_getevents on an O_DIRECT
+// descriptor, raw syscalls), in expert order, and counts each expert's pieces as they complete.
+// The other threads sleep through such a job. Alone, 4 cold experts of a 397B layer per job:
+// ~2.2 GB/s at a depth of 8-32 against ~1.75 for four threads' preads, a third of the CPU time.
+//
 // The CUDA runtime is not linked: the caller passes cudaMemcpyAsync and
 // cudaStreamSynchronize (taken from the libcudart that MLX loaded), so the
 // library builds with any C compiler and no CUDA headers. fm_host_memcpy_async
@@ -28,6 +34,11 @@
 #include <string.h>
 #include <sys/uio.h>
 #include <unistd.h>
+#ifdef __linux__
+#include <linux/aio_abi.h>
+#include <sys/syscall.h>
+#define FM_HAVE_AIO 1
+#endif
 
 #ifndef RWF_NOWAIT
 #define RWF_NOWAIT 0x00000008
@@ -53,6 +64,7 @@ typedef struct {
   atomic_llong next, hit_bytes;
   atomic_int error;
   atomic_llong *landed;  // per expert: pieces done (direct mode; NULL: not counted)
+  int async;             // read through the uploader's AIO context, on worker 0 alone
 } fm_job;
 
 typedef struct fm_uploader {
@@ -65,7 +77,10 @@ typedef struct fm_uploader {
   pthread_t *threads;
   pthread_mutex_t mu;
   pthread_cond_t start, done, progress;
+  pthread_cond_t start0;  // worker 0's own: an asynchronous job wakes it alone
   int64_t generation;
+  unsigned long aio_ctx;  // AIO context (0: none), `aio_depth` requests at most
+  int aio_depth;
   int running, stop;
   fm_job job;
 } fm_uploader;
@@ -181,7 +196,13 @@ static void work_direct(fm_uploader *u) {
   }
 }
 
+static void work_async(fm_uploader *u);
+
 static void work(fm_uploader *u, int w) {
+  if (u->job.async) {
+    work_async(u);
+    return;
+  }
   if (!u->memcpy_async) {
     work_direct(u);
     return;
@@ -218,6 +239,136 @@ static void work(fm_uploader *u, int w) {
   if (pending && u->stream_sync(stream) != 0) atomic_store(&j->error, -1000);
 }
 
+#define FM_AIO_MAX 256
+
+#ifdef FM_HAVE_AIO
+typedef struct {
+  struct iocb cb;
+  struct iovec iov[FM_MAX_COMP];
+  int niov;
+  int64_t e, nbytes, done;  // expert, the piece's bytes, bytes already read (short reads)
+} fm_aio_slot;
+
+// (Re)arm a slot's request for what is left of its piece: after a short read, the iovecs
+// (and bytes) already read are dropped first.
+static void arm(fm_aio_slot *s, int fd, int64_t offset) {
+  int first = 0;
+  int64_t skip = s->done;
+  while (first < s->niov && skip >= (int64_t)s->iov[first].iov_len) skip -= (int64_t)s->iov[first++].iov_len;
+  memmove(s->iov, s->iov + first, sizeof(struct iovec) * (size_t)(s->niov - first));
+  s->niov -= first;
+  if (s->niov > 0) {
+    s->iov[0].iov_base = (char *)s->iov[0].iov_base + skip;
+    s->iov[0].iov_len -= (size_t)skip;
+  }
+  memset(&s->cb, 0, sizeof s->cb);
+  s->cb.aio_lio_opcode = IOCB_CMD_PREADV;
+  s->cb.aio_fildes = (uint32_t)fd;
+  s->cb.aio_buf = (uint64_t)(uintptr_t)s->iov;
+  s->cb.aio_nbytes = (uint64_t)s->niov;
+  s->cb.aio_offset = offset + s->done;
+  s->cb.aio_data = (uint64_t)(uintptr_t)s;
+  s->nbytes -= s->done;
+  s->done = 0;
+}
+
+// Asynchronous direct job, on worker 0: pieces in expert order, at most the context's depth in
+// flight. An expert is landed once every piece of it has completed with all its bytes; a failed
+// request, or a short one that cannot go on (the file ends: truncated), is the job's error, after
+// which nothing more is submitted and the requests in flight are drained before the job ends
+// (their buffers are written by the device until then).
+static void work_async(fm_uploader *u) {
+  fm_job *j = &u->job;
+  aio_context_t ctx = (aio_context_t)u->aio_ctx;
+  int depth = u->aio_depth;
+  fm_aio_slot slots[FM_AIO_MAX];
+  fm_aio_slot *free_slots[FM_AIO_MAX];
+  struct iocb *queue[FM_AIO_MAX];
+  struct io_event ev[FM_AIO_MAX];
+  int nfree = depth, nqueued = 0, inflight = 0, more = 1;
+  for (int i = 0; i < depth; i++) free_slots[i] = &slots[i];
+  for (;;) {
+    // fill: the next pieces into free slots
+    while (more && nfree > 0 && !atomic_load(&j->error)) {
+      int64_t e, p0, p1;
+      if (!next_piece(j, &e, &p0, &p1)) {
+        more = 0;
+        break;
+      }
+      fm_aio_slot *s = free_slots[--nfree];
+      s->niov = 0;
+      for (int c = 0; c < j->ncomp; c++) {
+        int64_t a, n;
+        uint64_t dst;
+        if (!segment(j, c, e, p0, p1, &a, &n, &dst)) continue;
+        s->iov[s->niov].iov_base = (void *)(uintptr_t)dst;
+        s->iov[s->niov++].iov_len = (size_t)n;
+      }
+      s->e = e;
+      s->nbytes = p1 - p0;
+      s->done = 0;
+      arm(s, j->fd, j->file_offset[e] + p0);
+      queue[nqueued++] = &s->cb;
+    }
+    if (atomic_load(&j->error)) nqueued = 0;  // (their slots are not needed again)
+    // submit what is queued (all of it, or what the kernel takes now)
+    while (nqueued > 0) {
+      long r = syscall(SYS_io_submit, ctx, (long)nqueued, queue);
+      if (r < 0 && errno == EINTR) continue;
+      if (r < 0 && errno == EAGAIN && inflight > 0) break;  // reap first, then retry
+      if (r < 0) {
+        atomic_store(&j->error, errno == EAGAIN ? -EAGAIN : -errno);
+        announce(u);
+        nqueued = 0;
+        break;
+      }
+      inflight += (int)r;
+      nqueued -= (int)r;
+      memmove(queue, queue + r, sizeof(queue[0]) * (size_t)nqueued);
+    }
+    if (inflight == 0 && nqueued == 0 && (!more || atomic_load(&j->error))) break;
+    if (inflight == 0) continue;
+    long r = syscall(SYS_io_getevents, ctx, 1L, (long)depth, ev, NULL);
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      // cannot happen with a valid context; the requests in flight cannot be waited for either
+      atomic_store(&j->error, -errno);
+      announce(u);
+      break;
+    }
+    for (long i = 0; i < r; i++) {
+      fm_aio_slot *s = (fm_aio_slot *)(uintptr_t)ev[i].data;
+      int64_t res = (int64_t)ev[i].res;
+      inflight--;
+      if (res < 0) {
+        atomic_store(&j->error, (int)res);
+        announce(u);
+      } else if (res < s->nbytes) {
+        // short: the file ends early (truncated while in use), unless the rest can be asked
+        // for on a 4 KiB boundary (O_DIRECT) and the read made progress
+        if (res == 0 || res % 4096 || atomic_load(&j->error)) {
+          if (!atomic_load(&j->error)) atomic_store(&j->error, -EIO);
+          announce(u);
+        } else {
+          s->done = res;
+          arm(s, j->fd, (int64_t)s->cb.aio_offset);  // the rest: from aio_offset + res
+          queue[nqueued++] = &s->cb;                 // (at most `depth` slots: room in the queue)
+          continue;
+        }
+      } else if (j->landed && atomic_fetch_add(&j->landed[s->e], 1) + 1 == j->pieces_per_expert) {
+        announce(u);
+      }
+      free_slots[nfree++] = s;
+    }
+  }
+}
+#else
+static void work_async(fm_uploader *u) {
+  atomic_store(&u->job.error, -ENOSYS);
+  announce(u);
+}
+#endif
+
 static void *worker_main(void *p) {
   fm_worker_arg *arg = (fm_worker_arg *)p;
   fm_uploader *u = arg->u;
@@ -226,7 +377,9 @@ static void *worker_main(void *p) {
   int64_t seen = 0;
   for (;;) {
     pthread_mutex_lock(&u->mu);
-    while (!u->stop && u->generation == seen) pthread_cond_wait(&u->start, &u->mu);
+    // (an asynchronous job is worker 0's alone: the others sleep through it)
+    while (!u->stop && (u->generation == seen || (w != 0 && u->job.async)))
+      pthread_cond_wait(w == 0 ? &u->start0 : &u->start, &u->mu);
     if (u->stop) {
       pthread_mutex_unlock(&u->mu);
       return NULL;
@@ -260,6 +413,7 @@ fm_uploader *fm_uploader_new(int nthreads, int64_t piece_cap, void **pinned, voi
   pthread_cond_init(&u->start, NULL);
   pthread_cond_init(&u->done, NULL);
   pthread_cond_init(&u->progress, NULL);
+  pthread_cond_init(&u->start0, NULL);
   for (int i = 0; i < nthreads; i++) {
     fm_worker_arg *arg = malloc(sizeof(fm_worker_arg));
     arg->u = u;
@@ -285,9 +439,32 @@ int64_t fm_upload_run(fm_uploader *u, int fd, const int64_t *file_offset, const 
 // `landed` (direct mode only; NULL: not counted): n zeroed counters, one per expert.
 // Every started job must be ended by fm_upload_finish before the next one starts, and the
 // arrays passed here must stay alive until then.
+static int64_t start_job(fm_uploader *u, int fd, const int64_t *file_offset, const int64_t *row, int64_t n,
+                         int64_t expert_bytes, int ncomp, const int64_t *comp_offset, const int64_t *comp_nbytes,
+                         const uint64_t *comp_base, int64_t piece, int probe, int64_t *landed, int async);
+
 int64_t fm_upload_start(fm_uploader *u, int fd, const int64_t *file_offset, const int64_t *row, int64_t n,
                         int64_t expert_bytes, int ncomp, const int64_t *comp_offset, const int64_t *comp_nbytes,
                         const uint64_t *comp_base, int64_t piece, int probe, int64_t *landed) {
+  return start_job(u, fd, file_offset, row, n, expert_bytes, ncomp, comp_offset, comp_nbytes, comp_base, piece,
+                   probe, landed, 0);
+}
+
+// The same job (direct mode, no probe) read by one thread through the uploader's AIO context
+// (fm_uploader_async), at most its depth of pieces in flight: for a descriptor opened with
+// O_DIRECT, whose reads the kernel then carries out asynchronously. -EINVAL without a context.
+int64_t fm_upload_start_async(fm_uploader *u, int fd, const int64_t *file_offset, const int64_t *row, int64_t n,
+                              int64_t expert_bytes, int ncomp, const int64_t *comp_offset,
+                              const int64_t *comp_nbytes, const uint64_t *comp_base, int64_t piece,
+                              int64_t *landed) {
+  if (!u->aio_ctx || u->memcpy_async || piece <= 0) return -EINVAL;
+  return start_job(u, fd, file_offset, row, n, expert_bytes, ncomp, comp_offset, comp_nbytes, comp_base, piece, 0,
+                   landed, 1);
+}
+
+static int64_t start_job(fm_uploader *u, int fd, const int64_t *file_offset, const int64_t *row, int64_t n,
+                         int64_t expert_bytes, int ncomp, const int64_t *comp_offset, const int64_t *comp_nbytes,
+                         const uint64_t *comp_base, int64_t piece, int probe, int64_t *landed, int async) {
   if (ncomp > FM_MAX_COMP) return -EINVAL;
   if (landed && u->memcpy_async) return -EINVAL;
   if (piece <= 0 || (u->memcpy_async && piece > u->piece_cap)) piece = u->piece_cap;
@@ -311,9 +488,11 @@ int64_t fm_upload_start(fm_uploader *u, int fd, const int64_t *file_offset, cons
   atomic_store(&j->error, 0);
   if (j->n_experts == 0) return 0;
   pthread_mutex_lock(&u->mu);
-  u->running = u->nthreads;
+  j->async = async;  // (under the lock: the other workers test it there)
+  u->running = async ? 1 : u->nthreads;
   u->generation++;
-  pthread_cond_broadcast(&u->start);
+  pthread_cond_signal(&u->start0);
+  if (!async) pthread_cond_broadcast(&u->start);
   pthread_mutex_unlock(&u->mu);
   return 0;
 }
@@ -347,16 +526,39 @@ void fm_uploader_free(fm_uploader *u) {
   pthread_mutex_lock(&u->mu);
   u->stop = 1;
   pthread_cond_broadcast(&u->start);
+  pthread_cond_broadcast(&u->start0);
   pthread_mutex_unlock(&u->mu);
   for (int i = 0; i < u->nthreads; i++) pthread_join(u->threads[i], NULL);
+#ifdef FM_HAVE_AIO
+  if (u->aio_ctx) syscall(SYS_io_destroy, (aio_context_t)u->aio_ctx);
+#endif
   pthread_mutex_destroy(&u->mu);
   pthread_cond_destroy(&u->start);
   pthread_cond_destroy(&u->done);
   pthread_cond_destroy(&u->progress);
+  pthread_cond_destroy(&u->start0);
   free(u->pinned);
   free(u->streams);
   free(u->threads);
   free(u);
+}
+
+// Give the uploader an AIO context of `depth` requests (1-256) for fm_upload_start_async:
+// 0, or -errno where the kernel has none (ENOSYS), refuses (EAGAIN: fs.aio-max-nr), or a
+// direct-mode uploader was not asked for (EINVAL). Made once: io_destroy waits for an RCU
+// grace period (~30 ms here), far too slow per job.
+int64_t fm_uploader_async(fm_uploader *u, int depth) {
+  if (u->memcpy_async || depth < 1 || depth > FM_AIO_MAX) return -EINVAL;
+  if (u->aio_ctx) return u->aio_depth == depth ? 0 : -EBUSY;
+#ifdef FM_HAVE_AIO
+  aio_context_t ctx = 0;
+  if (syscall(SYS_io_setup, (unsigned)depth, &ctx) < 0) return -errno;
+  u->aio_ctx = (unsigned long)ctx;
+  u->aio_depth = depth;
+  return 0;
+#else
+  return -ENOSYS;
+#endif
 }
 
 // Host-memory stand-ins for cudaMemcpyAsync / cudaStreamSynchronize (tests; unified memory).

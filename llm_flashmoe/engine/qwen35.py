@@ -361,7 +361,7 @@ class DecoderLayer:
     def _fn(self, key, make):
         fn = self._compiled.get(key)
         if fn is None:
-            if len(self._compiled) >= 8:    # stacks that changed (scales converted per table): drop old traces
+            if len(self._compiled) >= 32:   # stacks that changed (scales converted per table): drop old traces
                 self._compiled.clear()
             fn = self._compiled[key] = mx.compile(make())
         return fn

@@ -46,6 +46,10 @@ def load() -> ctypes.CDLL | None:
     lib.fm_upload_run.restype = I64
     lib.fm_upload_start.argtypes = [P, I32, P, P, I64, I64, I32, P, P, P, I64, I32, P]
     lib.fm_upload_start.restype = I64
+    lib.fm_upload_start_async.argtypes = [P, I32, P, P, I64, I64, I32, P, P, P, I64, P]
+    lib.fm_upload_start_async.restype = I64
+    lib.fm_uploader_async.argtypes = [P, I32]
+    lib.fm_uploader_async.restype = I64
     lib.fm_upload_wait_expert.argtypes = [P, I64]
     lib.fm_upload_wait_expert.restype = I64
     lib.fm_upload_finish.argtypes = [P]
@@ -98,6 +102,15 @@ class NativeUploader:
         self.piece_cap = piece_cap
         self._tables: dict = {}
         self._job = None
+        self.async_depth = 0
+
+    def make_async(self, depth: int) -> None:
+        """Give this (direct) uploader a Linux AIO context of `depth` requests, for
+        `start(..., asynchronous=True)`. Raises OSError where the kernel has none or refuses one."""
+        r = self.lib.fm_uploader_async(self.handle, depth)
+        if r < 0:
+            raise OSError(-r, os.strerror(-r))
+        self.async_depth = depth
 
     def run(self, fd: int, file_offsets: np.ndarray, rows: np.ndarray, expert_bytes: int, components,
             bases: list[int], piece: int, probe: bool) -> int:
@@ -106,9 +119,13 @@ class NativeUploader:
         return self.finish()
 
     def start(self, fd: int, file_offsets: np.ndarray, rows: np.ndarray, expert_bytes: int, components,
-              bases: list[int], piece: int, probe: bool, landed: bool = True) -> None:
+              bases: list[int], piece: int, probe: bool, landed: bool = True, asynchronous: bool = False) -> None:
         """The same job in the background; `wait(i)` for expert i (direct mode, `landed`), then
-        `finish()`, which must end every started job before the next starts."""
+        `finish()`, which must end every started job before the next starts. `asynchronous`
+        (after `make_async`; `fd` opened with O_DIRECT, no probe): one thread keeps up to the
+        context's depth of pieces in flight through Linux AIO instead of each thread preading."""
+        if asynchronous and (not self.async_depth or probe):
+            raise ValueError("asynchronous reads need make_async() and no page-cache probe")
         if self._job is not None:
             raise RuntimeError("an expert read is still in flight: finish() it first")
         key = tuple(bases)
@@ -121,9 +138,13 @@ class NativeUploader:
         rws = np.ascontiguousarray(rows, np.int64)
         counters = np.zeros(len(offs), np.int64) if landed else None
         self._job = (offs, rws, t, counters)  # alive until finish(): the C job points into them
-        r = self.lib.fm_upload_start(self.handle, fd, offs.ctypes.data, rws.ctypes.data, len(offs), expert_bytes,
-                                     len(components), t[0].ctypes.data, t[1].ctypes.data, t[2].ctypes.data,
-                                     piece, int(bool(probe)), None if counters is None else counters.ctypes.data)
+        args = (self.handle, fd, offs.ctypes.data, rws.ctypes.data, len(offs), expert_bytes, len(components),
+                t[0].ctypes.data, t[1].ctypes.data, t[2].ctypes.data, piece)
+        cnt = None if counters is None else counters.ctypes.data
+        if asynchronous:
+            r = self.lib.fm_upload_start_async(*args, cnt)
+        else:
+            r = self.lib.fm_upload_start(*args, int(bool(probe)), cnt)
         if r < 0:
             self._job = None
             _raise(r)

@@ -47,7 +47,13 @@ from . import format as fmt
 from .source import ExpertBatch, ExpertStats
 
 PAGE = 4096
+HUGE_PAGE = 2 << 20
 INLINE_BYTES = 256 << 10  # smaller fetches are read by the calling thread alone
+# O_DIRECT reads through Linux AIO (one thread, pieces in flight): how many, how large. Alone, four
+# cold 397B experts per job: ~2.2 GB/s at 8-32 x 0.5-2 MiB against ~1.75 for four threads' preads
+# (llm_flashmoe/cpu/DESIGN.md). FLASHMOE_DIRECT_DEPTH=0: the threads' preads.
+DIRECT_DEPTH = 8
+DIRECT_PIECE = 2 << 20
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", None)
 _HAVE_FADVISE = hasattr(os, "posix_fadvise") and hasattr(os, "POSIX_FADV_WILLNEED")
 _MADV_DONTNEED = 4
@@ -102,7 +108,7 @@ def _default_threads() -> int:
 class _Buffers:
     """Nine stacked component buffers for up to `capacity` experts."""
 
-    def __init__(self, components: list[fmt.Component], capacity: int, zero_copy: bool):
+    def __init__(self, components: list[fmt.Component], capacity: int, zero_copy: bool, huge: bool = False):
         import mlx.core as mx
 
         self.capacity, self.zero_copy = capacity, zero_copy
@@ -124,9 +130,22 @@ class _Buffers:
             else:
                 import mmap
 
-                mem = mmap.mmap(-1, max(size, 1))  # anonymous: page aligned
+                # anonymous: page aligned. `huge`: on transparent huge pages, advised before the first
+                # touch and aligned to 2 MiB (direct reads into 4 KiB pages are split into requests of
+                # at most max_segments pages and ran at half the disk's speed here: DESIGN.md)
+                # (private: Python's default, a shared anonymous mapping, is shmem, which takes no THP here)
+                k = HUGE_PAGE if huge and size >= HUGE_PAGE else 0
+                mem = (mmap.mmap(-1, size + k, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) if k
+                       else mmap.mmap(-1, max(size, 1)))
+                if k and hasattr(mem, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
+                    try:
+                        mem.madvise(mmap.MADV_HUGEPAGE)
+                    except OSError:
+                        pass
                 self._keep.append(mem)
-                self.host.append(np.frombuffer(mem, np.uint8, size))
+                view = np.frombuffer(mem, np.uint8)
+                a = (-view.__array_interface__["data"][0]) % HUGE_PAGE if k else 0
+                self.host.append(view[a : a + size])
         self.addresses = [h.__array_interface__["data"][0] for h in self.host]  # row 0 of each component
         # Per row, the iovecs of one expert's components, in file order.
         self.iovecs = [[memoryview(h[r * c.nbytes : (r + 1) * c.nbytes]) for h, c in zip(self.host, components)]
@@ -223,7 +242,7 @@ class _HostCache:
     (`discard`): no fetch can find a slot whose bytes are still landing."""
 
     def __init__(self, components: list[fmt.Component], slots: int):
-        self.buf = _Buffers(components, slots, zero_copy=False)
+        self.buf = _Buffers(components, slots, zero_copy=False, huge=True)   # (direct reads land here)
         self.slots = slots
         self.slot_of: OrderedDict = OrderedDict()
         self.free = list(range(slots))
@@ -351,6 +370,7 @@ class ExpertStore:
         self._mapper: _Mapper | None = None
         self._maps: list[int] = [0] * len(m.layers)  # per layer: address of its file's mapping (0: none yet)
         self._in_flight = 0  # experts of a fetch_streaming read still running
+        self._read_layer: int | None = None   # layer of the last read started (its errors name the file)
         # How fetch_streaming reads misses: `readahead` (default: POSIX_FADV_WILLNEED, the kernel
         # reads them into the page cache, used in place once mincore finds them; no copy, and the
         # page cache stays the cache), `copy` (the C pool preads them into buffers) or `direct`
@@ -362,11 +382,17 @@ class ExpertStore:
         if self.cold_reads not in ("copy", "readahead", "direct"):
             raise FlashMoeError(f"FLASHMOE_COLD_READS={self.cold_reads!r}: use readahead, copy or direct.")
         self._direct_fds: dict[int, int] = {}   # layer -> its file opened with O_DIRECT
+        self._replay_buffers: _Buffers | None = None   # read_direct's
         self.direct_reads = self._direct_possible()
         if self.cold_reads == "direct" and not self.direct_reads:
             print("flashmoe: FLASHMOE_COLD_READS=direct needs O_DIRECT on 4 KiB-aligned expert parts and the C "
                   "reader; reading with copies instead.", file=sys.stderr)
             self.cold_reads = "copy"
+        # Direct reads submitted asynchronously (Linux AIO, one thread keeping `direct_depth` pieces of
+        # `direct_piece` bytes in flight) where the kernel allows it; else the pool's threads pread.
+        self.direct_depth, self.direct_piece = self._direct_settings()
+        self.direct_async = False
+        self._enable_async(notice=self.cold_reads == "direct")
         # Direct reads leave nothing in the page cache: keep them in RAM instead
         # (FLASHMOE_HOST_CACHE_GB, default: half the memory available at open, at most the files).
         self.host_cache = self._make_host_cache() if self.cold_reads == "direct" else None
@@ -390,6 +416,34 @@ class ExpertStore:
         # FLASHMOE_OVERLAP_READS=0: read, then compute.
         self.overlap = (self.map_hits and self._native is not None and os.environ.get(
             "FLASHMOE_OVERLAP_READS", "1").strip().lower() not in ("0", "off", "no", "false"))
+
+    @staticmethod
+    def _direct_settings() -> tuple[int, int]:
+        try:
+            depth = int(os.environ.get("FLASHMOE_DIRECT_DEPTH", str(DIRECT_DEPTH)))
+            piece_kb = int(os.environ.get("FLASHMOE_DIRECT_PIECE_KB", str(DIRECT_PIECE >> 10)))
+        except ValueError:
+            raise FlashMoeError("FLASHMOE_DIRECT_DEPTH / FLASHMOE_DIRECT_PIECE_KB: give whole numbers "
+                                f"(defaults {DIRECT_DEPTH} and {DIRECT_PIECE >> 10}).") from None
+        if not 0 <= depth <= 256 or piece_kb <= 0 or piece_kb % (PAGE >> 10):
+            raise FlashMoeError("FLASHMOE_DIRECT_DEPTH: 0 (threads' preads) to 256; FLASHMOE_DIRECT_PIECE_KB: "
+                                "a positive multiple of 4.")
+        return depth, piece_kb << 10
+
+    def _enable_async(self, notice: bool) -> None:
+        """Asynchronous direct reads where O_DIRECT works and the kernel gives an AIO context;
+        else (with a one-line notice when direct reads were asked for) the threads' preads."""
+        self.direct_async = False
+        if not self.direct_reads or self.direct_depth == 0:
+            return
+        try:
+            self._native.make_async(self.direct_depth)
+        except OSError as e:
+            if notice:
+                print(f"flashmoe: asynchronous O_DIRECT reads unavailable (Linux AIO: {e.strerror}); reading "
+                      f"with {self.threads} threads' preads instead.", file=sys.stderr)
+            return
+        self.direct_async = True
 
     @staticmethod
     def _native_reader(threads: int):
@@ -420,6 +474,7 @@ class ExpertStore:
         buf = self._buffers_for(max(n, capacity))
         fd, m = self.fds[layer], self.manifest
         base, stride, nbytes, probe = m.header_bytes, m.expert_stride, m.expert_bytes, self.probe
+        self._read_layer = layer
         t0 = time.perf_counter()
         if n == 0:
             hits = 0
@@ -527,6 +582,7 @@ class ExpertStore:
         if self.cold_reads == "readahead" and len(miss) and self._maps[layer]:
             # The kernel reads the misses into the page cache (no copy), used in place once there.
             m = self.manifest
+            self._read_layer = layer
             self._readahead = self._pool.submit(_advise, self.fds[layer], self._offsets(ids[miss]), m.expert_bytes)
             self.stats.experts += len(miss)
             self.stats.bytes += len(miss) * m.expert_bytes
@@ -633,12 +689,19 @@ class ExpertStore:
                                                    os.O_RDONLY | os.O_DIRECT)
         return fd
 
-    def read_direct(self, layer: int, expert_ids: np.ndarray) -> None:
-        """Read experts with O_DIRECT into the next buffer set and wait (the I/O of
-        FLASHMOE_COLD_READS=direct alone, for benchmarks)."""
+    def read_direct(self, layer: int, expert_ids: np.ndarray) -> _Buffers:
+        """Read experts with O_DIRECT and wait (the I/O of FLASHMOE_COLD_READS=direct alone, for
+        benchmarks): as decode reads them into the host cache, with the same reader, into buffers on
+        huge pages like the cache's (set aside for this; returned)."""
         ids = np.asarray(expert_ids, np.int64)
-        self._start_reads(layer, ids, np.arange(len(ids)), self._buffers_for(len(ids)), direct=True)
         self._settle()
+        buf = self._replay_buffers
+        if buf is None or buf.capacity < len(ids):
+            self._replay_buffers = None   # (the old set first)
+            buf = self._replay_buffers = _Buffers(self.components, max(8, -(-len(ids) // 8) * 8), False, huge=True)
+        self._start_reads(layer, ids, np.arange(len(ids)), buf, direct=True)
+        self._settle()
+        return buf
 
     def _offsets(self, ids: np.ndarray) -> np.ndarray:
         """File offsets of experts `ids` in their layer file."""
@@ -659,13 +722,17 @@ class ExpertStore:
         m = self.manifest
         # Each expert cut across every thread, pieces taken in expert order: expert 0 lands first.
         # (Pieces are whole multiples of MIN_PIECE and parts 4 KiB-aligned: O_DIRECT takes them.)
-        piece = max(MIN_PIECE, -(-m.expert_bytes // self.threads // MIN_PIECE) * MIN_PIECE)
+        # Asynchronous direct reads: pieces of direct_piece bytes, direct_depth of them in flight.
+        asynchronous = direct and self.direct_async
+        self._read_layer = layer
+        piece = (self.direct_piece if asynchronous
+                 else max(MIN_PIECE, -(-m.expert_bytes // self.threads // MIN_PIECE) * MIN_PIECE))
         t0 = time.perf_counter()
         try:
             # direct: the misses are known, no page-cache probe
             fd, probe = (self._direct_fd(layer), False) if direct else (self.fds[layer], self.probe)
             self._native.start(fd, self._offsets(ids), rows, m.expert_bytes, self.components, buf.addresses,
-                               piece, probe)
+                               piece, probe, asynchronous=asynchronous)
         except OSError as e:
             raise self._read_error(e) from e
         s = self.stats
@@ -728,9 +795,11 @@ class ExpertStore:
         finally:
             self.stats.read_seconds += time.perf_counter() - t0
 
-    @staticmethod
-    def _read_error(e: OSError) -> FlashMoeError:
-        return FlashMoeError(f"reading experts failed ({e.strerror}): the expert file was truncated or "
+    def _read_error(self, e: OSError) -> FlashMoeError:
+        """The error of a failed or short read (`_read_layer`: the file of the read that failed)."""
+        layer = getattr(self, "_read_layer", None)
+        what = "expert file" if layer is None else str(self.dir / self.manifest.layers[layer].file)
+        return FlashMoeError(f"reading experts failed ({e.strerror}): the {what} was truncated or "
                              "damaged while in use; run llm flashmoe verify.")
 
     # -- page-cache hits used in place (host_rows) -----------------------------
@@ -821,6 +890,7 @@ class ExpertStore:
         if self._native is not None:
             self._native.close()
             self._native = self._native_reader(threads)
+            self._enable_async(notice=False)
 
     # -- page cache -----------------------------------------------------------
     def drop_page_cache(self) -> None:

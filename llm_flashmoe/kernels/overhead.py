@@ -386,8 +386,8 @@ def settings_sweep(args) -> None:
             set_knobs(setting)
             with_ops(model, built[text])
             seen[text]["step"].append(float(np.median(decode_times(model, prompt, args.steps, fresh_tokens=True))) * 1e3)
-            seen[text]["pipe"].append(pipelined_time(model, prompt, args.steps) * 1e3)
-            seen[text]["eh"].append(pipelined_time(model, prompt, args.steps, embed_head_only=True) * 1e3)
+            seen[text]["pipe"].append(pipelined_time(model, prompt, args.pipe_steps) * 1e3)
+            seen[text]["eh"].append(pipelined_time(model, prompt, args.pipe_steps, embed_head_only=True) * 1e3)
             with_ops(model, None)
         print(f"round {r + 1}: " + ", ".join(f"{t} {(seen[t]['pipe'][-1] - seen[t]['eh'][-1]) / L * 1e3:.1f}"
                                              for t in texts) + " us/layer pipelined", flush=True)
@@ -499,6 +499,7 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--rounds", type=int, default=3, help="rounds over the settings (medians reported)")
+    p.add_argument("--pipe-steps", type=int, default=64, help="decode steps of each pipelined timing")
     p.add_argument("--best", default=None, help="write the fastest setting's environment here")
     p.add_argument("--moe-shape", default="397b", help="shape set of the MoE block timed (check.MOE_SHAPES)")
     p.add_argument("--backend", default="cuda", help="kernel backend (twin: a CPU run of the sweep itself)")
