@@ -48,6 +48,11 @@ out=${OUT:-/tmp}
 M=${M:-/tmp/m}
 LAYERS=${LAYERS:-4}
 runs=${RUNS:-5}
+# the card's clocks, power and performance state through the session (the timings depend on them)
+nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,pstate,temperature.gpu --format=csv -lms 250 \
+  > "$out/clocks.csv" 2>/dev/null &
+clocks_pid=$!
+trap 'kill $clocks_pid 2>/dev/null' EXIT
 step() {  # step LOG CMD...: run CMD until the deadline, output to the terminal and $out/LOG
   local log=$1; shift
   local left=$((end - SECONDS))

@@ -18,8 +18,9 @@
 // Asynchronous direct jobs (fm_upload_start_async, after fm_uploader_async): one thread keeps up
 // to `depth` pieces in flight through Linux native AIO (io_submit / io_getevents on an O_DIRECT
 // descriptor, raw syscalls), in expert order, and counts each expert's pieces as they complete.
-// The other threads sleep through such a job. Alone, 4 cold experts of a 397B layer per job:
-// ~2.2 GB/s at a depth of 8-32 against ~1.75 for four threads' preads, a third of the CPU time.
+// The other threads sleep through such a job: one thread's wake-up per job instead of all of
+// theirs. (What made direct reads fast was not this but the destination: buffers on huge pages,
+// so that a request is not cut at max_segments 4 KiB pages; see llm_flashmoe/cpu/DESIGN.md.)
 //
 // The CUDA runtime is not linked: the caller passes cudaMemcpyAsync and
 // cudaStreamSynchronize (taken from the libcudart that MLX loaded), so the

@@ -49,11 +49,11 @@ from .source import ExpertBatch, ExpertStats
 PAGE = 4096
 HUGE_PAGE = 2 << 20
 INLINE_BYTES = 256 << 10  # smaller fetches are read by the calling thread alone
-# O_DIRECT reads through Linux AIO (one thread, pieces in flight): how many, how large. Alone, four
-# cold 397B experts per job: ~2.2 GB/s at 8-32 x 0.5-2 MiB against ~1.75 for four threads' preads
-# (llm_flashmoe/cpu/DESIGN.md). FLASHMOE_DIRECT_DEPTH=0: the threads' preads.
+# O_DIRECT reads through Linux AIO (one thread, pieces in flight): how many, how large (0: an expert
+# over the depth, so that about one expert is in flight and the first lands early, as with the
+# threads' preads). FLASHMOE_DIRECT_DEPTH=0: the threads' preads. See llm_flashmoe/cpu/DESIGN.md.
 DIRECT_DEPTH = 8
-DIRECT_PIECE = 2 << 20
+DIRECT_PIECE = 0
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", None)
 _HAVE_FADVISE = hasattr(os, "posix_fadvise") and hasattr(os, "POSIX_FADV_WILLNEED")
 _MADV_DONTNEED = 4
@@ -425,9 +425,9 @@ class ExpertStore:
         except ValueError:
             raise FlashMoeError("FLASHMOE_DIRECT_DEPTH / FLASHMOE_DIRECT_PIECE_KB: give whole numbers "
                                 f"(defaults {DIRECT_DEPTH} and {DIRECT_PIECE >> 10}).") from None
-        if not 0 <= depth <= 256 or piece_kb <= 0 or piece_kb % (PAGE >> 10):
+        if not 0 <= depth <= 256 or piece_kb < 0 or piece_kb % (PAGE >> 10):
             raise FlashMoeError("FLASHMOE_DIRECT_DEPTH: 0 (threads' preads) to 256; FLASHMOE_DIRECT_PIECE_KB: "
-                                "a positive multiple of 4.")
+                                "a multiple of 4 (0: an expert over the depth).")
         return depth, piece_kb << 10
 
     def _enable_async(self, notice: bool) -> None:
@@ -725,8 +725,9 @@ class ExpertStore:
         # Asynchronous direct reads: pieces of direct_piece bytes, direct_depth of them in flight.
         asynchronous = direct and self.direct_async
         self._read_layer = layer
-        piece = (self.direct_piece if asynchronous
-                 else max(MIN_PIECE, -(-m.expert_bytes // self.threads // MIN_PIECE) * MIN_PIECE))
+        share = self.direct_depth if asynchronous else self.threads
+        piece = ((asynchronous and self.direct_piece)
+                 or max(MIN_PIECE, -(-m.expert_bytes // share // MIN_PIECE) * MIN_PIECE))
         t0 = time.perf_counter()
         try:
             # direct: the misses are known, no page-cache probe

@@ -229,7 +229,11 @@ def rel_err(got, ref) -> float:
 
 
 def time_call(fn, runs: int) -> float:
-    """Median microseconds per call, REPS calls per graph."""
+    """Median microseconds per call, REPS calls per graph, the GPU kept busy for a moment first
+    (decode_bench.heat: its clocks ramp up under load)."""
+    from .decode_bench import heat
+
+    heat(0.25)
     for _ in range(3):
         mx.eval(*[_flat(fn()) for _ in range(REPS)])
     mx.synchronize()

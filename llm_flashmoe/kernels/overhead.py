@@ -355,7 +355,7 @@ def settings_sweep(args) -> None:
     fastest setting (pipelined) goes to --best."""
     from ..engine.load import load_model
     from . import check
-    from .decode_bench import decode_times, logits_error, logits_run, pipelined_time, with_ops
+    from .decode_bench import decode_times, heat, logits_error, logits_run, pipelined_time, with_ops
 
     t0 = time.perf_counter()
     model = load_model(args.dir, experts_per_token=args.k)
@@ -372,6 +372,7 @@ def settings_sweep(args) -> None:
     mx.random.seed(0)
     f, t, _ = check.case_moe_block(args.moe_shape, mx.bfloat16)
     mx.eval(check._flat(t()))    # the case's random inputs, made once (not inside each timed graph)
+    heat()
     moe_plain = check.time_call(mx.compile(lambda: check._flat(t())), args.runs)
     texts = args.settings.split(";")
     built, seen = {}, {text: {"step": [], "pipe": [], "eh": []} for text in texts}
@@ -382,12 +383,14 @@ def settings_sweep(args) -> None:
                 o = built[text] = apply_setting(setting, args.backend)
                 seen[text]["err"] = logits_error(logits_run(model, o, prompt, 4), ref)
                 with_ops(model, o)
+                heat()
                 seen[text]["moe"] = check.time_call(mx.compile(lambda: check._flat(f(o))), args.runs)
             set_knobs(setting)
             with_ops(model, built[text])
+            heat()
             seen[text]["step"].append(float(np.median(decode_times(model, prompt, args.steps, fresh_tokens=True))) * 1e3)
-            seen[text]["pipe"].append(pipelined_time(model, prompt, args.pipe_steps) * 1e3)
-            seen[text]["eh"].append(pipelined_time(model, prompt, args.pipe_steps, embed_head_only=True) * 1e3)
+            seen[text]["pipe"].append(pipelined_time(model, prompt, args.pipe_steps)[0] * 1e3)
+            seen[text]["eh"].append(pipelined_time(model, prompt, args.pipe_steps, embed_head_only=True)[0] * 1e3)
             with_ops(model, None)
         print(f"round {r + 1}: " + ", ".join(f"{t} {(seen[t]['pipe'][-1] - seen[t]['eh'][-1]) / L * 1e3:.1f}"
                                              for t in texts) + " us/layer pipelined", flush=True)
@@ -499,7 +502,7 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--rounds", type=int, default=3, help="rounds over the settings (medians reported)")
-    p.add_argument("--pipe-steps", type=int, default=64, help="decode steps of each pipelined timing")
+    p.add_argument("--pipe-steps", type=int, default=128, help="decode steps of each pipelined timing")
     p.add_argument("--best", default=None, help="write the fastest setting's environment here")
     p.add_argument("--moe-shape", default="397b", help="shape set of the MoE block timed (check.MOE_SHAPES)")
     p.add_argument("--backend", default="cuda", help="kernel backend (twin: a CPU run of the sweep itself)")
