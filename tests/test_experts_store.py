@@ -406,10 +406,9 @@ def test_direct_cold_reads_land_every_expert_and_leave_the_page_cache_alone(smal
     for row in pending.misses:              # direct: not a page of the misses cached; copy: all of them
         assert (not any(pages_cached(starts[row]))) if direct else all(pages_cached(starts[row]))
 
-    if direct:  # read_direct (the benchmarks' replay): the experts' bytes in the next buffer set
+    if direct:  # read_direct (the benchmarks' replay): the experts' bytes in the buffers it returns
         store.drop_page_cache()
-        store.read_direct(layer, ids)
-        buf = store._slots[store._next ^ 1]
+        buf = store.read_direct(layer, ids)
         for i in range(3):
             for r in range(n):
                 for j in range(3):

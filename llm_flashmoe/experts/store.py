@@ -49,10 +49,12 @@ from .source import ExpertBatch, ExpertStats
 PAGE = 4096
 HUGE_PAGE = 2 << 20
 INLINE_BYTES = 256 << 10  # smaller fetches are read by the calling thread alone
-# O_DIRECT reads through Linux AIO (one thread, pieces in flight): how many, how large (0: an expert
-# over the depth, so that about one expert is in flight and the first lands early, as with the
-# threads' preads). FLASHMOE_DIRECT_DEPTH=0: the threads' preads. See llm_flashmoe/cpu/DESIGN.md.
-DIRECT_DEPTH = 8
+# FLASHMOE_DIRECT_DEPTH=N: O_DIRECT reads through Linux AIO instead of the threads' preads, one thread
+# keeping N pieces in flight; FLASHMOE_DIRECT_PIECE_KB their size (0: an expert over the depth, about
+# one expert in flight so that the first lands early). Off by default: into the same huge-page
+# buffers it read as fast alone and decoded slower (depth 8: 152 against 126 ms per token; depth 4:
+# 131), see llm_flashmoe/cpu/DESIGN.md.
+DIRECT_DEPTH = 0
 DIRECT_PIECE = 0
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", None)
 _HAVE_FADVISE = hasattr(os, "posix_fadvise") and hasattr(os, "POSIX_FADV_WILLNEED")
@@ -388,8 +390,8 @@ class ExpertStore:
             print("flashmoe: FLASHMOE_COLD_READS=direct needs O_DIRECT on 4 KiB-aligned expert parts and the C "
                   "reader; reading with copies instead.", file=sys.stderr)
             self.cold_reads = "copy"
-        # Direct reads submitted asynchronously (Linux AIO, one thread keeping `direct_depth` pieces of
-        # `direct_piece` bytes in flight) where the kernel allows it; else the pool's threads pread.
+        # Direct reads submitted asynchronously (FLASHMOE_DIRECT_DEPTH > 0: Linux AIO, one thread keeping
+        # `direct_depth` pieces in flight) where the kernel allows it; else the pool's threads pread.
         self.direct_depth, self.direct_piece = self._direct_settings()
         self.direct_async = False
         self._enable_async(notice=self.cold_reads == "direct")
