@@ -87,11 +87,11 @@ def decode_steps(model, prompt, steps: int, embed_head_only: bool = False, after
 
 
 def heat(seconds: float = 0.5) -> None:
-    """Keep the GPU busy for `seconds` before a timing: after idle spells (compiling, the host's
-    own work between timings) the H200's clocks come back slowly, and short timings then ran at
-    either of two speeds (pipelined decode: ~80 or ~200 us per layer, the same setting from one
-    round to the next). Decoding keeps the GPU busy, so its steady state is the timing's subject.
-    Nothing to do on the CPU."""
+    """Keep the GPU busy for `seconds` before a timing, so that it starts from the steady state of
+    a decode (clocks up, caches warm) rather than after an idle spell (compiling, the host's own
+    work between timings). On the H200 the card's clocks, logged through a whole session, stayed
+    at 1.8-1.98 GHz (P0) anyway: the two speeds short pipelined timings ran at (~80 or ~200 us per
+    layer for the same setting) are the host's, which is the bound there. Nothing to do on the CPU."""
     if mx.default_device() == mx.cpu:
         return
     a = mx.random.normal((4096, 4096)).astype(mx.bfloat16) * 0.01
