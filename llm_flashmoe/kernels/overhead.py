@@ -414,6 +414,83 @@ def settings_sweep(args) -> None:
         Path(args.best).write_text(env + "\n")
 
 
+def host_profile(args) -> None:
+    """Where the host's time goes in a pipelined decode (which the host bounds on the H200): per
+    token, building the step (Python, the compiled layers' calls) against `mx.async_eval` (MLX
+    encoding and launching the kernels) against waiting for the device; building split per layer
+    kind; then the build's Python profile. Compiled and op by op. A small model (the tiny preset)
+    shows the host's share best: the same kernels per layer, little GPU time."""
+    import cProfile
+    import io
+    import pstats
+
+    from ..engine.cache import KVCache, LinearAttentionState, ModelCache
+    from ..engine.load import load_model
+    from ..engine.sampling import DeviceSampler, SamplingParams
+    from .decode_bench import heat, with_ops
+
+    model = load_model(args.dir)
+    touch(model)
+    fused = model.layers[0].ops
+    print(f"loaded {args.dir}: {len(model.layers)} layers "
+          f"({sum(l.is_linear for l in model.layers)} GatedDeltaNet), {model.dtype}, ops {fused and fused.backend}")
+    sample = DeviceSampler(SamplingParams(temperature=0.0))
+    kinds = {}
+
+    class Timed:    # a layer whose graph building is timed per kind
+        def __init__(self, layer):
+            self.layer, self.kind, self.ops = layer, "gdn" if layer.is_linear else "attn", layer.ops
+
+        def __call__(self, x, c):
+            t = time.perf_counter()
+            out = self.layer(x, c)
+            kinds[self.kind] = kinds.get(self.kind, 0.0) + time.perf_counter() - t
+            return out
+
+    layers = model.layers
+    for compile in (True, False):
+        model.layers = layers
+        with_ops(model, fused, compile)
+        model.layers = [Timed(l) for l in layers]
+        cache = ModelCache([LinearAttentionState() if l.is_linear else KVCache() for l in layers])
+        y = sample(model(list(range(1, 9)), cache, last_only=True)[-1])
+        mx.async_eval(y)
+        n, warm = args.steps, 16
+        prof = cProfile.Profile()
+        split = {"build": 0.0, "launch": 0.0, "wait": 0.0}
+        for i in range(warm + n):
+            if i == warm:
+                y.item()
+                heat()
+                split = dict.fromkeys(split, 0.0)
+                kinds.clear()
+                t_all = time.perf_counter()
+                prof.enable()
+            t0 = time.perf_counter()
+            following = sample(model.step(y, cache)[-1])
+            t1 = time.perf_counter()
+            mx.async_eval(following)
+            t2 = time.perf_counter()
+            y.item()
+            t3 = time.perf_counter()
+            split["build"] += t1 - t0
+            split["launch"] += t2 - t1
+            split["wait"] += t3 - t2
+            y = following
+        prof.disable()
+        total = (time.perf_counter() - t_all) / n * 1e6
+        L = len(model.layers)
+        n_gdn = sum(l.is_linear for l in layers)
+        print(f"{'compiled' if compile else 'op by op'}: {total:.0f} us per token ({total / L:.0f} per layer); "
+              + ", ".join(f"{k} {v / n * 1e6:.0f}" for k, v in split.items())
+              + f" us per token; building per layer: GatedDeltaNet {kinds.get('gdn', 0) / n / max(n_gdn, 1) * 1e6:.0f}, "
+              f"attention {kinds.get('attn', 0) / n / max(L - n_gdn, 1) * 1e6:.0f} us", flush=True)
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(args.top)
+        print("\n".join(l for l in out.getvalue().splitlines() if l.strip())[:6000], flush=True)
+    model.layers = layers
+
+
 _TIME_UNITS = {"ns": 1e-3, "nsecond": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3}
 # The Speed-of-light, occupancy, launch and warp-state figures shown per kernel (ncu's display
 # names, matched as prefixes), then every raw stall-reason metric that was collected.
@@ -506,6 +583,10 @@ def main(argv=None) -> int:
     p.add_argument("--best", default=None, help="write the fastest setting's environment here")
     p.add_argument("--moe-shape", default="397b", help="shape set of the MoE block timed (check.MOE_SHAPES)")
     p.add_argument("--backend", default="cuda", help="kernel backend (twin: a CPU run of the sweep itself)")
+    p = sub.add_parser("host", help="where the host's time goes in a pipelined decode")
+    p.add_argument("--dir", required=True)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--top", type=int, default=25)
     p = sub.add_parser("ncu", help="summarise an ncu CSV log per kernel")
     p.add_argument("csv")
     args = ap.parse_args(argv)
@@ -517,6 +598,8 @@ def main(argv=None) -> int:
         first_calls(args.dir)
     elif args.cmd == "settings":
         settings_sweep(args)
+    elif args.cmd == "host":
+        host_profile(args)
     elif args.cmd == "ncu":
         ncu_summary(args.csv)
     else:
