@@ -218,3 +218,37 @@ def test_importing_the_plugin_loads_no_engine():
     env = {**os.environ, "LLM_USER_PATH": os.environ.get("LLM_USER_PATH", "/tmp/flashmoe-import-test")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_pipelined_decode_through_llm_matches_step_by_step(llm_home, monkeypatch):
+    """With the fused ops' twins and compiled steps (a GPU backend's configuration: decode needs no
+    host round trip), `llm chat` and a prompt with a stop sequence answer the same, token for token,
+    and reuse the same cached state, whether decode is pipelined or step by step."""
+    from llm_flashmoe.engine.qwen35 import Qwen35Model
+    from llm_flashmoe.model import forget_loaded_models
+
+    monkeypatch.setenv("FLASHMOE_KERNELS", "twin")
+    monkeypatch.setenv("FLASHMOE_COMPILE", "1")
+    steps = []
+    real = Qwen35Model.step
+    monkeypatch.setattr(Qwen35Model, "step", lambda self, token, cache: steps.append(1) or real(self, token, cache))
+    greedy = ["-o", "thinking", "0", "-o", "temperature", "0", "-o", "max_tokens", "10"]
+    seen = {}
+    for mode in ("0", "auto"):
+        monkeypatch.setenv("FLASHMOE_PIPELINE", mode)
+        forget_loaded_models()
+        steps.clear()
+        result = run("chat", "-m", "flashmoe-tiny", *greedy, input="one\ntwo\nquit\n")
+        assert result.exit_code == 0, result.output
+        chat = [(r["response"], r["response_json"]["cached_prompt_tokens"], r["response_json"]["generated_tokens"])
+                for r in logs()[-2:]]
+        if mode == "0":
+            text = chat[0][0]
+            stop = text[len(text) // 2: len(text) // 2 + 2]
+        result = run("-m", "flashmoe-tiny", "one", *greedy, "-o", "stop", stop)
+        assert result.exit_code == 0, result.output
+        row = logs()[-1]
+        seen[mode] = (chat, row["response"], row["response_json"]["finish_reason"])
+        assert bool(steps) == (mode == "auto"), "pipelined steps ran only when wanted"
+    assert seen["auto"] == seen["0"]
+    assert seen["0"][2] == "stop_sequence"
