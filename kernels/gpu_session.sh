@@ -34,6 +34,8 @@
 #            options (e.g. "--clock-control none --cache-control none": the card's own clocks, warm L2)
 #   mlxdecode a decode step's build/evaluate split under each MLX setting in $MLX_SETTINGS
 #            (e.g. "- MLX_MAX_OPS_PER_BUFFER=4"), a process each; with USE_BEST=1 under the fastest setting
+#   host     where the host's time goes in a pipelined decode (build / launch / wait, per layer kind,
+#            the Python profile), tiny preset and the 397B model, under each MLX setting in $MLX_SETTINGS
 #   ncusol   as ncu, with each kernel's throughputs (% of peak), occupancy, registers and warp-stall
 #            reasons (ncu sections SpeedOfLight, Occupancy, LaunchStats, WarpStateStats, SchedulerStats).
 #            Slow: each kernel is replayed once per pass with the device memory saved and restored,
@@ -124,6 +126,18 @@ for s in "$@"; do
     mlxdecode)  # decode (op by op, compiled) under each MLX setting in $MLX_SETTINGS, one process each
       for e in ${MLX_SETTINGS:--}; do e=${e#-}
         step mlxdecode.log env ${e//,/ } $(best) python3 -m llm_flashmoe.kernels.overhead decode --dir "$M/mlx" --steps 16
+      done ;;
+    host)  # where the host's time goes in a pipelined decode, under each MLX setting in $MLX_SETTINGS
+           # (a process each): the tiny preset (built here if absent: the same kernels per layer, little
+           # GPU time) and the 397B model if prepared
+      [ -f "$M/tiny/config.json" ] || python3 -c "
+from llm_flashmoe import synth
+synth._write_tokenizer = lambda d: None
+synth.write_synthetic('$M/tiny', preset='tiny', layout='mlx', progress=False)"
+      for e in ${MLX_SETTINGS:--}; do e=${e#-}
+        for d in "$M/tiny" "$M/mlx"; do
+          [ -f "$d/config.json" ] && step host.log env ${e//,/ } $(best) python3 -m llm_flashmoe.kernels.overhead host --dir "$d"
+        done
       done ;;
     ncusol)  # the same decode steps with ncu's speed-of-light, occupancy and warp-stall figures per kernel
       profile ncusol --profile-from-start off --launch-count "${NCU_COUNT:-12}" --section SpeedOfLight --section Occupancy --section LaunchStats \
