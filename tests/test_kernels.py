@@ -470,3 +470,13 @@ def test_ncu_summary_per_kernel(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "3 kernels, 98.5 us" in out
     assert re.search(r"DRAM Throughput\s+25\.00", out) and "long_scoreboard 3.00" in out
+
+
+def test_kernel_positions_from_ints_or_device_arrays():
+    """qk_norm_rope and decode_attention take the position as a Python int (op by op) or as an
+    array computed on the device (compiled attention layers); either reaches the kernel as int32 [1]."""
+    from llm_flashmoe.kernels import gpu
+
+    for v in (7, mx.array(7), mx.array([7], mx.int64)):
+        a = gpu._index(v)
+        assert a.dtype == mx.int32 and a.shape == (1,) and int(a[0]) == 7

@@ -24,18 +24,22 @@ class KVCache:
         self.values: mx.array | None = None
         self.offset = 0
 
-    def update(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
-        """Append k, v [1, Hkv, T, Dh]; return all keys/values so far."""
-        t = k.shape[2]
+    def reserve(self, t: int, heads: int, dim: int, dtype) -> None:
+        """Room for t more tokens past the offset (buffers grown in blocks of _KV_STEP tokens)."""
         if self.keys is None or self.offset + t > self.keys.shape[2]:
             grow = ((t + _KV_STEP - 1) // _KV_STEP) * _KV_STEP
-            shape = (1, k.shape[1], grow, k.shape[3])
-            new_k, new_v = mx.zeros(shape, k.dtype), mx.zeros(shape, v.dtype)
+            shape = (1, heads, grow, dim)
+            new_k, new_v = mx.zeros(shape, dtype), mx.zeros(shape, dtype)
             if self.keys is None:
                 self.keys, self.values = new_k, new_v
             else:
                 self.keys = mx.concatenate([self.keys[:, :, : self.offset], new_k], axis=2)
                 self.values = mx.concatenate([self.values[:, :, : self.offset], new_v], axis=2)
+
+    def update(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+        """Append k, v [1, Hkv, T, Dh]; return all keys/values so far."""
+        t = k.shape[2]
+        self.reserve(t, k.shape[1], k.shape[3], k.dtype)
         self.keys[:, :, self.offset : self.offset + t] = k
         self.values[:, :, self.offset : self.offset + t] = v
         self.offset += t

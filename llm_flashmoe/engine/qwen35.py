@@ -179,6 +179,21 @@ class Attention:
         return self.ops.qmv(out.reshape(1, -1), [self.o_proj])[0].reshape(x.shape)
 
 
+    def decode_math(self, x: mx.array, keys: mx.array, values: mx.array, pos: mx.array, norm):
+        """decode_fused's math with the KV buffers [1, Hkv, capacity, Dh] and the position (int32
+        [1]) as arrays, all arrays in and out so that it compiles (FLASHMOE_COMPILE_ATTENTION) ->
+        (y, keys, values), this token's key and value written at pos (the capacity reserved)."""
+        Hkv, Dh = self.Hkv, self.Dh
+        qg, k, v = _in_proj(self.ops, x, norm, [self.q_proj, self.k_proj, self.v_proj])
+        q, k = self.ops.qk_norm_rope(qg, k, self.q_norm, self.k_norm, pos, self.rope_dims,
+                                     self.rope_theta, self.eps, Hkv)
+        dt = self.q_norm.dtype
+        keys = mx.slice_update(keys, k.astype(dt).reshape(1, Hkv, 1, Dh), pos, axes=(2,))
+        values = mx.slice_update(values, v.astype(dt).reshape(1, Hkv, 1, Dh), pos, axes=(2,))
+        out = self.ops.decode_attention(q, keys, values, pos + 1, qg)
+        return self.ops.qmv(out.reshape(1, -1), [self.o_proj])[0].reshape(x.shape), keys, values
+
+
 class SparseMoE:
     """Router softmax (float32) -> top-K -> selected SwiGLU experts, plus the
     shared expert scaled by its sigmoid gate."""
@@ -384,6 +399,20 @@ class DecoderLayer:
         def moe_part(x, y, *lookup):
             return moe.decode_math(x, y, self.post_norm, eps, *dev[:3], lookup[0] if lookup else None).reshape(x.shape)
 
+        if not self.is_linear and compile_attention():
+            # the whole layer compiled: the KV buffers in and out, the position an array
+            mixer = self.mixer
+            cache.reserve(1, mixer.Hkv, mixer.Dh, mixer.q_norm.dtype)
+
+            def attn_layer(x, keys, values, pos, *lookup):
+                y, keys, values = mixer.decode_math(x, keys, values, pos, (self.input_norm, eps))
+                return moe_part(x, y, *lookup), keys, values
+
+            pos = mx.array([cache.offset], mx.int32)
+            out, cache.keys, cache.values = self._fn(("attn-layer",) + key, lambda: attn_layer)(
+                x, cache.keys, cache.values, pos, *lk)
+            cache.offset += 1
+            return out
         if not self.is_linear:
             y = self.mixer.decode_fused(x, cache, (self.input_norm, eps))
             return self._fn(("attn",) + key, lambda: moe_part)(x, y, *lk)
@@ -421,6 +450,14 @@ def compile_default(ops) -> bool:
     if ops is None or ops.backend == "cpu":     # the CPU kernels run on the host: nothing to trace
         return False
     return want in ("1", "on", "yes", "true") or ops.backend in ("cuda", "metal")
+
+
+def compile_attention() -> bool:
+    """FLASHMOE_COMPILE_ATTENTION=1: with FLASHMOE_COMPILE, the full-attention layers' decode steps
+    compiled whole too (the KV cache written with a slice update at a position computed on the
+    device) rather than their mixer built op by op in Python each token. Off until timed on a GPU
+    (`overhead settings` with cattn=1): the pipelined decode is bound by the host's work per layer."""
+    return os.environ.get("FLASHMOE_COMPILE_ATTENTION", "0").strip().lower() in ("1", "on", "yes", "true")
 
 
 def _prefetch_default(experts) -> bool:

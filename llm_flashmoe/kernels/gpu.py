@@ -94,6 +94,12 @@ def _mv_defines() -> dict:
     return {"QWORDS": QWORDS, "XV_INNER": XV_INNER, "L2PF": L2PF}
 
 
+def _index(v) -> mx.array:
+    """A position or a length for a kernel: an int32 [1] array, from a Python int or from an array
+    computed on the device (compiled attention steps)."""
+    return v.reshape(1).astype(mx.int32) if isinstance(v, mx.array) else mx.array([v], mx.int32)
+
+
 def grid_blocks(needed: int, backend: str) -> int:
     """Thread groups (of MV_THREADS) to launch for `needed` groups' worth of warps (FLASHMOE_GRID)."""
     if GRID_BLOCKS is not None:
@@ -298,7 +304,7 @@ class GpuKernels:
             return plain.decode_attention(q, keys, values, n, qg)
         kern = self.kernel("decode_attention", ("q", "keys", "values", "n_ctx", "qg"), ("out",),
                            {"HQ": Hq, "HKV": Hkv, "DH": Dh, "NWARPS": 8})
-        return kern(inputs=[q, keys, values, mx.array([n], mx.int32), qg.reshape(-1)], template=[("T", q.dtype)],
+        return kern(inputs=[q, keys, values, _index(n), qg.reshape(-1)], template=[("T", q.dtype)],
                     grid=(Hq * 256, 1, 1), threadgroup=(256, 1, 1), output_shapes=[(Hq * Dh,)],
                     output_dtypes=[q.dtype], **self._fill)[0]
 
@@ -311,7 +317,7 @@ class GpuKernels:
         defines = {"HQ": Hq, "HKV": n_kv_heads, "DH": Dh, "ROPE": rope_dims,
                    "LOG_THETA": float(math.log(theta)), "EPS": float(eps)}
         kern = self.kernel("qk_norm_rope", ("qg", "k", "qw", "kw", "pos"), ("qo", "ko"), defines)
-        qo, ko = kern(inputs=[qg.reshape(-1), k.reshape(-1), q_w, k_w, mx.array([pos], mx.int32)],
+        qo, ko = kern(inputs=[qg.reshape(-1), k.reshape(-1), q_w, k_w, _index(pos)],
                       template=[("T", qg.dtype)], grid=((Hq + n_kv_heads) * Dh, 1, 1), threadgroup=(Dh, 1, 1),
                       output_shapes=[(Hq, Dh), (n_kv_heads, Dh)], output_dtypes=[qg.dtype, qg.dtype], **self._fill)
         return qo, ko

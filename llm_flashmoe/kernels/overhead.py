@@ -306,9 +306,10 @@ def first_calls(path: str) -> None:
 SETTING_KEYS = {"grid": "FLASHMOE_GRID", "blocks": "FLASHMOE_GRID_BLOCKS", "words": "FLASHMOE_QMV_WORDS",
                 "qrows": "FLASHMOE_QMV_ROWS", "moerows": "FLASHMOE_MOE_ROWS", "gdnrows": "FLASHMOE_GDN_ROWS",
                 "threads": "FLASHMOE_MV_THREADS", "xvinner": "FLASHMOE_XV_INNER", "l2pf": "FLASHMOE_L2_PREFETCH",
-                "fuseroute": "FLASHMOE_FUSE_ROUTE", "fusenorm": "FLASHMOE_FUSE_INPUT_NORM"}
+                "fuseroute": "FLASHMOE_FUSE_ROUTE", "fusenorm": "FLASHMOE_FUSE_INPUT_NORM",
+                "cattn": "FLASHMOE_COMPILE_ATTENTION"}
 # read by the engine at each call rather than by the kernel module: set in the environment itself
-_ENGINE_KEYS = ("FLASHMOE_FUSE_INPUT_NORM",)
+_ENGINE_KEYS = ("FLASHMOE_FUSE_INPUT_NORM", "FLASHMOE_COMPILE_ATTENTION")
 
 
 def parse_setting(text: str) -> dict:

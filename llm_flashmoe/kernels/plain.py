@@ -109,21 +109,30 @@ def moe_down(h: mx.array, rows: mx.array, weights: mx.array, down: Linear, hs: m
     return residual.reshape(-1) + (y + shared).astype(residual.dtype)
 
 
-def decode_attention(q: mx.array, keys: mx.array, values: mx.array, n: int, qg: mx.array) -> mx.array:
-    """q [Hq, Dh] attends over the first n of keys/values [1, Hkv, capacity, Dh]; the
+def decode_attention(q: mx.array, keys: mx.array, values: mx.array, n, qg: mx.array) -> mx.array:
+    """q [Hq, Dh] attends over the first n of keys/values [1, Hkv, capacity, Dh] (n: an int, or
+    an int32 array computed on the device: then the rest of the capacity is masked out); the
     output is gated by sigmoid of the second half of each head of qg [Hq, 2*Dh] -> [Hq*Dh]."""
     Hq, Dh = q.shape
-    out = mx.fast.scaled_dot_product_attention(
-        q.reshape(1, Hq, 1, Dh), keys[:, :, :n], values[:, :, :n], scale=Dh ** -0.5)
+    if isinstance(n, mx.array):
+        mask = (mx.arange(keys.shape[2]) < n.reshape(())).reshape(1, 1, 1, -1)
+        out = mx.fast.scaled_dot_product_attention(q.reshape(1, Hq, 1, Dh), keys, values, scale=Dh ** -0.5,
+                                                   mask=mask)
+    else:
+        out = mx.fast.scaled_dot_product_attention(
+            q.reshape(1, Hq, 1, Dh), keys[:, :, :n], values[:, :, :n], scale=Dh ** -0.5)
     gate = qg.reshape(Hq, 2 * Dh)[:, Dh:]
     return (out.reshape(Hq, Dh) * mx.sigmoid(gate)).reshape(-1)
 
 
-def qk_norm_rope(qg: mx.array, k: mx.array, q_w: mx.array, k_w: mx.array, pos: int,
+def qk_norm_rope(qg: mx.array, k: mx.array, q_w: mx.array, k_w: mx.array, pos,
                  rope_dims: int, theta: float, eps: float, n_kv_heads: int) -> tuple[mx.array, mx.array]:
     """RMSNorm of each query head (first half of qg [Hq, 2*Dh]) and key head (k [Hkv*Dh]),
-    then rope on their first rope_dims dims at position pos -> q [Hq, Dh], k [Hkv, Dh]."""
+    then rope on their first rope_dims dims at position pos (an int, or an int32 array computed
+    on the device) -> q [Hq, Dh], k [Hkv, Dh]."""
     Dh = q_w.size
+    if isinstance(pos, mx.array):
+        pos = pos.reshape(())
     q = qg.reshape(1, -1, 1, 2 * Dh)[..., :Dh]                      # [1, Hq, 1, Dh]
     kk = k.reshape(1, n_kv_heads, 1, Dh)
     q = mx.fast.rope(mx.fast.rms_norm(q, q_w, eps), rope_dims, traditional=False, base=theta,
