@@ -310,3 +310,49 @@ def test_host_tier_decodes_misses_from_the_page_cache_by_address(packed, monkeyp
     assert cache.resident_batch(1).all_in_gpu is False
     plain.experts.close()
     cache.close()
+
+
+@pytest.mark.parametrize("mode", ["full pool", "host tier"])
+def test_device_resolved_caches_decode_pipelined(packed, monkeypatch, mode):
+    """With the router's choice resolved on the device (a pool holding every expert, or the host
+    tier's address table), generation is pipelined (each step built before the token before it is
+    read back) and answers token for token as the step-by-step loop does, two turns in a row,
+    fetching nothing while it decodes."""
+    from llm_flashmoe.engine.generate import Session
+    from llm_flashmoe.engine.qwen35 import Qwen35Model
+    from llm_flashmoe.engine.sampling import SamplingParams
+
+    monkeypatch.setenv("FLASHMOE_KERNELS", "twin")
+    monkeypatch.setenv("FLASHMOE_COMPILE", "1")
+    steps = []
+    real = Qwen35Model.step
+    monkeypatch.setattr(Qwen35Model, "step", lambda self, token, c: steps.append(1) or real(self, token, c))
+    # (the host tier reads the files' bf16 scales in place: a bf16 model, slow on the CPU: short runs)
+    model = load_model(packed, dtype=mx.float32 if mode == "full pool" else mx.bfloat16)
+    n = 6 if mode == "full pool" else 3
+    m = model.experts.manifest
+    E = m.num_experts * len(m.layers)
+    cache = with_cache(model, E if mode == "full pool" else E // 2)
+    assert not model.pipelinable()                    # partial pool, no tier: the host decides
+    if mode == "full pool":
+        cache.preload()
+    else:
+        assert cache.enable_host_tier()
+    assert model.pipelinable()
+    fetches = []
+    cache.fetch = lambda *a, **k: fetches.append(a) or ExpertCache.fetch(cache, *a, **k)
+    greedy = SamplingParams(temperature=0.0)
+    outs = {}
+    for pipe in ("0", "auto"):
+        monkeypatch.setenv("FLASHMOE_PIPELINE", pipe)
+        steps.clear()
+        fetches.clear()
+        s = Session(model)
+        first = list(s.generate(PROMPT[:6], max_tokens=n, params=greedy))
+        second = list(s.generate(PROMPT[:6] + first + PROMPT[6:9], max_tokens=n, params=greedy))
+        outs[pipe] = (first, second)
+        # the prompts fetched (one fetch per layer per prompt chunk); decode never did
+        assert len(fetches) == 2 * len(model.layers)
+        assert bool(steps) == (pipe == "auto")
+    assert outs["auto"] == outs["0"]
+    cache.close()

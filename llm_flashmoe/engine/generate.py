@@ -295,6 +295,10 @@ class Session:
             finally:
                 if feed and not wanted:
                     cache.rewind(mark)
+                    # let the unwanted step finish before returning: nothing of this call keeps
+                    # running on the device while the caller, or the next prompt's expert reads,
+                    # go on
+                    mx.eval(following)
             if not (wanted and feed):
                 return
             cache.tokens.append(token)

@@ -536,11 +536,16 @@ class Qwen35Model:
         return logits
 
     def pipelinable(self) -> bool:
-        """Whether a decode step runs with no round trip to the host (every layer through the
-        fused ops on the device, the router's choice resolved there: all experts resident), so
-        that the next step's graph can be built while this one runs (`step`)."""
-        return isinstance(self.experts, ResidentExperts) and all(
-            l.ops is not None and l.ops.backend != "cpu" for l in self.layers)
+        """Whether a decode step runs with no round trip to the host, so that the next step's graph
+        can be built while this one runs (`step`): every layer through the fused ops on the device,
+        and the router's choice resolved there (all experts resident, or an expert cache whose
+        lookup table in GPU memory covers every expert: the full pool, or the host tier; decode
+        then fetches nothing, so no buffer it reads is refilled under it)."""
+        if not self.layers or any(l.ops is None or l.ops.backend == "cpu" for l in self.layers):
+            return False
+        if isinstance(self.experts, ResidentExperts):
+            return True
+        return all(l.moe.device_experts() is not None for l in self.layers)
 
     def step(self, token: mx.array, cache: ModelCache) -> mx.array:
         """One decode step whose token is an array not yet computed (sampled on the device from
