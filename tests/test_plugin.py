@@ -249,6 +249,7 @@ def test_pipelined_decode_through_llm_matches_step_by_step(llm_home, monkeypatch
         assert result.exit_code == 0, result.output
         row = logs()[-1]
         seen[mode] = (chat, row["response"], row["response_json"]["finish_reason"])
+        assert row["response_json"]["pipelined"] == (mode == "auto")
         assert bool(steps) == (mode == "auto"), "pipelined steps ran only when wanted"
     assert seen["auto"] == seen["0"]
     assert seen["0"][2] == "stop_sequence"

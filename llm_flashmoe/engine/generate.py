@@ -42,6 +42,7 @@ class GenerationStats:
     expert_gpu_cache_hits: int = 0
     peak_memory_bytes: int = 0
     finish_reason: str = ""       # "stop" | "length" | "stop_sequence"
+    pipelined: bool = False       # decode built each step before reading the token before it
 
     @property
     def prompt_tokens_per_second(self) -> float:
@@ -69,6 +70,7 @@ class GenerationStats:
             "expert_gpu_cache_hits": self.expert_gpu_cache_hits,
             "peak_memory_bytes": self.peak_memory_bytes,
             "finish_reason": self.finish_reason,
+            "pipelined": self.pipelined,
         }
 
 
@@ -217,7 +219,7 @@ class Session:
         out: list[int] = []
         stats.finish_reason = "length"
         t_decode = time.perf_counter()
-        pipelined = not logits_processors and pipeline_wanted() and self.model.pipelinable()
+        pipelined = stats.pipelined = not logits_processors and pipeline_wanted() and self.model.pipelinable()
         try:
             if pipelined:
                 steps = self._decode_pipelined(logits, params, max_tokens, stops, vocab_size)
