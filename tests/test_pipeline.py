@@ -190,3 +190,15 @@ def test_compiled_attention_layers_match_op_by_op(tiny_mlx, monkeypatch):
     assert outs["auto"][0] == outs["0"][0]
     for a, b in zip(outs["auto"][1], outs["0"][1]):
         assert np.array_equal(a, b)
+
+
+def test_a_bad_pipeline_setting_is_refused(monkeypatch):
+    from llm_flashmoe.engine.generate import pipeline_wanted
+    from llm_flashmoe.errors import FlashMoeError
+
+    for v, want in (("auto", True), ("", True), ("0", False), ("off", False)):
+        monkeypatch.setenv("FLASHMOE_PIPELINE", v)
+        assert pipeline_wanted() is want
+    monkeypatch.setenv("FLASHMOE_PIPELINE", "sometimes")
+    with pytest.raises(FlashMoeError, match="FLASHMOE_PIPELINE"):
+        pipeline_wanted()

@@ -265,13 +265,12 @@ class Session:
             if hasattr(mx, "get_peak_memory"):
                 stats.peak_memory_bytes = int(mx.get_peak_memory())
 
-
     def _decode_pipelined(self, logits, params: SamplingParams, max_tokens: int, stops: set,
                           vocab_size: int | None) -> Iterator[int]:
         """The decode loop with the host one step ahead: the token is sampled on the device, and
         the next step's graph is built on it and started before the token is read back, so that
-        building a step (Python, ~0.1 ms per layer) overlaps the device running the one before
-        (as mlx-lm's generate does). A step fed a token that is then not wanted (a stop token,
+        the host's work for a step (building its graph, launching its kernels) overlaps the device
+        running the one before (as mlx-lm's generate does). A step fed a token that is then not wanted (a stop token,
         the caller stopping after it) is taken back with `ModelCache.rewind`: the cache ends as
         the step-by-step loop leaves it. Yields tokens up to `max_tokens`, ending at a stop."""
         import mlx.core as mx
@@ -310,7 +309,14 @@ class Session:
 def pipeline_wanted() -> bool:
     """FLASHMOE_PIPELINE: `auto` (default) pipelines decode wherever a step needs no host round
     trip (`Qwen35Model.pipelinable`) and no logits processor runs on the host; `0` never."""
-    return os.environ.get("FLASHMOE_PIPELINE", "auto").strip().lower() not in ("0", "off", "no", "false")
+    want = os.environ.get("FLASHMOE_PIPELINE", "auto").strip().lower() or "auto"
+    if want in ("0", "off", "no", "false"):
+        return False
+    if want not in ("auto", "1", "on", "yes", "true"):
+        from ..errors import FlashMoeError
+
+        raise FlashMoeError(f"FLASHMOE_PIPELINE={want!r}: use auto or 0.")
+    return True
 
 
 def generate_text_tokens(model, prompt: Sequence[int], **kwargs) -> list[int]:
