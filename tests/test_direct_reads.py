@@ -71,6 +71,15 @@ def _expected(data: bytes, e: int, c: fmt.Component) -> bytes:
     return data[a : a + c.nbytes]
 
 
+def _read_one_and_check(u, fd, data, comps, buf, e: int, row: int, piece: int) -> None:
+    """A job of its own: expert e into row `row`, asynchronously; every byte of it lands there."""
+    u.start(fd, HEADER + np.array([e]) * EXPERT, np.array([row]), EXPERT, comps, buf.addresses, piece, False,
+            asynchronous=True)
+    u.finish()
+    for c, h in zip(comps, buf.host):
+        assert h[row * c.nbytes : (row + 1) * c.nbytes].tobytes() == _expected(data, e, c)
+
+
 @pytest.mark.parametrize("depth,piece", [(1, 16 * K), (3, 20 * K), (8, 64 * K), (8, 1 << 20)])
 @pytest.mark.parametrize("huge", [False, True])
 def test_async_direct_reads_land_every_byte_in_its_row(lib, expert_file, depth, piece, huge):
@@ -96,11 +105,7 @@ def test_async_direct_reads_land_every_byte_in_its_row(lib, expert_file, depth, 
             for r in (3, 5, 7):
                 assert (h[r * c.nbytes : (r + 1) * c.nbytes] == 0xAB).all()
         # the same uploader, a second job (the AIO context is kept)
-        u.start(fd, HEADER + np.array([2]) * EXPERT, np.array([3]), EXPERT, comps, buf.addresses, piece, False,
-                asynchronous=True)
-        u.finish()
-        for c, h in zip(comps, buf.host):
-            assert h[3 * c.nbytes : 4 * c.nbytes].tobytes() == _expected(data, 2, c)
+        _read_one_and_check(u, fd, data, comps, buf, 2, 3, piece)
     finally:
         os.close(fd)
         u.close()
@@ -128,11 +133,7 @@ def test_async_direct_read_of_a_truncated_file_is_an_error_and_the_reader_goes_o
             u.start(fd, HEADER + ids * EXPERT, np.arange(2), EXPERT, comps, buf.addresses, 16 * K, False,
                     asynchronous=True)
             u.finish()
-        u.start(fd, HEADER + np.array([4]) * EXPERT, np.array([3]), EXPERT, comps, buf.addresses, 16 * K, False,
-                asynchronous=True)
-        u.finish()
-        for c, h in zip(comps, buf.host):
-            assert h[3 * c.nbytes : 4 * c.nbytes].tobytes() == _expected(data, 4, c)
+        _read_one_and_check(u, fd, data, comps, buf, 4, 3, 16 * K)
     finally:
         os.close(fd)
         u.close()

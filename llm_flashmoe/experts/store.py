@@ -801,7 +801,7 @@ class ExpertStore:
 
     def _read_error(self, e: OSError) -> FlashMoeError:
         """The error of a failed or short read (`_read_layer`: the file of the read that failed)."""
-        layer = getattr(self, "_read_layer", None)
+        layer = self._read_layer
         what = "expert file" if layer is None else str(self.dir / self.manifest.layers[layer].file)
         return FlashMoeError(f"reading experts failed ({e.strerror}): the {what} was truncated or "
                              "damaged while in use; run llm flashmoe verify.")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -59,31 +60,41 @@ def decode_steps(model, prompt, steps: int, embed_head_only: bool = False, after
                  fresh_tokens: bool = False, before_step=None) -> list[tuple[float, float]]:
     """`decode_times`' steps, every one, each split into (building the graph, evaluating it) in
     seconds; `before_step(i)` is called before step i's clock starts."""
+    with _fresh_cache(model, embed_head_only) as cache:
+        mx.eval(model(prompt, cache, last_only=True))
+        if after_prefill is not None:
+            after_prefill()
+        rng = np.random.default_rng(len(prompt) + steps)
+        tok = [int(prompt[-1])]
+        times = []
+        for i in range(steps):
+            if before_step is not None:
+                before_step(i)
+            mx.synchronize()
+            t0 = time.perf_counter()
+            logits = model(tok, cache, last_only=True)
+            t1 = time.perf_counter()
+            mx.eval(logits)
+            mx.synchronize()
+            times.append((t1 - t0, time.perf_counter() - t1))
+            if fresh_tokens:
+                tok = [int(rng.integers(0, 200000))]
+    return times
+
+
+@contextmanager
+def _fresh_cache(model, embed_head_only: bool):
+    """A new cache for `model`; with `embed_head_only`, the model without its layers meanwhile
+    (the embedding and the head timed alone)."""
     cache = model.make_cache()
     layers = model.layers
     if embed_head_only:
         model.layers = []
         cache.layers = []
-    mx.eval(model(prompt, cache, last_only=True))
-    if after_prefill is not None:
-        after_prefill()
-    rng = np.random.default_rng(len(prompt) + steps)
-    tok = [int(prompt[-1])]
-    times = []
-    for i in range(steps):
-        if before_step is not None:
-            before_step(i)
-        mx.synchronize()
-        t0 = time.perf_counter()
-        logits = model(tok, cache, last_only=True)
-        t1 = time.perf_counter()
-        mx.eval(logits)
-        mx.synchronize()
-        times.append((t1 - t0, time.perf_counter() - t1))
-        if fresh_tokens:
-            tok = [int(rng.integers(0, 200000))]
-    model.layers = layers
-    return times
+    try:
+        yield cache
+    finally:
+        model.layers = layers
 
 
 def heat(seconds: float = 0.5) -> None:
@@ -111,12 +122,7 @@ def pipelined_time(model, prompt, steps: int, embed_head_only: bool = False, war
     which waiting for the device): a wait near zero means the host is the bound."""
     from ..engine.sampling import DeviceSampler, SamplingParams
 
-    cache = model.make_cache()
-    layers = model.layers
-    if embed_head_only:
-        model.layers = []
-        cache.layers = []
-    try:
+    with _fresh_cache(model, embed_head_only) as cache:
         sample = DeviceSampler(SamplingParams(temperature=0.0))
         y = sample(model(prompt, cache, last_only=True)[-1])
         mx.async_eval(y)
@@ -134,8 +140,6 @@ def pipelined_time(model, prompt, steps: int, embed_head_only: bool = False, war
             y = following
         y.item()
         return (time.perf_counter() - t0) / steps, wait / steps
-    finally:
-        model.layers = layers
 
 
 def logits_run(model, ops, prompt, steps: int) -> list[np.ndarray]:

@@ -425,7 +425,6 @@ def host_profile(args) -> None:
     import io
     import pstats
 
-    from ..engine.cache import KVCache, LinearAttentionState, ModelCache
     from ..engine.load import load_model
     from ..engine.sampling import DeviceSampler, SamplingParams
     from .decode_bench import heat, with_ops
@@ -440,7 +439,8 @@ def host_profile(args) -> None:
 
     class Timed:    # a layer whose graph building is timed per kind
         def __init__(self, layer):
-            self.layer, self.kind, self.ops = layer, "gdn" if layer.is_linear else "attn", layer.ops
+            self.layer, self.is_linear, self.ops = layer, layer.is_linear, layer.ops
+            self.kind = "gdn" if layer.is_linear else "attn"
 
         def __call__(self, x, c):
             t = time.perf_counter()
@@ -453,7 +453,7 @@ def host_profile(args) -> None:
         model.layers = layers
         with_ops(model, fused, compile)
         model.layers = [Timed(l) for l in layers]
-        cache = ModelCache([LinearAttentionState() if l.is_linear else KVCache() for l in layers])
+        cache = model.make_cache()
         y = sample(model(list(range(1, 9)), cache, last_only=True)[-1])
         mx.async_eval(y)
         n, warm = args.steps, 16
