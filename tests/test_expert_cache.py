@@ -312,18 +312,23 @@ def test_host_tier_decodes_misses_from_the_page_cache_by_address(packed, monkeyp
     cache.close()
 
 
-@pytest.mark.parametrize("mode", ["full pool", "host tier"])
+@pytest.mark.parametrize("mode", ["full pool", "full pool, whole steps", "host tier"])
 def test_device_resolved_caches_decode_pipelined(packed, monkeypatch, mode):
     """With the router's choice resolved on the device (a pool holding every expert, or the host
     tier's address table), generation is pipelined (each step built before the token before it is
     read back) and answers token for token as the step-by-step loop does, two turns in a row,
-    fetching nothing while it decodes."""
+    fetching nothing while it decodes; also with each decode step one compiled graph of the
+    whole model, the pool's lookup table one of its inputs."""
     from llm_flashmoe.engine.generate import Session
     from llm_flashmoe.engine.qwen35 import Qwen35Model
     from llm_flashmoe.engine.sampling import SamplingParams
 
     monkeypatch.setenv("FLASHMOE_KERNELS", "twin")
     monkeypatch.setenv("FLASHMOE_COMPILE", "1")
+    whole = mode.endswith("whole steps")
+    monkeypatch.setenv("FLASHMOE_COMPILE_ATTENTION", "1" if whole else "0")
+    monkeypatch.setenv("FLASHMOE_COMPILE_STEP", "1" if whole else "0")
+    mode = mode.split(",")[0]
     steps = []
     real = Qwen35Model.step
     monkeypatch.setattr(Qwen35Model, "step", lambda self, token, c: steps.append(1) or real(self, token, c))
@@ -355,4 +360,6 @@ def test_device_resolved_caches_decode_pipelined(packed, monkeypatch, mode):
         assert len(fetches) == 2 * len(model.layers)
         assert bool(steps) == (pipe == "auto")
     assert outs["auto"] == outs["0"]
+    # whole steps: one trace, through the pool's lookup tables (a key per layer: lookup or not)
+    assert [k[3] for key in model._compiled for k in key] == ([True] * len(model.layers) if whole else [])
     cache.close()

@@ -151,17 +151,20 @@ def test_device_sampler_greedy_is_the_host_argmax():
     assert int(dev(mx.array(logits)).item()) == host(masked) == 1    # the first of equal maxima
 
 
-def test_compiled_attention_layers_match_op_by_op(tiny_mlx, monkeypatch):
+@pytest.mark.parametrize("whole_step", ["0", "1"])
+def test_compiled_attention_layers_and_whole_steps_match_op_by_op(tiny_mlx, monkeypatch, whole_step):
     """FLASHMOE_COMPILE_ATTENTION: the attention layers' decode steps compiled whole (the KV cache
     written by a slice update at a position held in an array) give the logits and the cache of
-    the op-by-op attention step, across KV buffer growth (every 4 tokens here), step by step and
-    pipelined."""
+    the op-by-op attention step, across KV buffer growth (every 4 tokens here, each growth a new
+    trace), step by step and pipelined; FLASHMOE_COMPILE_STEP: the same with the whole model's
+    step (embedding, layers, head) as one compiled graph."""
     import llm_flashmoe.engine.cache as cache_mod
     from llm_flashmoe.engine.load import load_model
 
     monkeypatch.setattr(cache_mod, "_KV_STEP", 4)
     monkeypatch.setenv("FLASHMOE_KERNELS", "twin")
     monkeypatch.setenv("FLASHMOE_COMPILE", "1")
+    monkeypatch.setenv("FLASHMOE_COMPILE_STEP", whole_step)
     model = load_model(tiny_mlx)
     prompt = [5, 17, 300, 42, 7]
     got = {}
@@ -174,13 +177,18 @@ def test_compiled_attention_layers_match_op_by_op(tiny_mlx, monkeypatch):
         got[mode] = (np.stack([np.array(l).reshape(-1) for l in logits]), _states(cache), cache.layers)
         attn = [c for c in cache.layers if isinstance(c, KVCache)]
         assert attn and all(c.offset == len(prompt) + 10 for c in attn)
+        assert len(cache.tokens) == len(prompt) + 10
     ref, new = got["0"], got["1"]
     assert np.array_equal(ref[0].argmax(axis=1), new[0].argmax(axis=1))
     np.testing.assert_allclose(new[0], ref[0], rtol=1e-4, atol=1e-4 * np.abs(ref[0]).max())
     for a, b in zip(new[1], ref[1]):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    # the compiled layer ran (its trace is kept under its own key)
-    assert any(k[0] == "attn-layer" for l in model.layers if not l.is_linear for k in l._compiled)
+    # what ran compiled: the whole step (traced again per KV buffer shape), or each layer whole
+    attn_whole = [k for l in model.layers if not l.is_linear for k in l._compiled if k[0] == "layer"]
+    if whole_step == "1":
+        assert len(model._compiled) == 1 and not attn_whole
+    else:
+        assert not model._compiled and attn_whole
     # and pipelined generation through it equals step by step
     outs = {}
     for pipe in ("0", "auto"):
@@ -190,6 +198,24 @@ def test_compiled_attention_layers_match_op_by_op(tiny_mlx, monkeypatch):
     assert outs["auto"][0] == outs["0"][0]
     for a, b in zip(outs["auto"][1], outs["0"][1]):
         assert np.array_equal(a, b)
+
+
+def test_compile_settings_are_checked(monkeypatch):
+    from llm_flashmoe import kernels
+    from llm_flashmoe.engine.qwen35 import compile_attention, compile_whole_step
+    from llm_flashmoe.errors import FlashMoeError
+
+    twin, cuda = kernels.ops("twin"), kernels.Ops("cuda", *[None] * len(kernels.OP_NAMES))
+    for name, fn in (("FLASHMOE_COMPILE_ATTENTION", compile_attention), ("FLASHMOE_COMPILE_STEP", compile_whole_step)):
+        monkeypatch.setenv(name, "auto")      # on with the GPU kernels only
+        assert fn(cuda) and not fn(twin) and not fn(None)
+        monkeypatch.setenv(name, "1")
+        assert fn(cuda) and fn(twin) and not fn(None)
+        monkeypatch.setenv(name, "0")
+        assert not fn(cuda)
+        monkeypatch.setenv(name, "maybe")
+        with pytest.raises(FlashMoeError, match=name):
+            fn(cuda)
 
 
 def test_a_bad_pipeline_setting_is_refused(monkeypatch):

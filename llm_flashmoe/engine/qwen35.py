@@ -106,18 +106,18 @@ class GatedDeltaNet:
         o, state.conv, state.recurrent = self.ops.gdn_step(
             qkv, z, b, a, state.conv, self.conv_weight, self.A, self.dt_bias, self.norm_weight,
             state.recurrent, self.Hk, self.Dk, self.eps)
-        return self.ops.qmv(o.reshape(1, -1), [self.out_proj])[0].reshape(x.shape)
+        return self.ops.qmv(o, [self.out_proj])[0].reshape(x.shape)
 
 
 def _in_proj(ops, x: mx.array, norm, linears):
     """A mixer's input projections of one token: of x, or of rmsnorm(x) * norm[0] (norm =
-    (weight, eps)), the norm in the projections' launch where FLASHMOE_FUSE_INPUT_NORM=1."""
-    x1 = x.reshape(1, -1)
+    (weight, eps)), the norm in the projections' launch where FLASHMOE_FUSE_INPUT_NORM=1. x [1, 1, H]
+    as it is (no reshape: one operation fewer per step) -> outputs [1, 1, N] (the CPU's: [1, N])."""
     if norm is None:
-        return ops.qmv(x1, linears)
+        return ops.qmv(x, linears)
     if not _fuse_input_norm():
-        return ops.qmv(ops.rms_norm(x1, norm[0], norm[1]), linears)
-    return ops.norm_qmv(x1, None, norm[0], norm[1], linears)[0]
+        return ops.qmv(ops.rms_norm(x, norm[0], norm[1]), linears)
+    return ops.norm_qmv(x, None, norm[0], norm[1], linears)[0]
 
 
 def _fuse_input_norm() -> bool:
@@ -191,7 +191,7 @@ class Attention:
         keys = mx.slice_update(keys, k.astype(dt).reshape(1, Hkv, 1, Dh), pos, axes=(2,))
         values = mx.slice_update(values, v.astype(dt).reshape(1, Hkv, 1, Dh), pos, axes=(2,))
         out = self.ops.decode_attention(q, keys, values, pos + 1, qg)
-        return self.ops.qmv(out.reshape(1, -1), [self.o_proj])[0].reshape(x.shape), keys, values
+        return self.ops.qmv(out, [self.o_proj])[0].reshape(x.shape), keys, values
 
 
 class SparseMoE:
@@ -268,11 +268,13 @@ class SparseMoE:
         if dev[3] is not None and dev[4]:
             self.experts.stats.gpu_hits += self.k
 
-    def _router(self, x: mx.array, y: mx.array, norm_w: mx.array, eps: float):
+    def _router(self, x: mx.array, y: mx.array, norm_w: mx.array, eps: float, flat: bool = True):
         """h = x + y, n = rmsnorm(h) * norm_w, and the router's and the shared expert gate's
-        logits of n, in one launch -> (logits, shared logit, h, n)."""
-        (logits, shared_logit), h, n = self.ops.norm_qmv(x.reshape(1, -1), y.reshape(1, -1), norm_w, eps,
-                                                         [self.router, self.shared_expert_gate])
+        logits of n, in one launch -> (logits, shared logit, h, n); with `flat`, x and y as [1, H]
+        (what the CPU's MoE takes), else as they come ([1, 1, H]: no reshapes in compiled steps)."""
+        if flat:
+            x, y = x.reshape(1, -1), y.reshape(1, -1)
+        (logits, shared_logit), h, n = self.ops.norm_qmv(x, y, norm_w, eps, [self.router, self.shared_expert_gate])
         return logits, shared_logit, h, n
 
     def decode_math(self, x: mx.array, y: mx.array, norm_w: mx.array, eps: float, gate: Linear, up: Linear,
@@ -280,7 +282,7 @@ class SparseMoE:
         """h + moe(rmsnorm(h) * norm_w), h = x + y, for one token with the experts' stacks and a
         device-side lookup (no host round trip): all arrays in, all arrays out, so that it can be
         compiled."""
-        logits, shared_logit, h, n = self._router(x, y, norm_w, eps)
+        logits, shared_logit, h, n = self._router(x, y, norm_w, eps, flat=False)
         hh, hs, rows, scores = self.ops.moe_route_gate_up(logits, self.k, self.norm_topk_prob, lookup, n, gate, up,
                                                           self.shared_gate_proj, self.shared_up_proj)
         return self.ops.moe_down(hh, rows, scores, down, hs, self.shared_down_proj, shared_logit, h)
@@ -381,42 +383,89 @@ class DecoderLayer:
             fn = self._compiled[key] = mx.compile(make())
         return fn
 
+    def device_experts(self):
+        """The MoE's `device_experts()` where this layer's compiled step can read them: experts
+        given by host address only through the CUDA kernels."""
+        dev = self.moe.device_experts()
+        if dev is not None and dev[3] is not None and dev[3].dtype == mx.uint64 and self.ops.backend != "cuda":
+            return None
+        return dev
+
+    def whole(self, dev) -> bool:
+        """Whether this layer's decode step is one function of arrays (`step_math`): the router's
+        choice resolved on the device, and an attention mixer compiled too."""
+        return dev is not None and (self.is_linear or compile_attention(self.ops))
+
+    def step_key(self, dev) -> tuple:
+        """What a trace of `step_math` bakes in besides its array inputs."""
+        return (id(self.ops), self.moe.k, tuple(id(l.weight) for l in dev[:3]), dev[3] is not None, self.is_linear)
+
+    def state_in(self, cache, dtype) -> list:
+        """The state arrays `step_math` takes: conv and recurrent state, or the KV buffers (room
+        reserved for one more token) and the position as an int32 [1] array."""
+        if self.is_linear:
+            if cache.conv is None or cache.recurrent is None:
+                cache.conv, cache.recurrent = self.mixer.zero_state(dtype)
+            return [cache.conv, cache.recurrent]
+        cache.reserve(1, self.mixer.Hkv, self.mixer.Dh, self.mixer.q_norm.dtype)
+        return [cache.keys, cache.values, mx.array([cache.offset], mx.int32)]
+
+    def state_out(self, cache, new) -> None:
+        """Take `step_math`'s new state arrays into the cache."""
+        if self.is_linear:
+            cache.conv, cache.recurrent = new
+        else:
+            cache.keys, cache.values = new
+            cache.offset += 1
+
+    def step_math(self, dev, x: mx.array, state, lookup) -> tuple[mx.array, list]:
+        """One token through the whole layer, arrays in and out (so that it compiles) -> (output,
+        new state arrays)."""
+        eps = self.eps
+        if self.is_linear:
+            st = LinearAttentionState()
+            st.conv, st.recurrent = state
+            y = self.mixer.decode_fused(x, st, (self.input_norm, eps))
+            new = [st.conv, st.recurrent]
+        else:
+            y, keys, values = self.mixer.decode_math(x, *state, (self.input_norm, eps))
+            new = [keys, values]
+        out = self.moe.decode_math(x, y, self.post_norm, eps, *dev[:3], lookup).reshape(x.shape)
+        return out, new
+
     def decode_step(self, x: mx.array, cache) -> mx.array | None:
         """One token through compiled graphs; None where nothing compiles (attention before an MoE
         that needs the host): then the op-by-op path runs."""
-        moe, ops, eps = self.moe, self.ops, self.eps
-        dev = moe.device_experts()
-        if dev is not None and dev[3] is not None and dev[3].dtype == mx.uint64 and ops.backend != "cuda":
-            dev = None      # experts by host address: only the CUDA kernels read them on the device
+        moe, eps = self.moe, self.eps
+        dev = self.device_experts()
         if dev is None and not self.is_linear:
             return None
         lk = () if dev is None or dev[3] is None else (dev[3],)
-        stacks = () if dev is None else tuple(id(l.weight) for l in dev[:3])
-        key = (id(ops), moe.k, stacks, len(lk))
         if dev is not None:
             moe.count_device(dev)
 
-        def moe_part(x, y, *lookup):
-            return moe.decode_math(x, y, self.post_norm, eps, *dev[:3], lookup[0] if lookup else None).reshape(x.shape)
+        if self.whole(dev):
+            state = self.state_in(cache, x.dtype)
+            n = len(state)
 
-        if not self.is_linear and compile_attention():
-            # the whole layer compiled: the KV buffers in and out, the position an array
-            mixer = self.mixer
-            cache.reserve(1, mixer.Hkv, mixer.Dh, mixer.q_norm.dtype)
-
-            def attn_layer(x, keys, values, pos, *lookup):
-                y, keys, values = mixer.decode_math(x, keys, values, pos, (self.input_norm, eps))
-                return moe_part(x, y, *lookup), keys, values
-
-            pos = mx.array([cache.offset], mx.int32)
-            out, cache.keys, cache.values = self._fn(("attn-layer",) + key, lambda: attn_layer)(
-                x, cache.keys, cache.values, pos, *lk)
-            cache.offset += 1
+            def layer():
+                def f(x, *args):
+                    out, new = self.step_math(dev, x, args[:n], args[n] if len(args) > n else None)
+                    return (out, *new)
+                return f
+            out, *new = self._fn(("layer",) + self.step_key(dev), layer)(x, *state, *lk)
+            self.state_out(cache, new)
             return out
-        if not self.is_linear:
+
+        key = (id(self.ops), moe.k, () if dev is None else tuple(id(l.weight) for l in dev[:3]), len(lk))
+        if not self.is_linear:   # the mixer op by op (its KV cache at a Python offset), the MoE compiled
             y = self.mixer.decode_fused(x, cache, (self.input_norm, eps))
+
+            def moe_part(x, y, *lookup):
+                return moe.decode_math(x, y, self.post_norm, eps, *dev[:3], lookup[0] if lookup else None).reshape(x.shape)
             return self._fn(("attn",) + key, lambda: moe_part)(x, y, *lk)
 
+        # GatedDeltaNet before an MoE that needs the host: the mixer compiled, the MoE op by op
         state = cache
         if state.conv is None or state.recurrent is None:
             state.conv, state.recurrent = self.mixer.zero_state(x.dtype)
@@ -427,17 +476,8 @@ class DecoderLayer:
             y = self.mixer.decode_fused(x, st, (self.input_norm, eps))
             return y, st.conv, st.recurrent
 
-        if dev is None:
-            y, state.conv, state.recurrent = self._fn(("gdn",) + key, lambda: mixer_part)(x, state.conv, state.recurrent)
-            return moe.decode_fused(x, y, self.post_norm, eps)
-
-        def whole():
-            def f(x, conv, rec, *lookup):
-                y, conv, rec = mixer_part(x, conv, rec)
-                return moe_part(x, y, *lookup), conv, rec
-            return f
-        out, state.conv, state.recurrent = self._fn(("layer",) + key, whole)(x, state.conv, state.recurrent, *lk)
-        return out
+        y, state.conv, state.recurrent = self._fn(("gdn",) + key, lambda: mixer_part)(x, state.conv, state.recurrent)
+        return moe.decode_fused(x, y, self.post_norm, eps)
 
 
 def compile_default(ops) -> bool:
@@ -452,12 +492,34 @@ def compile_default(ops) -> bool:
     return want in ("1", "on", "yes", "true") or ops.backend in ("cuda", "metal")
 
 
-def compile_attention() -> bool:
-    """FLASHMOE_COMPILE_ATTENTION=1: with FLASHMOE_COMPILE, the full-attention layers' decode steps
-    compiled whole too (the KV cache written with a slice update at a position computed on the
-    device) rather than their mixer built op by op in Python each token. Off until timed on a GPU
-    (`overhead settings` with cattn=1): the pipelined decode is bound by the host's work per layer."""
-    return os.environ.get("FLASHMOE_COMPILE_ATTENTION", "0").strip().lower() in ("1", "on", "yes", "true")
+def _setting(name: str, ops) -> bool:
+    """An `auto | 1 | 0` setting: auto means on with the GPU backends' kernels, 1 also with the
+    kernels' plain twins (tests); anything else is refused, naming the variable."""
+    want = os.environ.get(name, "auto").strip().lower() or "auto"
+    if want in ("0", "off", "no", "false"):
+        return False
+    if want not in ("auto", "1", "on", "yes", "true"):
+        raise FlashMoeError(f"{name}={want!r}: use auto, 1 or 0.")
+    if ops is None or ops.backend == "cpu":
+        return False
+    return want != "auto" or ops.backend in ("cuda", "metal")
+
+
+def compile_attention(ops) -> bool:
+    """FLASHMOE_COMPILE_ATTENTION (auto | 1 | 0): with FLASHMOE_COMPILE, the full-attention
+    layers' decode steps compiled whole too (the KV cache written with a slice update at a
+    position computed on the device) rather than their mixer built op by op in Python each token.
+    On by default with the GPU kernels: on the H200 the pipelined decode is bound by the host's
+    work per layer, and this took it from 263.0 to 110.7 us per layer (397B shapes, 4 layers,
+    medians of 4 rounds)."""
+    return _setting("FLASHMOE_COMPILE_ATTENTION", ops)
+
+
+def compile_whole_step(ops) -> bool:
+    """FLASHMOE_COMPILE_STEP (auto | 1 | 0): a decode step of the whole model (embedding, every
+    layer, the head) as one compiled graph wherever each layer's step is one function of arrays,
+    so that Python calls one function per token rather than one per layer."""
+    return _setting("FLASHMOE_COMPILE_STEP", ops)
 
 
 def _prefetch_default(experts) -> bool:
@@ -496,6 +558,7 @@ class Qwen35Model:
         self.lm_head = self.embed if cfg.tie_word_embeddings else take_linear(weights, "lm_head", cfg, dtype)
         self.set_experts_per_token(k)
         self.set_prefetch(_prefetch_default(experts))
+        self._compiled: dict = {}    # whole decode steps, per what their traces bake in
 
     def set_prefetch(self, on: bool) -> None:
         """Announce each layer's probable experts to the expert source one layer ahead (decode)."""
@@ -521,13 +584,15 @@ class Qwen35Model:
     def __call__(self, tokens: list[int] | np.ndarray, cache: ModelCache, *, last_only: bool = False) -> mx.array:
         """Feed `tokens` (continuing `cache`) -> logits [T, V] (or [1, V])."""
         ids = mx.array(np.asarray(tokens, dtype=np.int32))
-        x = embedding_rows(self.embed, ids).astype(self.dtype)[None]      # [1, T, H]
-        for layer, c in zip(self.layers, cache.layers):
-            x = layer(x, c)
-        if last_only:
-            x = x[:, -1:]
+        logits = self._whole_step(ids, cache) if len(tokens) == 1 else None
+        if logits is None:
+            x = embedding_rows(self.embed, ids).astype(self.dtype)[None]      # [1, T, H]
+            for layer, c in zip(self.layers, cache.layers):
+                x = layer(x, c)
+            if last_only:
+                x = x[:, -1:]
+            logits = self.head(x[0])
         cache.tokens.extend(int(t) for t in tokens)
-        logits = self.head(x[0])
         if not isinstance(self.experts, ResidentExperts):
             # Streamed experts live in reused buffers (the store's double buffer, the GPU cache's
             # slots): finish reading them now, before a later call's fetches overwrite them (one
@@ -551,10 +616,62 @@ class Qwen35Model:
         """One decode step whose token is an array not yet computed (sampled on the device from
         the previous step's logits) -> float32 logits [1, V], lazily. `cache.tokens` is left to
         the caller, who learns the token later (see `pipelinable`)."""
+        logits = self._whole_step(token, cache)
+        if logits is not None:
+            return logits
         x = embedding_rows(self.embed, token.reshape(1).astype(mx.int32)).astype(self.dtype)[None]
         for layer, c in zip(self.layers, cache.layers):
             x = layer(x, c)
         return self.head(x[0])
+
+    def _whole_step(self, token: mx.array, cache: ModelCache) -> mx.array | None:
+        """One decode step of the whole model as one compiled graph (FLASHMOE_COMPILE_STEP) ->
+        float32 logits [1, V], lazily; None where a layer's step is not one function of arrays
+        (see `DecoderLayer.whole`): then the layers run one by one. The trace takes the token,
+        every layer's state arrays and expert lookups, and gives the logits and the new states; it
+        is traced again when a shape changes (a KV buffer growing, every 256 tokens)."""
+        layers = self.layers
+        if not layers or not all(l.compile and compile_whole_step(l.ops) for l in layers):
+            return None
+        devs = [l.device_experts() for l in layers]
+        if not all(l.whole(d) for l, d in zip(layers, devs)):
+            return None
+        states = [l.state_in(c, self.dtype) for l, c in zip(layers, cache.layers)]
+        lookups = [[] if d[3] is None else [d[3]] for d in devs]
+        key = tuple(l.step_key(d) for l, d in zip(layers, devs))
+        fn = self._compiled.get(key)
+        if fn is None:
+            if len(self._compiled) >= 8:    # stacks that changed: drop old traces
+                self._compiled.clear()
+            fn = self._compiled[key] = mx.compile(self._step_fn(devs, [len(s) for s in states],
+                                                                [len(lk) for lk in lookups]))
+        out = fn(token, *(a for st in states for a in st), *(a for lk in lookups for a in lk))
+        i = 1
+        for l, c, d in zip(layers, cache.layers, devs):
+            l.state_out(c, out[i:i + 2])
+            l.moe.count_device(d)
+            i += 2
+        return out[0]
+
+    def _step_fn(self, devs, n_state, n_lookup):
+        """The function `_whole_step` compiles: (token, states..., lookups...) -> (logits, new
+        states...), two new state arrays per layer."""
+        def f(token, *args):
+            states, lookups = [], []
+            i = 0
+            for n in n_state:
+                states.append(args[i:i + n])
+                i += n
+            for n in n_lookup:
+                lookups.append(args[i] if n else None)
+                i += n
+            x = embedding_rows(self.embed, token.reshape(1).astype(mx.int32)).astype(self.dtype).reshape(1, 1, -1)
+            new = []
+            for layer, d, st, lk in zip(self.layers, devs, states, lookups):
+                x, st_new = layer.step_math(d, x, st, lk)
+                new += st_new
+            return (self.head(x.reshape(1, -1)), *new)
+        return f
 
     def head(self, x: mx.array) -> mx.array:
         """Final norm and lm_head: hidden states [T, H] -> float32 logits [T, V]."""

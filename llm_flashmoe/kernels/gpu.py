@@ -134,7 +134,9 @@ def _no_addresses(addressed: bool) -> None:
 
 
 class GpuKernels:
-    """The fused ops of one backend ('metal' or 'cuda')."""
+    """The fused ops of one backend ('metal' or 'cuda'). The kernels read their inputs as flat
+    row-contiguous buffers, so inputs go in as they come, never reshaped: in a decode step each
+    reshape is one more MLX operation for the host to run (~15 per layer before)."""
 
     def __init__(self, backend: str, poison: bool = False):
         self.backend = backend
@@ -216,7 +218,7 @@ class GpuKernels:
         if E > 4096 or k > 32:
             return plain.moe_route(logits, k, norm_topk)
         kern = self.kernel("moe_route", ("logits",), ("ids", "weights"), {"NE": E, "KE": k, "NORM": bool(norm_topk)})
-        ids, w = kern(inputs=[logits.reshape(-1)], template=[("T", logits.dtype)], grid=(256, 1, 1),
+        ids, w = kern(inputs=[logits], template=[("T", logits.dtype)], grid=(256, 1, 1),
                       threadgroup=(256, 1, 1), output_shapes=[(k,), (k,)], output_dtypes=[mx.int32, mx.float32], **self._fill)
         return ids, w
 
@@ -229,8 +231,8 @@ class GpuKernels:
             return plain.moe_gate_up(x, rows, gate, up, shared_gate, shared_up)
         defines, stacks, kw = launch
         kern = self.kernel("moe_gate_up", ("x", "ids", *_GATE_UP_STACKS), ("h", "hs"), defines)
-        ids = rows.reshape(-1) if addressed else rows.astype(mx.int32)
-        h, hs = kern(inputs=[x.reshape(-1), ids, *stacks], output_dtypes=[x.dtype, x.dtype], **kw)
+        ids = rows if addressed else rows.astype(mx.int32)
+        h, hs = kern(inputs=[x, ids, *stacks], output_dtypes=[x.dtype, x.dtype], **kw)
         return h, hs
 
     def moe_route_gate_up(self, logits, k: int, norm_topk: bool, lookup, x, gate: Linear, up: Linear,
@@ -247,13 +249,13 @@ class GpuKernels:
                 logits, k, norm_topk, lookup, x, gate, up, shared_gate, shared_up)
         defines, stacks, kw = launch
         defines.update({"NE": E, "NORM": bool(norm_topk), "LOOKUP": int(lookup is not None)})
-        names, args = ["logits"], [logits.reshape(-1)]
+        names, args = ["logits"], [logits]
         if lookup is not None:
             names.append("lookup")
-            args.append(lookup.reshape(-1) if addressed else lookup.astype(mx.int32))
+            args.append(lookup if addressed else lookup.astype(mx.int32))
         kern = self.kernel("moe_route_gate_up", (*names, "x", *_GATE_UP_STACKS), ("h", "hs", "rows", "weights"), defines)
         kw["output_shapes"] += [(k, 9) if addressed else (k,), (k,)]
-        return tuple(kern(inputs=[*args, x.reshape(-1), *stacks],
+        return tuple(kern(inputs=[*args, x, *stacks],
                           output_dtypes=[x.dtype, x.dtype, mx.uint64 if addressed else mx.int32, mx.float32], **kw))
 
     def _gate_up_launch(self, x, K: int, addressed: bool, gate: Linear, up: Linear, shared_gate: Linear,
@@ -289,12 +291,12 @@ class GpuKernels:
                    **_mv_defines()}
         names = ("h", "ids", "weights", "dw", "ds", "db", "hs", "sdw", "sds", "sdb", "sg", "res")
         kern = self.kernel("moe_down", names, ("out",), defines)
-        ids = rows.reshape(-1) if addressed else rows.astype(mx.int32)
-        args = [h, ids, weights.astype(mx.float32), *_parts(down), hs.reshape(-1),
-                *_parts(shared_down), shared_gate_logit.reshape(-1), residual.reshape(-1)]
+        ids = rows if addressed else rows.astype(mx.int32)
+        args = [h, ids, weights.astype(mx.float32), *_parts(down), hs, *_parts(shared_down), shared_gate_logit, residual]
         W = MV_THREADS // 32
         return kern(inputs=args, template=[("T", residual.dtype)], grid=(_ceil(_ceil(H, MOE_DOWN_ROWS), W) * MV_THREADS, 1, 1),
-                    threadgroup=(MV_THREADS, 1, 1), output_shapes=[(H,)], output_dtypes=[residual.dtype], **self._fill)[0]
+                    threadgroup=(MV_THREADS, 1, 1), output_shapes=[residual.shape], output_dtypes=[residual.dtype],
+                    **self._fill)[0]
 
     # -- family 3 ---------------------------------------------------------
     def decode_attention(self, q, keys, values, n: int, qg):
@@ -304,7 +306,7 @@ class GpuKernels:
             return plain.decode_attention(q, keys, values, n, qg)
         kern = self.kernel("decode_attention", ("q", "keys", "values", "n_ctx", "qg"), ("out",),
                            {"HQ": Hq, "HKV": Hkv, "DH": Dh, "NWARPS": 8})
-        return kern(inputs=[q, keys, values, _index(n), qg.reshape(-1)], template=[("T", q.dtype)],
+        return kern(inputs=[q, keys, values, _index(n), qg], template=[("T", q.dtype)],
                     grid=(Hq * 256, 1, 1), threadgroup=(256, 1, 1), output_shapes=[(Hq * Dh,)],
                     output_dtypes=[q.dtype], **self._fill)[0]
 
@@ -317,7 +319,7 @@ class GpuKernels:
         defines = {"HQ": Hq, "HKV": n_kv_heads, "DH": Dh, "ROPE": rope_dims,
                    "LOG_THETA": float(math.log(theta)), "EPS": float(eps)}
         kern = self.kernel("qk_norm_rope", ("qg", "k", "qw", "kw", "pos"), ("qo", "ko"), defines)
-        qo, ko = kern(inputs=[qg.reshape(-1), k.reshape(-1), q_w, k_w, _index(pos)],
+        qo, ko = kern(inputs=[qg, k, q_w, k_w, _index(pos)],
                       template=[("T", qg.dtype)], grid=((Hq + n_kv_heads) * Dh, 1, 1), threadgroup=(Dh, 1, 1),
                       output_shapes=[(Hq, Dh), (n_kv_heads, Dh)], output_dtypes=[qg.dtype, qg.dtype], **self._fill)
         return qo, ko
@@ -338,7 +340,7 @@ class GpuKernels:
         defines = {"HK": Hk, "HV": Hv, "DK": Dk, "DV": Dv, "KC": Kc, "EPS": float(eps), "GROWS": GDN_ROWS}
         names = ("qkv", "z", "b", "a", "conv_state", "conv_w", "A", "dt_bias", "norm_w", "state")
         kern = self.kernel("gdn_step", names, ("out", "conv_out", "state_out"), defines)
-        args = [qkv.reshape(-1), z.reshape(-1), b.reshape(-1), a.reshape(-1), conv_state, conv_w,
+        args = [qkv, z, b, a, conv_state, conv_w,
                 A.astype(mx.float32), dt_bias.astype(mx.float32), norm_w, state]
         out, conv_out, state_out = kern(
             inputs=args, template=[("T", qkv.dtype)], grid=(Hv * 256, 1, 1), threadgroup=(256, 1, 1),

@@ -101,6 +101,24 @@ def launch(n: int) -> None:
         print(f"{name:42} {b / n * 1e6:8.1f} {e / n * 1e6:8.1f} {(b + e) / n * 1e6:8.1f} {ce / n * 1e6:14.1f}", flush=True)
 
 
+def graph_census(outputs) -> dict:
+    """Primitives by name in the graph that evaluating `outputs` would run (arrays already
+    evaluated are its sources): MLX's host cost grows with each one, a no-op reshape included."""
+    import re
+    import tempfile
+    from collections import Counter
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "g.dot"
+        mx.export_to_dot(str(path), *outputs)
+        text = path.read_text()
+    return dict(Counter(re.findall(r'label ="([^"]+)", shape=rectangle', text)).most_common())
+
+
+def census_line(census: dict) -> str:
+    return f"{sum(census.values())} primitives: " + ", ".join(f"{k} {v}" for k, v in census.items())
+
+
 def touch(model) -> None:
     """Read every weight once on the GPU: arrays the loader filled from the host live in
     managed memory and would otherwise move to the GPU page by page inside the timed steps
@@ -307,9 +325,9 @@ SETTING_KEYS = {"grid": "FLASHMOE_GRID", "blocks": "FLASHMOE_GRID_BLOCKS", "word
                 "qrows": "FLASHMOE_QMV_ROWS", "moerows": "FLASHMOE_MOE_ROWS", "gdnrows": "FLASHMOE_GDN_ROWS",
                 "threads": "FLASHMOE_MV_THREADS", "xvinner": "FLASHMOE_XV_INNER", "l2pf": "FLASHMOE_L2_PREFETCH",
                 "fuseroute": "FLASHMOE_FUSE_ROUTE", "fusenorm": "FLASHMOE_FUSE_INPUT_NORM",
-                "cattn": "FLASHMOE_COMPILE_ATTENTION"}
+                "cattn": "FLASHMOE_COMPILE_ATTENTION", "cstep": "FLASHMOE_COMPILE_STEP"}
 # read by the engine at each call rather than by the kernel module: set in the environment itself
-_ENGINE_KEYS = ("FLASHMOE_FUSE_INPUT_NORM", "FLASHMOE_COMPILE_ATTENTION")
+_ENGINE_KEYS = ("FLASHMOE_FUSE_INPUT_NORM", "FLASHMOE_COMPILE_ATTENTION", "FLASHMOE_COMPILE_STEP")
 
 
 def parse_setting(text: str) -> dict:
@@ -448,6 +466,9 @@ def host_profile(args) -> None:
             kinds[self.kind] = kinds.get(self.kind, 0.0) + time.perf_counter() - t
             return out
 
+        def __getattr__(self, name):    # the rest of the layer (a whole-step trace calls its parts)
+            return getattr(self.layer, name)
+
     layers = model.layers
     for compile in (True, False):
         model.layers = layers
@@ -456,6 +477,11 @@ def host_profile(args) -> None:
         cache = model.make_cache()
         y = sample(model(list(range(1, 9)), cache, last_only=True)[-1])
         mx.async_eval(y)
+        y.item()
+        mark = cache.mark()
+        print(f"{'compiled' if compile else 'op by op'} step graph: "
+              + census_line(graph_census([sample(model.step(y, cache)[-1])])), flush=True)
+        cache.rewind(mark)
         n, warm = args.steps, 16
         prof = cProfile.Profile()
         split = {"build": 0.0, "launch": 0.0, "wait": 0.0}
@@ -484,8 +510,9 @@ def host_profile(args) -> None:
         n_gdn = sum(l.is_linear for l in layers)
         print(f"{'compiled' if compile else 'op by op'}: {total:.0f} us per token ({total / L:.0f} per layer); "
               + ", ".join(f"{k} {v / n * 1e6:.0f}" for k, v in split.items())
-              + f" us per token; building per layer: GatedDeltaNet {kinds.get('gdn', 0) / n / max(n_gdn, 1) * 1e6:.0f}, "
-              f"attention {kinds.get('attn', 0) / n / max(L - n_gdn, 1) * 1e6:.0f} us", flush=True)
+              + (f" us per token; building per layer: GatedDeltaNet {kinds.get('gdn', 0) / n / max(n_gdn, 1) * 1e6:.0f}, "
+                 f"attention {kinds.get('attn', 0) / n / max(L - n_gdn, 1) * 1e6:.0f} us" if kinds else
+                 " us per token; the whole step one compiled call (FLASHMOE_COMPILE_STEP)"), flush=True)
         out = io.StringIO()
         pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(args.top)
         print("\n".join(l for l in out.getvalue().splitlines() if l.strip())[:6000], flush=True)

@@ -98,15 +98,16 @@ moe_route_gate_up = route_gate_up(moe_route, moe_gate_up)
 
 def moe_down(h: mx.array, rows: mx.array, weights: mx.array, down: Linear, hs: mx.array,
              shared_down: Linear, shared_gate_logit: mx.array, residual: mx.array) -> mx.array:
-    """residual [H] + sum_k weights[k] * down_{rows[k]}(h[k]) + sigmoid(logit) * shared_down(hs) -> [H].
-    rows uint64 [K, 9]: the addresses of the experts' parts instead (see `stacks_at`)."""
+    """residual [H] + sum_k weights[k] * down_{rows[k]}(h[k]) + sigmoid(logit) * shared_down(hs) -> [H]
+    in the residual's shape (any leading 1s). rows uint64 [K, 9]: the addresses of the experts'
+    parts instead (see `stacks_at`)."""
     if rows.dtype == mx.uint64:
         (down,), rows = stacks_at(rows, [(down, 6)]), mx.arange(rows.shape[0], dtype=mx.int32)
     K, I = h.shape
     y = down.gather(h.reshape(1, K, 1, I), rows.reshape(1, K)).reshape(K, -1)   # [K, H]
     y = (y * weights[:, None].astype(y.dtype)).sum(axis=0)
     shared = mx.sigmoid(shared_gate_logit.reshape(-1)) * shared_down(hs.reshape(1, -1)).reshape(-1)
-    return residual.reshape(-1) + (y + shared).astype(residual.dtype)
+    return (residual.reshape(-1) + (y + shared).astype(residual.dtype)).reshape(residual.shape)
 
 
 def decode_attention(q: mx.array, keys: mx.array, values: mx.array, n, qg: mx.array) -> mx.array:
