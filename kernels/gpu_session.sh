@@ -34,6 +34,8 @@
 #            options (e.g. "--clock-control none --cache-control none": the card's own clocks, warm L2)
 #   mlxdecode a decode step's build/evaluate split under each MLX setting in $MLX_SETTINGS
 #            (e.g. "- MLX_MAX_OPS_PER_BUFFER=4"), a process each; with USE_BEST=1 under the fastest setting
+#   mlxpipe  decode_bench's pipelined decode (no tolerance check) under each MLX setting in
+#            $MLX_SETTINGS (e.g. "- MLX_MAX_OPS_PER_BUFFER=60 MLX_MAX_OPS_PER_BUFFER=200"), a process each
 #   host     where the host's time goes in a pipelined decode (build / launch / wait, per layer kind,
 #            the Python profile), tiny preset and the 397B model, under each MLX setting in $MLX_SETTINGS
 #   ncusol   as ncu, with each kernel's throughputs (% of peak), occupancy, registers and warp-stall
@@ -126,6 +128,12 @@ for s in "$@"; do
     mlxdecode)  # decode (op by op, compiled) under each MLX setting in $MLX_SETTINGS, one process each
       for e in ${MLX_SETTINGS:--}; do e=${e#-}
         step mlxdecode.log env ${e//,/ } $(best) python3 -m llm_flashmoe.kernels.overhead decode --dir "$M/mlx" --steps 16
+      done ;;
+    mlxpipe)  # pipelined decode under each MLX setting (read once per process: a process each)
+      for e in ${MLX_SETTINGS:--}; do e=${e#-}
+        echo "== MLX setting: ${e:-defaults}" | tee -a "$out/mlxpipe.log"
+        step mlxpipe.log env ${e//,/ } $(best) python3 -m llm_flashmoe.kernels.decode_bench --dir "$M/mlx" \
+          --check-steps 0 --steps 8 --pipe-rounds "${PIPE_ROUNDS:-3}"
       done ;;
     host)  # where the host's time goes in a pipelined decode, under each MLX setting in $MLX_SETTINGS
            # (a process each): the tiny preset (built here if absent: the same kernels per layer, little

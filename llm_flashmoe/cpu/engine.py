@@ -456,13 +456,13 @@ def _rope(x: np.ndarray, pos: int, dims: int, theta: float) -> np.ndarray:
 def qk_norm_rope(qg, k, q_w: mx.array, k_w: mx.array, pos: int, rope_dims: int, theta: float,
                  eps: float, n_kv_heads: int) -> tuple[np.ndarray, np.ndarray]:
     """RMSNorm of each query head (first half of qg [Hq, 2*Dh]) and key head (k [Hkv*Dh]),
-    then rope on their first rope_dims dims at position pos -> q [Hq, Dh], k [Hkv, Dh]."""
+    then rope on their first rope_dims dims at position pos -> q [Hq, Dh], k [1, Hkv, 1, Dh]."""
     qw, kw = const_views([q_w, k_w])
     Dh = qw.size
     qgn, kn = f32([qg, k])
     q = _rms_rows(qgn.reshape(-1, 2 * Dh)[:, :Dh].copy(), qw, eps)
     kk = _rms_rows(kn.reshape(n_kv_heads, Dh), kw, eps)
-    return _rope(q, pos, rope_dims, theta), _rope(kk, pos, rope_dims, theta)
+    return _rope(q, pos, rope_dims, theta), _rope(kk, pos, rope_dims, theta).reshape(1, n_kv_heads, 1, Dh)
 
 
 def decode_attention(q, keys, values, n: int, qg) -> np.ndarray:

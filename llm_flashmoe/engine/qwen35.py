@@ -176,13 +176,14 @@ class Attention:
         # The cache holds MLX arrays (a backend may hand back host arrays).
         cache.update(*(mx.array(t, dtype=self.q_norm.dtype).reshape(1, Hkv, 1, Dh) for t in (k, v)))
         out = self.ops.decode_attention(q, cache.keys, cache.values, cache.offset, qg)
-        return self.ops.qmv(out.reshape(1, -1), [self.o_proj])[0].reshape(x.shape)
+        return self.ops.qmv(out, [self.o_proj])[0].reshape(x.shape)
 
 
-    def decode_math(self, x: mx.array, keys: mx.array, values: mx.array, pos: mx.array, norm):
-        """decode_fused's math with the KV buffers [1, Hkv, capacity, Dh] and the position (int32
-        [1]) as arrays, all arrays in and out so that it compiles (FLASHMOE_COMPILE_ATTENTION) ->
-        (y, keys, values), this token's key and value written at pos (the capacity reserved)."""
+    def decode_math(self, x: mx.array, keys: mx.array, values: mx.array, pos: mx.array, n: mx.array, norm):
+        """decode_fused's math with the KV buffers [1, Hkv, capacity, Dh], the position and the
+        length pos + 1 (int32 [1] each, both made by the host: no add on the device) as arrays,
+        all arrays in and out so that it compiles (FLASHMOE_COMPILE_ATTENTION) -> (y, keys,
+        values), this token's key and value written at pos (the capacity reserved)."""
         Hkv, Dh = self.Hkv, self.Dh
         qg, k, v = _in_proj(self.ops, x, norm, [self.q_proj, self.k_proj, self.v_proj])
         q, k = self.ops.qk_norm_rope(qg, k, self.q_norm, self.k_norm, pos, self.rope_dims,
@@ -190,7 +191,7 @@ class Attention:
         dt = self.q_norm.dtype
         keys = mx.slice_update(keys, k.astype(dt).reshape(1, Hkv, 1, Dh), pos, axes=(2,))
         values = mx.slice_update(values, v.astype(dt).reshape(1, Hkv, 1, Dh), pos, axes=(2,))
-        out = self.ops.decode_attention(q, keys, values, pos + 1, qg)
+        out = self.ops.decode_attention(q, keys, values, n, qg)
         return self.ops.qmv(out, [self.o_proj])[0].reshape(x.shape), keys, values
 
 
@@ -402,13 +403,14 @@ class DecoderLayer:
 
     def state_in(self, cache, dtype) -> list:
         """The state arrays `step_math` takes: conv and recurrent state, or the KV buffers (room
-        reserved for one more token) and the position as an int32 [1] array."""
+        reserved for one more token), the position and the length after this token (int32 [1]
+        arrays)."""
         if self.is_linear:
             if cache.conv is None or cache.recurrent is None:
                 cache.conv, cache.recurrent = self.mixer.zero_state(dtype)
             return [cache.conv, cache.recurrent]
         cache.reserve(1, self.mixer.Hkv, self.mixer.Dh, self.mixer.q_norm.dtype)
-        return [cache.keys, cache.values, mx.array([cache.offset], mx.int32)]
+        return [cache.keys, cache.values, mx.array([cache.offset], mx.int32), mx.array([cache.offset + 1], mx.int32)]
 
     def state_out(self, cache, new) -> None:
         """Take `step_math`'s new state arrays into the cache."""

@@ -307,7 +307,7 @@ class GpuKernels:
         kern = self.kernel("decode_attention", ("q", "keys", "values", "n_ctx", "qg"), ("out",),
                            {"HQ": Hq, "HKV": Hkv, "DH": Dh, "NWARPS": 8})
         return kern(inputs=[q, keys, values, _index(n), qg], template=[("T", q.dtype)],
-                    grid=(Hq * 256, 1, 1), threadgroup=(256, 1, 1), output_shapes=[(Hq * Dh,)],
+                    grid=(Hq * 256, 1, 1), threadgroup=(256, 1, 1), output_shapes=[(*qg.shape[:-1], Hq * Dh)],
                     output_dtypes=[q.dtype], **self._fill)[0]
 
     # -- family 4 ---------------------------------------------------------
@@ -321,7 +321,7 @@ class GpuKernels:
         kern = self.kernel("qk_norm_rope", ("qg", "k", "qw", "kw", "pos"), ("qo", "ko"), defines)
         qo, ko = kern(inputs=[qg, k, q_w, k_w, _index(pos)],
                       template=[("T", qg.dtype)], grid=((Hq + n_kv_heads) * Dh, 1, 1), threadgroup=(Dh, 1, 1),
-                      output_shapes=[(Hq, Dh), (n_kv_heads, Dh)], output_dtypes=[qg.dtype, qg.dtype], **self._fill)
+                      output_shapes=[(Hq, Dh), (1, n_kv_heads, 1, Dh)], output_dtypes=[qg.dtype, qg.dtype], **self._fill)
         return qo, ko
 
     # -- family 5 ---------------------------------------------------------
@@ -344,7 +344,7 @@ class GpuKernels:
                 A.astype(mx.float32), dt_bias.astype(mx.float32), norm_w, state]
         out, conv_out, state_out = kern(
             inputs=args, template=[("T", qkv.dtype)], grid=(Hv * 256, 1, 1), threadgroup=(256, 1, 1),
-            output_shapes=[(Hv * Dv,), (1, Kc - 1, C), (1, Hv, Dv, Dk)],
+            output_shapes=[(*qkv.shape[:-1], Hv * Dv), (1, Kc - 1, C), (1, Hv, Dv, Dk)],
             output_dtypes=[qkv.dtype, qkv.dtype, mx.float32], **self._fill)
         return out, conv_out, state_out
 

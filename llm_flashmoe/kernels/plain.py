@@ -113,7 +113,8 @@ def moe_down(h: mx.array, rows: mx.array, weights: mx.array, down: Linear, hs: m
 def decode_attention(q: mx.array, keys: mx.array, values: mx.array, n, qg: mx.array) -> mx.array:
     """q [Hq, Dh] attends over the first n of keys/values [1, Hkv, capacity, Dh] (n: an int, or
     an int32 array computed on the device: then the rest of the capacity is masked out); the
-    output is gated by sigmoid of the second half of each head of qg [Hq, 2*Dh] -> [Hq*Dh]."""
+    output is gated by sigmoid of the second half of each head of qg [..., Hq*2*Dh] -> [..., Hq*Dh]
+    (qg's leading shape)."""
     Hq, Dh = q.shape
     if isinstance(n, mx.array):
         mask = (mx.arange(keys.shape[2]) < n.reshape(())).reshape(1, 1, 1, -1)
@@ -123,14 +124,14 @@ def decode_attention(q: mx.array, keys: mx.array, values: mx.array, n, qg: mx.ar
         out = mx.fast.scaled_dot_product_attention(
             q.reshape(1, Hq, 1, Dh), keys[:, :, :n], values[:, :, :n], scale=Dh ** -0.5)
     gate = qg.reshape(Hq, 2 * Dh)[:, Dh:]
-    return (out.reshape(Hq, Dh) * mx.sigmoid(gate)).reshape(-1)
+    return (out.reshape(Hq, Dh) * mx.sigmoid(gate)).reshape(*qg.shape[:-1], Hq * Dh)
 
 
 def qk_norm_rope(qg: mx.array, k: mx.array, q_w: mx.array, k_w: mx.array, pos,
                  rope_dims: int, theta: float, eps: float, n_kv_heads: int) -> tuple[mx.array, mx.array]:
     """RMSNorm of each query head (first half of qg [Hq, 2*Dh]) and key head (k [Hkv*Dh]),
     then rope on their first rope_dims dims at position pos (an int, or an int32 array computed
-    on the device) -> q [Hq, Dh], k [Hkv, Dh]."""
+    on the device) -> q [Hq, Dh], k [1, Hkv, 1, Dh] (a KV cache's layout)."""
     Dh = q_w.size
     if isinstance(pos, mx.array):
         pos = pos.reshape(())
@@ -140,14 +141,15 @@ def qk_norm_rope(qg: mx.array, k: mx.array, q_w: mx.array, k_w: mx.array, pos,
                      scale=1.0, offset=pos)
     kk = mx.fast.rope(mx.fast.rms_norm(kk, k_w, eps), rope_dims, traditional=False, base=theta,
                       scale=1.0, offset=pos)
-    return q.reshape(-1, Dh), kk.reshape(-1, Dh)
+    return q.reshape(-1, Dh), kk
 
 
 def gdn_step(qkv, z, b, a, conv_state, conv_w, A, dt_bias, norm_w, state, n_key_heads: int,
              key_dim: int, eps: float):
-    """One GatedDeltaNet token: qkv [C], z [Hv*Dv], b and a [Hv], conv_state [1, Kc-1, C] (or None),
-    conv_w [C, Kc], A = -exp(A_log) and dt_bias [Hv] float32, norm_w [Dv], state [1, Hv, Dv, Dk]
-    float32 (or None) -> out [Hv*Dv], new conv_state, new state."""
+    """One GatedDeltaNet token: qkv [..., C], z [Hv*Dv], b and a [Hv], conv_state [1, Kc-1, C] (or
+    None), conv_w [C, Kc], A = -exp(A_log) and dt_bias [Hv] float32, norm_w [Dv], state
+    [1, Hv, Dv, Dk] float32 (or None) -> out [..., Hv*Dv] (qkv's leading shape), new conv_state,
+    new state."""
     Hk, Dk = n_key_heads, key_dim
     Hv = b.size
     Dv = z.size // Hv
@@ -175,7 +177,7 @@ def gdn_step(qkv, z, b, a, conv_state, conv_w, A, dt_bias, norm_w, state, n_key_
     o = mx.fast.rms_norm(o, norm_w, eps)
     z32 = z.reshape(1, 1, Hv, Dv).astype(mx.float32)
     o = (o.astype(mx.float32) * z32 * mx.sigmoid(z32)).astype(qkv.dtype)
-    return o.reshape(-1), conv_in[:, 1:], state
+    return o.reshape(*qkv.shape[:-1], Hv * Dv), conv_in[:, 1:], state
 
 
 def rms_norm(x: mx.array, w: mx.array, eps: float) -> mx.array:
