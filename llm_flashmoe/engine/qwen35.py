@@ -392,25 +392,32 @@ class DecoderLayer:
             return None
         return dev
 
-    def whole(self, dev) -> bool:
+    def whole(self, dev, attention: bool | None = None) -> bool:
         """Whether this layer's decode step is one function of arrays (`step_math`): the router's
-        choice resolved on the device, and an attention mixer compiled too."""
-        return dev is not None and (self.is_linear or compile_attention(self.ops))
+        choice resolved on the device, and an attention mixer compiled too (`attention`:
+        `compile_attention` of this layer's ops, where the caller has it already)."""
+        if dev is None:
+            return False
+        return self.is_linear or (compile_attention(self.ops) if attention is None else attention)
 
     def step_key(self, dev) -> tuple:
         """What a trace of `step_math` bakes in besides its array inputs."""
         return (id(self.ops), self.moe.k, tuple(id(l.weight) for l in dev[:3]), dev[3] is not None, self.is_linear)
 
-    def state_in(self, cache, dtype) -> list:
+    def state_in(self, cache, dtype, positions: dict | None = None) -> list:
         """The state arrays `step_math` takes: conv and recurrent state, or the KV buffers (room
         reserved for one more token), the position and the length after this token (int32 [1]
-        arrays)."""
+        arrays, shared through `positions` by the layers of one step)."""
         if self.is_linear:
             if cache.conv is None or cache.recurrent is None:
                 cache.conv, cache.recurrent = self.mixer.zero_state(dtype)
             return [cache.conv, cache.recurrent]
         cache.reserve(1, self.mixer.Hkv, self.mixer.Dh, self.mixer.q_norm.dtype)
-        return [cache.keys, cache.values, mx.array([cache.offset], mx.int32), mx.array([cache.offset + 1], mx.int32)]
+        positions = {} if positions is None else positions
+        pos = positions.get(cache.offset)
+        if pos is None:
+            pos = positions[cache.offset] = [mx.array([cache.offset], mx.int32), mx.array([cache.offset + 1], mx.int32)]
+        return [cache.keys, cache.values, *pos]
 
     def state_out(self, cache, new) -> None:
         """Take `step_math`'s new state arrays into the cache."""
@@ -634,12 +641,17 @@ class Qwen35Model:
         every layer's state arrays and expert lookups, and gives the logits and the new states; it
         is traced again when a shape changes (a KV buffer growing, every 256 tokens)."""
         layers = self.layers
-        if not layers or not all(l.compile and compile_whole_step(l.ops) for l in layers):
+        if not layers or not all(l.compile for l in layers):
             return None
+        ops = {id(l.ops): l.ops for l in layers}     # (the settings read once per step, not per layer)
+        if not all(compile_whole_step(o) for o in ops.values()):
+            return None
+        attention = {i: compile_attention(o) for i, o in ops.items()}
         devs = [l.device_experts() for l in layers]
-        if not all(l.whole(d) for l, d in zip(layers, devs)):
+        if not all(l.whole(d, attention[id(l.ops)]) for l, d in zip(layers, devs)):
             return None
-        states = [l.state_in(c, self.dtype) for l, c in zip(layers, cache.layers)]
+        positions: dict = {}
+        states = [l.state_in(c, self.dtype, positions) for l, c in zip(layers, cache.layers)]
         lookups = [[] if d[3] is None else [d[3]] for d in devs]
         key = tuple(l.step_key(d) for l, d in zip(layers, devs))
         fn = self._compiled.get(key)
