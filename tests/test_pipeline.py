@@ -228,3 +228,26 @@ def test_a_bad_pipeline_setting_is_refused(monkeypatch):
     monkeypatch.setenv("FLASHMOE_PIPELINE", "sometimes")
     with pytest.raises(FlashMoeError, match="FLASHMOE_PIPELINE"):
         pipeline_wanted()
+
+
+def test_pipelined_timing_of_the_first_layers_runs_those_and_restores_the_model(tiny_mlx, monkeypatch):
+    """decode_bench's marginal per-layer cost times the model cut to its first layers: only those
+    run, and the model has all its layers again afterwards."""
+    from llm_flashmoe.engine.load import load_model
+    from llm_flashmoe.engine.qwen35 import DecoderLayer
+    from llm_flashmoe.kernels.decode_bench import marginal_layer_time, pipelined_time
+
+    monkeypatch.setenv("FLASHMOE_KERNELS", "twin")
+    monkeypatch.setenv("FLASHMOE_COMPILE", "0")
+    model = load_model(tiny_mlx)
+    layers = list(model.layers)
+    ran = []
+    real = DecoderLayer.__call__
+    monkeypatch.setattr(DecoderLayer, "__call__", lambda self, x, c: ran.append(layers.index(self)) or real(self, x, c))
+    pipelined_time(model, [5, 17, 300], 3, warmup=1, first=3)
+    assert set(ran) == {0, 1, 2}
+    assert model.layers == layers
+    ran.clear()
+    per_layer, rest, whole = marginal_layer_time(model, [5, 17], 2)
+    assert set(ran) == set(range(len(layers))) and model.layers == layers
+    assert abs(rest + len(layers) * per_layer - whole) < 1e-9    # (the split of the whole model's time)

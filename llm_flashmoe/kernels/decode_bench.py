@@ -83,14 +83,15 @@ def decode_steps(model, prompt, steps: int, embed_head_only: bool = False, after
 
 
 @contextmanager
-def _fresh_cache(model, embed_head_only: bool):
+def _fresh_cache(model, embed_head_only: bool, first: int | None = None):
     """A new cache for `model`; with `embed_head_only`, the model without its layers meanwhile
-    (the embedding and the head timed alone)."""
+    (the embedding and the head timed alone); with `first`, its first `first` layers only."""
     cache = model.make_cache()
     layers = model.layers
-    if embed_head_only:
-        model.layers = []
-        cache.layers = []
+    keep = 0 if embed_head_only else first
+    if keep is not None:
+        model.layers = layers[:keep]
+        cache.layers = cache.layers[:keep]
     try:
         yield cache
     finally:
@@ -114,15 +115,17 @@ def heat(seconds: float = 0.5) -> None:
         mx.eval(b)
 
 
-def pipelined_time(model, prompt, steps: int, embed_head_only: bool = False, warmup: int = 16) -> tuple[float, float]:
+def pipelined_time(model, prompt, steps: int, embed_head_only: bool = False, warmup: int = 16,
+                   first: int | None = None) -> tuple[float, float]:
     """Seconds per token of greedy decode pipelined as `Session.generate` runs it where a step
     needs no host round trip: each token sampled on the device and the next step built on it and
     started before it is read back, so building a step overlaps the device running the one
     before. Averaged over `steps` steps after `warmup` (and `heat`) -> (seconds per token, of
-    which waiting for the device): a wait near zero means the host is the bound."""
+    which waiting for the device): a wait near zero means the host is the bound. `first`: the
+    model cut to its first `first` layers (`marginal_layer_time`)."""
     from ..engine.sampling import DeviceSampler, SamplingParams
 
-    with _fresh_cache(model, embed_head_only) as cache:
+    with _fresh_cache(model, embed_head_only, first) as cache:
         sample = DeviceSampler(SamplingParams(temperature=0.0))
         y = sample(model(prompt, cache, last_only=True)[-1])
         mx.async_eval(y)
@@ -140,6 +143,21 @@ def pipelined_time(model, prompt, steps: int, embed_head_only: bool = False, war
             y = following
         y.item()
         return (time.perf_counter() - t0) / steps, wait / steps
+
+
+def marginal_layer_time(model, prompt, steps: int) -> tuple[float, float, float]:
+    """A pipelined decode layer's cost without taking a separately timed embedding and head out:
+    the whole model and its first half, each pipelined (`pipelined_time`) -> (seconds per layer =
+    the difference over the layers between them, seconds per token for the rest = the whole
+    model's time less its layers', seconds per token of the whole model). Taking embed+head timed
+    alone out of the whole model's time understates the layers' cost where, in the whole model,
+    the head's GPU time hides behind the next step's host work."""
+    L = len(model.layers)
+    half = L // 2
+    whole = pipelined_time(model, prompt, steps)[0]
+    part = pipelined_time(model, prompt, steps, first=half)[0]
+    per_layer = (whole - part) / (L - half)
+    return per_layer, whole - L * per_layer, whole
 
 
 def logits_run(model, ops, prompt, steps: int) -> list[np.ndarray]:
@@ -319,6 +337,12 @@ def main(argv=None) -> int:
             print(f"fused, pipelined (as generate runs it): {tok:8.2f} ms/token (host waits {wait:5.2f}), embed+head "
                   f"{eh:6.2f} ms (waits {ehw:5.2f}), {(tok - eh) / L * 1e3:7.1f} us/layer  -> 60 layers: "
                   f"{eh + 60 * (tok - eh) / L:7.1f} ms/token", flush=True)
+        if L >= 2:
+            for r in range(args.pipe_rounds):
+                per, rest, tok = marginal_layer_time(model, prompt, args.pipe_steps)
+                print(f"fused, pipelined, {L} layers against {L // 2}: {per * 1e6:7.1f} us per layer, the rest "
+                      f"(embedding, head, sampling) {rest * 1e3:6.2f} ms/token  -> 60 layers: "
+                      f"{(rest + 60 * per) * 1e3:7.1f} ms/token", flush=True)
         with_ops(model, None)
     tol_ok = True
     if model.dtype != mx.float32 and args.check_steps > 0:
