@@ -136,7 +136,7 @@ def _no_addresses(addressed: bool) -> None:
 class GpuKernels:
     """The fused ops of one backend ('metal' or 'cuda'). The kernels read their inputs as flat
     row-contiguous buffers, so inputs go in as they come, never reshaped: in a decode step each
-    reshape is one more MLX operation for the host to run (~15 per layer before)."""
+    reshape is one more MLX operation for the host to run (14 per layer before)."""
 
     def __init__(self, backend: str, poison: bool = False):
         self.backend = backend
