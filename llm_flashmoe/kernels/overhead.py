@@ -514,6 +514,20 @@ def host_profile(args) -> None:
               + (f" us per token; building per layer: GatedDeltaNet {kinds.get('gdn', 0) / n / max(n_gdn, 1) * 1e6:.0f}, "
                  f"attention {kinds.get('attn', 0) / n / max(L - n_gdn, 1) * 1e6:.0f} us" if kinds else
                  " us per token; the whole step one compiled call (FLASHMOE_COMPILE_STEP)"), flush=True)
+        # The same launches with the device idle first: if `mx.async_eval` takes much longer in the
+        # pipelined loop above, it waits there for the device (backpressure), not for MLX's work.
+        idle = []
+        for _ in range(min(n, 32)):
+            following = sample(model.step(y, cache)[-1])
+            y.item()
+            mx.synchronize()
+            t1 = time.perf_counter()
+            mx.async_eval(following)
+            idle.append(time.perf_counter() - t1)
+            y = following
+        y.item()
+        print(f"  async_eval with the device idle first: {float(np.median(idle)) * 1e6:.0f} us per token (median), "
+              f"against {split['launch'] / n * 1e6:.0f} pipelined", flush=True)
         out = io.StringIO()
         pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(args.top)
         print("\n".join(l for l in out.getvalue().splitlines() if l.strip())[:6000], flush=True)
