@@ -155,9 +155,10 @@ def test_device_sampler_greedy_is_the_host_argmax():
 def test_compiled_attention_layers_and_whole_steps_match_op_by_op(tiny_mlx, monkeypatch, whole_step):
     """FLASHMOE_COMPILE_ATTENTION: the attention layers' decode steps compiled whole (the KV cache
     written by a slice update at a position held in an array) give the logits and the cache of
-    the op-by-op attention step, across KV buffer growth (every 4 tokens here, each growth a new
-    trace), step by step and pipelined; FLASHMOE_COMPILE_STEP: the same with the whole model's
-    step (embedding, layers, head) as one compiled graph."""
+    the op-by-op attention step, across KV buffer growth (blocks of 4 tokens here; compiled steps
+    grow the buffers by doubling, each growth a new trace), step by step and pipelined;
+    FLASHMOE_COMPILE_STEP: the same with the whole model's step (embedding, layers, head) as one
+    compiled graph."""
     import llm_flashmoe.engine.cache as cache_mod
     from llm_flashmoe.engine.load import load_model
 
@@ -251,3 +252,25 @@ def test_pipelined_timing_of_the_first_layers_runs_those_and_restores_the_model(
     per_layer, rest, whole = marginal_layer_time(model, [5, 17], 2)
     assert set(ran) == set(range(len(layers))) and model.layers == layers
     assert abs(rest + len(layers) * per_layer - whole) < 1e-9    # (the split of the whole model's time)
+
+
+def test_kv_buffers_grow_ahead_by_doubling_for_compiled_steps():
+    """A compiled step is traced again whenever the KV buffers change shape: for those steps
+    (`ahead`) the buffers double, up to _KV_AHEAD_MAX tokens at a time; otherwise they grow in
+    blocks of _KV_STEP."""
+    from llm_flashmoe.engine.cache import _KV_AHEAD_MAX, _KV_STEP
+
+    def capacities(ahead, upto):
+        c, seen = KVCache(), []
+        c.reserve(5, 2, 8, mx.float32)
+        while c.offset < upto:
+            c.reserve(1, 2, 8, mx.float32, ahead=ahead)
+            if not seen or seen[-1] != c.keys.shape[2]:
+                seen.append(c.keys.shape[2])
+            c.offset += 1
+        return seen
+
+    top = 2 * _KV_AHEAD_MAX + _KV_STEP
+    doubling = [_KV_STEP * 2 ** i for i in range(20) if _KV_STEP * 2 ** i <= _KV_AHEAD_MAX]
+    assert capacities(True, top) == doubling + [2 * _KV_AHEAD_MAX, 3 * _KV_AHEAD_MAX]
+    assert capacities(False, 4 * _KV_STEP) == [_KV_STEP * i for i in range(1, 5)]

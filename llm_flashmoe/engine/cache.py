@@ -16,6 +16,10 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 _KV_STEP = 256  # grow KV buffers in blocks of this many tokens
+# ... or, for compiled decode steps (`reserve(ahead=True)`), by as many tokens as they hold, up
+# to this many: each growth changes the buffers' shape, so the compiled step is traced again
+# (a whole 60-layer step: ~40 ms), which doubling makes rare (256, 512, ..., then every 4096)
+_KV_AHEAD_MAX = 4096
 
 
 class KVCache:
@@ -24,10 +28,14 @@ class KVCache:
         self.values: mx.array | None = None
         self.offset = 0
 
-    def reserve(self, t: int, heads: int, dim: int, dtype) -> None:
-        """Room for t more tokens past the offset (buffers grown in blocks of _KV_STEP tokens)."""
+    def reserve(self, t: int, heads: int, dim: int, dtype, ahead: bool = False) -> None:
+        """Room for t more tokens past the offset (buffers grown in blocks of _KV_STEP tokens;
+        `ahead`: by at least what they hold, up to _KV_AHEAD_MAX, so that they change shape
+        rarely)."""
         if self.keys is None or self.offset + t > self.keys.shape[2]:
             grow = ((t + _KV_STEP - 1) // _KV_STEP) * _KV_STEP
+            if ahead and self.keys is not None:
+                grow = max(grow, min(self.keys.shape[2], _KV_AHEAD_MAX) // _KV_STEP * _KV_STEP)
             shape = (1, heads, grow, dim)
             new_k, new_v = mx.zeros(shape, dtype), mx.zeros(shape, dtype)
             if self.keys is None:

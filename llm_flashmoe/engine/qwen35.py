@@ -412,7 +412,7 @@ class DecoderLayer:
             if cache.conv is None or cache.recurrent is None:
                 cache.conv, cache.recurrent = self.mixer.zero_state(dtype)
             return [cache.conv, cache.recurrent]
-        cache.reserve(1, self.mixer.Hkv, self.mixer.Dh, self.mixer.q_norm.dtype)
+        cache.reserve(1, self.mixer.Hkv, self.mixer.Dh, self.mixer.q_norm.dtype, ahead=True)
         positions = {} if positions is None else positions
         pos = positions.get(cache.offset)
         if pos is None:
@@ -639,7 +639,8 @@ class Qwen35Model:
         float32 logits [1, V], lazily; None where a layer's step is not one function of arrays
         (see `DecoderLayer.whole`): then the layers run one by one. The trace takes the token,
         every layer's state arrays and expert lookups, and gives the logits and the new states; it
-        is traced again when a shape changes (a KV buffer growing, every 256 tokens)."""
+        is traced again when a shape changes (a KV buffer growing: at 256, 512, ... tokens, then every
+        4096, `KVCache.reserve(ahead=True)`)."""
         layers = self.layers
         if not layers or not all(l.compile for l in layers):
             return None
