@@ -10,7 +10,6 @@ resumes from the longest one that prefixes the new prompt.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -309,14 +308,9 @@ class Session:
 def pipeline_wanted() -> bool:
     """FLASHMOE_PIPELINE: `auto` (default) pipelines decode wherever a step needs no host round
     trip (`Qwen35Model.pipelinable`) and no logits processor runs on the host; `0` never."""
-    want = os.environ.get("FLASHMOE_PIPELINE", "auto").strip().lower() or "auto"
-    if want in ("0", "off", "no", "false"):
-        return False
-    if want not in ("auto", "1", "on", "yes", "true"):
-        from ..errors import FlashMoeError
+    from ..errors import env_switch
 
-        raise FlashMoeError(f"FLASHMOE_PIPELINE={want!r}: use auto or 0.")
-    return True
+    return env_switch("FLASHMOE_PIPELINE") is not False
 
 
 def generate_text_tokens(model, prompt: Sequence[int], **kwargs) -> list[int]:

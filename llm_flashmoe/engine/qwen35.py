@@ -18,7 +18,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..config import ModelConfig
-from ..errors import FlashMoeError
+from ..errors import FlashMoeError, env_switch
 from ..experts.source import ExpertSource, ResidentExperts
 from .. import kernels
 from .cache import KVCache, LinearAttentionState, ModelCache
@@ -427,19 +427,23 @@ class DecoderLayer:
             cache.keys, cache.values = new
             cache.offset += 1
 
-    def step_math(self, dev, x: mx.array, state, lookup) -> tuple[mx.array, list]:
-        """One token through the whole layer, arrays in and out (so that it compiles) -> (output,
-        new state arrays)."""
-        eps = self.eps
+    def mixer_math(self, x: mx.array, state) -> tuple[mx.array, list]:
+        """One token through the mixer, arrays in and out (`state_in`'s) -> (output, new state
+        arrays)."""
+        norm = (self.input_norm, self.eps)
         if self.is_linear:
             st = LinearAttentionState()
             st.conv, st.recurrent = state
-            y = self.mixer.decode_fused(x, st, (self.input_norm, eps))
-            new = [st.conv, st.recurrent]
-        else:
-            y, keys, values = self.mixer.decode_math(x, *state, (self.input_norm, eps))
-            new = [keys, values]
-        out = self.moe.decode_math(x, y, self.post_norm, eps, *dev[:3], lookup).reshape(x.shape)
+            y = self.mixer.decode_fused(x, st, norm)
+            return y, [st.conv, st.recurrent]
+        y, keys, values = self.mixer.decode_math(x, *state, norm)
+        return y, [keys, values]
+
+    def step_math(self, dev, x: mx.array, state, lookup) -> tuple[mx.array, list]:
+        """One token through the whole layer, arrays in and out (so that it compiles) -> (output,
+        new state arrays)."""
+        y, new = self.mixer_math(x, state)
+        out = self.moe.decode_math(x, y, self.post_norm, self.eps, *dev[:3], lookup).reshape(x.shape)
         return out, new
 
     def decode_step(self, x: mx.array, cache) -> mx.array | None:
@@ -475,17 +479,12 @@ class DecoderLayer:
             return self._fn(("attn",) + key, lambda: moe_part)(x, y, *lk)
 
         # GatedDeltaNet before an MoE that needs the host: the mixer compiled, the MoE op by op
-        state = cache
-        if state.conv is None or state.recurrent is None:
-            state.conv, state.recurrent = self.mixer.zero_state(x.dtype)
-
         def mixer_part(x, conv, rec):
-            st = LinearAttentionState()
-            st.conv, st.recurrent = conv, rec
-            y = self.mixer.decode_fused(x, st, (self.input_norm, eps))
-            return y, st.conv, st.recurrent
+            y, new = self.mixer_math(x, (conv, rec))
+            return (y, *new)
 
-        y, state.conv, state.recurrent = self._fn(("gdn",) + key, lambda: mixer_part)(x, state.conv, state.recurrent)
+        y, *new = self._fn(("gdn",) + key, lambda: mixer_part)(x, *self.state_in(cache, x.dtype))
+        self.state_out(cache, new)
         return moe.decode_fused(x, y, self.post_norm, eps)
 
 
@@ -502,16 +501,12 @@ def compile_default(ops) -> bool:
 
 
 def _setting(name: str, ops) -> bool:
-    """An `auto | 1 | 0` setting: auto means on with the GPU backends' kernels, 1 also with the
-    kernels' plain twins (tests); anything else is refused, naming the variable."""
-    want = os.environ.get(name, "auto").strip().lower() or "auto"
-    if want in ("0", "off", "no", "false"):
+    """An `auto | 1 | 0` switch (`env_switch`): auto means on with the GPU backends' kernels, 1
+    also with the kernels' plain twins (tests)."""
+    want = env_switch(name)
+    if want is False or ops is None or ops.backend == "cpu":
         return False
-    if want not in ("auto", "1", "on", "yes", "true"):
-        raise FlashMoeError(f"{name}={want!r}: use auto, 1 or 0.")
-    if ops is None or ops.backend == "cpu":
-        return False
-    return want != "auto" or ops.backend in ("cuda", "metal")
+    return want is True or ops.backend in ("cuda", "metal")
 
 
 def compile_attention(ops) -> bool:
@@ -544,14 +539,10 @@ def _prefetch_default(experts) -> bool:
     not pay on synthetic 397B layers (the wrong guesses' reads cost the disk what the right ones
     saved: 3.86 vs 3.76 tokens/s on average over six runs each, noise larger than the difference);
     `0`: never."""
-    want = os.environ.get("FLASHMOE_PREFETCH", "auto").strip().lower() or "auto"
-    if want in ("0", "off", "no", "false"):
+    want = env_switch("FLASHMOE_PREFETCH")
+    if want is False or not hasattr(experts, "prefetch"):
         return False
-    if want not in ("1", "on", "yes", "true", "auto"):
-        raise FlashMoeError(f"FLASHMOE_PREFETCH={want!r}: use 0, 1 or auto.")
-    if not hasattr(experts, "prefetch"):
-        return False
-    return want != "auto" or bool(getattr(experts, "speculative", False))
+    return want is True or bool(getattr(experts, "speculative", False))
 
 
 class Qwen35Model:

@@ -60,7 +60,7 @@ def decode_steps(model, prompt, steps: int, embed_head_only: bool = False, after
                  fresh_tokens: bool = False, before_step=None) -> list[tuple[float, float]]:
     """`decode_times`' steps, every one, each split into (building the graph, evaluating it) in
     seconds; `before_step(i)` is called before step i's clock starts."""
-    with _fresh_cache(model, embed_head_only) as cache:
+    with _fresh_cache(model, 0 if embed_head_only else None) as cache:
         mx.eval(model(prompt, cache, last_only=True))
         if after_prefill is not None:
             after_prefill()
@@ -83,15 +83,14 @@ def decode_steps(model, prompt, steps: int, embed_head_only: bool = False, after
 
 
 @contextmanager
-def _fresh_cache(model, embed_head_only: bool, first: int | None = None):
-    """A new cache for `model`; with `embed_head_only`, the model without its layers meanwhile
-    (the embedding and the head timed alone); with `first`, its first `first` layers only."""
+def _fresh_cache(model, first: int | None = None):
+    """A new cache for `model`; with `first`, the model cut to its first `first` layers meanwhile
+    (0: the embedding and the head timed alone)."""
     cache = model.make_cache()
     layers = model.layers
-    keep = 0 if embed_head_only else first
-    if keep is not None:
-        model.layers = layers[:keep]
-        cache.layers = cache.layers[:keep]
+    if first is not None:
+        model.layers = layers[:first]
+        cache.layers = cache.layers[:first]
     try:
         yield cache
     finally:
@@ -125,7 +124,7 @@ def pipelined_time(model, prompt, steps: int, embed_head_only: bool = False, war
     model cut to its first `first` layers (`marginal_layer_time`)."""
     from ..engine.sampling import DeviceSampler, SamplingParams
 
-    with _fresh_cache(model, embed_head_only, first) as cache:
+    with _fresh_cache(model, 0 if embed_head_only else first) as cache:
         sample = DeviceSampler(SamplingParams(temperature=0.0))
         y = sample(model(prompt, cache, last_only=True)[-1])
         mx.async_eval(y)
@@ -145,16 +144,18 @@ def pipelined_time(model, prompt, steps: int, embed_head_only: bool = False, war
         return (time.perf_counter() - t0) / steps, wait / steps
 
 
-def marginal_layer_time(model, prompt, steps: int) -> tuple[float, float, float]:
+def marginal_layer_time(model, prompt, steps: int, whole: float | None = None) -> tuple[float, float, float]:
     """A pipelined decode layer's cost without taking a separately timed embedding and head out:
     the whole model and its first half, each pipelined (`pipelined_time`) -> (seconds per layer =
     the difference over the layers between them, seconds per token for the rest = the whole
     model's time less its layers', seconds per token of the whole model). Taking embed+head timed
     alone out of the whole model's time understates the layers' cost where, in the whole model,
-    the head's GPU time hides behind the next step's host work."""
+    the head's GPU time hides behind the next step's host work. `whole`: the whole model's time
+    where the caller has it already."""
     L = len(model.layers)
     half = L // 2
-    whole = pipelined_time(model, prompt, steps)[0]
+    if whole is None:
+        whole = pipelined_time(model, prompt, steps)[0]
     part = pipelined_time(model, prompt, steps, first=half)[0]
     per_layer = (whole - part) / (L - half)
     return per_layer, whole - L * per_layer, whole
@@ -332,15 +333,15 @@ def main(argv=None) -> int:
         print(f"speedup per layer {rows['plain'][2] / rows['fused'][2]:.2f}x", flush=True)
         with_ops(model, fused)
         for r in range(args.pipe_rounds):
-            tok, wait = (t * 1e3 for t in pipelined_time(model, prompt, args.pipe_steps))
+            whole, wait = pipelined_time(model, prompt, args.pipe_steps)
+            tok, wait = whole * 1e3, wait * 1e3
             eh, ehw = (t * 1e3 for t in pipelined_time(model, prompt, args.pipe_steps, embed_head_only=True))
             print(f"fused, pipelined (as generate runs it): {tok:8.2f} ms/token (host waits {wait:5.2f}), embed+head "
                   f"{eh:6.2f} ms (waits {ehw:5.2f}), {(tok - eh) / L * 1e3:7.1f} us/layer  -> 60 layers: "
                   f"{eh + 60 * (tok - eh) / L:7.1f} ms/token", flush=True)
-        if L >= 2:
-            for r in range(args.pipe_rounds):
-                per, rest, tok = marginal_layer_time(model, prompt, args.pipe_steps)
-                print(f"fused, pipelined, {L} layers against {L // 2}: {per * 1e6:7.1f} us per layer, the rest "
+            if L >= 2:   # the same whole-model timing against the first half's
+                per, rest, _ = marginal_layer_time(model, prompt, args.pipe_steps, whole)
+                print(f"  the same, {L} layers against {L // 2}: {per * 1e6:7.1f} us per layer, the rest "
                       f"(embedding, head, sampling) {rest * 1e3:6.2f} ms/token  -> 60 layers: "
                       f"{(rest + 60 * per) * 1e3:7.1f} ms/token", flush=True)
         with_ops(model, None)
