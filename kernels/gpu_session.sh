@@ -38,6 +38,8 @@
 #            $MLX_SETTINGS (e.g. "- MLX_MAX_OPS_PER_BUFFER=60 MLX_MAX_OPS_PER_BUFFER=200"), a process each
 #   host     where the host's time goes in a pipelined decode (build / launch / wait, per layer kind,
 #            the Python profile), tiny preset and the 397B model, under each MLX setting in $MLX_SETTINGS
+#   perf     where MLX's host time per operation goes: perf (or gdb) samples of a bare pipelined decode
+#            loop on the tiny preset, by shared object and symbol (PERF_S, PERF_REC_S seconds)
 #   ncusol   as ncu, with each kernel's throughputs (% of peak), occupancy, registers and warp-stall
 #            reasons (ncu sections SpeedOfLight, Occupancy, LaunchStats, WarpStateStats, SchedulerStats).
 #            Slow: each kernel is replayed once per pass with the device memory saved and restored,
@@ -87,6 +89,12 @@ profile() {  # profile NAME [ncu options] -- CMD...: each kernel's GPU time unde
   step "$name.log" "$(command -v ncu || echo /usr/local/cuda/bin/ncu)" "${opts[@]}" \
     ${NCU_ARGS:-} --csv --log-file "$out/$name.csv" "$@"
   python3 -m llm_flashmoe.kernels.overhead ncu "$out/$name.csv" | tee -a "$out/$name.log"
+}
+tiny() {  # the tiny preset under $M/tiny (the same kernels per layer as 397B, little GPU time)
+  [ -f "$M/tiny/config.json" ] || python3 -c "
+from llm_flashmoe import synth
+synth._write_tokenizer = lambda d: None
+synth.write_synthetic('$M/tiny', preset='tiny', layout='mlx', progress=False)"
 }
 best() { [ "${USE_BEST:-0}" = 1 ] && [ -f /tmp/fm-best.env ] && cat /tmp/fm-best.env; }
 nvidia-smi --query-gpu=name,clocks.sm,memory.used,memory.total --format=csv,noheader
@@ -138,15 +146,42 @@ for s in "$@"; do
     host)  # where the host's time goes in a pipelined decode, under each MLX setting in $MLX_SETTINGS
            # (a process each): the tiny preset (built here if absent: the same kernels per layer, little
            # GPU time) and the 397B model if prepared
-      [ -f "$M/tiny/config.json" ] || python3 -c "
-from llm_flashmoe import synth
-synth._write_tokenizer = lambda d: None
-synth.write_synthetic('$M/tiny', preset='tiny', layout='mlx', progress=False)"
+      tiny
       for e in ${MLX_SETTINGS:--}; do e=${e#-}
         for d in "$M/tiny" "$M/mlx"; do
           [ -f "$d/config.json" ] && step host.log env ${e//,/ } $(best) python3 -m llm_flashmoe.kernels.overhead host --dir "$d"
         done
       done ;;
+    perf)  # where MLX's host time per operation goes: a sampling profile of a bare pipelined decode
+           # loop (`overhead loop`) on the tiny preset, taken once it runs (after the kernels' first
+           # compilation), by shared object and by symbol; without perf, stacks sampled with gdb
+      tiny
+      python3 -m llm_flashmoe.kernels.overhead loop --dir "$M/tiny" --seconds "${PERF_S:-25}" > /tmp/loop.log 2>&1 &
+      lpid=$!
+      for _ in $(seq 120); do grep -q "^looping" /tmp/loop.log && break; sleep 1; done
+      if command -v perf >/dev/null; then
+        step perf.log perf record -F 1999 -g -p "$lpid" -o /tmp/perf.data -- sleep "${PERF_REC_S:-12}"
+        perf report -i /tmp/perf.data --stdio --no-children --sort dso --percent-limit 0.5 2>/dev/null \
+          | grep -v "^$" | head -40 | tee -a "$out/perf.log"
+        perf report -i /tmp/perf.data --stdio --no-children -g none --sort dso,sym --percent-limit 0.25 2>/dev/null \
+          | grep -v "^$" | head -120 | tee -a "$out/perf.log"
+        echo "== inclusive (with callees; frame-pointer stacks, partial where a library has none)" | tee -a "$out/perf.log"
+        perf report -i /tmp/perf.data --stdio --children -g none --sort sym --percent-limit 2 2>/dev/null \
+          | grep -v "^$" | head -70 | tee -a "$out/perf.log"
+      elif command -v gdb >/dev/null; then
+        echo "== no perf: gdb stack samples" | tee -a "$out/perf.log"
+        for _ in $(seq "${GDB_SAMPLES:-40}"); do
+          gdb -p "$lpid" -batch -ex "bt 8" 2>/dev/null | grep "^#" | sed 's/ (.*//; s/0x[0-9a-f]* in //' | head -8
+          echo "--"
+        done > /tmp/gdb.txt
+        echo "frames most often on top of the stack:" | tee -a "$out/perf.log"
+        awk '/^#0/' /tmp/gdb.txt | sort | uniq -c | sort -rn | head -30 | tee -a "$out/perf.log"
+        echo "frames anywhere in the first 8:" | tee -a "$out/perf.log"
+        grep "^#" /tmp/gdb.txt | sed 's/^#[0-9]* *//' | sort | uniq -c | sort -rn | head -40 | tee -a "$out/perf.log"
+      else
+        echo "== neither perf nor gdb here" | tee -a "$out/perf.log"
+      fi
+      wait "$lpid"; cat /tmp/loop.log | tee -a "$out/perf.log" ;;
     ncusol)  # the same decode steps with ncu's speed-of-light, occupancy and warp-stall figures per kernel
       profile ncusol --profile-from-start off --launch-count "${NCU_COUNT:-12}" --section SpeedOfLight --section Occupancy --section LaunchStats \
         --section WarpStateStats --section SchedulerStats \

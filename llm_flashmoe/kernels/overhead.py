@@ -534,6 +534,43 @@ def host_profile(args) -> None:
     model.layers = layers
 
 
+def host_loop(args) -> None:
+    """A bare pipelined decode for `args.seconds` (as generate runs it: build the next step, launch
+    it, then wait for this one's token), nothing timed inside: the process a sampling profiler
+    (`perf record`, step `perf` of kernels/gpu_session.sh) watches to see where MLX's host time
+    per operation goes. Prints the steps per second at the end."""
+    from ..engine.load import load_model
+    from ..engine.sampling import DeviceSampler, SamplingParams
+
+    model = load_model(args.dir)
+    touch(model)
+    sample = DeviceSampler(SamplingParams(temperature=0.0))
+    cache = model.make_cache()
+    y = sample(model(list(range(1, 9)), cache, last_only=True)[-1])
+    mx.async_eval(y)
+    for _ in range(16):     # warm-up: traces and the kernels' compilation
+        following = sample(model.step(y, cache)[-1])
+        mx.async_eval(following)
+        y.item()
+        y = following
+    print(f"looping: {len(model.layers)} layers, {model.dtype}, pid {os.getpid()}", flush=True)
+    y.item()
+    mark = cache.mark()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < args.seconds:
+        if n % 1024 == 1023:      # back to the mark now and then: the KV buffers stay small
+            y.item()
+            cache.rewind(mark)
+        following = sample(model.step(y, cache)[-1])
+        mx.async_eval(following)
+        y.item()
+        y = following
+        n += 1
+    y.item()
+    dt = time.perf_counter() - t0
+    print(f"{n} steps in {dt:.1f} s: {dt / n * 1e6:.0f} us per token, {dt / n / len(model.layers) * 1e6:.0f} per layer")
+
+
 _TIME_UNITS = {"ns": 1e-3, "nsecond": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3}
 # The Speed-of-light, occupancy, launch and warp-state figures shown per kernel (ncu's display
 # names, matched as prefixes), then every raw stall-reason metric that was collected.
@@ -630,6 +667,9 @@ def main(argv=None) -> int:
     p.add_argument("--dir", required=True)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--top", type=int, default=25)
+    p = sub.add_parser("loop", help="a bare pipelined decode for a while (for a sampling profiler)")
+    p.add_argument("--dir", required=True)
+    p.add_argument("--seconds", type=float, default=20.0)
     p = sub.add_parser("ncu", help="summarise an ncu CSV log per kernel")
     p.add_argument("csv")
     args = ap.parse_args(argv)
@@ -643,6 +683,8 @@ def main(argv=None) -> int:
         settings_sweep(args)
     elif args.cmd == "host":
         host_profile(args)
+    elif args.cmd == "loop":
+        host_loop(args)
     elif args.cmd == "ncu":
         ncu_summary(args.csv)
     else:
