@@ -201,6 +201,53 @@ def test_compiled_attention_layers_and_whole_steps_match_op_by_op(tiny_mlx, monk
         assert np.array_equal(a, b)
 
 
+def test_the_whole_steps_plan_is_kept_until_its_layers_experts_or_settings_change(tiny_mlx, monkeypatch):
+    """Qwen35Model._whole_step works out its plan (the compiled step, which layer's state goes
+    where) once and keeps it while the same layers read the same experts under the same settings;
+    a change of any of them makes it again (and a bad setting is still refused mid-run)."""
+    from llm_flashmoe.engine.load import load_model
+    from llm_flashmoe.errors import FlashMoeError
+
+    monkeypatch.setenv("FLASHMOE_KERNELS", "twin")
+    monkeypatch.setenv("FLASHMOE_COMPILE", "1")
+    monkeypatch.setenv("FLASHMOE_COMPILE_STEP", "1")
+    monkeypatch.setenv("FLASHMOE_COMPILE_ATTENTION", "1")
+    model = load_model(tiny_mlx)
+    cache = model.make_cache()
+    model([5, 17, 300], cache, last_only=True)
+    steps = []
+
+    def step(t):
+        steps.append(np.array(model([t], cache)).reshape(-1))
+        return model._plan
+
+    plan = step(9)
+    assert plan.fn is not None and step(1000) is plan and step(77) is plan
+    monkeypatch.setenv("FLASHMOE_COMPILE_STEP", "0")        # layer by layer from the next step
+    off = step(5)
+    assert off is not plan and off.fn is None
+    monkeypatch.setenv("FLASHMOE_COMPILE_STEP", "1")        # back: the same trace, a new plan
+    again = step(8)
+    assert again is not plan and again.fn is plan.fn
+    experts = model.layers[0].moe.experts                   # layer 0's experts: a new stack object
+    before = model.layers[0].device_experts()
+    experts.layers[0] = tuple(list(experts.layers[0]))
+    assert model.layers[0].device_experts() is not before
+    moved = step(2)
+    assert moved is not again and moved.fn is plan.fn      # the same stacks' weights: the same trace
+    monkeypatch.setenv("FLASHMOE_COMPILE_STEP", "maybe")
+    with pytest.raises(FlashMoeError, match="FLASHMOE_COMPILE_STEP"):
+        step(3)
+    # every step decoded the same way as a fresh model layer by layer
+    monkeypatch.setenv("FLASHMOE_COMPILE_STEP", "0")
+    ref_model = load_model(tiny_mlx)
+    ref_cache = ref_model.make_cache()
+    ref_model([5, 17, 300], ref_cache, last_only=True)
+    for t, got in zip([9, 1000, 77, 5, 8, 2], steps):
+        want = np.array(ref_model([t], ref_cache)).reshape(-1)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
 def test_compile_settings_are_checked(monkeypatch):
     from llm_flashmoe import kernels
     from llm_flashmoe.engine.qwen35 import compile_attention, compile_whole_step

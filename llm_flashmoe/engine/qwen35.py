@@ -12,6 +12,7 @@ dict of checkpoint.py; the experts come from an `ExpertSource`.
 
 from __future__ import annotations
 
+import operator
 import os
 
 import mlx.core as mx
@@ -208,6 +209,7 @@ class SparseMoE:
         self.norm_topk_prob = cfg.norm_topk_prob
         self.ops = kernels.ops()
         self.next_router = None  # the next MoE layer's router, where experts are prefetched (Qwen35Model)
+        self._dev_src = self._dev = None   # device_experts' last answer and what it came from
 
     def route(self, x: mx.array) -> tuple[mx.array, mx.array]:
         """x [T, H] -> expert ids [T, K] and their weights [T, K]."""
@@ -254,14 +256,20 @@ class SparseMoE:
         """(gate, up, down, lookup, all_in_gpu) when the router's choice can be resolved on the
         device, with no round trip to the host: every expert resident (lookup None: the rows are
         the ids), or a source that keeps a lookup table in GPU memory. None otherwise."""
+        # (the same tuple for as long as its source is the same object: decode steps ask every
+        # token, and `Qwen35Model._whole_step` keeps its plan while every layer's answer is the same)
         if isinstance(self.experts, ResidentExperts):
-            gate, up, down = self.experts.layers[self.layer]
-            return gate, up, down, None, True
+            src = self.experts.layers[self.layer]
+            if self._dev_src is not src:
+                self._dev_src, self._dev = src, (*src, None, True)
+            return self._dev
         resident = getattr(self.experts, "resident_batch", None) if self.ops.backend != "cpu" else None
         batch = resident(self.layer) if resident is not None else None
         if batch is None:
             return None
-        return batch.gate, batch.up, batch.down, batch.device_lookup, batch.all_in_gpu
+        if self._dev_src is not batch:
+            self._dev_src, self._dev = batch, (batch.gate, batch.up, batch.down, batch.device_lookup, batch.all_in_gpu)
+        return self._dev
 
     def count_device(self, dev) -> None:
         """Stats of a decode step whose experts `device_experts` resolved."""
@@ -419,6 +427,10 @@ class DecoderLayer:
             pos = positions[cache.offset] = [mx.array([cache.offset], mx.int32), mx.array([cache.offset + 1], mx.int32)]
         return [cache.keys, cache.values, *pos]
 
+    def state_size(self) -> int:
+        """How many arrays `state_in` gives."""
+        return 2 if self.is_linear else 4
+
     def state_out(self, cache, new) -> None:
         """Take `step_math`'s new state arrays into the cache."""
         if self.is_linear:
@@ -509,6 +521,31 @@ def _setting(name: str, ops) -> bool:
     return want is True or ops.backend in ("cuda", "metal")
 
 
+_SETTINGS_ENV = ("FLASHMOE_COMPILE_STEP", "FLASHMOE_COMPILE_ATTENTION")
+
+
+def _env_settings() -> tuple:
+    """The environment's say on whole-step compilation, as it is now (a plan made under other
+    settings is made again)."""
+    env = os.environ
+    return tuple(env.get(k) for k in _SETTINGS_ENV)
+
+
+class _StepPlan:
+    """What `Qwen35Model._whole_step` works out once for a run of steps over the same layers and
+    experts: the compiled step (or None: layer by layer) and the expert lookups it takes."""
+
+    def __init__(self, sig, devs):
+        self.sig, self.devs = sig, devs
+        self.fn, self.lookups = None, []
+
+    def same(self, sig, devs) -> bool:
+        s = self.sig
+        return (sig[0] is s[0] and sig[3] == s[3] and sig[2] == s[2] and len(devs) == len(self.devs)
+                and len(sig[1]) == len(s[1]) and all(map(operator.is_, sig[1], s[1]))
+                and all(map(operator.is_, devs, self.devs)))
+
+
 def compile_attention(ops) -> bool:
     """FLASHMOE_COMPILE_ATTENTION (auto | 1 | 0): with FLASHMOE_COMPILE, the full-attention
     layers' decode steps compiled whole too (the KV cache written with a slice update at a
@@ -560,6 +597,7 @@ class Qwen35Model:
         self.set_experts_per_token(k)
         self.set_prefetch(_prefetch_default(experts))
         self._compiled: dict = {}    # whole decode steps, per what their traces bake in
+        self._plan = None            # the last step's plan (`_whole_step`)
 
     def set_prefetch(self, on: bool) -> None:
         """Announce each layer's probable experts to the expert source one layer ahead (decode)."""
@@ -633,32 +671,53 @@ class Qwen35Model:
         is traced again when a shape changes (a KV buffer growing: at 256, 512, ... tokens, then every
         4096, `KVCache.reserve(ahead=True)`)."""
         layers = self.layers
-        if not layers or not all(l.compile for l in layers):
+        if not layers:
             return None
-        ops = {id(l.ops): l.ops for l in layers}     # (the settings read once per step, not per layer)
-        if not all(compile_whole_step(o) for o in ops.values()):
-            return None
-        attention = {i: compile_attention(o) for i, o in ops.items()}
         devs = [l.device_experts() for l in layers]
-        if not all(l.whole(d, attention[id(l.ops)]) for l, d in zip(layers, devs)):
+        plan = self._plan
+        # The step's plan (its trace, which layers' state goes where) holds while the layers, their
+        # ops and settings and the experts they read are the same objects as last step: then none
+        # of the per-layer checks and keys below is needed (Python's share of a step's host time).
+        sig = (layers, [l.ops for l in layers], [l.compile for l in layers], _env_settings())
+        if plan is None or not plan.same(sig, devs):
+            plan = self._plan = self._make_plan(sig, devs)
+        if plan.fn is None:
             return None
         positions: dict = {}
-        states = [l.state_in(c, self.dtype, positions) for l, c in zip(layers, cache.layers)]
-        lookups = [[] if d[3] is None else [d[3]] for d in devs]
-        key = tuple(l.step_key(d) for l, d in zip(layers, devs))
-        fn = self._compiled.get(key)
-        if fn is None:
-            if len(self._compiled) >= 8:    # stacks that changed: drop old traces
-                self._compiled.clear()
-            fn = self._compiled[key] = mx.compile(self._step_fn(devs, [len(s) for s in states],
-                                                                [len(lk) for lk in lookups]))
-        out = fn(token, *(a for st in states for a in st), *(a for lk in lookups for a in lk))
+        args = [token]
+        for l, c in zip(layers, cache.layers):
+            args += l.state_in(c, self.dtype, positions)
+        out = plan.fn(*args, *plan.lookups)
         i = 1
         for l, c, d in zip(layers, cache.layers, devs):
             l.state_out(c, out[i:i + 2])
             l.moe.count_device(d)
             i += 2
         return out[0]
+
+    def _make_plan(self, sig, devs) -> "_StepPlan":
+        """`_whole_step`'s plan for these layers and experts: the compiled step (None where a layer's
+        step is not one function of arrays, or the settings say no) and its expert lookups."""
+        layers = self.layers
+        plan = _StepPlan(sig, devs)
+        if not all(l.compile for l in layers):
+            return plan
+        ops = {id(l.ops): l.ops for l in layers}
+        if not all(compile_whole_step(o) for o in ops.values()):
+            return plan
+        attention = {i: compile_attention(o) for i, o in ops.items()}
+        if not all(l.whole(d, attention[id(l.ops)]) for l, d in zip(layers, devs)):
+            return plan
+        n_state = [l.state_size() for l in layers]
+        lookups = [[] if d[3] is None else [d[3]] for d in devs]
+        key = tuple(l.step_key(d) for l, d in zip(layers, devs))
+        fn = self._compiled.get(key)
+        if fn is None:
+            if len(self._compiled) >= 8:    # stacks that changed: drop old traces
+                self._compiled.clear()
+            fn = self._compiled[key] = mx.compile(self._step_fn(devs, n_state, [len(lk) for lk in lookups]))
+        plan.fn, plan.lookups = fn, [a for lk in lookups for a in lk]
+        return plan
 
     def _step_fn(self, devs, n_state, n_lookup):
         """The function `_whole_step` compiles: (token, states..., lookups...) -> (logits, new
