@@ -17,6 +17,7 @@ TOLERANCE_RATIO times the plain path's. Exits 1 if it fails.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import time
 from contextlib import contextmanager
@@ -274,6 +275,61 @@ def variants(ref_model, model, fused, prompt, steps: int, layers, timing_steps: 
     return ok
 
 
+def norm_bisect(model, fused, prompt) -> None:
+    """Where the fused input norm's error (FLASHMOE_FUSE_INPUT_NORM=1) comes from on this backend:
+    for each layer, one decode token's input projections of the layer's own input three ways on
+    the same arrays: norm_qmv with the norm in the launch (NORM 1), the same with a zero residual
+    added (NORM 2, the router's variant, which passes the tolerance), and the norm then qmv (the
+    default path); then the layer's whole output with and without the fusion. Relative max
+    differences against the default path, per projection."""
+    from ..engine.qwen35 import _in_proj
+
+    with_ops(model, None)
+    cache = model.make_cache()
+    model(prompt, cache, last_only=True)
+    with_ops(model, fused, False)
+    ids = mx.array([int(prompt[0])], mx.int32)
+    from ..engine.linear import embedding_rows
+
+    x = embedding_rows(model.embed, ids).astype(model.dtype)[None]
+    rel = lambda a, b: float(mx.abs(a.astype(mx.float32) - b.astype(mx.float32)).max()  # noqa: E731
+                             / mx.maximum(mx.abs(b.astype(mx.float32)).max(), 1e-30))
+    saved = os.environ.get("FLASHMOE_FUSE_INPUT_NORM")
+    try:
+        for i, (layer, c) in enumerate(zip(model.layers, cache.layers)):
+            m = layer.mixer
+            lins = ([m.in_proj_qkv, m.in_proj_z, m.in_proj_b, m.in_proj_a] if layer.is_linear
+                    else [m.q_proj, m.k_proj, m.v_proj])
+            w, eps = layer.input_norm, layer.eps
+            ref = fused.qmv(fused.rms_norm(x, w, eps), lins)
+            one = fused.norm_qmv(x, None, w, eps, lins)[0]
+            two = fused.norm_qmv(x, mx.zeros_like(x), w, eps, lins)[0]
+            mx.eval(ref, one, two)
+            print(f"layer {i} ({'gdn' if layer.is_linear else 'attn'}): |x| max {float(mx.abs(x).max()):.3g}, "
+                  f"|w| max {float(mx.abs(w).max()):.3g}; in-proj rel. diff against norm then qmv: NORM 1 "
+                  + " ".join(f"{rel(a, b):.2e}" for a, b in zip(one, ref)) + "; NORM 2 "
+                  + " ".join(f"{rel(a, b):.2e}" for a, b in zip(two, ref)), flush=True)
+            outs = {}
+            for mode in ("0", "1"):     # (a GatedDeltaNet layer's state is replaced, not written: a
+                os.environ["FLASHMOE_FUSE_INPUT_NORM"] = mode      # shallow copy keeps it apart)
+                outs[mode] = (_in_proj(fused, x, (w, eps), lins),
+                              layer(x, copy.copy(c)) if layer.is_linear else mx.zeros(1))
+                mx.eval(outs[mode])
+            print("  the engine's _in_proj, fused against not: "
+                  + " ".join(f"{rel(a, b):.2e}" for a, b in zip(outs["1"][0], outs["0"][0]))
+                  + (f"; the layer's output: {rel(outs['1'][1], outs['0'][1]):.2e}" if layer.is_linear else ""),
+                  flush=True)
+            os.environ["FLASHMOE_FUSE_INPUT_NORM"] = "0"
+            x = layer(x, c)
+            mx.eval(x)
+    finally:
+        if saved is None:
+            os.environ.pop("FLASHMOE_FUSE_INPUT_NORM", None)
+        else:
+            os.environ["FLASHMOE_FUSE_INPUT_NORM"] = saved
+        with_ops(model, None)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="397b")
@@ -289,6 +345,8 @@ def main(argv=None) -> int:
     ap.add_argument("--check-steps", type=int, default=16,
                     help="decode steps of the bf16-tolerance check against float32 (0: skip)")
     ap.add_argument("--check-layers", default="all", help="comma-separated layer counts for that check, e.g. 2,all")
+    ap.add_argument("--norm-bisect", action="store_true",
+                    help="only: where the fused input norm's error comes from, layer by layer (norm_bisect)")
     ap.add_argument("--variants", action="store_true",
                     help="only the tolerance check, compiled and op by op, with and without fused norms")
     args = ap.parse_args(argv)
@@ -311,6 +369,9 @@ def main(argv=None) -> int:
         return 2
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, 1000, args.prompt).tolist()
+    if args.norm_bisect:
+        norm_bisect(model, fused, prompt)
+        return 0
     if args.variants:
         ref = load_model(dest, experts_per_token=model.experts_per_token, dtype=mx.float32)
         layers = [int(n) if n != "all" else None for n in args.check_layers.split(",")]
