@@ -41,6 +41,8 @@
 #            the Python profile), tiny preset and the 397B model, under each MLX setting in $MLX_SETTINGS
 #   perf     where MLX's host time per operation goes: perf (or gdb) samples of a bare pipelined decode
 #            loop on the tiny preset, by shared object and symbol (PERF_S, PERF_REC_S seconds)
+#   cudatrace the CUDA calls MLX makes per pipelined decode step and the time inside them
+#            (kernels/cudatrace preloaded into `overhead loop`, tiny preset), per MLX setting
 #   ncusol   as ncu, with each kernel's throughputs (% of peak), occupancy, registers and warp-stall
 #            reasons (ncu sections SpeedOfLight, Occupancy, LaunchStats, WarpStateStats, SchedulerStats).
 #            Slow: each kernel is replayed once per pass with the device memory saved and restored,
@@ -183,6 +185,18 @@ for s in "$@"; do
         echo "== neither perf nor gdb here" | tee -a "$out/perf.log"
       fi
       wait "$lpid"; cat /tmp/loop.log | tee -a "$out/perf.log" ;;
+    cudatrace)  # how much of MLX's host time per decode step is spent inside CUDA calls: the bare
+                # pipelined loop on the tiny preset with kernels/cudatrace preloaded, per MLX setting
+      tiny
+      gcc -O2 -shared -fPIC -o /tmp/libcudatrace.so kernels/cudatrace/cudatrace.c -ldl || { echo "== no gcc: cudatrace skipped"; continue; }
+      lib=$(python3 -c "import mlx.core, pathlib; print(pathlib.Path(mlx.core.__file__).parent / 'lib')")
+      echo "== CUDA libraries MLX links: $(ldd "$lib"/libmlx.so 2>/dev/null | grep -io 'libcud[a-z]*\.so[.0-9]*' | sort -u | tr '\n' ' ')" \
+        | tee -a "$out/cudatrace.log"
+      for e in ${MLX_SETTINGS:--}; do e=${e#-}
+        echo "== MLX setting: ${e:-defaults}" | tee -a "$out/cudatrace.log"
+        step cudatrace.log env ${e//,/ } LD_PRELOAD=/tmp/libcudatrace.so python3 -m llm_flashmoe.kernels.overhead loop \
+          --dir "$M/tiny" --seconds "${PERF_S:-8}"
+      done ;;
     ncusol)  # the same decode steps with ncu's speed-of-light, occupancy and warp-stall figures per kernel
       profile ncusol --profile-from-start off --launch-count "${NCU_COUNT:-12}" --section SpeedOfLight --section Occupancy --section LaunchStats \
         --section WarpStateStats --section SchedulerStats \

@@ -538,7 +538,8 @@ def host_loop(args) -> None:
     """A bare pipelined decode for `args.seconds` (as generate runs it: build the next step, launch
     it, then wait for this one's token), nothing timed inside: the process a sampling profiler
     (`perf record`, step `perf` of kernels/gpu_session.sh) watches to see where MLX's host time
-    per operation goes. Prints the steps per second at the end."""
+    per operation goes. Prints the time per step at the end; preloaded with kernels/cudatrace
+    (step `cudatrace`), also the CUDA calls made per step and the time spent in them.""" 
     from ..engine.load import load_model
     from ..engine.sampling import DeviceSampler, SamplingParams
 
@@ -556,6 +557,9 @@ def host_loop(args) -> None:
     print(f"looping: {len(model.layers)} layers, {model.dtype}, pid {os.getpid()}", flush=True)
     y.item()
     mark = cache.mark()
+    trace = _cudatrace()
+    if trace is not None:
+        trace.cudatrace_reset()
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < args.seconds:
         if n % 1024 == 1023:      # back to the mark now and then: the KV buffers stay small
@@ -568,7 +572,20 @@ def host_loop(args) -> None:
         n += 1
     y.item()
     dt = time.perf_counter() - t0
-    print(f"{n} steps in {dt:.1f} s: {dt / n * 1e6:.0f} us per token, {dt / n / len(model.layers) * 1e6:.0f} per layer")
+    print(f"{n} steps in {dt:.1f} s: {dt / n * 1e6:.0f} us per token, {dt / n / len(model.layers) * 1e6:.0f} per layer",
+          flush=True)
+    if trace is not None:
+        import ctypes
+
+        trace.cudatrace_dump(ctypes.c_long(n))
+
+
+def _cudatrace():
+    """kernels/cudatrace's library where the process runs with it preloaded (LD_PRELOAD), else None."""
+    import ctypes
+
+    lib = ctypes.CDLL(None)
+    return lib if hasattr(lib, "cudatrace_dump") else None
 
 
 _TIME_UNITS = {"ns": 1e-3, "nsecond": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3}
