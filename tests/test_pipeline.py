@@ -3,6 +3,8 @@ back) against the step-by-step loop, and the device sampler against the host one
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -235,6 +237,11 @@ def test_the_whole_steps_plan_is_kept_until_its_layers_experts_or_settings_chang
     assert model.layers[0].device_experts() is not before
     moved = step(2)
     assert moved is not again and moved.fn is plan.fn      # the same stacks' weights: the same trace
+    model.layers[-1] = model.layers[-1]                     # the same layer put back: the plan holds
+    assert step(4) is moved
+    model.layers[0] = copy.copy(model.layers[0])     # another layer object reading the same experts
+    swapped = step(6)                                  # with the same ops: a plan and a trace of its own
+    assert swapped is not moved and swapped.fn is not None and swapped.fn is not plan.fn
     monkeypatch.setenv("FLASHMOE_COMPILE_STEP", "maybe")
     with pytest.raises(FlashMoeError, match="FLASHMOE_COMPILE_STEP"):
         step(3)
@@ -243,7 +250,8 @@ def test_the_whole_steps_plan_is_kept_until_its_layers_experts_or_settings_chang
     ref_model = load_model(tiny_mlx)
     ref_cache = ref_model.make_cache()
     ref_model([5, 17, 300], ref_cache, last_only=True)
-    for t, got in zip([9, 1000, 77, 5, 8, 2], steps):
+    assert len(steps) == 8
+    for t, got in zip([9, 1000, 77, 5, 8, 2, 4, 6], steps):
         want = np.array(ref_model([t], ref_cache)).reshape(-1)
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
