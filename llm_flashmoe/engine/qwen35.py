@@ -412,7 +412,7 @@ class DecoderLayer:
     def step_key(self, dev) -> tuple:
         """What a trace of `step_math` bakes in besides its array inputs (this layer's weights:
         its identity)."""
-        return (id(self), id(self.ops), self.moe.k, tuple(id(l.weight) for l in dev[:3]), dev[3] is not None, self.is_linear)
+        return (id(self.ops), self.moe.k, tuple(id(l.weight) for l in dev[:3]), dev[3] is not None, self.is_linear, id(self))
 
     def state_in(self, cache, dtype, positions: dict | None = None) -> list:
         """The state arrays `step_math` takes: conv and recurrent state, or the KV buffers (room
