@@ -7,7 +7,8 @@
 #   bash kernels/gpu_session.sh STEP...
 #
 # DECODE_ARGS replaces decode's default extra arguments (--resident $M/mlx).
-# Steps (issue 7, GPU streaming; the model is built once per machine under $M, default /tmp/m):
+# Steps (issue 7, GPU streaming; the model is built once per machine under $M, default /dev/shm/m
+# where /dev/shm has room for it, else /tmp/m):
 #   prep     synthetic 397b-shaped model, LAYERS layers (default 4): MLX layout, then converted (packed)
 #   prepmlx  the MLX layout only (enough for kdecode, ncu, firststep, firstcalls: saves the
 #            30-45 s conversion)
@@ -54,8 +55,16 @@ end=$((SECONDS + ${BUDGET_S:-540}))
 [ -d /tmp/site/mlx ] || bash .gpu/b/install.sh || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 out=${OUT:-/tmp}
-M=${M:-/tmp/m}
 LAYERS=${LAYERS:-4}
+# The synthetic model goes to memory (/dev/shm) where it has room: on the H200 machine writing an
+# 8-layer 397B model (29 GB) to /tmp took ~125 s and loading it back 36-42 s of a session's device time.
+# (~3.6 GB a layer in the MLX layout; the packed conversion of step `prep` as much again)
+shm_gb=$(df --output=avail -B1G /dev/shm 2>/dev/null | tail -1 | tr -d ' ')
+per_layer=4; [[ " $* " == *" prep "* ]] && per_layer=8
+if [ -z "${M:-}" ]; then
+  if [ "${shm_gb:-0}" -ge $((LAYERS * per_layer + 8)) ] 2>/dev/null; then M=/dev/shm/m; else M=/tmp/m; fi
+fi
+echo "== model directory $M (/dev/shm: ${shm_gb:-?} GB free)"
 runs=${RUNS:-5}
 # the card's clocks, power and performance state through the session (the timings depend on them)
 nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,pstate,temperature.gpu --format=csv -lms 250 \
