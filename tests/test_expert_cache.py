@@ -361,5 +361,5 @@ def test_device_resolved_caches_decode_pipelined(packed, monkeypatch, mode):
         assert bool(steps) == (pipe == "auto")
     assert outs["auto"] == outs["0"]
     # whole steps: one trace, through the pool's lookup tables (a key per layer: lookup or not)
-    assert [k[3] for key in model._compiled for k in key] == ([True] * len(model.layers) if whole else [])
+    assert [k[3] for key in model.whole_step.traces for k in key] == ([True] * len(model.layers) if whole else [])
     cache.close()

@@ -316,7 +316,7 @@ def test_compiled_decode_steps_match_the_uncompiled_ones(tmp_path, monkeypatch):
     assert kinds == [["layer"] if layer.is_linear else ["attn"] for layer in model.layers]
     assert {key[2] for layer in model.layers for key in layer._compiled} == {model.cfg.num_experts_per_tok, 1}
     monkeypatch.setenv("FLASHMOE_COMPILE", "1")
-    from llm_flashmoe.engine.qwen35 import compile_default
+    from llm_flashmoe.engine.compiled import compile_default
     assert compile_default(twin) and not compile_default(None)
     monkeypatch.setenv("FLASHMOE_COMPILE", "auto")
     assert not compile_default(twin) and compile_default(kernels.Ops("cuda", *[None] * len(kernels.OP_NAMES)))

@@ -189,9 +189,9 @@ def test_compiled_attention_layers_and_whole_steps_match_op_by_op(tiny_mlx, monk
     # what ran compiled: the whole step (traced again per KV buffer shape), or each layer whole
     attn_whole = [k for l in model.layers if not l.is_linear for k in l._compiled if k[0] == "layer"]
     if whole_step == "1":
-        assert len(model._compiled) == 1 and not attn_whole
+        assert len(model.whole_step.traces) == 1 and not attn_whole
     else:
-        assert not model._compiled and attn_whole
+        assert not model.whole_step.traces and attn_whole
     # and pipelined generation through it equals step by step
     outs = {}
     for pipe in ("0", "auto"):
@@ -204,7 +204,7 @@ def test_compiled_attention_layers_and_whole_steps_match_op_by_op(tiny_mlx, monk
 
 
 def test_the_whole_steps_plan_is_kept_until_its_layers_experts_or_settings_change(tiny_mlx, monkeypatch):
-    """Qwen35Model._whole_step works out its plan (the compiled step, which layer's state goes
+    """WholeStep (engine/compiled.py) works out its plan (the compiled step, which layer's state goes
     where) once and keeps it while the same layers read the same experts under the same settings;
     a change of any of them makes it again (and a bad setting is still refused mid-run)."""
     from llm_flashmoe.engine.load import load_model
@@ -221,7 +221,7 @@ def test_the_whole_steps_plan_is_kept_until_its_layers_experts_or_settings_chang
 
     def step(t):
         steps.append(np.array(model([t], cache)).reshape(-1))
-        return model._plan
+        return model.whole_step.plan
 
     plan = step(9)
     assert plan.fn is not None and step(1000) is plan and step(77) is plan
@@ -258,7 +258,7 @@ def test_the_whole_steps_plan_is_kept_until_its_layers_experts_or_settings_chang
 
 def test_compile_settings_are_checked(monkeypatch):
     from llm_flashmoe import kernels
-    from llm_flashmoe.engine.qwen35 import compile_attention, compile_whole_step
+    from llm_flashmoe.engine.compiled import compile_attention, compile_whole_step
     from llm_flashmoe.errors import FlashMoeError
 
     twin, cuda = kernels.ops("twin"), kernels.Ops("cuda", *[None] * len(kernels.OP_NAMES))

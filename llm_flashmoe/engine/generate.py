@@ -11,7 +11,7 @@ resumes from the longest one that prefixes the new prompt.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import numpy as np

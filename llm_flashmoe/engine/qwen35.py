@@ -12,7 +12,6 @@ dict of checkpoint.py; the experts come from an `ExpertSource`.
 
 from __future__ import annotations
 
-import operator
 import os
 
 import mlx.core as mx
@@ -23,6 +22,7 @@ from ..errors import FlashMoeError, env_switch
 from ..experts.source import ExpertSource, ResidentExperts
 from .. import kernels
 from .cache import KVCache, LinearAttentionState, ModelCache
+from .compiled import WholeStep, compile_attention, compile_default
 from .linear import Linear, embedding_rows
 
 
@@ -258,7 +258,7 @@ class SparseMoE:
         device, with no round trip to the host: every expert resident (lookup None: the rows are
         the ids), or a source that keeps a lookup table in GPU memory. None otherwise."""
         # (the same tuple for as long as its source is the same object: decode steps ask every
-        # token, and `Qwen35Model._whole_step` keeps its plan while every layer's answer is the same)
+        # token, and `WholeStep` (compiled.py) keeps its plan while every layer's answer is the same)
         if isinstance(self.experts, ResidentExperts):
             src = self.experts.layers[self.layer]
             if self._dev_src is not src:
@@ -502,72 +502,6 @@ class DecoderLayer:
         return moe.decode_fused(x, y, self.post_norm, eps)
 
 
-def compile_default(ops) -> bool:
-    """FLASHMOE_COMPILE: `auto` (default) compiles decode steps on the GPU backends, where
-    building each token's graph in Python costs as much as running it; `1` also with the
-    kernels' plain twins (tests); `0` never."""
-    want = os.environ.get("FLASHMOE_COMPILE", "auto").strip().lower()
-    if want in ("0", "off", "no", "false"):
-        return False
-    if ops is None or ops.backend == "cpu":     # the CPU kernels run on the host: nothing to trace
-        return False
-    return want in ("1", "on", "yes", "true") or ops.backend in ("cuda", "metal")
-
-
-def _setting(name: str, ops) -> bool:
-    """An `auto | 1 | 0` switch (`env_switch`): auto means on with the GPU backends' kernels, 1
-    also with the kernels' plain twins (tests)."""
-    want = env_switch(name)
-    if want is False or ops is None or ops.backend == "cpu":
-        return False
-    return want is True or ops.backend in ("cuda", "metal")
-
-
-_SETTINGS_ENV = ("FLASHMOE_COMPILE_STEP", "FLASHMOE_COMPILE_ATTENTION")
-
-
-def _env_settings() -> tuple:
-    """The environment's say on whole-step compilation, as it is now (a plan made under other
-    settings is made again)."""
-    env = os.environ
-    return tuple(env.get(k) for k in _SETTINGS_ENV)
-
-
-class _StepPlan:
-    """What `Qwen35Model._whole_step` works out once for a run of steps over the same layers and
-    experts: the compiled step (or None: layer by layer) and the expert lookups it takes."""
-
-    def __init__(self, sig, devs):
-        self.sig, self.devs = sig, devs
-        self.fn, self.lookups = None, []
-
-    def same(self, sig, devs) -> bool:
-        """Whether a step of these layers (`sig`: the layers, their ops, their compile switches, the
-        environment's settings) reading these experts (`devs`) can use this plan."""
-        (layers, ops, comp, env), s = sig, self.sig
-        return (env == s[3] and comp == s[2] and len(layers) == len(s[0]) and len(devs) == len(self.devs)
-                and all(map(operator.is_, layers, s[0])) and all(map(operator.is_, ops, s[1]))
-                and all(map(operator.is_, devs, self.devs)))
-
-
-def compile_attention(ops) -> bool:
-    """FLASHMOE_COMPILE_ATTENTION (auto | 1 | 0): with FLASHMOE_COMPILE, the full-attention
-    layers' decode steps compiled whole too (the KV cache written with a slice update at a
-    position computed on the device) rather than their mixer built op by op in Python each token.
-    On by default with the GPU kernels: on the H200 the pipelined decode is bound by the host's
-    work per layer, and this took it from 263.0 to 110.7 us per layer in one run, 135.0 to 113.8
-    in another (397B shapes, 4 resident layers, medians of 4 rounds of `overhead settings`)."""
-    return _setting("FLASHMOE_COMPILE_ATTENTION", ops)
-
-
-def compile_whole_step(ops) -> bool:
-    """FLASHMOE_COMPILE_STEP (auto | 1 | 0): a decode step of the whole model (embedding, every
-    layer, the head) as one compiled graph wherever each layer's step is one function of arrays,
-    so that Python calls one function per token rather than one per layer (H200, 4 resident 397B
-    layers, pipelined: 77.5 against 113.8 us per layer, medians of 4 rounds)."""
-    return _setting("FLASHMOE_COMPILE_STEP", ops)
-
-
 def _prefetch_default(experts) -> bool:
     """FLASHMOE_PREFETCH: guess the next layer's experts (its router on this layer's MoE input)
     and have the expert source read them ahead. `auto` (default): only where the source reads
@@ -600,8 +534,7 @@ class Qwen35Model:
         self.lm_head = self.embed if cfg.tie_word_embeddings else take_linear(weights, "lm_head", cfg, dtype)
         self.set_experts_per_token(k)
         self.set_prefetch(_prefetch_default(experts))
-        self._compiled: dict = {}    # whole decode steps, per what their traces bake in
-        self._plan = None            # the last step's plan (`_whole_step`)
+        self.whole_step = WholeStep(self)    # decode steps as one compiled graph
 
     def set_prefetch(self, on: bool) -> None:
         """Announce each layer's probable experts to the expert source one layer ahead (decode)."""
@@ -627,7 +560,7 @@ class Qwen35Model:
     def __call__(self, tokens: list[int] | np.ndarray, cache: ModelCache, *, last_only: bool = False) -> mx.array:
         """Feed `tokens` (continuing `cache`) -> logits [T, V] (or [1, V])."""
         ids = mx.array(np.asarray(tokens, dtype=np.int32))
-        logits = self._whole_step(ids, cache) if len(tokens) == 1 else None
+        logits = self.whole_step(ids, cache) if len(tokens) == 1 else None
         if logits is None:
             x = embedding_rows(self.embed, ids).astype(self.dtype)[None]      # [1, T, H]
             for layer, c in zip(self.layers, cache.layers):
@@ -659,90 +592,13 @@ class Qwen35Model:
         """One decode step whose token is an array not yet computed (sampled on the device from
         the previous step's logits) -> float32 logits [1, V], lazily. `cache.tokens` is left to
         the caller, who learns the token later (see `pipelinable`)."""
-        logits = self._whole_step(token, cache)
+        logits = self.whole_step(token, cache)
         if logits is not None:
             return logits
         x = embedding_rows(self.embed, token.reshape(1).astype(mx.int32)).astype(self.dtype)[None]
         for layer, c in zip(self.layers, cache.layers):
             x = layer(x, c)
         return self.head(x[0])
-
-    def _whole_step(self, token: mx.array, cache: ModelCache) -> mx.array | None:
-        """One decode step of the whole model as one compiled graph (FLASHMOE_COMPILE_STEP) ->
-        float32 logits [1, V], lazily; None where a layer's step is not one function of arrays
-        (see `DecoderLayer.whole`): then the layers run one by one. The trace takes the token,
-        every layer's state arrays and expert lookups, and gives the logits and the new states; it
-        is traced again when a shape changes (a KV buffer growing: at 256, 512, ... tokens, then every
-        4096, `KVCache.reserve(ahead=True)`)."""
-        layers = self.layers
-        if not layers:
-            return None
-        devs = [l.device_experts() for l in layers]
-        plan = self._plan
-        # The step's plan (its trace, which layers' state goes where) holds while the layers, their
-        # ops and settings and the experts they read are the same objects as last step: then none
-        # of `_make_plan`'s per-layer checks and keys is needed (Python's share of a step's host
-        # time: 7.8 -> 4-5 us per layer on a desktop CPU, about three times that on the H200's host).
-        sig = ([*layers], [l.ops for l in layers], [l.compile for l in layers], _env_settings())
-        if plan is None or not plan.same(sig, devs):
-            plan = self._plan = self._make_plan(sig, devs)
-        if plan.fn is None:
-            return None
-        positions: dict = {}
-        args = [token]
-        for l, c in zip(layers, cache.layers):
-            args += l.state_in(c, self.dtype, positions)
-        out = plan.fn(*args, *plan.lookups)
-        i = 1
-        for l, c, d in zip(layers, cache.layers, devs):
-            l.state_out(c, out[i:i + 2])
-            l.moe.count_device(d)
-            i += 2
-        return out[0]
-
-    def _make_plan(self, sig, devs) -> "_StepPlan":
-        """`_whole_step`'s plan for these layers and experts: the compiled step (None where a layer's
-        step is not one function of arrays, or the settings say no) and its expert lookups."""
-        layers = self.layers
-        plan = _StepPlan(sig, devs)
-        if not all(l.compile for l in layers):
-            return plan
-        ops = {id(l.ops): l.ops for l in layers}
-        if not all(compile_whole_step(o) for o in ops.values()):
-            return plan
-        attention = {i: compile_attention(o) for i, o in ops.items()}
-        if not all(l.whole(d, attention[id(l.ops)]) for l, d in zip(layers, devs)):
-            return plan
-        n_state = [l.state_size() for l in layers]
-        lookups = [[] if d[3] is None else [d[3]] for d in devs]
-        key = tuple(l.step_key(d) for l, d in zip(layers, devs))
-        fn = self._compiled.get(key)
-        if fn is None:
-            if len(self._compiled) >= 8:    # stacks that changed: drop old traces
-                self._compiled.clear()
-            fn = self._compiled[key] = mx.compile(self._step_fn(devs, n_state, [len(lk) for lk in lookups]))
-        plan.fn, plan.lookups = fn, [a for lk in lookups for a in lk]
-        return plan
-
-    def _step_fn(self, devs, n_state, n_lookup):
-        """The function `_whole_step` compiles: (token, states..., lookups...) -> (logits, new
-        states...), two new state arrays per layer."""
-        def f(token, *args):
-            states, lookups = [], []
-            i = 0
-            for n in n_state:
-                states.append(args[i:i + n])
-                i += n
-            for n in n_lookup:
-                lookups.append(args[i] if n else None)
-                i += n
-            x = embedding_rows(self.embed, token.reshape(1).astype(mx.int32)).astype(self.dtype).reshape(1, 1, -1)
-            new = []
-            for layer, d, st, lk in zip(self.layers, devs, states, lookups):
-                x, st_new = layer.step_math(d, x, st, lk)
-                new += st_new
-            return (self.head(x.reshape(1, -1)), *new)
-        return f
 
     def head(self, x: mx.array) -> mx.array:
         """Final norm and lm_head: hidden states [T, H] -> float32 logits [T, V]."""

@@ -41,7 +41,7 @@ def build(dest: Path, preset: str, layers: int) -> None:
 def with_ops(model, ops, compile: bool | None = None) -> None:
     """Point every block of `model` at `ops` (None: the plain path); decode steps compiled as
     FLASHMOE_COMPILE says for those ops, or as `compile` says."""
-    from ..engine.qwen35 import compile_default
+    from ..engine.compiled import compile_default
 
     for layer in model.layers:
         layer.ops = layer.mixer.ops = layer.moe.ops = ops
