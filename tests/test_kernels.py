@@ -431,25 +431,25 @@ def test_settings_set_the_engine_read_knobs_in_the_environment(monkeypatch):
     """`overhead settings`: a setting's engine-read knob (fusenorm) is put in the environment while
     it runs and taken out for the next setting; kernel knobs go to the kernel module."""
     from llm_flashmoe.engine.qwen35 import _fuse_input_norm
-    from llm_flashmoe.kernels import gpu, overhead
+    from llm_flashmoe.kernels import gpu, sweeps
 
     monkeypatch.delenv("FLASHMOE_FUSE_INPUT_NORM", raising=False)
     try:
-        overhead.apply_setting(overhead.parse_setting("fusenorm=1 gdnrows=2"), "twin")
+        sweeps.apply_setting(sweeps.parse_setting("fusenorm=1 gdnrows=2"), "twin")
         assert _fuse_input_norm() and gpu.GDN_ROWS == 2
-        overhead.apply_setting(overhead.parse_setting("-"), "twin")
+        sweeps.apply_setting(sweeps.parse_setting("-"), "twin")
         assert not _fuse_input_norm() and gpu.GDN_ROWS == 8
     finally:
         gpu.configure()
     with pytest.raises(SystemExit, match="fusenorm"):
-        overhead.parse_setting("fusenorm")
+        sweeps.parse_setting("fusenorm")
 
 
 def test_ncu_summary_per_kernel(tmp_path, capsys):
     """`overhead ncu`: the raw duration metric is preferred over the section's Duration (not counted
     twice), values with thousands separators are read, section figures and stall reasons are
     averaged per kernel."""
-    from llm_flashmoe.kernels import overhead
+    from llm_flashmoe.kernels import ncu
 
     head = '"ID","Kernel Name","Section Name","Metric Name","Metric Unit","Metric Value"\n'
     rows = [
@@ -464,9 +464,9 @@ def test_ncu_summary_per_kernel(tmp_path, capsys):
     ]
     path = tmp_path / "ncu.csv"
     path.write_text("==PROF== noise\n" + head + "".join(",".join(f'"{v}"' for v in r) + "\n" for r in rows))
-    per = overhead.ncu_rows(str(path))
+    per = ncu.ncu_rows(str(path))
     assert per["qmv_a"]["us"] == [41.0, 43.0] and per["gdn_b"]["us"] == [14.5]
-    overhead.ncu_summary(str(path))
+    ncu.ncu_summary(str(path))
     out = capsys.readouterr().out
     assert "3 kernels, 98.5 us" in out
     assert re.search(r"DRAM Throughput\s+25\.00", out) and "long_scoreboard 3.00" in out

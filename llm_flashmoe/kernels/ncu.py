@@ -1,0 +1,67 @@
+"""Summaries of Nsight Compute (`ncu --csv`) logs: each kernel's GPU time and, where collected,
+its speed-of-light, occupancy and warp-stall figures (`python -m llm_flashmoe.kernels.overhead ncu LOG`)."""
+
+from __future__ import annotations
+
+
+_TIME_UNITS = {"ns": 1e-3, "nsecond": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3}
+# The Speed-of-light, occupancy, launch and warp-state figures shown per kernel (ncu's display
+# names, matched as prefixes), then every raw stall-reason metric that was collected.
+NCU_SHOWN = ("Memory Throughput", "DRAM Throughput", "Compute (SM) Throughput", "Registers Per Thread",
+             "Theoretical Occupancy", "Achieved Occupancy", "Warp Cycles Per Issued Instruction",
+             "Issue Slots Busy", "Executed Ipc Active", "Waves Per SM")
+STALL = "smsp__average_warps_issue_stalled_"
+
+
+def ncu_rows(path: str) -> dict:
+    """An `ncu --csv` log -> {kernel name (60 chars): {metric: [values, one per call]}}, durations
+    in us under "us" (from gpu__time_duration.sum or the Speed-of-light section's Duration)."""
+    import csv
+
+    with open(path) as f:
+        lines = [l for l in f if l.startswith('"')]
+    out: dict = {}
+    for r in csv.DictReader(lines):
+        name, metric = r.get("Kernel Name", "")[:60], r.get("Metric Name", "")
+        try:
+            v = float(r.get("Metric Value", "").replace(",", ""))
+        except ValueError:
+            continue
+        if metric in ("gpu__time_duration.sum", "Duration"):
+            v *= _TIME_UNITS.get(r.get("Metric Unit", "ns"), 1e-3)
+        out.setdefault(name, {}).setdefault(metric, []).append(v)
+    for m in out.values():      # the section's Duration stands in only where the raw metric is absent
+        dur = m.pop("Duration", None)
+        m["us"] = m.pop("gpu__time_duration.sum", dur)
+        if m["us"] is None:
+            del m["us"]
+    return out
+
+
+def ncu_summary(path: str) -> None:
+    """Per kernel of an ncu CSV log: calls, GPU time in all and per call; where the log has more
+    than durations (`--section ...`, stall-reason metrics), each collected figure's mean too."""
+    per = ncu_rows(path)
+    times = {k: m["us"] for k, m in per.items() if "us" in m}
+    if not times:
+        print(f"no kernel durations in {path}")
+        return
+    n_all = sum(len(v) for v in times.values())
+    print(f"{n_all} kernels, {sum(sum(v) for v in times.values()):.1f} us on the GPU in all")
+    print(f"{'kernel':60} {'calls':>6} {'us total':>9} {'us/call':>8}")
+    order = sorted(times, key=lambda k: -sum(times[k]))
+    for name in order:
+        t = times[name]
+        print(f"{name:60} {len(t):6d} {sum(t):9.1f} {sum(t) / len(t):8.1f}")
+    for name in order:
+        m = per[name]
+        shown = [(k, v) for k, v in m.items() if k.startswith(NCU_SHOWN)]
+        stalls = sorted(((k[len(STALL):].split("_per_")[0], sum(v) / len(v)) for k, v in m.items()
+                         if k.startswith(STALL)), key=lambda kv: -kv[1])
+        if not shown and not stalls:
+            continue
+        print(f"\n{name} ({len(times[name])} calls, {sum(times[name]) / len(times[name]):.1f} us/call)")
+        for k, v in sorted(shown):
+            print(f"    {k:40} {sum(v) / len(v):10.2f}")
+        if stalls:
+            print("    stalls (warps per issue): " + ", ".join(f"{k} {v:.2f}" for k, v in stalls if v >= 0.05))

@@ -1,0 +1,222 @@
+"""Launch settings of the fused kernels swept on a GPU: rows per warp and words of codes in flight
+(`rows`), and whole decode steps under each setting in one process (`settings`). Run through
+`python -m llm_flashmoe.kernels.overhead rows|settings ...`."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from .overhead import _env, timed, touch
+
+
+def rows_sweep(reps: int) -> None:
+    """Rows per warp of qmv (the decode's matrix shapes) and of the MoE kernels, then the words
+    of codes a lane keeps in flight (QWORDS) at the default rows: each setting checked against
+    the plain twin (bf16 bound) and timed as a chain of `reps` dependent calls (the decode's
+    situation: one token, each launch waiting for the last)."""
+    from . import gpu, plain
+    from .check import BOUND, qlinear, rnd, moe_inputs
+
+    dt = mx.bfloat16
+    gk = gpu.GpuKernels("cuda")
+
+    def err(a, b):
+        a, b = np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))
+        return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+    def chain(step, x0):
+        def run():
+            x = x0
+            for _ in range(reps):
+                x = step(x)
+            return x
+        _, e = timed(run)
+        return e / reps * 1e6
+
+    def cell(label, got, ref, step, x0) -> str:
+        e = max(err(a, b) for a, b in zip(got, ref))
+        return f"{label}: {chain(step, x0):6.1f} us{'' if e <= BOUND[dt] else f' FAIL {e:.1e}'}"
+
+    qshapes = {"GDN in_proj 4096->12288|8192|64|64": (4096, [12288, 8192, 64, 64]),
+               "attn q|k|v 4096->16384|512|512": (4096, [16384, 512, 512]),
+               "out_proj/o_proj 8192->4096": (8192, [4096]),
+               "router|shared gate 4096->512|1": (4096, [512, 1]),
+               "lm_head 4096->248320": (4096, [248320])}
+    qcases = []
+    for name, (K, Ns) in qshapes.items():
+        lins = [qlinear(n, K, 4, 64, dt) for n in Ns]
+        x0 = rnd((1, K), dt)
+        qcases.append((name, lins, x0, plain.qmv(x0, lins)))
+    d = moe_inputs("397b", dt)
+    K, I, Is = d["K"], d["gate"].weight.shape[1], d["sg"].out_features
+    h0, hs0 = rnd((K, I), dt), rnd((Is,), dt)
+    gu_args = lambda x: (x, d["rows"], d["gate"], d["up"], d["sg"], d["su"])
+    dn_args = lambda r: (h0, d["rows"], d["w"], d["down"], hs0, d["sd"], mx.zeros((1,), dt), r)
+    ref_gu, ref_dn = plain.moe_gate_up(*gu_args(d["x"])), plain.moe_down(*dn_args(d["res"]))
+
+    def qmv_cell(label, lins, x0, ref):
+        # the next call's input depends on this one's output (a scalar mix keeps the shape)
+        return cell(label, gk.qmv(x0, lins), ref, lambda x: x + gk.qmv(x, lins)[0][..., :1] * 0, x0)
+
+    def gu_cell(label):
+        return cell(label, gk.moe_gate_up(*gu_args(d["x"])), ref_gu,
+                    lambda x: x + gk.moe_gate_up(*gu_args(x))[1][:1] * 0, d["x"])
+
+    def dn_cell(label):
+        return cell(label, [gk.moe_down(*dn_args(d["res"]))], [ref_dn], lambda r: gk.moe_down(*dn_args(r)), d["res"])
+
+    saved = gpu.QMV_ROWS, gpu.MOE_GU_ROWS, gpu.MOE_DOWN_ROWS, gpu.QWORDS
+    print(f"qmv rows per warp (FLASHMOE_QMV_ROWS; now {gpu.QMV_ROWS or 'auto'}), us per dependent call "
+          "(and a small add), max rel err vs twin:")
+    for name, lins, x0, ref in qcases:
+        cells = []
+        for R in (1, 2, 4, 8):
+            gpu.QMV_ROWS = R
+            cells.append(qmv_cell(f"R={R}", lins, x0, ref))
+        cells.append(f"MLX: {chain(lambda x: x + plain.qmv(x, lins)[0][..., :1] * 0, x0):6.1f} us")   # MLX's own
+        print(f"  {name:38} " + "   ".join(cells), flush=True)
+    gpu.QMV_ROWS = saved[0]
+    print(f"MoE rows per warp (FLASHMOE_MOE_ROWS; now {gpu.MOE_GU_ROWS},{gpu.MOE_DOWN_ROWS}):")
+    cells = []
+    for R in (1, 2, 4):
+        gpu.MOE_GU_ROWS = R
+        cells.append(gu_cell(f"R={R}"))
+    print("  moe_gate_up (4 experts + shared)      " + "   ".join(cells), flush=True)
+    gpu.MOE_GU_ROWS = saved[1]
+    cells = []
+    for R in (1, 2, 4, 8):
+        gpu.MOE_DOWN_ROWS = R
+        cells.append(dn_cell(f"R={R}"))
+    print("  moe_down (4 experts + shared)         " + "   ".join(cells), flush=True)
+    gpu.MOE_DOWN_ROWS = saved[2]
+    print(f"words of codes in flight per lane (FLASHMOE_QMV_WORDS; now {gpu.QWORDS}), default rows:")
+    for name, lins, x0, ref in qcases:
+        cells = []
+        for W in (8, 16, 32, 64):
+            gpu.QWORDS = W
+            cells.append(qmv_cell(f"W={W}", lins, x0, ref))
+        print(f"  {name:38} " + "   ".join(cells), flush=True)
+    for name, one in (("moe_gate_up (4 experts + shared)", gu_cell), ("moe_down (4 experts + shared)", dn_cell)):
+        cells = []
+        for W in (8, 16, 32, 64):
+            gpu.QWORDS = W
+            cells.append(one(f"W={W}"))
+        print(f"  {name:38} " + "   ".join(cells), flush=True)
+    gpu.QMV_ROWS, gpu.MOE_GU_ROWS, gpu.MOE_DOWN_ROWS, gpu.QWORDS = saved
+
+
+SETTING_KEYS = {"grid": "FLASHMOE_GRID", "blocks": "FLASHMOE_GRID_BLOCKS", "words": "FLASHMOE_QMV_WORDS",
+                "qrows": "FLASHMOE_QMV_ROWS", "moerows": "FLASHMOE_MOE_ROWS", "gdnrows": "FLASHMOE_GDN_ROWS",
+                "threads": "FLASHMOE_MV_THREADS", "xvinner": "FLASHMOE_XV_INNER", "l2pf": "FLASHMOE_L2_PREFETCH",
+                "fuseroute": "FLASHMOE_FUSE_ROUTE", "fusenorm": "FLASHMOE_FUSE_INPUT_NORM",
+                "cattn": "FLASHMOE_COMPILE_ATTENTION", "cstep": "FLASHMOE_COMPILE_STEP"}
+# read by the engine at each call rather than by the kernel module: set in the environment itself
+_ENGINE_KEYS = ("FLASHMOE_FUSE_INPUT_NORM", "FLASHMOE_COMPILE_ATTENTION", "FLASHMOE_COMPILE_STEP")
+
+
+def parse_setting(text: str) -> dict:
+    """'grid=2 words=16' -> {'FLASHMOE_GRID': '2', 'FLASHMOE_QMV_WORDS': '16'} ('-': the defaults)."""
+    out = {}
+    for part in text.split():
+        if part == "-":
+            continue
+        k, _, v = part.partition("=")
+        if k not in SETTING_KEYS or not v:
+            raise SystemExit(f"bad setting {part!r}: use {', '.join(f'{k}=...' for k in SETTING_KEYS)}")
+        out[SETTING_KEYS[k]] = v
+    return out
+
+
+def set_knobs(env: dict) -> None:
+    """The kernel module's knobs as under environment `env` (unset ones at their defaults); the
+    engine-read ones put in the process environment itself."""
+    from . import gpu
+
+    for k in _ENGINE_KEYS:
+        if k in env:
+            os.environ[k] = env[k]
+        else:
+            os.environ.pop(k, None)
+    gpu.configure(env)
+
+
+def apply_setting(env: dict, backend: str = "cuda"):
+    """`set_knobs(env)`, then fresh kernels -> the backend's ops with them."""
+    from . import _built, ops
+
+    set_knobs(env)
+    _built.pop(backend, None)
+    return ops(backend)
+
+
+def settings_sweep(args) -> None:
+    """Decode (resident, compiled, fresh tokens) under each setting in one process, with the plain
+    path and embed+head timed once: us per layer, step by step (build, then evaluate) and
+    pipelined (as generate runs it), each the median over --rounds rounds that visit the settings
+    in turn (the card's speed drifts between minutes); each setting's logits for the same tokens
+    against the plain path's; the 397B MoE block (check case) compiled, fused against plain. The
+    fastest setting (pipelined) goes to --best."""
+    from ..engine.load import load_model
+    from . import check
+    from .decode_bench import decode_times, heat, logits_error, logits_run, pipelined_time, with_ops
+
+    t0 = time.perf_counter()
+    model = load_model(args.dir, experts_per_token=args.k)
+    touch(model)
+    L = len(model.layers)
+    print(f"loaded {args.dir} in {time.perf_counter() - t0:.1f} s, {L} layers, K={args.k}, {model.dtype} ({_env()})",
+          flush=True)
+    prompt = list(range(1, 9))
+    ref = logits_run(model, None, prompt, 4)
+    with_ops(model, None)
+    plain_tok = float(np.median(decode_times(model, prompt, args.steps, fresh_tokens=True))) * 1e3
+    eh = float(np.median(decode_times(model, prompt, args.steps, embed_head_only=True))) * 1e3
+    print(f"plain: {plain_tok:.2f} ms/token, {(plain_tok - eh) / L * 1e3:.1f} us/layer; embed+head {eh:.2f} ms", flush=True)
+    mx.random.seed(0)
+    f, t, _ = check.case_moe_block(args.moe_shape, mx.bfloat16)
+    mx.eval(check._flat(t()))    # the case's random inputs, made once (not inside each timed graph)
+    heat()
+    moe_plain = check.time_call(mx.compile(lambda: check._flat(t())), args.runs)
+    texts = args.settings.split(";")
+    built, seen = {}, {text: {"step": [], "pipe": [], "eh": []} for text in texts}
+    for r in range(args.rounds):
+        for text in texts:
+            setting = parse_setting(text)
+            if text not in built:
+                o = built[text] = apply_setting(setting, args.backend)
+                seen[text]["err"] = logits_error(logits_run(model, o, prompt, 4), ref)
+                with_ops(model, o)
+                heat()
+                seen[text]["moe"] = check.time_call(mx.compile(lambda: check._flat(f(o))), args.runs)
+            set_knobs(setting)
+            with_ops(model, built[text])
+            heat()
+            seen[text]["step"].append(float(np.median(decode_times(model, prompt, args.steps, fresh_tokens=True))) * 1e3)
+            seen[text]["pipe"].append(pipelined_time(model, prompt, args.pipe_steps)[0] * 1e3)
+            seen[text]["eh"].append(pipelined_time(model, prompt, args.pipe_steps, embed_head_only=True)[0] * 1e3)
+            with_ops(model, None)
+        print(f"round {r + 1}: " + ", ".join(f"{t} {(seen[t]['pipe'][-1] - seen[t]['eh'][-1]) / L * 1e3:.1f}"
+                                             for t in texts) + " us/layer pipelined", flush=True)
+    print(f"medians of {args.rounds} rounds; step: build then evaluate, as the benchmarks time it; pipelined: "
+          f"as generate runs it (embed+head pipelined alone beside it)")
+    print(f"{'setting':36} {'ms/token':>8} {'us/layer':>8} {'vs plain':>8} {'pipe ms':>8} {'pipe us/l':>9} "
+          f"{'rel diff':>9} {'top1':>5} {'MoE us':>7} {'MoE x':>6}", flush=True)
+    best = None
+    for text in texts:
+        v = seen[text]
+        tok, pipe, peh = (float(np.median(v[k])) for k in ("step", "pipe", "eh"))
+        per_layer, pipe_layer = (tok - eh) / L * 1e3, (pipe - peh) / L * 1e3
+        print(f"{text:36} {tok:8.2f} {per_layer:8.1f} {(plain_tok - eh) / (tok - eh):7.2f}x {pipe:8.2f} {pipe_layer:9.1f} "
+              f"{v['err']['max']:9.2e} {v['err']['top1']:5.2f} {v['moe']:7.1f} {moe_plain / v['moe']:5.2f}x", flush=True)
+        if best is None or pipe_layer < best[0]:
+            best = (pipe_layer, parse_setting(text))
+    set_knobs({})
+    env = " ".join(f"{k}={v}" for k, v in best[1].items())
+    print(f"fastest: {env or 'the defaults'} ({best[0]:.1f} us/layer pipelined)")
+    if args.best:
+        Path(args.best).write_text(env + "\n")
