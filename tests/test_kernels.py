@@ -403,7 +403,8 @@ def test_compile_check_renders_every_kernel_and_the_addressed_mode():
 def test_launch_knobs_reach_the_kernels_and_bad_ones_are_refused():
     """FLASHMOE_GDN_ROWS becomes gdn_step's GROWS define, FLASHMOE_XV_INNER and FLASHMOE_L2_PREFETCH
     the matvecs' XV_INNER and L2PF; FLASHMOE_FUSE_ROUTE=0 routes in a launch of its own;
-    FLASHMOE_MV_THREADS must be a multiple of 32 from 64 to 1024, and the error names the variable."""
+    FLASHMOE_MV_THREADS and FLASHMOE_GDN_THREADS must be multiples of 32 from 64 to 1024 (the error
+    names the variable), and the latter is gdn_step's thread group."""
     from llm_flashmoe.errors import FlashMoeError
     from llm_flashmoe.kernels import compile_check, gpu
 
@@ -422,9 +423,33 @@ def test_launch_knobs_reach_the_kernels_and_bad_ones_are_refused():
         for bad in ("100", "32", "2048"):
             with pytest.raises(FlashMoeError, match="FLASHMOE_MV_THREADS"):
                 gpu.configure({"FLASHMOE_MV_THREADS": bad})
+            with pytest.raises(FlashMoeError, match="FLASHMOE_GDN_THREADS"):
+                gpu.configure({"FLASHMOE_GDN_THREADS": bad})
+        # FLASHMOE_GDN_THREADS: gdn_step's thread group per value head
+        from llm_flashmoe.kernels import check
+
+        gdn_case = next(make for name, make, _ in check.CASES if name == "gdn_step")
+        heads = set()
+        for threads in (256, 512):
+            gpu.configure({"FLASHMOE_GDN_THREADS": str(threads)})
+            launches = []
+
+            def record(**kw):
+                def launch(inputs, output_shapes, output_dtypes, grid, threadgroup, **_):
+                    launches.append((kw["name"], grid, threadgroup))
+                    return [mx.zeros(shape, dt) for shape, dt in zip(output_shapes, output_dtypes)]
+                return launch
+
+            kernels = gpu.GpuKernels("cuda")
+            kernels._make = record
+            gdn_case("tiny", mx.float32)[0](kernels)
+            (name, grid, group), = launches            # one thread group of `threads` per value head
+            assert name.startswith("fm_gdn_step_") and group == (threads, 1, 1) and grid[0] % threads == 0
+            heads.add(grid[0] // threads)
+        assert len(heads) == 1 and heads.pop() > 1
     finally:
         gpu.configure()
-    assert (gpu.GDN_ROWS, gpu.MV_THREADS, gpu.XV_INNER, gpu.L2PF, gpu.FUSE_ROUTE) == (8, 256, 0, 1, True)
+    assert (gpu.GDN_ROWS, gpu.GDN_THREADS, gpu.MV_THREADS, gpu.XV_INNER, gpu.L2PF, gpu.FUSE_ROUTE) == (8, 256, 256, 0, 1, True)
 
 
 def test_settings_set_the_engine_read_knobs_in_the_environment(monkeypatch):

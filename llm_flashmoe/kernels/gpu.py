@@ -61,14 +61,19 @@ FUSE_ROUTE = True
 # define; 1: a memory round trip per row, as before). 64 heads are 64 thread groups, under half
 # the H200's multiprocessors, so the step is latency-bound: 8 rows per load batch.
 GDN_ROWS = 8
+# Threads per value head in gdn_step (FLASHMOE_GDN_THREADS): one thread group per head (64 at 397B
+# shapes, under half the H200's multiprocessors), whose warps share the head's DV rows of state;
+# more warps put more of the state's reads in flight at once (512: each warp's rows in one batch).
+GDN_THREADS = 256
 
 
 def configure(env=os.environ) -> None:
     """Set the launch knobs above from `env` (FLASHMOE_QMV_ROWS, FLASHMOE_MOE_ROWS,
-    FLASHMOE_QMV_WORDS, FLASHMOE_GRID, FLASHMOE_GRID_BLOCKS, FLASHMOE_GDN_ROWS, FLASHMOE_MV_THREADS,
+    FLASHMOE_QMV_WORDS, FLASHMOE_GRID, FLASHMOE_GRID_BLOCKS, FLASHMOE_GDN_ROWS, FLASHMOE_GDN_THREADS,
+    FLASHMOE_MV_THREADS,
     FLASHMOE_XV_INNER, FLASHMOE_L2_PREFETCH, FLASHMOE_FUSE_ROUTE; absent: the defaults). Kernels
     built before keep their settings: make a new GpuKernels after changing them."""
-    global QMV_ROWS, MOE_GU_ROWS, MOE_DOWN_ROWS, QWORDS, GRID_PER_SM, GRID_BLOCKS, GDN_ROWS, MV_THREADS
+    global QMV_ROWS, MOE_GU_ROWS, MOE_DOWN_ROWS, QWORDS, GRID_PER_SM, GRID_BLOCKS, GDN_ROWS, GDN_THREADS, MV_THREADS
     global XV_INNER, L2PF, FUSE_ROUTE
     rows = env.get("FLASHMOE_QMV_ROWS", "auto").strip().lower()
     QMV_ROWS = None if rows in ("", "auto") else int(rows)
@@ -78,12 +83,15 @@ def configure(env=os.environ) -> None:
     GRID_PER_SM = None if grid in ("", "off", "0", "none") else float(grid)
     GRID_BLOCKS = int(env.get("FLASHMOE_GRID_BLOCKS", "0") or 0) or None
     GDN_ROWS = int(env.get("FLASHMOE_GDN_ROWS", "8"))
+    GDN_THREADS = int(env.get("FLASHMOE_GDN_THREADS", "256"))
     MV_THREADS = int(env.get("FLASHMOE_MV_THREADS", "256"))
     XV_INNER = int(env.get("FLASHMOE_XV_INNER", "0"))
     L2PF = int(env.get("FLASHMOE_L2_PREFETCH", "1"))
     FUSE_ROUTE = env.get("FLASHMOE_FUSE_ROUTE", "1").strip().lower() not in ("0", "off", "no", "false")
     if not (64 <= MV_THREADS <= 1024 and MV_THREADS % 32 == 0):
         raise FlashMoeError(f"FLASHMOE_MV_THREADS={MV_THREADS}: use a multiple of 32 from 64 to 1024.")
+    if not (64 <= GDN_THREADS <= 1024 and GDN_THREADS % 32 == 0):
+        raise FlashMoeError(f"FLASHMOE_GDN_THREADS={GDN_THREADS}: use a multiple of 32 from 64 to 1024.")
 
 
 configure()
@@ -330,7 +338,8 @@ class GpuKernels:
         Hv = b.size
         Dv = z.size // Hv
         C, Kc = conv_w.shape
-        if not (Dk % 32 == 0 and Dv % 32 == 0 and 2 * Dk <= 256 and Dv <= 256 and Kc >= 2 and Hv % Hk == 0
+        threads = GDN_THREADS
+        if not (Dk % 32 == 0 and Dv % 32 == 0 and 2 * Dk <= threads and Dv <= threads and Kc >= 2 and Hv % Hk == 0
                 and C == qkv.size == 2 * Hk * Dk + Hv * Dv):
             return plain.gdn_step(qkv, z, b, a, conv_state, conv_w, A, dt_bias, norm_w, state, Hk, Dk, eps)
         if conv_state is None:
@@ -343,7 +352,7 @@ class GpuKernels:
         args = [qkv, z, b, a, conv_state, conv_w,
                 A.astype(mx.float32), dt_bias.astype(mx.float32), norm_w, state]
         out, conv_out, state_out = kern(
-            inputs=args, template=[("T", qkv.dtype)], grid=(Hv * 256, 1, 1), threadgroup=(256, 1, 1),
+            inputs=args, template=[("T", qkv.dtype)], grid=(Hv * threads, 1, 1), threadgroup=(threads, 1, 1),
             output_shapes=[(*qkv.shape[:-1], Hv * Dv), (1, Kc - 1, C), (1, Hv, Dv, Dk)],
             output_dtypes=[qkv.dtype, qkv.dtype, mx.float32], **self._fill)
         return out, conv_out, state_out

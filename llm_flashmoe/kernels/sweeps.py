@@ -112,6 +112,7 @@ def rows_sweep(reps: int) -> None:
 
 SETTING_KEYS = {"grid": "FLASHMOE_GRID", "blocks": "FLASHMOE_GRID_BLOCKS", "words": "FLASHMOE_QMV_WORDS",
                 "qrows": "FLASHMOE_QMV_ROWS", "moerows": "FLASHMOE_MOE_ROWS", "gdnrows": "FLASHMOE_GDN_ROWS",
+                "gdnthreads": "FLASHMOE_GDN_THREADS",
                 "threads": "FLASHMOE_MV_THREADS", "xvinner": "FLASHMOE_XV_INNER", "l2pf": "FLASHMOE_L2_PREFETCH",
                 "fuseroute": "FLASHMOE_FUSE_ROUTE", "fusenorm": "FLASHMOE_FUSE_INPUT_NORM",
                 "cattn": "FLASHMOE_COMPILE_ATTENTION", "cstep": "FLASHMOE_COMPILE_STEP"}
