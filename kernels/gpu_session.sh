@@ -44,6 +44,8 @@
 #            loop on the tiny preset, by shared object and symbol (PERF_S, PERF_REC_S seconds)
 #   cudatrace the CUDA calls MLX makes per pipelined decode step and the time inside them
 #            (kernels/cudatrace preloaded into `overhead loop`, tiny preset), per MLX setting
+#   ncusweep kernel settings compared on GPU time alone: ncu over the same decode steps per setting in
+#            $NCU_SETTINGS (e.g. "- FLASHMOE_GDN_THREADS=512 FLASHMOE_XV_INNER=1"), then per kernel family
 #   ncusol   as ncu, with each kernel's throughputs (% of peak), occupancy, registers and warp-stall
 #            reasons (ncu sections SpeedOfLight, Occupancy, LaunchStats, WarpStateStats, SchedulerStats).
 #            Slow: each kernel is replayed once per pass with the device memory saved and restored,
@@ -206,6 +208,19 @@ for s in "$@"; do
         step cudatrace.log env ${e//,/ } LD_PRELOAD=/tmp/libcudatrace.so python3 -m llm_flashmoe.kernels.overhead loop \
           --dir "$M/tiny" --seconds "${PERF_S:-8}"
       done ;;
+    ncusweep)  # kernel settings A/B on GPU time alone (no host noise): each kernel family's time under
+               # ncu over the same decode steps, per setting in $NCU_SETTINGS (space-separated VAR=value
+               # lists joined by commas, '-' = defaults), a process each, then side by side
+      i=0; logs=(); labels=""
+      for e in ${NCU_SETTINGS:--}; do e=${e#-}
+        i=$((i + 1))
+        echo "== setting $i: ${e:-defaults}" | tee -a "$out/ncusweep.log"
+        profile "ncusweep-$i" --profile-from-start off -- env ${e//,/ } python3 -m llm_flashmoe.kernels.overhead decode \
+          --dir "$M/mlx" --steps 6 --profile
+        [ -s "$out/ncusweep-$i.csv" ] && logs+=("$out/ncusweep-$i.csv") && labels+="${labels:+,}${e:-defaults}"
+      done
+      [ ${#logs[@]} -gt 1 ] && python3 -m llm_flashmoe.kernels.overhead ncu "${logs[@]}" --labels "$labels" \
+        | tee -a "$out/ncusweep.log" ;;
     ncusol)  # the same decode steps with ncu's speed-of-light, occupancy and warp-stall figures per kernel
       profile ncusol --profile-from-start off --launch-count "${NCU_COUNT:-12}" --section SpeedOfLight --section Occupancy --section LaunchStats \
         --section WarpStateStats --section SchedulerStats \

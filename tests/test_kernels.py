@@ -497,6 +497,35 @@ def test_ncu_summary_per_kernel(tmp_path, capsys):
     assert re.search(r"DRAM Throughput\s+25\.00", out) and "long_scoreboard 3.00" in out
 
 
+def test_ncu_logs_of_several_settings_side_by_side_per_kernel_family(tmp_path, capsys):
+    """`overhead ncu A B --labels ...`: our kernels' names carry a tag of their defines, which a
+    setting changes, so the logs are compared per family (fm_qmv, ...); MLX's kernels by name."""
+    from llm_flashmoe.kernels import overhead
+
+    head = '"ID","Kernel Name","Section Name","Metric Name","Metric Unit","Metric Value"\n'
+
+    def log(name, rows):
+        path = tmp_path / name
+        path.write_text(head + "".join(
+            f'"{i}","{k}","Command line profiler metrics","gpu__time_duration.sum","usecond","{us}"\n'
+            for i, (k, us) in enumerate(rows)))
+        return str(path)
+
+    a = log("a.csv", [("custom_kernel_fm_qmv_1a2b3c4d_bfloat16", 40), ("custom_kernel_fm_qmv_99aa00ff_bfloat16", 10),
+                      ("custom_kernel_fm_gdn_step_0badf00d_bfloat16", 15), ("void rms_norm<bf16>", 4)])
+    b = log("b.csv", [("custom_kernel_fm_qmv_deadbeef_bfloat16", 38), ("custom_kernel_fm_qmv_99aa00ff_bfloat16", 10),
+                      ("custom_kernel_fm_gdn_step_12345678_bfloat16", 9)])
+    assert overhead.main(["ncu", a, b, "--labels", "default,gdnthreads=512"]) == 0
+    out = capsys.readouterr().out
+    rows = {l.split()[0]: l.split()[1:] for l in out.splitlines()[2:]}
+    assert rows["fm_qmv"] == ["50.0", "(", "2)", "48.0", "(", "2)"]
+    assert rows["fm_gdn_step"] == ["15.0", "(", "1)", "9.0", "(", "1)"]
+    assert rows["void"][-1] == "-"                     # MLX's rms_norm: only in the first log
+    assert rows["all"] == ["69.0", "(", "4)", "57.0", "(", "3)"]
+    with pytest.raises(SystemExit):
+        overhead.main(["ncu", a, b, "--labels", "one"])
+
+
 def test_kernel_positions_from_ints_or_device_arrays():
     """qk_norm_rope and decode_attention take the position as a Python int (op by op) or as an
     array computed on the device (compiled attention layers); either reaches the kernel as int32 [1]."""

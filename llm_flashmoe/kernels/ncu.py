@@ -1,7 +1,11 @@
 """Summaries of Nsight Compute (`ncu --csv`) logs: each kernel's GPU time and, where collected,
-its speed-of-light, occupancy and warp-stall figures (`python -m llm_flashmoe.kernels.overhead ncu LOG`)."""
+its speed-of-light, occupancy and warp-stall figures (`python -m llm_flashmoe.kernels.overhead ncu
+LOG`); with several logs (the same decode steps under different settings), each kernel family's
+GPU time side by side (`ncu LOG LOG ... --labels a,b,...`)."""
 
 from __future__ import annotations
+
+import re
 
 
 _TIME_UNITS = {"ns": 1e-3, "nsecond": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3}
@@ -65,3 +69,32 @@ def ncu_summary(path: str) -> None:
             print(f"    {k:40} {sum(v) / len(v):10.2f}")
         if stalls:
             print("    stalls (warps per issue): " + ", ".join(f"{k} {v:.2f}" for k, v in stalls if v >= 0.05))
+
+
+def kernel_family(name: str) -> str:
+    """A kernel's family across settings: our kernels' names carry a tag of their defines
+    (fm_qmv_1a2b3c4d...), which a setting changes: fm_qmv; MLX's own kernels keep their names."""
+    m = re.search(r"(fm_[a-z0-9_]+?)_[0-9a-f]{8}(?![0-9a-f])", name)
+    return m.group(1) if m else name
+
+
+def ncu_compare(paths: list[str], labels: list[str]) -> None:
+    """GPU time per kernel family in each log (the same profiled steps under each setting):
+    us in all and calls, the families in order of the first log's time, then the sums."""
+    per = []
+    for path in paths:
+        fam: dict = {}
+        for name, m in ncu_rows(path).items():
+            f = fam.setdefault(kernel_family(name), [0.0, 0])
+            f[0] += sum(m.get("us", []))
+            f[1] += len(m.get("us", []))
+        per.append(fam)
+    names = sorted({n for fam in per for n in fam}, key=lambda n: -per[0].get(n, [0.0])[0])
+    w = max(12, *(len(l) for l in labels))
+    print(f"GPU time per kernel family, us in all (calls), per setting: {', '.join(labels)}")
+    print(f"{'family':60} " + " ".join(f"{l:>{w + 7}}" for l in labels))
+    for n in names:
+        cells = [f"{fam[n][0]:{w}.1f} ({fam[n][1]:4d})" if n in fam else f"{'-':>{w + 7}}" for fam in per]
+        print(f"{n[:60]:60} " + " ".join(cells))
+    print(f"{'all':60} " + " ".join(f"{sum(v[0] for v in fam.values()):{w}.1f} ({sum(v[1] for v in fam.values()):4d})"
+                                     for fam in per))

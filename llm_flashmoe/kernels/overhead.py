@@ -232,7 +232,7 @@ def first_calls(path: str) -> None:
 # setting key -> the environment variable it stands for
 def main(argv=None) -> int:
     from .host import host_loop, host_profile
-    from .ncu import ncu_summary
+    from .ncu import ncu_compare, ncu_summary
     from .sweeps import SETTING_KEYS, rows_sweep, settings_sweep
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -270,8 +270,9 @@ def main(argv=None) -> int:
     p = sub.add_parser("loop", help="a bare pipelined decode for a while (for a sampling profiler)")
     p.add_argument("--dir", required=True)
     p.add_argument("--seconds", type=float, default=20.0)
-    p = sub.add_parser("ncu", help="summarise an ncu CSV log per kernel")
-    p.add_argument("csv")
+    p = sub.add_parser("ncu", help="summarise an ncu CSV log per kernel, or compare several per kernel family")
+    p.add_argument("csv", nargs="+")
+    p.add_argument("--labels", default=None, help="comma-separated names of the logs' settings (several logs)")
     args = ap.parse_args(argv)
     if args.cmd == "launch":
         launch(args.n)
@@ -286,7 +287,13 @@ def main(argv=None) -> int:
     elif args.cmd == "loop":
         host_loop(args)
     elif args.cmd == "ncu":
-        ncu_summary(args.csv)
+        if len(args.csv) == 1:
+            ncu_summary(args.csv[0])
+        else:
+            labels = args.labels.split(",") if args.labels else [Path(c).stem for c in args.csv]
+            if len(labels) != len(args.csv):
+                ap.error(f"--labels names {len(labels)} settings for {len(args.csv)} logs")
+            ncu_compare(args.csv, labels)
     else:
         decode(args)
     return 0
