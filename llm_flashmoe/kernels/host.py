@@ -1,7 +1,8 @@
-"""Where the host's time goes in a pipelined decode (which the host bounds on the H200): the
-build / launch / wait split with the graph's census and a Python profile (`host`), and a bare
-pipelined loop for a profiler or kernels/cudatrace (`loop`). Run through
-`python -m llm_flashmoe.kernels.overhead host|loop ...`."""
+"""Where the host's time goes in a pipelined decode (on the H200 the host's work per layer is as
+long as the GPU's at 397B shapes, and the bound with smaller ones): the build / launch / wait
+split with the graph's census and a Python profile (`host`), and a bare pipelined loop for a
+profiler or kernels/cudatrace (`loop`). Run through `python -m llm_flashmoe.kernels.overhead
+host|loop ...`."""
 
 from __future__ import annotations
 
@@ -15,11 +16,11 @@ from .overhead import census_line, graph_census, touch
 
 
 def host_profile(args) -> None:
-    """Where the host's time goes in a pipelined decode (which the host bounds on the H200): per
-    token, building the step (Python, the compiled layers' calls) against `mx.async_eval` (MLX
-    encoding and launching the kernels) against waiting for the device; building split per layer
-    kind; then the build's Python profile. Compiled and op by op. A small model (the tiny preset)
-    shows the host's share best: the same kernels per layer, little GPU time."""
+    """Where the host's time goes in a pipelined decode: per token, building the step (Python,
+    the compiled layers' calls) against `mx.async_eval` (MLX encoding and launching the kernels)
+    against waiting for the device; building split per layer kind; then the build's Python
+    profile. Compiled and op by op. A small model (the tiny preset) shows the host's share best:
+    the same kernels per layer, little GPU time."""
     import cProfile
     import io
     import pstats
