@@ -559,6 +559,13 @@ def test_speculative_reads_land_in_the_host_cache_only_once_verified(small_packe
     landed; no fetch finds such a slot before the read has ended without error; a fetch that
     picks the guess waits for that read instead of reading again; a wrong guess's slot is an
     ordinary entry; a failed speculative read is an error at the next fetch and never found."""
+    # A copy of its own: other tests' mappings of the shared model keep its pages in the page cache,
+    # where the kernel keeps mapped pages however they are dropped (and a guess found in the page
+    # cache is used in place, never read).
+    small_packed = shutil.copytree(small_packed, tmp_path / "model")
+    for f in small_packed.iterdir():     # written back, so that dropping its pages drops them
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
     m = fmt.read_manifest(small_packed)
     monkeypatch.setenv("FLASHMOE_COLD_READS", "direct")
     if not _o_direct_opens(small_packed / m.layers[0].file):   # (tmpfs: copies, nothing to speculate)
@@ -611,8 +618,8 @@ def test_speculative_reads_land_in_the_host_cache_only_once_verified(small_packe
 
     # A guess already cached reads nothing; the next uncached one within the top N is read.
     monkeypatch.setattr(store, "speculate_experts", 2)
-    # (the kernel's readahead around earlier reads may have brought layer 1's experts into the page
-    # cache, where a guess is used in place, never read: out with them, and 3 into the host cache)
+    # (the mapped reads of `check` above may have brought more of layer 1 into the page cache by
+    # the kernel's readahead: out with it, and 3, 0 and 1 into the host cache)
     store.drop_page_cache()
     for layer, ids in ((1, [3]), (0, [0, 1])):      # read from the disk into the host cache
         batch, pending = store.fetch_streaming(layer, np.array(ids))
