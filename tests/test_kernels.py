@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import mlx.core as mx
@@ -495,6 +496,30 @@ def test_ncu_summary_per_kernel(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "3 kernels, 98.5 us" in out
     assert re.search(r"DRAM Throughput\s+25\.00", out) and "long_scoreboard 3.00" in out
+
+
+def test_norm_bisect_compares_every_layers_projections_three_ways(tiny_mlx, monkeypatch, capsys):
+    """decode_bench --norm-bisect on the kernels' twins (whose norm_qmv is the norm then qmv): a
+    line per layer, every projection and each GatedDeltaNet layer's output the same three ways,
+    and the model and the environment left as they were."""
+    from llm_flashmoe.engine.load import load_model
+    from llm_flashmoe.kernels import decode_bench, ops
+
+    monkeypatch.setenv("FLASHMOE_KERNELS", "twin")
+    monkeypatch.delenv("FLASHMOE_FUSE_INPUT_NORM", raising=False)
+    model = load_model(tiny_mlx)
+    decode_bench.norm_bisect(model, ops(), [5, 17, 300, 42])
+    out = capsys.readouterr().out.splitlines()
+    heads = [l for l in out if l.startswith("layer ")]
+    assert len(heads) == len(model.layers)
+    for layer, line, after in zip(model.layers, heads, [out[out.index(h) + 1] for h in heads]):
+        n = 4 if layer.is_linear else 3
+        diffs = [float(v) for v in re.findall(r"\d\.\d\de[-+]\d\d", line.split("rel. diff")[1])]
+        assert len(diffs) == 2 * n and not any(diffs), line
+        diffs = [float(v) for v in re.findall(r"\d\.\d\de[-+]\d\d", after)]
+        assert len(diffs) == n + layer.is_linear and not any(diffs), after
+    assert "FLASHMOE_FUSE_INPUT_NORM" not in os.environ
+    assert all(l.ops is None for l in model.layers)
 
 
 def test_ncu_logs_of_several_settings_side_by_side_per_kernel_family(tmp_path, capsys):

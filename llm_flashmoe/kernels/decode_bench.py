@@ -282,6 +282,7 @@ def norm_bisect(model, fused, prompt) -> None:
     added (NORM 2, the router's variant, which passes the tolerance), and the norm then qmv (the
     default path); then the layer's whole output with and without the fusion. Relative max
     differences against the default path, per projection."""
+    from ..engine.linear import embedding_rows
     from ..engine.qwen35 import _in_proj
 
     with_ops(model, None)
@@ -289,8 +290,6 @@ def norm_bisect(model, fused, prompt) -> None:
     model(prompt, cache, last_only=True)
     with_ops(model, fused, False)
     ids = mx.array([int(prompt[0])], mx.int32)
-    from ..engine.linear import embedding_rows
-
     x = embedding_rows(model.embed, ids).astype(model.dtype)[None]
     rel = lambda a, b: float(mx.abs(a.astype(mx.float32) - b.astype(mx.float32)).max()  # noqa: E731
                              / mx.maximum(mx.abs(b.astype(mx.float32)).max(), 1e-30))
