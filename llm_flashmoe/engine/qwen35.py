@@ -376,14 +376,16 @@ class DecoderLayer:
         return self.moe(n, residual=h)
 
     # -- decode through compiled graphs --------------------------------------------------------
-    # A decode step of one layer is ~10 kernels whose graph Python would otherwise build again
-    # for every token (~0.2 ms per layer on the H200, as long as the kernels take). mx.compile
-    # records it once and replays it from C++. What can be compiled is what takes and gives only
-    # arrays: the GatedDeltaNet mixer with its state, and the MoE when the router's choice is
-    # resolved on the device (`SparseMoE.device_experts`); the attention mixer (its KV cache
-    # grows by slicing at a Python offset) and MoEs that read experts through the host stay as
-    # they are. Compiled functions are kept per shape of what they capture (K, the ops, the
-    # expert stacks), as mx.compile bakes Python values in at tracing.
+    # A decode step of one layer is 7-11 operations whose graph Python would otherwise build
+    # again for every token (~0.2 ms per layer on the H200, as long as the kernels take).
+    # mx.compile records it once and replays it from C++. What can be compiled is what takes and
+    # gives only arrays: the GatedDeltaNet mixer with its state, the attention mixer with its KV
+    # buffers written at a position held in an array (FLASHMOE_COMPILE_ATTENTION), and the MoE
+    # when the router's choice is resolved on the device (`SparseMoE.device_experts`); MoEs that
+    # read experts through the host stay op by op. Compiled functions are kept per what they bake
+    # in (K, the ops, the expert stacks), as mx.compile takes Python values in at tracing. Where
+    # every layer's step compiles, the whole model's step is one graph (compiled.py, `WholeStep`),
+    # built from the same `step_math`.
 
     def _fn(self, key, make):
         fn = self._compiled.get(key)
