@@ -233,6 +233,51 @@ def run(labels=("tiny", "odd"), only=None) -> int:
     return 1 if fails else 0
 
 
+def norms(trials: int = 3) -> int:
+    """Whether the kernels' RMSNorms round as MLX's rms_norm does (`rms_out` in common.kern:
+    TX(w * TX(x * r))), in bf16: the emulated add_rms_norm's n, norm_qmv's projections against
+    qmv of MLX's rms_norm (the same staged input gives the same sums, bit for bit), and the dims
+    past the rope of qk_norm_rope's q and k. A different rounding changes about a quarter of the
+    normed values by one bit, enough to flip a router's top-k against the plain path's. The
+    elements that differ are counted; a few may, where the two sums of squares round apart."""
+    from . import check, plain
+
+    kern = emulated_kernels(Path(tempfile.mkdtemp(prefix="fm-emulate-")), poison=False)
+    bf = mx.bfloat16
+    counts: dict = {}
+
+    def count(name, got, ref):
+        a, b = (np.array(t.astype(mx.float32)) for t in (got, ref))
+        n, d = counts.get(name, (0, 0))
+        counts[name] = (n + a.size, d + int((a != b).sum()))
+
+    H, eps = 1024, 1e-6
+    for t in range(trials):
+        x, y = check.rnd((1, H), scale=3.0), check.rnd((1, H), scale=2.0)
+        w = (1.0 + 0.3 * check.rnd((H,), mx.float32)).astype(bf)
+        h, n = kern.add_rms_norm(x, y, w, eps)
+        count("add_rms_norm n", n, plain.add_rms_norm(x, y, w, eps)[1])
+        lins = [check.qlinear(96, H), check.qlinear(64, H)]
+        for xadd in (None, y):
+            got, _, _ = kern.norm_qmv(x, xadd, w, eps, lins)
+            ref = kern.qmv(plain.rms_norm(x if xadd is None else x + xadd, w, eps), lins)
+            for g, r in zip(got, ref):
+                count("norm_qmv " + ("add+norm" if xadd is not None else "norm"), g, r)
+        Dh, rope, Hq, Hkv = 256, 64, 2, 1
+        qg, k = check.rnd((Hq, 2 * Dh), scale=2.0), check.rnd((1, Hkv, 1, Dh), scale=2.0)
+        qw, kw = ((1.0 + 0.3 * check.rnd((Dh,), mx.float32)).astype(bf) for _ in range(2))
+        qo, ko = kern.qk_norm_rope(qg, k, qw, kw, 5, rope, 1e7, eps, Hkv)
+        qr, kr = plain.qk_norm_rope(qg, k, qw, kw, 5, rope, 1e7, eps, Hkv)
+        count("qk_norm_rope past the rope", mx.concatenate([qo[:, rope:].reshape(-1), ko[..., rope:].reshape(-1)]),
+              mx.concatenate([qr[:, rope:].reshape(-1), kr[..., rope:].reshape(-1)]))
+    bad = 0
+    for name, (n, d) in counts.items():
+        ok = d <= n // 1000
+        bad += not ok
+        print(f"{name:28} {d:5d} of {n:6d} bf16 values differ from MLX's rms_norm path  {'ok' if ok else 'NO'}")
+    return 1 if bad else 0
+
+
 def decode(layers: int = 2, steps: int = 3) -> int:
     """A `tiny` synthetic model's decode (bf16) through the emulated CUDA kernels, op by op, and
     through the plain path, each against the plain path in float32 (decode_bench's verdict)."""
@@ -258,6 +303,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", default="tiny,odd", help="shape sets of kernels.check (small ones: a thread per lane)")
     ap.add_argument("--only", default=None, help="comma-separated kernel names")
+    ap.add_argument("--norms", action="store_true",
+                    help="instead: whether the kernels' RMSNorms round as MLX's rms_norm does (bf16, bit for bit)")
     ap.add_argument("--decode", action="store_true",
                     help="instead: a tiny model's decode through the emulated kernels against plain float32")
     args = ap.parse_args(argv)
@@ -267,6 +314,8 @@ def main(argv=None) -> int:
     mx.set_default_device(mx.cpu)
     if args.decode:
         return decode()
+    if args.norms:
+        return norms()
     return run(tuple(args.cases.split(",")), set(args.only.split(",")) if args.only else None)
 
 
