@@ -410,14 +410,14 @@ def test_launch_knobs_reach_the_kernels_and_bad_ones_are_refused():
     from llm_flashmoe.kernels import compile_check, gpu
 
     try:
-        gpu.configure({"FLASHMOE_GDN_ROWS": "3", "FLASHMOE_MV_THREADS": "128", "FLASHMOE_XV_INNER": "1",
-                       "FLASHMOE_L2_PREFETCH": "0", "FLASHMOE_FUSE_ROUTE": "0"})
-        assert (gpu.GDN_ROWS, gpu.MV_THREADS, gpu.XV_INNER) == (3, 128, 1)
+        gpu.configure({"FLASHMOE_GDN_ROWS": "3", "FLASHMOE_MV_THREADS": "128", "FLASHMOE_XV_INNER": "0",
+                       "FLASHMOE_L2_PREFETCH": "0", "FLASHMOE_FUSE_ROUTE": "0", "FLASHMOE_QMV_WORDS": "8"})
+        assert (gpu.GDN_ROWS, gpu.MV_THREADS, gpu.XV_INNER, gpu.QWORDS) == (3, 128, 0, 8)
         units = compile_check.render_all()
         gdn = [t for n, t in units.items() if n.startswith("fm_gdn_step_")]
         assert gdn and all("#define GROWS 3" in t for t in gdn)
         mv = [t for n, t in units.items() if n.startswith(("fm_qmv_", "fm_moe_gate_up_", "fm_moe_down_"))]
-        assert mv and all("#define XV_INNER 1" in t and "#define L2PF 0" in t for t in mv)
+        assert mv and all("#define XV_INNER 0" in t and "#define L2PF 0" in t and "#define QWORDS 8" in t for t in mv)
         # the routing in a launch of its own: moe_route and moe_gate_up, no fused launch
         assert not any(n.startswith("fm_moe_route_gate_up_") for n in units)
         assert any(n.startswith("fm_moe_route_") and not n.startswith("fm_moe_route_gate_up_") for n in units)
@@ -450,7 +450,8 @@ def test_launch_knobs_reach_the_kernels_and_bad_ones_are_refused():
         assert len(heads) == 1 and heads.pop() > 1
     finally:
         gpu.configure()
-    assert (gpu.GDN_ROWS, gpu.GDN_THREADS, gpu.MV_THREADS, gpu.XV_INNER, gpu.L2PF, gpu.FUSE_ROUTE) == (8, 256, 256, 0, 1, True)
+    assert (gpu.GDN_ROWS, gpu.GDN_THREADS, gpu.MV_THREADS, gpu.XV_INNER, gpu.L2PF, gpu.FUSE_ROUTE, gpu.QWORDS) == \
+        (8, 512, 256, 1, 1, True, 16)
 
 
 def test_settings_set_the_engine_read_knobs_in_the_environment(monkeypatch):
@@ -461,10 +462,10 @@ def test_settings_set_the_engine_read_knobs_in_the_environment(monkeypatch):
 
     monkeypatch.delenv("FLASHMOE_FUSE_INPUT_NORM", raising=False)
     try:
-        sweeps.apply_setting(sweeps.parse_setting("fusenorm=1 gdnrows=2"), "twin")
-        assert _fuse_input_norm() and gpu.GDN_ROWS == 2
+        sweeps.apply_setting(sweeps.parse_setting("fusenorm=0 gdnrows=2"), "twin")
+        assert not _fuse_input_norm() and gpu.GDN_ROWS == 2
         sweeps.apply_setting(sweeps.parse_setting("-"), "twin")
-        assert not _fuse_input_norm() and gpu.GDN_ROWS == 8
+        assert _fuse_input_norm() and gpu.GDN_ROWS == 8 and "FLASHMOE_FUSE_INPUT_NORM" not in os.environ
     finally:
         gpu.configure()
     with pytest.raises(SystemExit, match="fusenorm"):

@@ -31,8 +31,11 @@ QMV_ROWS: int | None = None
 # no gain from more (gate/up 33.3/31.9/36.4 us at 1/2/4 rows, down 24.3/24.1/26.0/30.6 at 1/2/4/8).
 MOE_GU_ROWS, MOE_DOWN_ROWS = 1, 1
 # Words of 4-byte codes a lane loads before computing on them (the QWORDS define of the matrix-vector
-# and MoE kernels; FLASHMOE_QMV_WORDS, default 32): bytes in flight against registers per thread.
-QWORDS = 32
+# and MoE kernels; FLASHMOE_QMV_WORDS, default 16): bytes in flight against registers per thread.
+# The same sums either way. H200, ncu over 6 decode steps of 8 resident 397B layers (GPU time
+# alone, one process each): 16 against 32 words took GatedDeltaNet in_proj from 44.1 to 31.7 us
+# per call, attention q|k|v 37.9 -> 30.4, moe_route_gate_up 35.1 -> 30.1; all kernels 9631 -> 8828 us.
+QWORDS = 16
 # Groups of 8 warps a matvec launch may have (FLASHMOE_GRID, a multiple of the GPU's
 # multiprocessors, e.g. 2; default off: one warp per row group). A smaller grid makes each warp take
 # several row groups in turn: the input is staged once per group of warps for all of them, and
@@ -44,10 +47,12 @@ GRID_BLOCKS: int | None = None
 # FLASHMOE_MV_THREADS, 64-1024, a multiple of 32): each group stages the input once for its warps;
 # fewer threads per group fit more groups per multiprocessor when registers are the limit.
 MV_THREADS = 256
-# FLASHMOE_XV_INNER=1: the matrix-vector kernels read each staged input from fast memory once for
-# all of a warp's rows instead of holding a chunk's 32 inputs in registers (the XV_INNER define;
-# the same sums in the same order, fewer registers: `compile_check --nvcc`). Off until timed.
-XV_INNER = 0
+# FLASHMOE_XV_INNER (default 1): the matrix-vector kernels read each staged input from fast memory
+# once for all of a warp's rows instead of holding a chunk's 32 inputs in registers (the XV_INNER
+# define; the same sums in the same order, fewer registers: `compile_check --nvcc`). H200, ncu (as
+# QWORDS): moe_route_gate_up 1683 -> 1368 and 1689 -> 1371 us over 48 calls in two processes, the
+# other kernels within their run-to-run spread.
+XV_INNER = 1
 # FLASHMOE_L2_PREFETCH=0: the matrix-vector and MoE kernels do not ask for their rows' bytes ahead
 # (the L2PF define; prefetch.global.L2 on CUDA), to time what the prefetch is worth per kernel.
 L2PF = 1
@@ -61,10 +66,12 @@ FUSE_ROUTE = True
 # define; 1: a memory round trip per row, as before). 64 heads are 64 thread groups, under half
 # the H200's multiprocessors, so the step is latency-bound: 8 rows per load batch.
 GDN_ROWS = 8
-# Threads per value head in gdn_step (FLASHMOE_GDN_THREADS): one thread group per head (64 at 397B
-# shapes, under half the H200's multiprocessors), whose warps share the head's DV rows of state;
-# more warps put more of the state's reads in flight at once (512: each warp's rows in one batch).
-GDN_THREADS = 256
+# Threads per value head in gdn_step (FLASHMOE_GDN_THREADS, default 512): one thread group per head
+# (64 at 397B shapes, under half the H200's multiprocessors), whose warps share the head's DV rows
+# of state; more warps put more of the state's reads in flight at once (512: each warp's rows in
+# one batch). The same sums either way. H200, ncu (as QWORDS): 341.1 us over 36 calls at 512
+# against 378.7-382.6 at 256 in six other processes.
+GDN_THREADS = 512
 
 
 def configure(env=os.environ) -> None:
@@ -78,14 +85,14 @@ def configure(env=os.environ) -> None:
     rows = env.get("FLASHMOE_QMV_ROWS", "auto").strip().lower()
     QMV_ROWS = None if rows in ("", "auto") else int(rows)
     MOE_GU_ROWS, MOE_DOWN_ROWS = (int(v) for v in env.get("FLASHMOE_MOE_ROWS", "1,1").split(","))
-    QWORDS = int(env.get("FLASHMOE_QMV_WORDS", "32"))
+    QWORDS = int(env.get("FLASHMOE_QMV_WORDS", "16"))
     grid = env.get("FLASHMOE_GRID", "off").strip().lower()
     GRID_PER_SM = None if grid in ("", "off", "0", "none") else float(grid)
     GRID_BLOCKS = int(env.get("FLASHMOE_GRID_BLOCKS", "0") or 0) or None
     GDN_ROWS = int(env.get("FLASHMOE_GDN_ROWS", "8"))
-    GDN_THREADS = int(env.get("FLASHMOE_GDN_THREADS", "256"))
+    GDN_THREADS = int(env.get("FLASHMOE_GDN_THREADS", "512"))
     MV_THREADS = int(env.get("FLASHMOE_MV_THREADS", "256"))
-    XV_INNER = int(env.get("FLASHMOE_XV_INNER", "0"))
+    XV_INNER = int(env.get("FLASHMOE_XV_INNER", "1"))
     L2PF = int(env.get("FLASHMOE_L2_PREFETCH", "1"))
     FUSE_ROUTE = env.get("FLASHMOE_FUSE_ROUTE", "1").strip().lower() not in ("0", "off", "no", "false")
     if not (64 <= MV_THREADS <= 1024 and MV_THREADS % 32 == 0):
