@@ -217,7 +217,13 @@ for s in "$@"; do
         echo "== setting $i: ${e:-defaults}" | tee -a "$out/ncusweep.log"
         profile "ncusweep-$i" --profile-from-start off -- env ${e//,/ } python3 -m llm_flashmoe.kernels.overhead decode \
           --dir "$M/mlx" --steps 6 --profile
-        [ -s "$out/ncusweep-$i.csv" ] && logs+=("$out/ncusweep-$i.csv") && labels+="${labels:+,}${e:-defaults}"
+        if [ -s "$out/ncusweep-$i.csv" ]; then   # (a label names its setting with '+' for ',': labels are comma-joined)
+          logs+=("$out/ncusweep-$i.csv"); l=${e//,/+}; labels+="${labels:+,}${l:-defaults}"
+        fi
+      done
+      # each setting's own log into ncusweep.log: at most 8 files come back from a device call
+      for ((j = 1; j <= i; j++)); do
+        [ -f "$out/ncusweep-$j.log" ] && cat "$out/ncusweep-$j.log" >> "$out/ncusweep.log" && rm "$out/ncusweep-$j.log"
       done
       [ ${#logs[@]} -gt 1 ] && python3 -m llm_flashmoe.kernels.overhead ncu "${logs[@]}" --labels "$labels" \
         | tee -a "$out/ncusweep.log" ;;
