@@ -176,6 +176,65 @@ def test_qk_norm_rope_matches_numpy():
     close(gk, ref(rmsnorm(k, kw)).reshape(1, Hkv, 1, Dh), 1e-4)   # (a KV cache's layout)
 
 
+@pytest.mark.parametrize("array_pos", [False, True])
+def test_qk_norm_rope_kv_twin_writes_the_token_at_its_position(array_pos):
+    """qk_norm_rope_kv (the twin: qk_norm_rope, then slice updates): q and k as qk_norm_rope gives
+    them, the roped k and the value v at position pos of the KV buffers, every other row as it was."""
+    Hq, Hkv, Dh, rope, pos, cap = 4, 2, 32, 8, 5, 9
+    qg, k, v = (mx.array(RNG.normal(size=n).astype(np.float32)) for n in (Hq * 2 * Dh, Hkv * Dh, Hkv * Dh))
+    qw, kw = (mx.array((1 + 0.1 * RNG.normal(size=Dh)).astype(np.float32)) for _ in range(2))
+    keys, values = (mx.array(RNG.normal(size=(1, Hkv, cap, Dh)).astype(np.float32)) for _ in range(2))
+    at = mx.array([pos], mx.int32) if array_pos else pos
+    q, kk, nk, nv = plain.qk_norm_rope_kv(qg, k, v, keys, values, qw, kw, at, rope, 1e4, 1e-6, Hkv)
+    q0, k0 = plain.qk_norm_rope(qg, k, qw, kw, pos, rope, 1e4, 1e-6, Hkv)
+    np.testing.assert_array_equal(np.array(q), np.array(q0))
+    np.testing.assert_array_equal(np.array(kk), np.array(k0))
+    np.testing.assert_array_equal(np.array(nk)[:, :, pos], np.array(k0)[:, :, 0])
+    np.testing.assert_array_equal(np.array(nv)[:, :, pos], np.array(v).reshape(1, Hkv, Dh))
+    rest = [i for i in range(cap) if i != pos]
+    np.testing.assert_array_equal(np.array(nk)[:, :, rest], np.array(keys)[:, :, rest])
+    np.testing.assert_array_equal(np.array(nv)[:, :, rest], np.array(values)[:, :, rest])
+
+
+def test_kv_inplace_switch_picks_the_kernel_that_writes_the_buffers_it_is_given():
+    """FLASHMOE_KV_INPLACE=1: the CUDA table has qk_norm_rope_kv, whose launch takes the KV buffers
+    as inputs, writes them through a cast pointer at pos (its source) and hands the same arrays
+    back; off (the default): the backend's qk_norm_rope, then slice updates (`ops` composes it)."""
+    from llm_flashmoe.kernels import gpu
+
+    launches = []
+
+    def record(**kw):
+        def launch(inputs, output_shapes, output_dtypes, **_):
+            launches.append((kw["name"], kw["input_names"], kw["source"], inputs))
+            return [mx.zeros(shape, dt) for shape, dt in zip(output_shapes, output_dtypes)]
+        return launch
+
+    Hq, Hkv, Dh = 2, 1, 64
+    args = (mx.zeros((Hq * 2 * Dh,)), mx.zeros((Hkv * Dh,)), mx.zeros((Hkv * Dh,)),
+            mx.zeros((1, Hkv, 8, Dh)), mx.zeros((1, Hkv, 8, Dh)), mx.ones((Dh,)), mx.ones((Dh,)),
+            mx.array([3], mx.int32), 16, 1e4, 1e-6, Hkv)
+    try:
+        gpu.configure({"FLASHMOE_KV_INPLACE": "1"})
+        kern = gpu.GpuKernels("cuda")
+        kern._make = record
+        assert "qk_norm_rope_kv" in kern.table()
+        q, k, keys, values = kern.table()["qk_norm_rope_kv"](*args)
+        (name, names, body, inputs), = launches
+        assert name.startswith("fm_qk_norm_rope_kv_") and keys is args[3] and values is args[4]
+        assert inputs[names.index("keys")] is args[3] and inputs[names.index("values")] is args[4]
+        assert "((GLOBAL T*)keys)[at]" in body and "((GLOBAL T*)values)[at]" in body and "keys_shape[2]" in body
+        assert not any("(GLOBAL T*)" + n + ")" in body for n in names if n not in ("keys", "values"))
+        gpu.configure({})
+        assert gpu.KV_INPLACE == 0 and "qk_norm_rope_kv" not in gpu.GpuKernels("cuda").table()
+    finally:
+        gpu.configure()
+    kernels._built.pop("cuda", None)
+    composed = kernels.ops("cuda").qk_norm_rope_kv
+    assert composed.__qualname__.startswith("compose_qk_norm_rope_kv")
+    kernels._built.pop("cuda", None)
+
+
 def test_gdn_step_matches_numpy():
     Hk, Hv, Dk, Dv, Kc = 2, 4, 32, 16, 4
     C = 2 * Hk * Dk + Hv * Dv

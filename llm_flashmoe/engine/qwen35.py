@@ -188,13 +188,9 @@ class Attention:
         length pos + 1 (int32 [1] each, both made by the host: no add on the device) as arrays,
         all arrays in and out so that it compiles (FLASHMOE_COMPILE_ATTENTION) -> (y, keys,
         values), this token's key and value written at pos (the capacity reserved)."""
-        Hkv, Dh = self.Hkv, self.Dh
         qg, k, v = _in_proj(self.ops, x, norm, [self.q_proj, self.k_proj, self.v_proj])
-        q, k = self.ops.qk_norm_rope(qg, k, self.q_norm, self.k_norm, pos, self.rope_dims,
-                                     self.rope_theta, self.eps, Hkv)
-        dt = self.q_norm.dtype
-        keys = mx.slice_update(keys, k.astype(dt).reshape(1, Hkv, 1, Dh), pos, axes=(2,))
-        values = mx.slice_update(values, v.astype(dt).reshape(1, Hkv, 1, Dh), pos, axes=(2,))
+        q, _, keys, values = self.ops.qk_norm_rope_kv(qg, k, v, keys, values, self.q_norm, self.k_norm, pos,
+                                                      self.rope_dims, self.rope_theta, self.eps, self.Hkv)
         out = self.ops.decode_attention(q, keys, values, n, qg)
         return self.ops.qmv(out, [self.o_proj])[0].reshape(x.shape), keys, values
 

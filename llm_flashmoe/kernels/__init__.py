@@ -9,7 +9,7 @@ chosen backend's functions (no lookups per call). Backends are tables of op
 name -> function in `_TABLES`; an op a backend lacks falls back to its
 plain-MLX twin (plain.py), so a partial backend (e.g. CPU native kernels)
 slots in by registering only what it implements; a composed op a backend
-lacks (moe_route_gate_up, norm_qmv) is made of the backend's own parts instead. 'twin' runs the twins
+lacks (moe_route_gate_up, norm_qmv, qk_norm_rope_kv) is made of the backend's own parts instead. 'twin' runs the twins
 themselves through the fused code path (for CPU tests of the wiring).
 """
 
@@ -87,6 +87,7 @@ class Ops:
     moe_down: Callable
     decode_attention: Callable
     qk_norm_rope: Callable
+    qk_norm_rope_kv: Callable
     gdn_step: Callable
     add_rms_norm: Callable
     rms_norm: Callable
@@ -107,6 +108,8 @@ def ops(backend: str | None = None) -> Ops | None:
     chosen = {op: table.get(op, plain.OPS[op]) for op in OP_NAMES}
     if "norm_qmv" not in table:   # the backend's own norms, then its qmv
         chosen["norm_qmv"] = plain.compose_norm_qmv(chosen["qmv"], chosen["rms_norm"], chosen["add_rms_norm"])
+    if "qk_norm_rope_kv" not in table:   # the backend's own qk_norm_rope, then slice updates
+        chosen["qk_norm_rope_kv"] = plain.compose_qk_norm_rope_kv(chosen["qk_norm_rope"])
     if "moe_route_gate_up" not in table:   # the backend's own moe_route and moe_gate_up, in turn
         chosen["moe_route_gate_up"] = plain.route_gate_up(chosen["moe_route"], chosen["moe_gate_up"])
     return Ops(name, **chosen)

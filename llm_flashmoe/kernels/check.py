@@ -177,6 +177,17 @@ def case_qk_norm_rope(label, dtype):
     return pair("qk_norm_rope", *args)
 
 
+def case_qk_norm_rope_kv(label, dtype):
+    """qk_norm_rope with the token's key and value written into KV buffers at pos (in place on the
+    GPU: the buffers are compared after the call, the written row against the twin's)."""
+    Hq, Hkv, Dh, rope, pos, cap = {"397b": (32, 2, 256, 64, 123, 256), "tiny": (8, 2, 256, 64, 7, 8),
+                                   "odd": (3, 1, 64, 16, 11, 13)}[label]
+    args = (rnd((Hq * 2 * Dh,), dtype), rnd((Hkv * Dh,), dtype), rnd((Hkv * Dh,), dtype),
+            rnd((1, Hkv, cap, Dh), dtype), rnd((1, Hkv, cap, Dh), dtype), rnd((Dh,), dtype, 0.2) + 1,
+            rnd((Dh,), dtype, 0.2) + 1, mx.array([pos], mx.int32), rope, 1e7, 1e-6, Hkv)
+    return pair("qk_norm_rope_kv", *args)
+
+
 def case_gdn(label, dtype):
     Hk, Hv, Dk, Dv = {"397b": (16, 64, 128, 128), "tiny": (4, 16, 128, 128), "odd": (2, 6, 64, 32)}[label]
     C = 2 * Hk * Dk + Hv * Dv
@@ -204,6 +215,7 @@ CASES = [
     ("MoE block", case_moe_block, ["397b", "tiny", "odd"]),
     ("decode_attention", case_attention, ["397b", "397b-short", "tiny", "odd"]),
     ("qk_norm_rope", case_qk_norm_rope, ["397b", "tiny", "odd"]),
+    ("qk_norm_rope_kv", case_qk_norm_rope_kv, ["397b", "tiny", "odd"]),
     ("gdn_step", case_gdn, ["397b", "tiny", "odd"]),
     ("add_rms_norm", case_add_rms_norm, ["397b", "tiny", "odd"]),
 ]

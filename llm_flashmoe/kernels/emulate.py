@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+from dataclasses import replace
 import hashlib
 import os
 import shutil
@@ -85,6 +86,19 @@ def _np_view(a: mx.array) -> np.ndarray:
     return np.ascontiguousarray(np.array(a))
 
 
+def _np_inplace(a: mx.array, name: str) -> np.ndarray:
+    """`a`'s own memory as a numpy array, for a kernel that writes the input in place (as the GPU
+    kernel writes the buffer MLX hands it). Refused unless `a` is a whole row-contiguous buffer:
+    MLX would hand the GPU kernel a copy of anything else, and the write would be lost."""
+    mx.eval(a)
+    v = a.view(mx.uint16) if a.dtype in (mx.bfloat16, mx.float16) else a
+    mx.eval(v)
+    arr = np.array(v, copy=False)
+    if not arr.flags.c_contiguous or arr.size != a.size or arr.strides[-1] != arr.itemsize:
+        raise ValueError(f"{name}: written in place, but not a whole row-contiguous buffer")
+    return arr
+
+
 class _Launch:
     """Stands in for one mx.fast.cuda_kernel: compiles the kernel for the host and runs it."""
 
@@ -133,7 +147,9 @@ class _Launch:
 
     def __call__(self, inputs, template, grid, threadgroup, output_shapes, output_dtypes, init_value=None, **_):
         lib, _ = self._library(inputs, output_dtypes, template)
-        ins = [_np_view(a) for a in inputs]
+        # inputs the body writes through a cast pointer, `(GLOBAL T*)NAME)`: their own memory
+        ins = [_np_inplace(a, n) if f"(GLOBAL T*){n})" in self.spec[3] else _np_view(a)
+               for n, a in zip(self.spec[1], inputs)]
         by_name = dict(zip(self.spec[1], inputs))
         ins += [np.array(by_name[n].shape, np.int32) for n in self.shaped()]
         outs = []
@@ -278,9 +294,11 @@ def norms(trials: int = 3) -> int:
     return 1 if bad else 0
 
 
-def decode(layers: int = 2, steps: int = 3) -> int:
+def decode(layers: int = 4, steps: int = 3) -> int:
     """A `tiny` synthetic model's decode (bf16) through the emulated CUDA kernels, op by op, and
-    through the plain path, each against the plain path in float32 (decode_bench's verdict)."""
+    through the plain path, each against the plain path in float32 (decode_bench's verdict); then
+    the compiled step's math against op by op (`whole_step_eager`). Four layers: the fourth is a
+    full-attention layer."""
     from .. import synth
     from ..engine.load import load_model
     from . import OP_NAMES, Ops, plain
@@ -293,10 +311,66 @@ def decode(layers: int = 2, steps: int = 3) -> int:
     model = load_model(work / "m", dtype=mx.bfloat16)
     table = emulated_kernels(work, poison=False).table()
     fused = Ops("cuda", **{op: table.get(op, plain.OPS[op]) for op in OP_NAMES})   # as ops() builds it
+    fused = replace(fused, qk_norm_rope_kv=plain.compose_qk_norm_rope_kv(fused.qk_norm_rope))
     os.environ["FLASHMOE_COMPILE"] = "0"   # the emulator runs eagerly: nothing to trace
     rows = tolerance_check(ref, model, fused, [3, 1, 4, 1, 5], steps)
     print_tolerance(rows, f"emulated cuda, tiny L={layers}", mx.bfloat16)
-    return 0 if all(r["ok"] for r in rows) else 1
+    same = whole_step_eager(model, fused, work, [3, 1, 4, 1, 5], steps)
+    return 0 if all(r["ok"] for r in rows) and same else 1
+
+
+def whole_step_eager(model, fused, work: Path, prompt, steps: int) -> bool:
+    """The compiled decode step's math (`WholeStep.step_fn`: arrays in and out, the attention
+    layers' KV written at a position held in an array) run eagerly through the emulated kernels,
+    with the KV write in place (FLASHMOE_KV_INPLACE=1: kernel qk_norm_rope_kv) and without, each
+    against the op-by-op path (`decode_fused`, KVCache.update): the same logits and KV caches."""
+    from . import gpu
+    from .decode_bench import with_ops
+
+    def run(ops, eager: bool):
+        with_ops(model, ops, False)
+        cache = model.make_cache()
+        model(prompt, cache, last_only=True)
+        out, tok = [], mx.array([int(prompt[-1])], mx.int32)
+        for _ in range(steps):
+            if eager:
+                layers = model.layers
+                devs = [l.device_experts() for l in layers]
+                lookups = [d[3] for d in devs if d[3] is not None]
+                f = model.whole_step.step_fn(devs, [l.state_size() for l in layers],
+                                             [int(d[3] is not None) for d in devs])
+                args, positions = [tok], {}
+                for l, c in zip(layers, cache.layers):
+                    args += l.state_in(c, model.dtype, positions)
+                res = f(*args, *lookups)
+                for i, (l, c) in enumerate(zip(layers, cache.layers)):
+                    l.state_out(c, res[1 + 2 * i:3 + 2 * i])
+                cache.tokens.append(int(tok.item()))
+                logits = res[0]
+            else:
+                logits = model([int(tok.item())], cache)
+            logits = logits.reshape(-1).astype(mx.float32)
+            out.append(np.array(logits))
+            tok = mx.argmax(logits).reshape(1).astype(mx.int32)
+        kv = [np.array(a.astype(mx.float32)) for c in cache.layers if hasattr(c, "keys")
+              for a in (c.keys[:, :, :c.offset], c.values[:, :, :c.offset])]
+        with_ops(model, None)
+        return np.stack(out), kv
+
+    ref = run(fused, False)
+    ok = True
+    for inplace in ("0", "1"):
+        gpu.configure({**os.environ, "FLASHMOE_KV_INPLACE": inplace})
+        table = emulated_kernels(work, poison=False).table()
+        ops = replace(fused, **{k: v for k, v in table.items() if k == "qk_norm_rope_kv"}) if inplace == "1" else fused
+        got = run(ops, True)
+        same = np.array_equal(got[0], ref[0]) and all(np.array_equal(a, b) for a, b in zip(got[1], ref[1]))
+        ok &= same
+        print(f"whole step's math run eagerly, KV written {'in place' if inplace == '1' else 'by slice updates'}: "
+              f"logits and KV caches {'equal' if same else 'DIFFER'} to op by op's "
+              f"(logits max abs diff {np.abs(got[0] - ref[0]).max():.3e})", flush=True)
+    gpu.configure()
+    return ok
 
 
 def main(argv=None) -> int:

@@ -73,15 +73,20 @@ GDN_ROWS = 8
 # against 378.7-382.6 at 256 in six other processes.
 GDN_THREADS = 512
 
+# FLASHMOE_KV_INPLACE=1: compiled attention steps write the token's key and value into the KV
+# buffers in place, inside qk_norm_rope's launch (kernel qk_norm_rope_kv), instead of MLX's dynamic
+# slice update per buffer: two MLX operations and two copies fewer per attention layer (ncu on the
+# H200: each update's copy took 21-29 us of GPU time). Off until the card has shown it right.
+KV_INPLACE = 0
 
 def configure(env=os.environ) -> None:
     """Set the launch knobs above from `env` (FLASHMOE_QMV_ROWS, FLASHMOE_MOE_ROWS,
     FLASHMOE_QMV_WORDS, FLASHMOE_GRID, FLASHMOE_GRID_BLOCKS, FLASHMOE_GDN_ROWS, FLASHMOE_GDN_THREADS,
     FLASHMOE_MV_THREADS,
-    FLASHMOE_XV_INNER, FLASHMOE_L2_PREFETCH, FLASHMOE_FUSE_ROUTE; absent: the defaults). Kernels
+    FLASHMOE_XV_INNER, FLASHMOE_L2_PREFETCH, FLASHMOE_FUSE_ROUTE, FLASHMOE_KV_INPLACE; absent: the defaults). Kernels
     built before keep their settings: make a new GpuKernels after changing them."""
     global QMV_ROWS, MOE_GU_ROWS, MOE_DOWN_ROWS, QWORDS, GRID_PER_SM, GRID_BLOCKS, GDN_ROWS, GDN_THREADS, MV_THREADS
-    global XV_INNER, L2PF, FUSE_ROUTE
+    global XV_INNER, L2PF, FUSE_ROUTE, KV_INPLACE
     rows = env.get("FLASHMOE_QMV_ROWS", "auto").strip().lower()
     QMV_ROWS = None if rows in ("", "auto") else int(rows)
     MOE_GU_ROWS, MOE_DOWN_ROWS = (int(v) for v in env.get("FLASHMOE_MOE_ROWS", "1,1").split(","))
@@ -95,6 +100,7 @@ def configure(env=os.environ) -> None:
     XV_INNER = int(env.get("FLASHMOE_XV_INNER", "1"))
     L2PF = int(env.get("FLASHMOE_L2_PREFETCH", "1"))
     FUSE_ROUTE = env.get("FLASHMOE_FUSE_ROUTE", "1").strip().lower() not in ("0", "off", "no", "false")
+    KV_INPLACE = int(env.get("FLASHMOE_KV_INPLACE", "0").strip().lower() in ("1", "on", "yes", "true"))
     if not (64 <= MV_THREADS <= 1024 and MV_THREADS % 32 == 0):
         raise FlashMoeError(f"FLASHMOE_MV_THREADS={MV_THREADS}: use a multiple of 32 from 64 to 1024.")
     if not (64 <= GDN_THREADS <= 1024 and GDN_THREADS % 32 == 0):
@@ -175,7 +181,10 @@ class GpuKernels:
         return k
 
     def table(self) -> dict:
-        return {n: getattr(self, n) for n in plain.OPS if hasattr(self, n)}
+        """{op name: launcher} (qk_norm_rope_kv only with FLASHMOE_KV_INPLACE=1; the engine composes
+        it of qk_norm_rope and slice updates otherwise)."""
+        skip = () if KV_INPLACE else ("qk_norm_rope_kv",)
+        return {n: getattr(self, n) for n in plain.OPS if hasattr(self, n) and n not in skip}
 
     # -- family 1 ---------------------------------------------------------
     def qmv(self, x: mx.array, linears: list[Linear]) -> list[mx.array]:
@@ -338,6 +347,29 @@ class GpuKernels:
                       template=[("T", qg.dtype)], grid=((Hq + n_kv_heads) * Dh, 1, 1), threadgroup=(Dh, 1, 1),
                       output_shapes=[(Hq, Dh), (1, n_kv_heads, 1, Dh)], output_dtypes=[qg.dtype, qg.dtype], **self._fill)
         return qo, ko
+
+    def qk_norm_rope_kv(self, qg, k, v, keys, values, q_w, k_w, pos, rope_dims: int, theta: float, eps: float,
+                        n_kv_heads: int):
+        """qk_norm_rope, and the token's key and value written at `pos` of keys and values IN PLACE
+        (kernels/qk_norm_rope.kern) -> (q, k, keys, values), the buffers the same arrays. The
+        buffers must be whole row-contiguous arrays of their own (`KVCache.reserve` makes them so),
+        in q's dtype: a copy MLX made for the launch would take the write instead."""
+        Dh = q_w.size
+        Hq = qg.size // (2 * Dh)
+        ok = (Dh % 32 == 0 and Dh <= 1024 and rope_dims % 2 == 0 and rope_dims <= Dh
+              and keys.dtype == values.dtype == qg.dtype == v.dtype and keys.shape == values.shape
+              and keys.shape[0] == 1 and keys.shape[1] == n_kv_heads and keys.shape[3] == Dh)
+        if not ok:
+            return plain.compose_qk_norm_rope_kv(self.qk_norm_rope)(qg, k, v, keys, values, q_w, k_w, pos,
+                                                                   rope_dims, theta, eps, n_kv_heads)
+        defines = {"HQ": Hq, "HKV": n_kv_heads, "DH": Dh, "ROPE": rope_dims,
+                   "LOG_THETA": float(math.log(theta)), "EPS": float(eps)}
+        kern = self.kernel("qk_norm_rope_kv", ("qg", "k", "qw", "kw", "pos", "vn", "keys", "values"), ("qo", "ko"),
+                           defines)
+        qo, ko = kern(inputs=[qg, k, q_w, k_w, _index(pos), v, keys, values],
+                      template=[("T", qg.dtype)], grid=((Hq + n_kv_heads) * Dh, 1, 1), threadgroup=(Dh, 1, 1),
+                      output_shapes=[(Hq, Dh), (1, n_kv_heads, 1, Dh)], output_dtypes=[qg.dtype, qg.dtype], **self._fill)
+        return qo, ko, keys, values
 
     # -- family 5 ---------------------------------------------------------
     def gdn_step(self, qkv, z, b, a, conv_state, conv_w, A, dt_bias, norm_w, state, n_key_heads, key_dim, eps):

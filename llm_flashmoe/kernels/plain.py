@@ -144,6 +144,23 @@ def qk_norm_rope(qg: mx.array, k: mx.array, q_w: mx.array, k_w: mx.array, pos,
     return q.reshape(-1, Dh), kk
 
 
+def compose_qk_norm_rope_kv(qk_norm_rope):
+    """qk_norm_rope_kv made of a backend's own `qk_norm_rope` and two slice updates."""
+    def qk_norm_rope_kv(qg, k, v, keys, values, q_w, k_w, pos, rope_dims: int, theta: float, eps: float,
+                        n_kv_heads: int):
+        """qk_norm_rope, and this token's key (roped) and value v [Hkv*Dh] written at position pos
+        (an int, or an int32 [1] array computed on the device) of the KV buffers keys, values
+        [1, Hkv, capacity, Dh] -> (q, k, keys, values): new buffers here; the GPU kernel
+        (FLASHMOE_KV_INPLACE=1) writes the given ones in place and hands them back."""
+        q, kk = qk_norm_rope(qg, k, q_w, k_w, pos, rope_dims, theta, eps, n_kv_heads)
+        at = pos if isinstance(pos, mx.array) else mx.array([pos], mx.int32)
+        shape = (1, n_kv_heads, 1, q_w.size)
+        keys = mx.slice_update(keys, kk.astype(keys.dtype).reshape(shape), at, axes=(2,))
+        values = mx.slice_update(values, v.astype(values.dtype).reshape(shape), at, axes=(2,))
+        return q, kk, keys, values
+    return qk_norm_rope_kv
+
+
 def gdn_step(qkv, z, b, a, conv_state, conv_w, A, dt_bias, norm_w, state, n_key_heads: int,
              key_dim: int, eps: float):
     """One GatedDeltaNet token: qkv [..., C], z [Hv*Dv], b and a [Hv], conv_state [1, Kc-1, C] (or
@@ -192,7 +209,8 @@ def add_rms_norm(x: mx.array, y: mx.array, w: mx.array, eps: float) -> tuple[mx.
 
 
 norm_qmv = compose_norm_qmv(qmv, rms_norm, add_rms_norm)
+qk_norm_rope_kv = compose_qk_norm_rope_kv(qk_norm_rope)
 
 OPS = {name: globals()[name] for name in (
     "qmv", "norm_qmv", "moe_route", "moe_gate_up", "moe_route_gate_up", "moe_down", "decode_attention", "qk_norm_rope",
-    "gdn_step", "add_rms_norm", "rms_norm")}
+    "qk_norm_rope_kv", "gdn_step", "add_rms_norm", "rms_norm")}

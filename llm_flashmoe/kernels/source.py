@@ -27,7 +27,7 @@ KERNELS = {
     "qmv": "qmv",
     "moe_route": "moe", "moe_gate_up": "moe", "moe_route_gate_up": "moe", "moe_down": "moe",
     "decode_attention": "attention",
-    "qk_norm_rope": "qk_norm_rope",
+    "qk_norm_rope": "qk_norm_rope", "qk_norm_rope_kv": "qk_norm_rope",
     "gdn_step": "gated_delta",
     "add_rms_norm": "rms_norm",
 }
