@@ -297,8 +297,8 @@ def norms(trials: int = 3) -> int:
 def decode(layers: int = 4, steps: int = 3) -> int:
     """A `tiny` synthetic model's decode (bf16) through the emulated CUDA kernels, op by op, and
     through the plain path, each against the plain path in float32 (decode_bench's verdict); then
-    the compiled step's math against op by op (`whole_step_eager`). Four layers: the fourth is a
-    full-attention layer."""
+    a full-attention layer's compiled-step math against op by op (`kv_write_check`). Four layers:
+    the fourth is a full-attention layer."""
     from .. import synth
     from ..engine.load import load_model
     from . import OP_NAMES, Ops, plain
@@ -315,60 +315,56 @@ def decode(layers: int = 4, steps: int = 3) -> int:
     os.environ["FLASHMOE_COMPILE"] = "0"   # the emulator runs eagerly: nothing to trace
     rows = tolerance_check(ref, model, fused, [3, 1, 4, 1, 5], steps)
     print_tolerance(rows, f"emulated cuda, tiny L={layers}", mx.bfloat16)
-    same = whole_step_eager(model, fused, work, [3, 1, 4, 1, 5], steps)
+    same = kv_write_check(model, fused, work)
     return 0 if all(r["ok"] for r in rows) and same else 1
 
 
-def whole_step_eager(model, fused, work: Path, prompt, steps: int) -> bool:
-    """The compiled decode step's math (`WholeStep.step_fn`: arrays in and out, the attention
-    layers' KV written at a position held in an array) run eagerly through the emulated kernels,
-    with the KV write in place (FLASHMOE_KV_INPLACE=1: kernel qk_norm_rope_kv) and without, each
-    against the op-by-op path (`decode_fused`, KVCache.update): the same logits and KV caches."""
+def kv_write_check(model, fused, work: Path, steps: int = 4) -> bool:
+    """A full-attention layer's decode as the compiled step computes it (`Attention.decode_math`:
+    the KV buffers, the position and the length as arrays, the token's key and value written by
+    qk_norm_rope_kv), run eagerly through the emulated kernels with the write in place
+    (FLASHMOE_KV_INPLACE=1) and by slice updates, against the op-by-op path (`decode_fused`,
+    KVCache.update) on the same inputs: the same outputs and KV buffers, bit for bit."""
+    from ..engine.cache import KVCache
     from . import gpu
     from .decode_bench import with_ops
 
-    def run(ops, eager: bool):
+    layer = next(l for l in model.layers if not l.is_linear)
+    att, norm = layer.mixer, (layer.input_norm, layer.eps)
+    H = layer.input_norm.size
+    xs = [(mx.random.normal((1, 1, H)) * 2).astype(model.dtype) for _ in range(steps)]
+    prompt = mx.random.normal((1, 5, H)).astype(model.dtype)
+
+    def run(ops, math: bool):
         with_ops(model, ops, False)
-        cache = model.make_cache()
-        model(prompt, cache, last_only=True)
-        out, tok = [], mx.array([int(prompt[-1])], mx.int32)
-        for _ in range(steps):
-            if eager:
-                layers = model.layers
-                devs = [l.device_experts() for l in layers]
-                lookups = [d[3] for d in devs if d[3] is not None]
-                f = model.whole_step.step_fn(devs, [l.state_size() for l in layers],
-                                             [int(d[3] is not None) for d in devs])
-                args, positions = [tok], {}
-                for l, c in zip(layers, cache.layers):
-                    args += l.state_in(c, model.dtype, positions)
-                res = f(*args, *lookups)
-                for i, (l, c) in enumerate(zip(layers, cache.layers)):
-                    l.state_out(c, res[1 + 2 * i:3 + 2 * i])
-                cache.tokens.append(int(tok.item()))
-                logits = res[0]
+        cache = KVCache()
+        att(prompt, cache)                 # a prefill (plain math) into the cache
+        outs = []
+        for x in xs:
+            if math:
+                cache.reserve(1, att.Hkv, att.Dh, att.q_norm.dtype, ahead=True)
+                pos, n = mx.array([cache.offset], mx.int32), mx.array([cache.offset + 1], mx.int32)
+                y, cache.keys, cache.values = att.decode_math(x, cache.keys, cache.values, pos, n, norm)
+                cache.offset += 1
             else:
-                logits = model([int(tok.item())], cache)
-            logits = logits.reshape(-1).astype(mx.float32)
-            out.append(np.array(logits))
-            tok = mx.argmax(logits).reshape(1).astype(mx.int32)
-        kv = [np.array(a.astype(mx.float32)) for c in cache.layers if hasattr(c, "keys")
-              for a in (c.keys[:, :, :c.offset], c.values[:, :, :c.offset])]
+                y = att.decode_fused(x, cache, norm)
+            outs.append(np.array(y.astype(mx.float32)))
+        kv = [np.array(a[:, :, :cache.offset].astype(mx.float32)) for a in (cache.keys, cache.values)]
         with_ops(model, None)
-        return np.stack(out), kv
+        return outs, kv
 
     ref = run(fused, False)
     ok = True
     for inplace in ("0", "1"):
         gpu.configure({**os.environ, "FLASHMOE_KV_INPLACE": inplace})
         table = emulated_kernels(work, poison=False).table()
-        ops = replace(fused, **{k: v for k, v in table.items() if k == "qk_norm_rope_kv"}) if inplace == "1" else fused
+        ops = replace(fused, qk_norm_rope_kv=table["qk_norm_rope_kv"]) if inplace == "1" else fused
         got = run(ops, True)
-        same = np.array_equal(got[0], ref[0]) and all(np.array_equal(a, b) for a, b in zip(got[1], ref[1]))
+        same = all(np.array_equal(a, b) for a, b in zip(got[0] + got[1], ref[0] + ref[1]))
         ok &= same
-        print(f"whole step's math run eagerly, KV written {'in place' if inplace == '1' else 'by slice updates'}: "
-              f"logits and KV caches {'equal' if same else 'DIFFER'} to op by op's "
-              f"(logits max abs diff {np.abs(got[0] - ref[0]).max():.3e})", flush=True)
+        print(f"attention layer's compiled-step math run eagerly, KV written "
+              f"{'in place (qk_norm_rope_kv)' if inplace == '1' else 'by slice updates'}: outputs and KV "
+              f"buffers {'equal to' if same else 'DIFFERENT from'} op by op's, {steps} steps", flush=True)
     gpu.configure()
     return ok
 
