@@ -490,8 +490,10 @@ def test_launch_knobs_reach_the_kernels_and_bad_ones_are_refused():
 
         gdn_case = next(make for name, make, _ in check.CASES if name == "gdn_step")
         heads = set()
-        for threads in (256, 512):
-            gpu.configure({"FLASHMOE_GDN_THREADS": str(threads)})
+        # (auto: 512 on CUDA, 256 on Metal)
+        for setting, backend, threads in (("256", "cuda", 256), ("512", "cuda", 512), ("auto", "cuda", 512),
+                                          ("auto", "metal", 256)):
+            gpu.configure({"FLASHMOE_GDN_THREADS": setting})
             launches = []
 
             def record(**kw):
@@ -500,7 +502,7 @@ def test_launch_knobs_reach_the_kernels_and_bad_ones_are_refused():
                     return [mx.zeros(shape, dt) for shape, dt in zip(output_shapes, output_dtypes)]
                 return launch
 
-            kernels = gpu.GpuKernels("cuda")
+            kernels = gpu.GpuKernels(backend)
             kernels._make = record
             gdn_case("tiny", mx.float32)[0](kernels)
             (name, grid, group), = launches            # one thread group of `threads` per value head
@@ -510,7 +512,7 @@ def test_launch_knobs_reach_the_kernels_and_bad_ones_are_refused():
     finally:
         gpu.configure()
     assert (gpu.GDN_ROWS, gpu.GDN_THREADS, gpu.MV_THREADS, gpu.XV_INNER, gpu.L2PF, gpu.FUSE_ROUTE, gpu.QWORDS) == \
-        (8, 512, 256, 1, 1, True, 16)
+        (8, None, 256, 1, 1, True, 16)
 
 
 def test_settings_set_the_engine_read_knobs_in_the_environment(monkeypatch):

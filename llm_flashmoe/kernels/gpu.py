@@ -66,12 +66,13 @@ FUSE_ROUTE = True
 # define; 1: a memory round trip per row, as before). 64 heads are 64 thread groups, under half
 # the H200's multiprocessors, so the step is latency-bound: 8 rows per load batch.
 GDN_ROWS = 8
-# Threads per value head in gdn_step (FLASHMOE_GDN_THREADS, default 512): one thread group per head
+# Threads per value head in gdn_step (FLASHMOE_GDN_THREADS; auto, None here: 512 on CUDA, 256 on
+# Metal, whose heavier kernels may be held to fewer threads per group): one thread group per head
 # (64 at 397B shapes, under half the H200's multiprocessors), whose warps share the head's DV rows
 # of state; more warps put more of the state's reads in flight at once (512: each warp's rows in
 # one batch). The same sums either way. H200, ncu (as QWORDS): 341.1 us over 36 calls at 512
 # against 378.7-382.6 at 256 in six other processes.
-GDN_THREADS = 512
+GDN_THREADS: int | None = None
 
 # FLASHMOE_KV_INPLACE=1: compiled attention steps write the token's key and value into the KV
 # buffers in place, inside qk_norm_rope's launch (kernel qk_norm_rope_kv), instead of MLX's dynamic
@@ -95,7 +96,8 @@ def configure(env=os.environ) -> None:
     GRID_PER_SM = None if grid in ("", "off", "0", "none") else float(grid)
     GRID_BLOCKS = int(env.get("FLASHMOE_GRID_BLOCKS", "0") or 0) or None
     GDN_ROWS = int(env.get("FLASHMOE_GDN_ROWS", "8"))
-    GDN_THREADS = int(env.get("FLASHMOE_GDN_THREADS", "512"))
+    threads = env.get("FLASHMOE_GDN_THREADS", "auto").strip().lower()
+    GDN_THREADS = None if threads in ("", "auto") else int(threads)
     MV_THREADS = int(env.get("FLASHMOE_MV_THREADS", "256"))
     XV_INNER = int(env.get("FLASHMOE_XV_INNER", "1"))
     L2PF = int(env.get("FLASHMOE_L2_PREFETCH", "1"))
@@ -103,7 +105,7 @@ def configure(env=os.environ) -> None:
     KV_INPLACE = int(env.get("FLASHMOE_KV_INPLACE", "0").strip().lower() in ("1", "on", "yes", "true"))
     if not (64 <= MV_THREADS <= 1024 and MV_THREADS % 32 == 0):
         raise FlashMoeError(f"FLASHMOE_MV_THREADS={MV_THREADS}: use a multiple of 32 from 64 to 1024.")
-    if not (64 <= GDN_THREADS <= 1024 and GDN_THREADS % 32 == 0):
+    if GDN_THREADS is not None and not (64 <= GDN_THREADS <= 1024 and GDN_THREADS % 32 == 0):
         raise FlashMoeError(f"FLASHMOE_GDN_THREADS={GDN_THREADS}: use a multiple of 32 from 64 to 1024.")
 
 
@@ -377,7 +379,7 @@ class GpuKernels:
         Hv = b.size
         Dv = z.size // Hv
         C, Kc = conv_w.shape
-        threads = GDN_THREADS
+        threads = GDN_THREADS or (512 if self.backend == "cuda" else 256)
         if not (Dk % 32 == 0 and Dv % 32 == 0 and 2 * Dk <= threads and Dv <= threads and Kc >= 2 and Hv % Hk == 0
                 and C == qkv.size == 2 * Hk * Dk + Hv * Dv):
             return plain.gdn_step(qkv, z, b, a, conv_state, conv_w, A, dt_bias, norm_w, state, Hk, Dk, eps)
