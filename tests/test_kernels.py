@@ -480,6 +480,11 @@ def test_launch_knobs_reach_the_kernels_and_bad_ones_are_refused():
         # the routing in a launch of its own: moe_route and moe_gate_up, no fused launch
         assert not any(n.startswith("fm_moe_route_gate_up_") for n in units)
         assert any(n.startswith("fm_moe_route_") and not n.startswith("fm_moe_route_gate_up_") for n in units)
+        gpu.configure({"FLASHMOE_MOE_ROWS": "2:4"})      # ':' as well as ',' (gpu_session's sweeps)
+        assert (gpu.MOE_GU_ROWS, gpu.MOE_DOWN_ROWS) == (2, 4)
+        for bad in ("4", "0,1", "a,b"):
+            with pytest.raises(FlashMoeError, match="FLASHMOE_MOE_ROWS"):
+                gpu.configure({"FLASHMOE_MOE_ROWS": bad})
         for bad in ("100", "32", "2048"):
             with pytest.raises(FlashMoeError, match="FLASHMOE_MV_THREADS"):
                 gpu.configure({"FLASHMOE_MV_THREADS": bad})

@@ -27,7 +27,7 @@ QGROUPS = (32, 64, 128)
 # 4096->248320 400/386/337/293, 4096->20608 82/79/57/56, 4096->17408 64/70/55/60,
 # 8192->4096 46/39/41/57, 4096->513 25/24/27/38).
 QMV_ROWS: int | None = None
-# Rows per warp of moe_gate_up and moe_down (FLASHMOE_MOE_ROWS=GU,DOWN). The same sweep found
+# Rows per warp of moe_gate_up and moe_down (FLASHMOE_MOE_ROWS=GU,DOWN or GU:DOWN). The same sweep found
 # no gain from more (gate/up 33.3/31.9/36.4 us at 1/2/4 rows, down 24.3/24.1/26.0/30.6 at 1/2/4/8).
 MOE_GU_ROWS, MOE_DOWN_ROWS = 1, 1
 # Words of 4-byte codes a lane loads before computing on them (the QWORDS define of the matrix-vector
@@ -90,7 +90,12 @@ def configure(env=os.environ) -> None:
     global XV_INNER, L2PF, FUSE_ROUTE, KV_INPLACE
     rows = env.get("FLASHMOE_QMV_ROWS", "auto").strip().lower()
     QMV_ROWS = None if rows in ("", "auto") else int(rows)
-    MOE_GU_ROWS, MOE_DOWN_ROWS = (int(v) for v in env.get("FLASHMOE_MOE_ROWS", "1,1").split(","))
+    # GU,DOWN or GU:DOWN (gpu_session.sh's sweeps keep ',' for separating variables)
+    moe_rows = env.get("FLASHMOE_MOE_ROWS", "1,1").replace(":", ",").split(",")
+    if len(moe_rows) != 2 or not all(v.strip().isdigit() and int(v) >= 1 for v in moe_rows):
+        raise FlashMoeError(f"FLASHMOE_MOE_ROWS={env.get('FLASHMOE_MOE_ROWS')}: use GATE_UP,DOWN rows per warp, "
+                            "e.g. 1,4 (or 1:4).")
+    MOE_GU_ROWS, MOE_DOWN_ROWS = (int(v) for v in moe_rows)
     QWORDS = int(env.get("FLASHMOE_QMV_WORDS", "16"))
     grid = env.get("FLASHMOE_GRID", "off").strip().lower()
     GRID_PER_SM = None if grid in ("", "off", "0", "none") else float(grid)
