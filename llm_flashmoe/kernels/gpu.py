@@ -343,40 +343,40 @@ class GpuKernels:
 
     # -- family 4 ---------------------------------------------------------
     def qk_norm_rope(self, qg, k, q_w, k_w, pos: int, rope_dims: int, theta: float, eps: float, n_kv_heads: int):
-        Dh = q_w.size
-        Hq = qg.size // (2 * Dh)
-        if not (Dh % 32 == 0 and Dh <= 1024 and rope_dims % 2 == 0 and rope_dims <= Dh):
-            return plain.qk_norm_rope(qg, k, q_w, k_w, pos, rope_dims, theta, eps, n_kv_heads)
-        defines = {"HQ": Hq, "HKV": n_kv_heads, "DH": Dh, "ROPE": rope_dims,
-                   "LOG_THETA": float(math.log(theta)), "EPS": float(eps)}
-        kern = self.kernel("qk_norm_rope", ("qg", "k", "qw", "kw", "pos"), ("qo", "ko"), defines)
-        qo, ko = kern(inputs=[qg, k, q_w, k_w, _index(pos)],
-                      template=[("T", qg.dtype)], grid=((Hq + n_kv_heads) * Dh, 1, 1), threadgroup=(Dh, 1, 1),
-                      output_shapes=[(Hq, Dh), (1, n_kv_heads, 1, Dh)], output_dtypes=[qg.dtype, qg.dtype], **self._fill)
-        return qo, ko
+        out = self._norm_rope("qk_norm_rope", {}, qg, k, q_w, k_w, pos, rope_dims, theta, eps, n_kv_heads)
+        return out or plain.qk_norm_rope(qg, k, q_w, k_w, pos, rope_dims, theta, eps, n_kv_heads)
 
     def qk_norm_rope_kv(self, qg, k, v, keys, values, q_w, k_w, pos, rope_dims: int, theta: float, eps: float,
                         n_kv_heads: int):
         """qk_norm_rope, and the token's key and value written at `pos` of keys and values IN PLACE
         (kernels/qk_norm_rope.kern) -> (q, k, keys, values), the buffers the same arrays. The
-        buffers must be whole row-contiguous arrays of their own (`KVCache.reserve` makes them so),
-        in q's dtype: a copy MLX made for the launch would take the write instead."""
-        Dh = q_w.size
-        Hq = qg.size // (2 * Dh)
-        ok = (Dh % 32 == 0 and Dh <= 1024 and rope_dims % 2 == 0 and rope_dims <= Dh
-              and keys.dtype == values.dtype == qg.dtype == v.dtype and keys.shape == values.shape
-              and keys.shape[0] == 1 and keys.shape[1] == n_kv_heads and keys.shape[3] == Dh)
-        if not ok:
+        buffers must be whole row-contiguous arrays of their own (as the KV cache's zeros,
+        concatenations and slice updates are), in q's dtype: a copy MLX made for the launch would
+        take the write instead."""
+        out = None
+        if (keys.dtype == values.dtype == qg.dtype == v.dtype and keys.shape == values.shape
+                and keys.shape[:2] == (1, n_kv_heads) and keys.shape[3] == q_w.size):
+            out = self._norm_rope("qk_norm_rope_kv", {"vn": v, "keys": keys, "values": values},
+                                  qg, k, q_w, k_w, pos, rope_dims, theta, eps, n_kv_heads)
+        if out is None:
             return plain.compose_qk_norm_rope_kv(self.qk_norm_rope)(qg, k, v, keys, values, q_w, k_w, pos,
                                                                    rope_dims, theta, eps, n_kv_heads)
+        return (*out, keys, values)
+
+    def _norm_rope(self, name: str, extra: dict, qg, k, q_w, k_w, pos, rope_dims, theta, eps, n_kv_heads):
+        """The launch of kernel `name` (qk_norm_rope or its _kv variant, whose further inputs are
+        `extra`) -> (q, k), or None where the shapes are not covered."""
+        Dh = q_w.size
+        Hq = qg.size // (2 * Dh)
+        if not (Dh % 32 == 0 and Dh <= 1024 and rope_dims % 2 == 0 and rope_dims <= Dh):
+            return None
         defines = {"HQ": Hq, "HKV": n_kv_heads, "DH": Dh, "ROPE": rope_dims,
                    "LOG_THETA": float(math.log(theta)), "EPS": float(eps)}
-        kern = self.kernel("qk_norm_rope_kv", ("qg", "k", "qw", "kw", "pos", "vn", "keys", "values"), ("qo", "ko"),
-                           defines)
-        qo, ko = kern(inputs=[qg, k, q_w, k_w, _index(pos), v, keys, values],
+        kern = self.kernel(name, ("qg", "k", "qw", "kw", "pos", *extra), ("qo", "ko"), defines)
+        qo, ko = kern(inputs=[qg, k, q_w, k_w, _index(pos), *extra.values()],
                       template=[("T", qg.dtype)], grid=((Hq + n_kv_heads) * Dh, 1, 1), threadgroup=(Dh, 1, 1),
                       output_shapes=[(Hq, Dh), (1, n_kv_heads, 1, Dh)], output_dtypes=[qg.dtype, qg.dtype], **self._fill)
-        return qo, ko, keys, values
+        return qo, ko
 
     # -- family 5 ---------------------------------------------------------
     def gdn_step(self, qkv, z, b, a, conv_state, conv_w, A, dt_bias, norm_w, state, n_key_heads, key_dim, eps):
