@@ -268,10 +268,10 @@ def norms(trials: int = 3) -> int:
         counts[name] = (n + a.size, d + int((a != b).sum()))
 
     H, eps = 1024, 1e-6
-    for t in range(trials):
+    for _ in range(trials):
         x, y = check.rnd((1, H), scale=3.0), check.rnd((1, H), scale=2.0)
         w = (1.0 + 0.3 * check.rnd((H,), mx.float32)).astype(bf)
-        h, n = kern.add_rms_norm(x, y, w, eps)
+        _, n = kern.add_rms_norm(x, y, w, eps)
         count("add_rms_norm n", n, plain.add_rms_norm(x, y, w, eps)[1])
         lins = [check.qlinear(96, H), check.qlinear(64, H)]
         for xadd in (None, y):
