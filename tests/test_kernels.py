@@ -235,6 +235,54 @@ def test_kv_inplace_switch_picks_the_kernel_that_writes_the_buffers_it_is_given(
     kernels._built.pop("cuda", None)
 
 
+def test_qmv_mma_switch_takes_4bit_bf16_launches_through_tensor_core_products():
+    """FLASHMOE_QMV_MMA (auto: CUDA only): a qmv launch whose slots are all 4-bit with groups of 64
+    or 128 on bf16 activations is built with QMV_MMA 1 and 16 rows per warp; float32 activations, 3-bit or 8-bit slots, groups of 32 and Metal (auto) keep
+    the FMA form; 1 turns it on for Metal too (its shuffle path), 0 off; a bad value is refused."""
+    from llm_flashmoe.errors import FlashMoeError
+    from llm_flashmoe.kernels import check, gpu
+
+    launches = []
+
+    def record(**kw):
+        def launch(inputs, output_shapes, output_dtypes, grid, threadgroup, **_):
+            launches.append((kw["header"], kw["source"], grid, threadgroup))
+            return [mx.zeros(shape, dt) for shape, dt in zip(output_shapes, output_dtypes)]
+        return launch
+
+    def built(backend, dtype, bits=4, gs=64, n=(40, 1)):
+        launches.clear()
+        kern = gpu.GpuKernels(backend)
+        kern._make = record
+        lins = [check.qlinear(r, 128, bits, gs, dtype) for r in n]
+        kern.qmv(mx.zeros((1, 128), dtype), lins)
+        (header, body, grid, group), = launches
+        mma = "#define QMV_MMA 1" in header
+        assert mma == ("#define QMV_R 16\n" in header) and (mma or "#define QMV_MMA 0\n" in header)
+        return mma, grid[0] // group[0]
+
+    try:
+        gpu.configure({})
+        assert built("cuda", mx.bfloat16) == (True, 1)        # 41 rows: 3 warps of 16, one group
+        assert built("cuda", mx.bfloat16, gs=128)[0]
+        assert built("cuda", mx.bfloat16, n=(4096,)) == (True, 4096 // 16 // (gpu.MV_THREADS // 32))
+        assert not built("cuda", mx.float32)[0]
+        assert not built("cuda", mx.bfloat16, bits=3)[0] and not built("cuda", mx.bfloat16, bits=8)[0]
+        assert not built("cuda", mx.bfloat16, gs=32)[0]
+        assert not built("metal", mx.bfloat16)[0]
+        gpu.configure({"FLASHMOE_QMV_MMA": "1"})
+        assert built("metal", mx.bfloat16)[0] and not built("metal", mx.float32)[0]
+        gpu.configure({"FLASHMOE_QMV_MMA": "0"})
+        assert not built("cuda", mx.bfloat16)[0]
+        with pytest.raises(FlashMoeError, match="FLASHMOE_QMV_MMA"):
+            gpu.configure({"FLASHMOE_QMV_MMA": "maybe"})
+    finally:
+        gpu.configure()
+    # the dialects: CUDA's tensor-core product where the GPU has one, Metal's none (its shuffle path)
+    cuda, metal = source.dialect("cuda")["header"], source.dialect("metal")["header"]
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in cuda and "#define HAS_MMA 0" in metal
+
+
 def test_gdn_step_matches_numpy():
     Hk, Hv, Dk, Dv, Kc = 2, 4, 32, 16, 4
     C = 2 * Hk * Dk + Hv * Dv

@@ -19,6 +19,31 @@ DEVICE_FN float f_cos(float x) { return cosf(x); }
 DEVICE_FN float f_sin(float x) { return sinf(x); }
 DEVICE_FN float f_rint(float x) { return rintf(x); }
 DEVICE_FN float f_as_float(uint32_t u) { return __uint_as_float(u); }
+DEVICE_FN uint32_t f_as_uint(float f) { return __float_as_uint(f); }
+// One m16n8k16 tensor-core product, D += A B: bf16 A (16x16) and B (16x8), f32 accumulators, each
+// lane holding the PTX ISA's fragments of mma.sync.aligned.m16n8k16.row.col (a0..a3: rows
+// lane/4 and lane/4+8, columns 2(lane%4)+{0,1} and +8; b0, b1: rows 2(lane%4)+{0,1} and +8,
+// column lane/4; d0..d3: rows lane/4 and lane/4+8, columns 2(lane%4)+{0,1}). Two bf16 to a
+// register, the lower column or row in the low half. On the host (kernels.emulate, compile_check)
+// the shim's fm_host_mma stands in for it, with the same fragments.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define HAS_MMA 1
+DEVICE_FN void mma_bf16_16816(THREAD_PTR float* d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                              uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+#elif defined(FM_HOST_MMA) && FM_HOST_MMA
+#define HAS_MMA 1
+DEVICE_FN void mma_bf16_16816(THREAD_PTR float* d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                              uint32_t b0, uint32_t b1) {
+  fm_host_mma(d, a0, a1, a2, a3, b0, b1);
+}
+#else
+#define HAS_MMA 0
+#endif
 //@@ prologue
 const int gx = int(blockIdx.x);
 const int gy = int(blockIdx.y);

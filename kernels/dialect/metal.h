@@ -21,6 +21,9 @@ DEVICE_FN float f_cos(float x) { return metal::precise::cos(x); }
 DEVICE_FN float f_sin(float x) { return metal::precise::sin(x); }
 DEVICE_FN float f_rint(float x) { return metal::rint(x); }
 DEVICE_FN float f_as_float(uint32_t u) { return as_type<float>(u); }
+DEVICE_FN uint32_t f_as_uint(float f) { return as_type<uint32_t>(f); }
+// no tensor-core product: common.kern's mma_rows16 sums its fragments with FMAs and shuffles
+#define HAS_MMA 0
 //@@ prologue
 const int gx = int(threadgroup_position_in_grid.x);
 const int gy = int(threadgroup_position_in_grid.y);

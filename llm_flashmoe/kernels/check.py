@@ -27,6 +27,23 @@ from . import active_backend, plain
 from .gpu import GpuKernels
 
 BOUND = {mx.float32: 2e-4, mx.bfloat16: 2e-2, mx.float16: 4e-3}
+# ... except that an output of at most SMALL values may instead be within PLAIN_FACTOR times the
+# plain twin's own error at the same dtype (against the same float32 copy): a lone value whose true
+# value is near 0 (the shared expert's gate logit) is past the bound on the plain path itself in
+# some draws.
+PLAIN_FACTOR, SMALL = 1.5, 8
+
+
+def judge(got, ref, plain_got, dtype) -> tuple[float, float, bool]:
+    """(worst rel. error of got, of plain_got (0 if None), whether got passes) against ref."""
+    err = perr = 0.0
+    ok = True
+    plains = _flat(plain_got) if plain_got is not None else [None] * len(_flat(ref))
+    for g, r, pg in zip(_flat(got), _flat(ref), plains):
+        e, pe = rel_err(g, r), rel_err(pg, r) if pg is not None else 0.0
+        err, perr = max(err, e), max(perr, pe)
+        ok &= e <= BOUND[dtype] or (r.size <= SMALL and e <= PLAIN_FACTOR * pe)
+    return err, perr, ok
 REPS = 20
 
 
@@ -71,6 +88,10 @@ def case_qmv(label, dtype):
         "397b-8bit": (4096, [4096], 8, 64),
         "tiny": (256, [1024, 256, 16, 16], 4, 64),
         "odd": (96, [37, 5], 3, 32),
+        # 4-bit odd sizes (the tensor-core path on CUDA: slots of 1 and 37 rows, a block count no
+        # multiple of the blocks loaded at once; groups of 128)
+        "odd-4bit": (320, [37, 5, 1, 70], 4, 64),
+        "odd-g128": (384, [50], 4, 128),
     }[label]
     lins = [qlinear(n, K, bits, gs, dtype) for n in Ns]
     return pair("qmv", rnd((1, K), dtype), lins)
@@ -81,7 +102,8 @@ def case_norm_qmv(label, dtype):
     input projections (no add) and the router with the shared expert's gate (add)."""
     shape, add = label.removesuffix("+add"), label.endswith("+add")
     M, K, Ns, bits, gs = {"397b": (1, 4096, [12288, 8192, 64, 64], 4, 64), "397b-router": (1, 4096, [512, 1], 4, 64),
-                          "tiny": (1, 256, [64, 1], 4, 64), "odd": (2, 96, [37, 5], 3, 32)}[shape]
+                          "tiny": (1, 256, [64, 1], 4, 64), "odd": (2, 96, [37, 5], 3, 32),
+                          "odd-4bit": (2, 320, [37, 1], 4, 64)}[shape]
     lins = [qlinear(n, K, bits, gs, dtype) for n in Ns]
     return pair("norm_qmv", rnd((M, K), dtype), rnd((M, K), dtype) if add else None, rnd((K,), dtype, 0.2) + 1,
                 1e-6, lins)
@@ -205,8 +227,10 @@ def case_add_rms_norm(label, dtype):
 
 
 CASES = [
-    ("qmv", case_qmv, ["397b", "397b-4096", "397b-2bit", "397b-3bit", "397b-8bit", "tiny", "odd"]),
-    ("norm_qmv", case_norm_qmv, ["397b", "397b-router+add", "tiny", "tiny+add", "odd", "odd+add"]),
+    ("qmv", case_qmv, ["397b", "397b-4096", "397b-2bit", "397b-3bit", "397b-8bit", "tiny", "odd", "odd-4bit",
+                       "odd-g128"]),
+    ("norm_qmv", case_norm_qmv, ["397b", "397b-router+add", "tiny", "tiny+add", "odd", "odd+add", "odd-4bit",
+                                 "odd-4bit+add"]),
     ("moe_route", case_moe_route, ["397b", "tiny", "odd"]),
     ("moe_gate_up", case_moe_gate_up, ["397b", "tiny", "odd"]),
     ("moe_route_gate_up", case_moe_route_gate_up,
@@ -275,8 +299,10 @@ def main(argv=None) -> int:
     np.random.seed(int(time.time()) % 2**31)
     fails = 0
     print(f"backend {backend}, device {mx.default_device()}, {REPS} calls per graph, median of {args.runs}")
-    print(f"{'kernel':18} {'shape':11} {'dtype':8} {'rel.err':>9} {'bound':>7} {'ok':3} "
+    print(f"{'kernel':18} {'shape':11} {'dtype':8} {'rel.err':>9} {'bound':>7} {'plain':>9} {'ok':3} "
           f"{'fused us':>9} {'plain us':>9} {'speedup':>7}")
+    print(f"(ok: rel.err within the bound; an output of at most {SMALL} values may instead be within "
+          f"{PLAIN_FACTOR}x the plain twin's error at the dtype)")
     for name, make, labels in CASES:
         if args.only and name not in args.only.split(","):
             continue
@@ -289,21 +315,20 @@ def main(argv=None) -> int:
                 try:
                     got = f(fused)
                     mx.eval(_flat(got))
-                    err = rel_err(got, t32())
+                    err, perr, ok = judge(got, t32(), t(), dtype)
                 except Exception as e:  # report, keep going
                     print(f"{name:18} {label:11} {dt:8} ERROR {type(e).__name__}: {str(e)[:400]}")
                     fails += 1
                     continue
-                ok = err <= BOUND[dtype]
                 fails += not ok
                 tf = time_call(lambda: f(timed), args.runs)
                 tp = time_call(t, args.runs)
-                print(f"{name:18} {label:11} {dt:8} {err:9.2e} {BOUND[dtype]:7.0e} {'yes' if ok else 'NO':3} "
+                print(f"{name:18} {label:11} {dt:8} {err:9.2e} {BOUND[dtype]:7.0e} {perr:9.2e} {'yes' if ok else 'NO':3} "
                       f"{tf:9.1f} {tp:9.1f} {tp / tf:6.2f}x", flush=True)
                 if name in COMPILED:   # as the engine runs it on a GPU: one mx.compile graph each
                     tf = time_call(mx.compile(lambda: _flat(f(timed))), args.runs)
                     tp = time_call(mx.compile(lambda: _flat(t())), args.runs)
-                    print(f"{'  compiled':18} {label:11} {dt:8} {'':9} {'':7} {'':3} "
+                    print(f"{'  compiled':18} {label:11} {dt:8} {'':9} {'':7} {'':9} {'':3} "
                           f"{tf:9.1f} {tp:9.1f} {tp / tf:6.2f}x", flush=True)
     print("all kernels pass" if not fails else f"{fails} FAILED")
     return 1 if fails else 0

@@ -43,7 +43,11 @@ inline void __syncthreads() {}
 inline float __shfl_xor_sync(unsigned, float v, int) { return v; }
 inline int __shfl_xor_sync(unsigned, int v, int) { return v; }
 inline float __uint_as_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline uint32_t __float_as_uint(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
 struct uint4 { uint32_t x, y, z, w; };
+struct uint2 { uint32_t x, y; };
+#define FM_HOST_MMA 1
+inline void fm_host_mma(float*, uint32_t, uint32_t, uint32_t, uint32_t, uint32_t, uint32_t) {}
 struct bf16 {
   uint16_t v;
   bf16() {}

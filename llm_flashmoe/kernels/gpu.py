@@ -79,15 +79,22 @@ GDN_THREADS: int | None = None
 # slice update per buffer: two MLX operations and two copies fewer per attention layer (ncu on the
 # H200: each update's copy took 21-29 us of GPU time). Off until the card has shown it right.
 KV_INPLACE = 0
+# FLASHMOE_QMV_MMA (auto, None here: on for CUDA, off for Metal; 0 or 1): qmv launches whose slots are
+# all 4-bit with groups of 64 or 128, on bf16 activations, take 16 rows per warp through tensor-core
+# products (mma.sync m16n8k16; common.kern's mma_rows16): the codes become bf16 values by a mask, so
+# a lane spends about 1.5 instructions per weight where the FMA form spends about 3. Metal has no
+# such product here; its path (1) sums the same fragments with FMAs and shuffles, for testing.
+QMV_MMA: int | None = None
 
 def configure(env=os.environ) -> None:
     """Set the launch knobs above from `env` (FLASHMOE_QMV_ROWS, FLASHMOE_MOE_ROWS,
     FLASHMOE_QMV_WORDS, FLASHMOE_GRID, FLASHMOE_GRID_BLOCKS, FLASHMOE_GDN_ROWS, FLASHMOE_GDN_THREADS,
     FLASHMOE_MV_THREADS,
-    FLASHMOE_XV_INNER, FLASHMOE_L2_PREFETCH, FLASHMOE_FUSE_ROUTE, FLASHMOE_KV_INPLACE; absent: the defaults). Kernels
+    FLASHMOE_XV_INNER, FLASHMOE_L2_PREFETCH, FLASHMOE_FUSE_ROUTE, FLASHMOE_KV_INPLACE, FLASHMOE_QMV_MMA; absent: the
+    defaults). Kernels
     built before keep their settings: make a new GpuKernels after changing them."""
     global QMV_ROWS, MOE_GU_ROWS, MOE_DOWN_ROWS, QWORDS, GRID_PER_SM, GRID_BLOCKS, GDN_ROWS, GDN_THREADS, MV_THREADS
-    global XV_INNER, L2PF, FUSE_ROUTE, KV_INPLACE
+    global XV_INNER, L2PF, FUSE_ROUTE, KV_INPLACE, QMV_MMA
     rows = env.get("FLASHMOE_QMV_ROWS", "auto").strip().lower()
     QMV_ROWS = None if rows in ("", "auto") else int(rows)
     # GU,DOWN or GU:DOWN (gpu_session.sh's sweeps keep ',' for separating variables)
@@ -108,6 +115,10 @@ def configure(env=os.environ) -> None:
     L2PF = int(env.get("FLASHMOE_L2_PREFETCH", "1"))
     FUSE_ROUTE = env.get("FLASHMOE_FUSE_ROUTE", "1").strip().lower() not in ("0", "off", "no", "false")
     KV_INPLACE = int(env.get("FLASHMOE_KV_INPLACE", "0").strip().lower() in ("1", "on", "yes", "true"))
+    mma = env.get("FLASHMOE_QMV_MMA", "auto").strip().lower()
+    if mma not in ("", "auto", "0", "1", "on", "off"):
+        raise FlashMoeError(f"FLASHMOE_QMV_MMA={mma}: use auto, 1 or 0.")
+    QMV_MMA = None if mma in ("", "auto") else int(mma in ("1", "on"))
     if not (64 <= MV_THREADS <= 1024 and MV_THREADS % 32 == 0):
         raise FlashMoeError(f"FLASHMOE_MV_THREADS={MV_THREADS}: use a multiple of 32 from 64 to 1024.")
     if GDN_THREADS is not None and not (64 <= GDN_THREADS <= 1024 and GDN_THREADS % 32 == 0):
@@ -214,15 +225,23 @@ class GpuKernels:
         return (1 <= len(linears) <= 4 and K % 32 == 0 and _xs_bytes(K) <= self.max_shared
                 and all(_q2d(l, K) for l in linears))
 
+    def qmv_mma(self, x, linears) -> bool:
+        """Whether a qmv launch of `linears` on `x` goes through tensor-core products (QMV_MMA)."""
+        on = QMV_MMA if QMV_MMA is not None else int(self.backend == "cuda")
+        return bool(on and x.dtype == mx.bfloat16 and x.shape[-1] % 64 == 0
+                    and all(l.bits == 4 and l.group_size in (64, 128) and l.scales.dtype == mx.bfloat16
+                            for l in linears))
+
     def _qmv(self, x, linears, norm=None) -> list[mx.array]:
         """The qmv kernel; norm = (xadd or None, weight, eps) puts an RMSNorm in front; with xadd,
         its input x + xadd and its output come back after the linears' outputs."""
         K = x.shape[-1]
         M = math.prod(x.shape[:-1])
         n = len(linears)
-        R = qmv_rows(sum(l.out_features for l in linears))
+        mma = self.qmv_mma(x, linears)
+        R = 16 if mma else qmv_rows(sum(l.out_features for l in linears))
         mode = 0 if norm is None else 1 if norm[0] is None else 2
-        defines = {"KDIM": K, "NSLOT": n, "QMV_R": R, **_mv_defines(), "NORM": mode,
+        defines = {"KDIM": K, "NSLOT": n, "QMV_R": R, "QMV_MMA": int(mma), **_mv_defines(), "NORM": mode,
                    "EPS": float(norm[2]) if norm else 0.0}
         inputs, args = ["x"], [x]
         if mode == 2:
