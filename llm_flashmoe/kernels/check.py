@@ -110,7 +110,9 @@ def case_norm_qmv(label, dtype):
 
 
 MOE_SHAPES = {"397b": (512, 4, 4096, 1024, 1024, 64), "tiny": (64, 4, 256, 128, 128, 64),
-              "odd": (40, 3, 160, 96, 64, 32)}
+              "odd": (40, 3, 160, 96, 64, 32),
+              # 4-bit, groups of 64, odd sizes for the tensor-core path (3 blocks of 64 inputs)
+              "odd-4bit": (40, 3, 192, 64, 128, 64)}
 
 
 def moe_inputs(label, dtype):
@@ -232,11 +234,11 @@ CASES = [
     ("norm_qmv", case_norm_qmv, ["397b", "397b-router+add", "tiny", "tiny+add", "odd", "odd+add", "odd-4bit",
                                  "odd-4bit+add"]),
     ("moe_route", case_moe_route, ["397b", "tiny", "odd"]),
-    ("moe_gate_up", case_moe_gate_up, ["397b", "tiny", "odd"]),
+    ("moe_gate_up", case_moe_gate_up, ["397b", "tiny", "odd", "odd-4bit"]),
     ("moe_route_gate_up", case_moe_route_gate_up,
-     ["397b", "397b+lookup", "tiny", "tiny+lookup", "odd", "odd+lookup"]),
-    ("moe_down", case_moe_down, ["397b", "tiny", "odd"]),
-    ("MoE block", case_moe_block, ["397b", "tiny", "odd"]),
+     ["397b", "397b+lookup", "tiny", "tiny+lookup", "odd", "odd+lookup", "odd-4bit", "odd-4bit+lookup"]),
+    ("moe_down", case_moe_down, ["397b", "tiny", "odd", "odd-4bit"]),
+    ("MoE block", case_moe_block, ["397b", "tiny", "odd", "odd-4bit"]),
     ("decode_attention", case_attention, ["397b", "397b-short", "tiny", "odd"]),
     ("qk_norm_rope", case_qk_norm_rope, ["397b", "tiny", "odd"]),
     ("qk_norm_rope_kv", case_qk_norm_rope_kv, ["397b", "tiny", "odd"]),

@@ -85,16 +85,19 @@ KV_INPLACE = 0
 # a lane spends about 1.5 instructions per weight where the FMA form spends about 3. Metal has no
 # such product here; its path (1) sums the same fragments with FMAs and shuffles, for testing.
 QMV_MMA: int | None = None
+# FLASHMOE_MOE_MMA (auto, as QMV_MMA): the MoE's gate/up launch the same way, 16 rows of one expert per
+# warp (4-bit experts and shared expert, groups of 64 or 128, bf16, intermediate sizes multiples of 16).
+MOE_MMA: int | None = None
 
 def configure(env=os.environ) -> None:
     """Set the launch knobs above from `env` (FLASHMOE_QMV_ROWS, FLASHMOE_MOE_ROWS,
     FLASHMOE_QMV_WORDS, FLASHMOE_GRID, FLASHMOE_GRID_BLOCKS, FLASHMOE_GDN_ROWS, FLASHMOE_GDN_THREADS,
     FLASHMOE_MV_THREADS,
-    FLASHMOE_XV_INNER, FLASHMOE_L2_PREFETCH, FLASHMOE_FUSE_ROUTE, FLASHMOE_KV_INPLACE, FLASHMOE_QMV_MMA; absent: the
-    defaults). Kernels
+    FLASHMOE_XV_INNER, FLASHMOE_L2_PREFETCH, FLASHMOE_FUSE_ROUTE, FLASHMOE_KV_INPLACE, FLASHMOE_QMV_MMA,
+    FLASHMOE_MOE_MMA; absent: the defaults). Kernels
     built before keep their settings: make a new GpuKernels after changing them."""
     global QMV_ROWS, MOE_GU_ROWS, MOE_DOWN_ROWS, QWORDS, GRID_PER_SM, GRID_BLOCKS, GDN_ROWS, GDN_THREADS, MV_THREADS
-    global XV_INNER, L2PF, FUSE_ROUTE, KV_INPLACE, QMV_MMA
+    global XV_INNER, L2PF, FUSE_ROUTE, KV_INPLACE, QMV_MMA, MOE_MMA
     rows = env.get("FLASHMOE_QMV_ROWS", "auto").strip().lower()
     QMV_ROWS = None if rows in ("", "auto") else int(rows)
     # GU,DOWN or GU:DOWN (gpu_session.sh's sweeps keep ',' for separating variables)
@@ -115,14 +118,19 @@ def configure(env=os.environ) -> None:
     L2PF = int(env.get("FLASHMOE_L2_PREFETCH", "1"))
     FUSE_ROUTE = env.get("FLASHMOE_FUSE_ROUTE", "1").strip().lower() not in ("0", "off", "no", "false")
     KV_INPLACE = int(env.get("FLASHMOE_KV_INPLACE", "0").strip().lower() in ("1", "on", "yes", "true"))
-    mma = env.get("FLASHMOE_QMV_MMA", "auto").strip().lower()
-    if mma not in ("", "auto", "0", "1", "on", "off"):
-        raise FlashMoeError(f"FLASHMOE_QMV_MMA={mma}: use auto, 1 or 0.")
-    QMV_MMA = None if mma in ("", "auto") else int(mma in ("1", "on"))
+    QMV_MMA, MOE_MMA = (_auto_switch(env, name) for name in ("FLASHMOE_QMV_MMA", "FLASHMOE_MOE_MMA"))
     if not (64 <= MV_THREADS <= 1024 and MV_THREADS % 32 == 0):
         raise FlashMoeError(f"FLASHMOE_MV_THREADS={MV_THREADS}: use a multiple of 32 from 64 to 1024.")
     if GDN_THREADS is not None and not (64 <= GDN_THREADS <= 1024 and GDN_THREADS % 32 == 0):
         raise FlashMoeError(f"FLASHMOE_GDN_THREADS={GDN_THREADS}: use a multiple of 32 from 64 to 1024.")
+
+
+def _auto_switch(env, name: str) -> int | None:
+    """An auto/1/0 setting: None for auto."""
+    v = env.get(name, "auto").strip().lower()
+    if v not in ("", "auto", "0", "1", "on", "off"):
+        raise FlashMoeError(f"{name}={v}: use auto, 1 or 0.")
+    return None if v in ("", "auto") else int(v in ("1", "on"))
 
 
 configure()
@@ -225,9 +233,10 @@ class GpuKernels:
         return (1 <= len(linears) <= 4 and K % 32 == 0 and _xs_bytes(K) <= self.max_shared
                 and all(_q2d(l, K) for l in linears))
 
-    def qmv_mma(self, x, linears) -> bool:
-        """Whether a qmv launch of `linears` on `x` goes through tensor-core products (QMV_MMA)."""
-        on = QMV_MMA if QMV_MMA is not None else int(self.backend == "cuda")
+    def _mma(self, knob, x, linears) -> bool:
+        """Whether a matrix-vector launch of `linears` on `x` goes through tensor-core products
+        (common.kern's mma_rows16) under `knob` (QMV_MMA or MOE_MMA; None: on for CUDA)."""
+        on = knob if knob is not None else int(self.backend == "cuda")
         return bool(on and x.dtype == mx.bfloat16 and x.shape[-1] % 64 == 0
                     and all(l.bits == 4 and l.group_size in (64, 128) and l.scales.dtype == mx.bfloat16
                             for l in linears))
@@ -238,7 +247,7 @@ class GpuKernels:
         K = x.shape[-1]
         M = math.prod(x.shape[:-1])
         n = len(linears)
-        mma = self.qmv_mma(x, linears)
+        mma = self._mma(QMV_MMA, x, linears)
         R = 16 if mma else qmv_rows(sum(l.out_features for l in linears))
         mode = 0 if norm is None else 1 if norm[0] is None else 2
         defines = {"KDIM": K, "NSLOT": n, "QMV_R": R, "QMV_MMA": int(mma), **_mv_defines(), "NORM": mode,
@@ -317,12 +326,14 @@ class GpuKernels:
                 and _q2d(shared_gate, H) and _q2d(shared_up, H) and _same_q(shared_gate, shared_up)):
             return None
         I, Is = gate.weight.shape[1], shared_gate.out_features
+        mma = self._mma(MOE_MMA, x, (gate, shared_gate)) and I % 16 == 0 and Is % 16 == 0
+        R = 16 if mma else MOE_GU_ROWS
         defines = {"HD": H, "KE": K, "IE": I, "BE": gate.bits, "GE": gate.group_size, "SHI": Is,
-                   "SHB": shared_gate.bits, "SHG": shared_gate.group_size, "ADDRESSED": int(addressed), "GU_R": MOE_GU_ROWS,
-                   **_mv_defines()}
+                   "SHB": shared_gate.bits, "SHG": shared_gate.group_size, "ADDRESSED": int(addressed), "GU_R": R,
+                   "GU_MMA": int(mma), **_mv_defines()}
         stacks = [*_parts(gate), *_parts(up), *_parts(shared_gate), *_parts(shared_up)]
         W = MV_THREADS // 32
-        blocks = grid_blocks(_ceil(_ceil(K * I, MOE_GU_ROWS) + _ceil(Is, MOE_GU_ROWS), W), self.backend)
+        blocks = grid_blocks(_ceil(_ceil(K * I, R) + _ceil(Is, R), W), self.backend)
         defines["GU_GW"] = blocks * W
         kw = dict(template=[("T", x.dtype)], grid=(blocks * MV_THREADS, 1, 1), threadgroup=(MV_THREADS, 1, 1),
                   output_shapes=[(K, I), (Is,)], **self._fill)
