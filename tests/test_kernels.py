@@ -236,9 +236,10 @@ def test_kv_inplace_switch_picks_the_kernel_that_writes_the_buffers_it_is_given(
 
 
 def test_qmv_mma_switch_takes_4bit_bf16_launches_through_tensor_core_products():
-    """FLASHMOE_QMV_MMA (auto: CUDA only): a qmv launch whose slots are all 4-bit with groups of 64
-    or 128 on bf16 activations is built with QMV_MMA 1 and 16 rows per warp; float32 activations, 3-bit or 8-bit slots, groups of 32 and Metal (auto) keep
-    the FMA form; 1 turns it on for Metal too (its shuffle path), 0 off; a bad value is refused."""
+    """FLASHMOE_QMV_MMA=1: a qmv launch whose slots are all 4-bit with groups of 64 or 128 on bf16
+    activations is built with QMV_MMA 1 and 16 rows per warp, on CUDA and on Metal (its shuffle
+    path); float32 activations, 3-bit or 8-bit slots and groups of 32 keep the FMA form, as does the
+    default (0); FLASHMOE_MOE_MMA=1 does the same for the MoE's gate/up; a bad value is refused."""
     from llm_flashmoe.errors import FlashMoeError
     from llm_flashmoe.kernels import check, gpu
 
@@ -263,19 +264,30 @@ def test_qmv_mma_switch_takes_4bit_bf16_launches_through_tensor_core_products():
 
     try:
         gpu.configure({})
+        assert not built("cuda", mx.bfloat16)[0] and not built("metal", mx.bfloat16)[0]
+        gpu.configure({"FLASHMOE_QMV_MMA": "1"})
         assert built("cuda", mx.bfloat16) == (True, 1)        # 41 rows: 3 warps of 16, one group
         assert built("cuda", mx.bfloat16, gs=128)[0]
         assert built("cuda", mx.bfloat16, n=(4096,)) == (True, 4096 // 16 // (gpu.MV_THREADS // 32))
         assert not built("cuda", mx.float32)[0]
         assert not built("cuda", mx.bfloat16, bits=3)[0] and not built("cuda", mx.bfloat16, bits=8)[0]
         assert not built("cuda", mx.bfloat16, gs=32)[0]
-        assert not built("metal", mx.bfloat16)[0]
-        gpu.configure({"FLASHMOE_QMV_MMA": "1"})
         assert built("metal", mx.bfloat16)[0] and not built("metal", mx.float32)[0]
         gpu.configure({"FLASHMOE_QMV_MMA": "0"})
         assert not built("cuda", mx.bfloat16)[0]
-        with pytest.raises(FlashMoeError, match="FLASHMOE_QMV_MMA"):
-            gpu.configure({"FLASHMOE_QMV_MMA": "maybe"})
+        for name in ("FLASHMOE_QMV_MMA", "FLASHMOE_MOE_MMA"):
+            with pytest.raises(FlashMoeError, match=name):
+                gpu.configure({name: "maybe"})
+        # the MoE's gate/up: GU_MMA with 16 rows per warp only under FLASHMOE_MOE_MMA=1
+        d = check.moe_inputs("tiny", mx.bfloat16)
+        for setting, on in (({}, False), ({"FLASHMOE_MOE_MMA": "1"}, True)):
+            gpu.configure(setting)
+            launches.clear()
+            kern = gpu.GpuKernels("cuda")
+            kern._make = record
+            kern.moe_gate_up(d["x"], d["rows"], d["gate"], d["up"], d["sg"], d["su"])
+            (header, _, _, _), = launches
+            assert ("#define GU_MMA 1\n" in header) == on == ("#define GU_R 16\n" in header)
     finally:
         gpu.configure()
     # the dialects: CUDA's tensor-core product where the GPU has one, Metal's none (its shuffle path)
@@ -500,6 +512,9 @@ def test_compile_check_renders_every_kernel_and_the_addressed_mode():
     names = {n.rsplit("_", 1)[0][len("fm_"):] for n in units}
     assert names == set(source.KERNELS)
     addressed = [n for n, text in units.items() if "#define ADDRESSED 1" in text]
+    # the tensor-core variants too (off by default): qmv's and the gate/up kernels'
+    mma = {n.rsplit("_", 1)[0] for n, text in units.items() if "#define QMV_MMA 1\n" in text or "#define GU_MMA 1\n" in text}
+    assert mma == {"fm_qmv", "fm_moe_gate_up", "fm_moe_route_gate_up"}
     assert {n.rsplit("_", 1)[0] for n in addressed} == {"fm_moe_route_gate_up", "fm_moe_gate_up", "fm_moe_down"}
     for text in units.values():
         assert '#include "shim.h"' in text and "template void fm_" in text and "//@part" not in text

@@ -90,8 +90,9 @@ class _Recorder:
 
 
 def render_all(nvcc: bool = False) -> dict[str, str]:
-    """{kernel name: translation unit} for every kernel the check's cases launch, and the MoE
-    kernels' ADDRESSED mode (experts given by address: the GPU cache's host tier)."""
+    """{kernel name: translation unit} for every kernel the check's cases launch, their
+    tensor-core variants, and the MoE kernels' ADDRESSED mode (experts given by address: the GPU
+    cache's host tier)."""
     from . import check
     from .gpu import GpuKernels
 
@@ -102,6 +103,18 @@ def render_all(nvcc: bool = False) -> dict[str, str]:
         for label in labels:
             for dtype in (mx.bfloat16, mx.float32):
                 make(label, dtype)[0](kernels)
+    # the tensor-core variants (FLASHMOE_QMV_MMA, FLASHMOE_MOE_MMA; off by default) of the bf16 cases
+    from . import gpu
+
+    saved = (gpu.QMV_MMA, gpu.MOE_MMA)
+    gpu.QMV_MMA = gpu.MOE_MMA = 1
+    try:
+        for name, make, labels in check.CASES:
+            if name in ("qmv", "norm_qmv", "moe_gate_up", "moe_route_gate_up"):
+                for label in labels:
+                    make(label, mx.bfloat16)[0](kernels)
+    finally:
+        gpu.QMV_MMA, gpu.MOE_MMA = saved
     for label in ("397b", "odd"):
         d = check.moe_inputs(label, mx.bfloat16)
         E, K, I, Is = d["E"], d["K"], d["gate"].weight.shape[1], d["sg"].out_features

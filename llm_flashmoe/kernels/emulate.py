@@ -1,6 +1,8 @@
 """Run the generated CUDA kernel sources on the CPU, one OS thread per GPU thread.
 
     python -m llm_flashmoe.kernels.emulate [--cases tiny,odd] [--only NAMES]
+    FLASHMOE_QMV_MMA=1 FLASHMOE_MOE_MMA=1 python -m llm_flashmoe.kernels.emulate   (the tensor-core paths;
+        FLASHMOE_EMULATE_MMA=0: their products summed as Metal sums them)
 
 A check of the kernels' numerics without a GPU: each launch of the CUDA launchers (gpu.py) is
 compiled with the host's g++ against an executing shim (kernels/compile_check's shim, plus

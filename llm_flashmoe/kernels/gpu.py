@@ -79,15 +79,19 @@ GDN_THREADS: int | None = None
 # slice update per buffer: two MLX operations and two copies fewer per attention layer (ncu on the
 # H200: each update's copy took 21-29 us of GPU time). Off until the card has shown it right.
 KV_INPLACE = 0
-# FLASHMOE_QMV_MMA (auto, None here: on for CUDA, off for Metal; 0 or 1): qmv launches whose slots are
-# all 4-bit with groups of 64 or 128, on bf16 activations, take 16 rows per warp through tensor-core
-# products (mma.sync m16n8k16; common.kern's mma_rows16): the codes become bf16 values by a mask, so
-# a lane spends about 1.5 instructions per weight where the FMA form spends about 3. Metal has no
-# such product here; its path (1) sums the same fragments with FMAs and shuffles, for testing.
-QMV_MMA: int | None = None
-# FLASHMOE_MOE_MMA (auto, as QMV_MMA): the MoE's gate/up launch the same way, 16 rows of one expert per
-# warp (4-bit experts and shared expert, groups of 64 or 128, bf16, intermediate sizes multiples of 16).
-MOE_MMA: int | None = None
+# FLASHMOE_QMV_MMA=1 (default 0): qmv launches whose slots are all 4-bit with groups of 64 or 128, on
+# bf16 activations, take 16 rows per warp through tensor-core products (mma.sync m16n8k16 on CUDA;
+# common.kern's mma_rows16): the codes become exact bf16 values by a mask, so a lane spends about 1.5
+# instructions per weight where the FMA form spends about 3. Metal has no such product here: there
+# the same fragments are summed with FMAs and shuffles. Off: on the H200 (ncu over 6 decode steps
+# of 8 resident 397B layers) every such launch was slower, a warp's 16 rows over all the inputs
+# being too few warps for the card: in_proj 44.9 against 35.6 us, out_proj 53.0 against 18.9,
+# q|k|v 43.8 against 34.9, lm_head 350.9 against 274.1 (and no faster with 32 or 64 words).
+QMV_MMA = 0
+# FLASHMOE_MOE_MMA=1 (default 0): the MoE's gate/up launch the same way, 16 rows of one expert per warp
+# (4-bit experts and shared expert, groups of 64 or 128, bf16, intermediate sizes multiples of 16).
+# H200 as above: moe_route_gate_up 66.5 against 30.1 us (320 warps for the 397B's K=4).
+MOE_MMA = 0
 
 def configure(env=os.environ) -> None:
     """Set the launch knobs above from `env` (FLASHMOE_QMV_ROWS, FLASHMOE_MOE_ROWS,
@@ -118,19 +122,19 @@ def configure(env=os.environ) -> None:
     L2PF = int(env.get("FLASHMOE_L2_PREFETCH", "1"))
     FUSE_ROUTE = env.get("FLASHMOE_FUSE_ROUTE", "1").strip().lower() not in ("0", "off", "no", "false")
     KV_INPLACE = int(env.get("FLASHMOE_KV_INPLACE", "0").strip().lower() in ("1", "on", "yes", "true"))
-    QMV_MMA, MOE_MMA = (_auto_switch(env, name) for name in ("FLASHMOE_QMV_MMA", "FLASHMOE_MOE_MMA"))
+    QMV_MMA, MOE_MMA = (_switch(env, name) for name in ("FLASHMOE_QMV_MMA", "FLASHMOE_MOE_MMA"))
     if not (64 <= MV_THREADS <= 1024 and MV_THREADS % 32 == 0):
         raise FlashMoeError(f"FLASHMOE_MV_THREADS={MV_THREADS}: use a multiple of 32 from 64 to 1024.")
     if GDN_THREADS is not None and not (64 <= GDN_THREADS <= 1024 and GDN_THREADS % 32 == 0):
         raise FlashMoeError(f"FLASHMOE_GDN_THREADS={GDN_THREADS}: use a multiple of 32 from 64 to 1024.")
 
 
-def _auto_switch(env, name: str) -> int | None:
-    """An auto/1/0 setting: None for auto."""
-    v = env.get(name, "auto").strip().lower()
-    if v not in ("", "auto", "0", "1", "on", "off"):
-        raise FlashMoeError(f"{name}={v}: use auto, 1 or 0.")
-    return None if v in ("", "auto") else int(v in ("1", "on"))
+def _switch(env, name: str) -> int:
+    """A 1/0 (on/off) setting, default 0."""
+    v = env.get(name, "0").strip().lower()
+    if v not in ("", "0", "1", "on", "off"):
+        raise FlashMoeError(f"{name}={v}: use 1 or 0.")
+    return int(v in ("1", "on"))
 
 
 configure()
@@ -233,11 +237,10 @@ class GpuKernels:
         return (1 <= len(linears) <= 4 and K % 32 == 0 and _xs_bytes(K) <= self.max_shared
                 and all(_q2d(l, K) for l in linears))
 
-    def _mma(self, knob, x, linears) -> bool:
+    def _mma(self, knob: int, x, linears) -> bool:
         """Whether a matrix-vector launch of `linears` on `x` goes through tensor-core products
-        (common.kern's mma_rows16) under `knob` (QMV_MMA or MOE_MMA; None: on for CUDA)."""
-        on = knob if knob is not None else int(self.backend == "cuda")
-        return bool(on and x.dtype == mx.bfloat16 and x.shape[-1] % 64 == 0
+        (common.kern's mma_rows16) under `knob` (QMV_MMA or MOE_MMA)."""
+        return bool(knob and x.dtype == mx.bfloat16 and x.shape[-1] % 64 == 0
                     and all(l.bits == 4 and l.group_size in (64, 128) and l.scales.dtype == mx.bfloat16
                             for l in linears))
 
