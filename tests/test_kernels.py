@@ -237,8 +237,8 @@ def test_kv_inplace_switch_picks_the_kernel_that_writes_the_buffers_it_is_given(
 
 def test_qmv_mma_switch_takes_4bit_bf16_launches_through_tensor_core_products():
     """FLASHMOE_QMV_MMA=1: a qmv launch whose slots are all 4-bit with groups of 64 or 128 on bf16
-    activations is built with QMV_MMA 1 and 16 rows per warp, on CUDA and on Metal (its shuffle
-    path); float32 activations, 3-bit or 8-bit slots and groups of 32 keep the FMA form, as does the
+    activations is built with QMV_MMA 1 and a thread group per 16 rows, on CUDA and on Metal (its
+    shuffle path); float32 activations, 3-bit or 8-bit slots and groups of 32 keep the FMA form, as does the
     default (0); FLASHMOE_MOE_MMA=1 does the same for the MoE's gate/up; a bad value is refused."""
     from llm_flashmoe.errors import FlashMoeError
     from llm_flashmoe.kernels import check, gpu
@@ -266,9 +266,10 @@ def test_qmv_mma_switch_takes_4bit_bf16_launches_through_tensor_core_products():
         gpu.configure({})
         assert not built("cuda", mx.bfloat16)[0] and not built("metal", mx.bfloat16)[0]
         gpu.configure({"FLASHMOE_QMV_MMA": "1"})
-        assert built("cuda", mx.bfloat16) == (True, 1)        # 41 rows: 3 warps of 16, one group
+        # a thread group per 16 rows of a slot (its warps split the inputs): 40 + 1 rows, 3 + 1 groups
+        assert built("cuda", mx.bfloat16) == (True, 4)
         assert built("cuda", mx.bfloat16, gs=128)[0]
-        assert built("cuda", mx.bfloat16, n=(4096,)) == (True, 4096 // 16 // (gpu.MV_THREADS // 32))
+        assert built("cuda", mx.bfloat16, n=(4096,)) == (True, 4096 // 16)
         assert not built("cuda", mx.float32)[0]
         assert not built("cuda", mx.bfloat16, bits=3)[0] and not built("cuda", mx.bfloat16, bits=8)[0]
         assert not built("cuda", mx.bfloat16, gs=32)[0]

@@ -80,13 +80,14 @@ GDN_THREADS: int | None = None
 # H200: each update's copy took 21-29 us of GPU time). Off until the card has shown it right.
 KV_INPLACE = 0
 # FLASHMOE_QMV_MMA=1 (default 0): qmv launches whose slots are all 4-bit with groups of 64 or 128, on
-# bf16 activations, take 16 rows per warp through tensor-core products (mma.sync m16n8k16 on CUDA;
-# common.kern's mma_rows16): the codes become exact bf16 values by a mask, so a lane spends about 1.5
-# instructions per weight where the FMA form spends about 3. Metal has no such product here: there
-# the same fragments are summed with FMAs and shuffles. Off: on the H200 (ncu over 6 decode steps
-# of 8 resident 397B layers) every such launch was slower, a warp's 16 rows over all the inputs
-# being too few warps for the card: in_proj 44.9 against 35.6 us, out_proj 53.0 against 18.9,
-# q|k|v 43.8 against 34.9, lm_head 350.9 against 274.1 (and no faster with 32 or 64 words).
+# bf16 activations, take 16 rows per thread group through tensor-core products (mma.sync m16n8k16 on
+# CUDA; common.kern's mma_rows16), the group's warps splitting the inputs: the codes become exact bf16
+# values by a mask, so a lane spends about 1.5 instructions per weight where the FMA form spends
+# about 3. Metal has no such product here: there the same fragments are summed with FMAs and
+# shuffles. Off until timed: on the H200 (ncu over 6 decode steps of 8 resident 397B layers) the
+# first form, a warp per 16 rows over all the inputs, was slower in every launch (too few warps
+# for the card): in_proj 44.9 against 35.6 us, out_proj 53.0 against 18.9, q|k|v 43.8 against
+# 34.9, lm_head 350.9 against 274.1 (and no faster with 32 or 64 words). The split has 8x the warps.
 QMV_MMA = 0
 # FLASHMOE_MOE_MMA=1 (default 0): the MoE's gate/up launch the same way, 16 rows of one expert per warp
 # (4-bit experts and shared expert, groups of 64 or 128, bf16, intermediate sizes multiples of 16).
@@ -267,8 +268,13 @@ class GpuKernels:
         outputs = [f"y{i}" for i in range(n)] + (["hout", "nout"] if mode == 2 else [])
         shapes = [(*x.shape[:-1], l.out_features) for l in linears] + [x.shape] * (len(outputs) - n)
         W = MV_THREADS // 32
-        blocks = grid_blocks(_ceil(sum(_ceil(l.out_features, R) for l in linears), W), self.backend)
-        defines["QMV_GW"] = blocks * W
+        tasks = sum(_ceil(l.out_features, R) for l in linears)
+        if mma:   # a group of warps per 16 rows, its warps splitting the inputs
+            blocks = grid_blocks(tasks, self.backend)
+            defines["QMV_GW"] = blocks
+        else:     # a warp per R rows
+            blocks = grid_blocks(_ceil(tasks, W), self.backend)
+            defines["QMV_GW"] = blocks * W
         k = self.kernel("qmv", tuple(inputs), tuple(outputs), defines)
         outs = k(inputs=args, template=[("T", x.dtype)], grid=(blocks * MV_THREADS, M, 1),
                  threadgroup=(MV_THREADS, 1, 1), output_shapes=shapes, output_dtypes=[x.dtype] * len(outputs), **self._fill)
