@@ -44,6 +44,8 @@ def judge(got, ref, plain_got, dtype) -> tuple[float, float, bool]:
         err, perr = max(err, e), max(perr, pe)
         ok &= e <= BOUND[dtype] or (r.size <= SMALL and e <= PLAIN_FACTOR * pe)
     return err, perr, ok
+
+
 REPS = 20
 
 
