@@ -89,9 +89,10 @@ KV_INPLACE = 0
 # for the card): in_proj 44.9 against 35.6 us, out_proj 53.0 against 18.9, q|k|v 43.8 against
 # 34.9, lm_head 350.9 against 274.1 (and no faster with 32 or 64 words). The split has 8x the warps.
 QMV_MMA = 0
-# FLASHMOE_MOE_MMA=1 (default 0): the MoE's gate/up launch the same way, 16 rows of one expert per warp
-# (4-bit experts and shared expert, groups of 64 or 128, bf16, intermediate sizes multiples of 16).
-# H200 as above: moe_route_gate_up 66.5 against 30.1 us (320 warps for the 397B's K=4).
+# FLASHMOE_MOE_MMA=1 (default 0): the MoE's gate/up launch the same way, 16 rows of one expert per thread
+# group (4-bit experts and shared expert, groups of 64 or 128, bf16, intermediate sizes multiples of
+# 16). H200 as above, in the first form (a warp per 16 rows: 320 warps for the 397B's K=4):
+# moe_route_gate_up 66.5 against 30.1 us; the split form is not yet timed.
 MOE_MMA = 0
 
 def configure(env=os.environ) -> None:
@@ -342,8 +343,9 @@ class GpuKernels:
                    "GU_MMA": int(mma), **_mv_defines()}
         stacks = [*_parts(gate), *_parts(up), *_parts(shared_gate), *_parts(shared_up)]
         W = MV_THREADS // 32
-        blocks = grid_blocks(_ceil(_ceil(K * I, R) + _ceil(Is, R), W), self.backend)
-        defines["GU_GW"] = blocks * W
+        tasks = _ceil(K * I, R) + _ceil(Is, R)
+        blocks = grid_blocks(tasks if mma else _ceil(tasks, W), self.backend)   # mma: a group per 16 rows
+        defines["GU_GW"] = blocks if mma else blocks * W
         kw = dict(template=[("T", x.dtype)], grid=(blocks * MV_THREADS, 1, 1), threadgroup=(MV_THREADS, 1, 1),
                   output_shapes=[(K, I), (Is,)], **self._fill)
         return defines, stacks, kw
