@@ -239,7 +239,8 @@ def test_qmv_mma_switch_takes_4bit_bf16_launches_through_tensor_core_products():
     """FLASHMOE_QMV_MMA=1: a qmv launch whose slots are all 4-bit with groups of 64 or 128 on bf16
     activations is built with QMV_MMA 1 and a thread group per 16 rows, on CUDA and on Metal (its
     shuffle path); float32 activations, 3-bit or 8-bit slots and groups of 32 keep the FMA form, as does the
-    default (0); FLASHMOE_MOE_MMA=1 does the same for the MoE's gate/up; a bad value is refused."""
+    default (0); FLASHMOE_MOE_MMA=1 does the same for the MoE's gate/up and down (a thread group per
+    16 rows of moe_down's output); a bad value is refused."""
     from llm_flashmoe.errors import FlashMoeError
     from llm_flashmoe.kernels import check, gpu
 
@@ -287,8 +288,12 @@ def test_qmv_mma_switch_takes_4bit_bf16_launches_through_tensor_core_products():
             kern = gpu.GpuKernels("cuda")
             kern._make = record
             kern.moe_gate_up(d["x"], d["rows"], d["gate"], d["up"], d["sg"], d["su"])
-            (header, _, _, _), = launches
-            assert ("#define GU_MMA 1\n" in header) == on == ("#define GU_R 16\n" in header)
+            I, Is = d["gate"].weight.shape[1], d["sg"].out_features
+            kern.moe_down(mx.zeros((d["K"], I), mx.bfloat16), d["rows"], d["w"], d["down"], mx.zeros((Is,), mx.bfloat16),
+                          d["sd"], mx.zeros((1,), mx.bfloat16), d["res"])
+            (gu, _, _, _), (down, _, grid, group) = launches
+            assert ("#define GU_MMA 1\n" in gu) == on == ("#define GU_R 16\n" in gu) == ("#define DOWN_MMA 1\n" in down)
+            assert grid[0] // group[0] == (256 // 16 if on else 256 // (gpu.MV_THREADS // 32))   # tiny: H 256
     finally:
         gpu.configure()
     # the dialects: CUDA's tensor-core product where the GPU has one, Metal's none (its shuffle path)
@@ -513,9 +518,10 @@ def test_compile_check_renders_every_kernel_and_the_addressed_mode():
     names = {n.rsplit("_", 1)[0][len("fm_"):] for n in units}
     assert names == set(source.KERNELS)
     addressed = [n for n, text in units.items() if "#define ADDRESSED 1" in text]
-    # the tensor-core variants too (off by default): qmv's and the gate/up kernels'
-    mma = {n.rsplit("_", 1)[0] for n, text in units.items() if "#define QMV_MMA 1\n" in text or "#define GU_MMA 1\n" in text}
-    assert mma == {"fm_qmv", "fm_moe_gate_up", "fm_moe_route_gate_up"}
+    # the tensor-core variants too (off by default): qmv's and the MoE's
+    mma = {n.rsplit("_", 1)[0] for n, text in units.items()
+           if any(f"#define {d} 1\n" in text for d in ("QMV_MMA", "GU_MMA", "DOWN_MMA"))}
+    assert mma == {"fm_qmv", "fm_moe_gate_up", "fm_moe_route_gate_up", "fm_moe_down"}
     assert {n.rsplit("_", 1)[0] for n in addressed} == {"fm_moe_route_gate_up", "fm_moe_gate_up", "fm_moe_down"}
     for text in units.values():
         assert '#include "shim.h"' in text and "template void fm_" in text and "//@part" not in text

@@ -106,22 +106,27 @@ def render_all(nvcc: bool = False) -> dict[str, str]:
     # the tensor-core variants (FLASHMOE_QMV_MMA, FLASHMOE_MOE_MMA; off by default) of the bf16 cases
     from . import gpu
 
+    def addressed():
+        for label in ("397b", "odd", "odd-4bit"):
+            d = check.moe_inputs(label, mx.bfloat16)
+            E, K, I, Is = d["E"], d["K"], d["gate"].weight.shape[1], d["sg"].out_features
+            table, rows = mx.zeros((E, 9), mx.uint64), mx.zeros((K, 9), mx.uint64)
+            kernels.moe_route_gate_up(check.rnd((E,)), K, True, table, d["x"], d["gate"], d["up"], d["sg"], d["su"])
+            kernels.moe_gate_up(d["x"], rows, d["gate"], d["up"], d["sg"], d["su"])
+            kernels.moe_down(check.rnd((K, I)), rows, d["w"], d["down"], check.rnd((Is,)), d["sd"], check.rnd((1,)),
+                             d["res"])
+
+    addressed()
     saved = (gpu.QMV_MMA, gpu.MOE_MMA)
     gpu.QMV_MMA = gpu.MOE_MMA = 1
     try:
         for name, make, labels in check.CASES:
-            if name in ("qmv", "norm_qmv", "moe_gate_up", "moe_route_gate_up"):
+            if name in ("qmv", "norm_qmv", "moe_gate_up", "moe_route_gate_up", "moe_down"):
                 for label in labels:
                     make(label, mx.bfloat16)[0](kernels)
+        addressed()
     finally:
         gpu.QMV_MMA, gpu.MOE_MMA = saved
-    for label in ("397b", "odd"):
-        d = check.moe_inputs(label, mx.bfloat16)
-        E, K, I, Is = d["E"], d["K"], d["gate"].weight.shape[1], d["sg"].out_features
-        table, rows = mx.zeros((E, 9), mx.uint64), mx.zeros((K, 9), mx.uint64)
-        kernels.moe_route_gate_up(check.rnd((E,)), K, True, table, d["x"], d["gate"], d["up"], d["sg"], d["su"])
-        kernels.moe_gate_up(d["x"], rows, d["gate"], d["up"], d["sg"], d["su"])
-        kernels.moe_down(check.rnd((K, I)), rows, d["w"], d["down"], check.rnd((Is,)), d["sd"], check.rnd((1,)), d["res"])
     return units
 
 

@@ -91,8 +91,9 @@ KV_INPLACE = 0
 QMV_MMA = 0
 # FLASHMOE_MOE_MMA=1 (default 0): the MoE's gate/up launch the same way, 16 rows of one expert per thread
 # group (4-bit experts and shared expert, groups of 64 or 128, bf16, intermediate sizes multiples of
-# 16). H200 as above, in the first form (a warp per 16 rows: 320 warps for the 397B's K=4):
-# moe_route_gate_up 66.5 against 30.1 us; the split form is not yet timed.
+# 16), and moe_down: 16 output rows per thread group, its warps splitting the experts' inputs. H200 as
+# above, gate/up in the first form (a warp per 16 rows: 320 warps for the 397B's K=4):
+# moe_route_gate_up 66.5 against 30.1 us; the split forms are not yet timed.
 MOE_MMA = 0
 
 def configure(env=os.environ) -> None:
@@ -358,15 +359,17 @@ class GpuKernels:
                 and _q2d(shared_down, Is) and shared_down.out_features == H):
             _no_addresses(addressed)
             return plain.moe_down(h, rows, weights, down, hs, shared_down, shared_gate_logit, residual)
+        mma = self._mma(MOE_MMA, h, (down, shared_down)) and Is % 64 == 0 and H % 16 == 0
         defines = {"HD": H, "KE": K, "IE": I, "BE": down.bits, "GE": down.group_size, "SHI": Is,
                    "SHB": shared_down.bits, "SHG": shared_down.group_size, "ADDRESSED": int(addressed), "DOWN_R": MOE_DOWN_ROWS,
-                   **_mv_defines()}
+                   "DOWN_MMA": int(mma), **_mv_defines()}
         names = ("h", "ids", "weights", "dw", "ds", "db", "hs", "sdw", "sds", "sdb", "sg", "res")
         kern = self.kernel("moe_down", names, ("out",), defines)
         ids = rows if addressed else rows.astype(mx.int32)
         args = [h, ids, weights.astype(mx.float32), *_parts(down), hs, *_parts(shared_down), shared_gate_logit, residual]
         W = MV_THREADS // 32
-        return kern(inputs=args, template=[("T", residual.dtype)], grid=(_ceil(_ceil(H, MOE_DOWN_ROWS), W) * MV_THREADS, 1, 1),
+        blocks = _ceil(H, 16) if mma else _ceil(_ceil(H, MOE_DOWN_ROWS), W)   # mma: a group per 16 rows
+        return kern(inputs=args, template=[("T", residual.dtype)], grid=(blocks * MV_THREADS, 1, 1),
                     threadgroup=(MV_THREADS, 1, 1), output_shapes=[residual.shape], output_dtypes=[residual.dtype],
                     **self._fill)[0]
 
