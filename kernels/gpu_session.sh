@@ -85,7 +85,8 @@ prep() {  # prep [mlx]: the MLX layout, then (unless "mlx") the packed conversio
     step prep.log python3 -c "
 import time; from llm_flashmoe import synth
 synth._write_tokenizer = lambda d: None   # the engine needs no tokenizer
-t = time.perf_counter(); synth.write_synthetic('$M/mlx', preset='397b', layout='mlx', layers=$LAYERS, progress=False)
+t = time.perf_counter(); synth.write_synthetic('$M/mlx', preset='397b', layout='mlx', layers=$LAYERS, progress=False,
+                                              workers=$(nproc))
 print(f'synth 397b x $LAYERS layers (mlx layout) in {time.perf_counter() - t:.0f} s')"
   fi
   if [ "${1:-}" != mlx ] && [ ! -f "$M/packed/complete" ]; then

@@ -151,12 +151,12 @@ def _published_names(layout: str, name: str) -> str:
 
 
 def write_synthetic(dest: str | Path, *, preset: str = "tiny", layout: str = "hf", layers: int | None = None,
-                    seed: int = 0, fast_experts: bool | None = None, progress: bool = True) -> Path:
-    """Write a synthetic checkpoint into `dest` (created; must be empty or absent)."""
-    import mlx.core as mx
-
+                    seed: int = 0, fast_experts: bool | None = None, progress: bool = True,
+                    workers: int = 1) -> Path:
+    """Write a synthetic checkpoint into `dest` (created; must be empty or absent). `workers` > 1
+    writes the shards (one per layer, one each for the embedding and the head) in that many
+    processes: the same bytes, as each tensor's values depend only on the seed and its name."""
     from .errors import FlashMoeError
-    from .safetensors_io import SafetensorsWriter
 
     if preset not in PRESETS:
         raise FlashMoeError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
@@ -176,7 +176,6 @@ def write_synthetic(dest: str | Path, *, preset: str = "tiny", layout: str = "hf
 
     raw_cfg = make_config(preset, layers, 4 if layout == "mlx" else None)
     cfg = parse_config(raw_cfg)
-    maker = WeightMaker(cfg, seed)
     mods = model_modules(cfg)
 
     # One shard for the embedding, one per layer, one for the final norm and head.
@@ -187,21 +186,25 @@ def write_synthetic(dest: str | Path, *, preset: str = "tiny", layout: str = "hf
 
     total = len(groups)
     weight_map = {}
+    jobs = []
     for gi, group in enumerate(groups):
         fname = f"model-{gi + 1:05d}-of-{total:05d}.safetensors"
-        decl = []
         for mod in group:
-            decl += _declare(cfg, mod, layout)
-        w = SafetensorsWriter(dest / fname, [(n, d, s) for n, d, s, _ in decl],
-                              metadata={"format": "mlx" if layout == "mlx" else "pt"})
-        for name, *_rest in decl:
-            weight_map[name] = fname
-        for mod in group:
-            for pub, chunk in _generate(cfg, mod, layout, maker, fast_experts, mx):
-                w.write(pub, chunk)
-        w.close()
-        if progress:
-            print(f"\rsynth: wrote {gi + 1}/{total} shards", end="", file=sys.stderr, flush=True)
+            for name, *_rest in _declare(cfg, mod, layout):
+                weight_map[name] = fname
+        jobs.append((raw_cfg, seed, [m.name for m in group], layout, fast_experts, str(dest / fname)))
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+            for done, _ in enumerate(pool.imap_unordered(_write_shard, jobs), 1):
+                if progress:
+                    print(f"\rsynth: wrote {done}/{total} shards", end="", file=sys.stderr, flush=True)
+    else:
+        for done, job in enumerate(jobs, 1):
+            _write_shard(job)
+            if progress:
+                print(f"\rsynth: wrote {done}/{total} shards", end="", file=sys.stderr, flush=True)
     if progress:
         print(file=sys.stderr)
 
@@ -213,6 +216,26 @@ def write_synthetic(dest: str | Path, *, preset: str = "tiny", layout: str = "hf
         indent=2))
     _write_tokenizer(dest)
     return dest
+
+
+def _write_shard(job) -> str:
+    """Write one shard: (raw config, seed, its modules' names, layout, fast_experts, path)."""
+    import mlx.core as mx
+
+    from .safetensors_io import SafetensorsWriter
+
+    raw_cfg, seed, names, layout, fast_experts, path = job
+    cfg = parse_config(raw_cfg)
+    maker = WeightMaker(cfg, seed)
+    group = [m for m in model_modules(cfg) if m.name in set(names)]
+    decl = [d for mod in group for d in _declare(cfg, mod, layout)]
+    w = SafetensorsWriter(Path(path), [(n, d, s) for n, d, s, _ in decl],
+                          metadata={"format": "mlx" if layout == "mlx" else "pt"})
+    for mod in group:
+        for pub, chunk in _generate(cfg, mod, layout, maker, fast_experts, mx):
+            w.write(pub, chunk)
+    w.close()
+    return path
 
 
 def _write_tokenizer(dest: Path) -> None:

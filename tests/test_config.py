@@ -62,3 +62,16 @@ def test_switch_mlp_override_maps_to_experts():
     cfg = parse_config(raw)
     assert cfg.quant_for("layers.2.mlp.experts.down_proj").bits == 2
     assert cfg.quant_for("layers.2.mlp.experts.up_proj").bits == 4
+
+
+def test_synthetic_shards_written_in_parallel_are_the_same_bytes(tmp_path):
+    """write_synthetic(workers=2) writes the shards in two processes: the same files, byte for
+    byte, as one process writes (each tensor's values depend only on the seed and its name)."""
+    from llm_flashmoe.synth import write_synthetic
+
+    one = write_synthetic(tmp_path / "one", preset="tiny", layout="mlx", layers=2, progress=False)
+    two = write_synthetic(tmp_path / "two", preset="tiny", layout="mlx", layers=2, progress=False, workers=2)
+    names = sorted(p.name for p in one.iterdir())
+    assert names == sorted(p.name for p in two.iterdir()) and sum(n.endswith(".safetensors") for n in names) == 4
+    for n in names:
+        assert (one / n).read_bytes() == (two / n).read_bytes(), n
