@@ -487,6 +487,31 @@ def test_bf16_tolerance_check_through_twins(tmp_path, monkeypatch):
     assert r["ok"] and r["plain"]["rel"] == 0 and r["fused"]["rel"] < 1e-5
 
 
+def test_check_judges_lone_outputs_against_the_plain_twins_own_error():
+    """kernels.check.judge: every output must be within the dtype's bound, except that an output of
+    at most SMALL values may instead be within PLAIN_FACTOR times the plain twin's own error (a
+    lone value near 0); a larger output gets no such leeway, and no plain run means the bound."""
+    from llm_flashmoe.kernels import check
+
+    bf = mx.bfloat16
+    ref_big, ref_one = mx.ones((64,)), mx.array([0.01])
+
+    def off(a, e):   # a with a relative error of e
+        return a + e * mx.abs(a).max()
+
+    def ok(got, plain):
+        return check.judge(got, [ref_big, ref_one], plain, bf)[2]
+
+    big_fine = off(ref_big, 1e-3)
+    assert ok([big_fine, off(ref_one, 1e-3)], [ref_big, ref_one])
+    assert not ok([big_fine, off(ref_one, 0.5)], [ref_big, off(ref_one, 0.1)])    # 0.5 > 1.5 * 0.1
+    assert ok([big_fine, off(ref_one, 0.12)], [ref_big, off(ref_one, 0.1)])       # lone, within 1.5x
+    assert not ok([off(ref_big, 0.05), off(ref_one, 1e-3)], [off(ref_big, 0.1), ref_one])   # big: the bound
+    assert not check.judge([big_fine, off(ref_one, 0.12)], [ref_big, ref_one], None, bf)[2]
+    err, perr, _ = check.judge([big_fine, off(ref_one, 0.12)], [ref_big, ref_one], [ref_big, off(ref_one, 0.1)], bf)
+    assert abs(err - 0.12) < 1e-3 and abs(perr - 0.1) < 1e-3
+
+
 def test_check_cases_run_through_the_twins_against_their_float32_copies():
     """`kernels.check` on CPU, twins standing in for the kernels: every case gives (fused, twin,
     twin on float32 copies); a twin equals itself, and the float32 copy is a close reference."""
