@@ -26,7 +26,8 @@
 #   settings decode under each kernel setting in $SETTINGS (';'-separated, e.g. "-;grid=2 words=16"),
 #            one process, step by step and pipelined, medians of SETTINGS_ROUNDS rounds (default 3)
 #            visiting the settings in turn; the fastest one's environment (pipelined) goes to
-#            /tmp/fm-best.env, and with USE_BEST=1
+#            /tmp/fm-best.env (SETTINGS_TOL=N: each round also each setting's tolerance ratio on N
+#            layers, against a float32 copy), and with USE_BEST=1
 #            the steps kcheck, kdecode, kncu and ncu run under it
 #   rows     rows per warp of qmv and the MoE kernels, checked and timed
 #   firststep the first decode step's stall in two processes in a row (MLX's kernel cache)
@@ -235,7 +236,7 @@ for s in "$@"; do
         -- env $(best) python3 -m llm_flashmoe.kernels.overhead decode --dir "$M/mlx" --steps 6 --profile ;;
     settings)
       step settings.log python3 -m llm_flashmoe.kernels.overhead settings --dir "$M/mlx" ${SETTINGS:+--settings="$SETTINGS"} \
-        ${SETTINGS_ROUNDS:+--rounds "$SETTINGS_ROUNDS"} \
+        ${SETTINGS_ROUNDS:+--rounds "$SETTINGS_ROUNDS"} ${SETTINGS_TOL:+--tolerance "$SETTINGS_TOL"} \
         --best /tmp/fm-best.env
       echo "== fastest: $(cat /tmp/fm-best.env 2>/dev/null)" | tee -a "$out/settings.log" ;;
     kcheck) step kcheck.log env $(best) python3 -m llm_flashmoe.kernels.check --runs "$runs" ${KCHECK_ONLY:+--only "$KCHECK_ONLY"} ;;

@@ -623,10 +623,12 @@ def test_settings_set_the_engine_read_knobs_in_the_environment(monkeypatch):
 
     monkeypatch.delenv("FLASHMOE_FUSE_INPUT_NORM", raising=False)
     try:
-        sweeps.apply_setting(sweeps.parse_setting("fusenorm=0 gdnrows=2"), "twin")
+        sweeps.apply_setting(sweeps.parse_setting("fusenorm=0 gdnrows=2 qmma=1 moemma=1 kvinplace=1"), "twin")
         assert not _fuse_input_norm() and gpu.GDN_ROWS == 2
+        assert (gpu.QMV_MMA, gpu.MOE_MMA, gpu.KV_INPLACE) == (1, 1, 1)
         sweeps.apply_setting(sweeps.parse_setting("-"), "twin")
         assert _fuse_input_norm() and gpu.GDN_ROWS == 8 and "FLASHMOE_FUSE_INPUT_NORM" not in os.environ
+        assert (gpu.QMV_MMA, gpu.MOE_MMA, gpu.KV_INPLACE) == (0, 0, 0)
     finally:
         gpu.configure()
     with pytest.raises(SystemExit, match="fusenorm"):

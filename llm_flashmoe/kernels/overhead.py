@@ -263,6 +263,8 @@ def main(argv=None) -> int:
     p.add_argument("--best", default=None, help="write the fastest setting's environment here")
     p.add_argument("--moe-shape", default="397b", help="shape set of the MoE block timed (check.MOE_SHAPES)")
     p.add_argument("--backend", default="cuda", help="kernel backend (twin: a CPU run of the sweep itself)")
+    p.add_argument("--tolerance", type=int, default=0,
+                   help="also each round's bf16-tolerance ratio per setting on this many layers (0: none)")
     p = sub.add_parser("host", help="where the host's time goes in a pipelined decode")
     p.add_argument("--dir", required=True)
     p.add_argument("--steps", type=int, default=100)

@@ -115,7 +115,8 @@ SETTING_KEYS = {"grid": "FLASHMOE_GRID", "blocks": "FLASHMOE_GRID_BLOCKS", "word
                 "gdnthreads": "FLASHMOE_GDN_THREADS",
                 "threads": "FLASHMOE_MV_THREADS", "xvinner": "FLASHMOE_XV_INNER", "l2pf": "FLASHMOE_L2_PREFETCH",
                 "fuseroute": "FLASHMOE_FUSE_ROUTE", "fusenorm": "FLASHMOE_FUSE_INPUT_NORM",
-                "cattn": "FLASHMOE_COMPILE_ATTENTION", "cstep": "FLASHMOE_COMPILE_STEP"}
+                "cattn": "FLASHMOE_COMPILE_ATTENTION", "cstep": "FLASHMOE_COMPILE_STEP",
+                "qmma": "FLASHMOE_QMV_MMA", "moemma": "FLASHMOE_MOE_MMA", "kvinplace": "FLASHMOE_KV_INPLACE"}
 # read by the engine at each call rather than by the kernel module: set in the environment itself
 _ENGINE_KEYS = ("FLASHMOE_FUSE_INPUT_NORM", "FLASHMOE_COMPILE_ATTENTION", "FLASHMOE_COMPILE_STEP")
 
@@ -161,10 +162,14 @@ def settings_sweep(args) -> None:
     pipelined (as generate runs it), each the median over --rounds rounds that visit the settings
     in turn (the card's speed drifts between minutes); each setting's logits for the same tokens
     against the plain path's; the 397B MoE block (check case) compiled, fused against plain. The
-    fastest setting (pipelined) goes to --best."""
+    fastest setting (pipelined) goes to --best. With --tolerance N, each round also runs each
+    setting's bf16-tolerance check on the first N layers (decode_bench.tolerance_check: against a
+    float32 copy, as a ratio to the plain path's error): the fused path is not bit-deterministic
+    on the GPU, so the rounds show how far the ratio moves by itself."""
     from ..engine.load import load_model
     from . import check
-    from .decode_bench import decode_times, heat, logits_error, logits_run, pipelined_time, with_ops
+    from .decode_bench import (decode_times, heat, logits_error, logits_run, pipelined_time, tolerance_check,
+                               with_ops)
 
     t0 = time.perf_counter()
     model = load_model(args.dir, experts_per_token=args.k)
@@ -184,7 +189,9 @@ def settings_sweep(args) -> None:
     heat()
     moe_plain = check.time_call(mx.compile(lambda: check._flat(t())), args.runs)
     texts = args.settings.split(";")
-    built, seen = {}, {text: {"step": [], "pipe": [], "eh": []} for text in texts}
+    built, seen = {}, {text: {"step": [], "pipe": [], "eh": [], "tol": []} for text in texts}
+    tol_ref = (load_model(args.dir, experts_per_token=args.k, dtype=mx.float32)
+               if getattr(args, "tolerance", 0) and model.dtype != mx.float32 else None)
     for r in range(args.rounds):
         for text in texts:
             setting = parse_setting(text)
@@ -201,19 +208,27 @@ def settings_sweep(args) -> None:
             seen[text]["pipe"].append(pipelined_time(model, prompt, args.pipe_steps)[0] * 1e3)
             seen[text]["eh"].append(pipelined_time(model, prompt, args.pipe_steps, embed_head_only=True)[0] * 1e3)
             with_ops(model, None)
+            if tol_ref is not None:
+                row, = tolerance_check(tol_ref, model, built[text], prompt, 8, [args.tolerance])
+                seen[text]["tol"].append(row["fused"]["rel"] / max(row["plain"]["rel"], 1e-30))
         print(f"round {r + 1}: " + ", ".join(f"{t} {(seen[t]['pipe'][-1] - seen[t]['eh'][-1]) / L * 1e3:.1f}"
-                                             for t in texts) + " us/layer pipelined", flush=True)
+                                             for t in texts) + " us/layer pipelined"
+              + ("; tolerance ratio " + ", ".join(f"{t} {seen[t]['tol'][-1]:.2f}" for t in texts) if tol_ref else ""),
+              flush=True)
     print(f"medians of {args.rounds} rounds; step: build then evaluate, as the benchmarks time it; pipelined: "
           f"as generate runs it (embed+head pipelined alone beside it)")
     print(f"{'setting':36} {'ms/token':>8} {'us/layer':>8} {'vs plain':>8} {'pipe ms':>8} {'pipe us/l':>9} "
-          f"{'rel diff':>9} {'top1':>5} {'MoE us':>7} {'MoE x':>6}", flush=True)
+          f"{'rel diff':>9} {'top1':>5} {'MoE us':>7} {'MoE x':>6}"
+          + (f" {'tol ratio (min-max)':>20}" if tol_ref else ""), flush=True)
     best = None
     for text in texts:
         v = seen[text]
         tok, pipe, peh = (float(np.median(v[k])) for k in ("step", "pipe", "eh"))
         per_layer, pipe_layer = (tok - eh) / L * 1e3, (pipe - peh) / L * 1e3
         print(f"{text:36} {tok:8.2f} {per_layer:8.1f} {(plain_tok - eh) / (tok - eh):7.2f}x {pipe:8.2f} {pipe_layer:9.1f} "
-              f"{v['err']['max']:9.2e} {v['err']['top1']:5.2f} {v['moe']:7.1f} {moe_plain / v['moe']:5.2f}x", flush=True)
+              f"{v['err']['max']:9.2e} {v['err']['top1']:5.2f} {v['moe']:7.1f} {moe_plain / v['moe']:5.2f}x"
+              + (f" {np.median(v['tol']):8.2f} ({min(v['tol']):.2f}-{max(v['tol']):.2f})" if tol_ref else ""),
+              flush=True)
         if best is None or pipe_layer < best[0]:
             best = (pipe_layer, parse_setting(text))
     set_knobs({})
