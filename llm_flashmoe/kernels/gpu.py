@@ -250,6 +250,15 @@ class GpuKernels:
                     and all(l.bits == 4 and l.group_size in (64, 128) and l.scales.dtype == mx.bfloat16
                             for l in linears))
 
+    def _mv_grid(self, tasks: int, mma: bool) -> tuple[int, int]:
+        """(thread groups to launch, the kernel's grid-stride count) for `tasks` row groups: a warp
+        each, or (mma) a whole thread group each, its warps splitting the inputs."""
+        if mma:
+            blocks = grid_blocks(tasks, self.backend)
+            return blocks, blocks
+        blocks = grid_blocks(_ceil(tasks, MV_THREADS // 32), self.backend)
+        return blocks, blocks * (MV_THREADS // 32)
+
     def _qmv(self, x, linears, norm=None) -> list[mx.array]:
         """The qmv kernel; norm = (xadd or None, weight, eps) puts an RMSNorm in front; with xadd,
         its input x + xadd and its output come back after the linears' outputs."""
@@ -272,14 +281,7 @@ class GpuKernels:
             args += [lin.weight, lin.scales, lin.biases]
         outputs = [f"y{i}" for i in range(n)] + (["hout", "nout"] if mode == 2 else [])
         shapes = [(*x.shape[:-1], l.out_features) for l in linears] + [x.shape] * (len(outputs) - n)
-        W = MV_THREADS // 32
-        tasks = sum(_ceil(l.out_features, R) for l in linears)
-        if mma:   # a group of warps per 16 rows, its warps splitting the inputs
-            blocks = grid_blocks(tasks, self.backend)
-            defines["QMV_GW"] = blocks
-        else:     # a warp per R rows
-            blocks = grid_blocks(_ceil(tasks, W), self.backend)
-            defines["QMV_GW"] = blocks * W
+        blocks, defines["QMV_GW"] = self._mv_grid(sum(_ceil(l.out_features, R) for l in linears), mma)
         k = self.kernel("qmv", tuple(inputs), tuple(outputs), defines)
         outs = k(inputs=args, template=[("T", x.dtype)], grid=(blocks * MV_THREADS, M, 1),
                  threadgroup=(MV_THREADS, 1, 1), output_shapes=shapes, output_dtypes=[x.dtype] * len(outputs), **self._fill)
@@ -346,10 +348,7 @@ class GpuKernels:
                    "SHB": shared_gate.bits, "SHG": shared_gate.group_size, "ADDRESSED": int(addressed), "GU_R": R,
                    "GU_MMA": int(mma), **_mv_defines()}
         stacks = [*_parts(gate), *_parts(up), *_parts(shared_gate), *_parts(shared_up)]
-        W = MV_THREADS // 32
-        tasks = _ceil(K * I, R) + _ceil(Is, R)
-        blocks = grid_blocks(tasks if mma else _ceil(tasks, W), self.backend)   # mma: a group per 16 rows
-        defines["GU_GW"] = blocks if mma else blocks * W
+        blocks, defines["GU_GW"] = self._mv_grid(_ceil(K * I, R) + _ceil(Is, R), mma)
         kw = dict(template=[("T", x.dtype)], grid=(blocks * MV_THREADS, 1, 1), threadgroup=(MV_THREADS, 1, 1),
                   output_shapes=[(K, I), (Is,)], **self._fill)
         return defines, stacks, kw
