@@ -193,16 +193,13 @@ def write_synthetic(dest: str | Path, *, preset: str = "tiny", layout: str = "hf
             for name, *_rest in _declare(cfg, mod, layout):
                 weight_map[name] = fname
         jobs.append((raw_cfg, seed, [m.name for m in group], layout, fast_experts, str(dest / fname)))
-    if workers > 1 and len(jobs) > 1:
-        import multiprocessing
+    import contextlib
+    import multiprocessing
 
-        with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
-            for done, _ in enumerate(pool.imap_unordered(_write_shard, jobs), 1):
-                if progress:
-                    print(f"\rsynth: wrote {done}/{total} shards", end="", file=sys.stderr, flush=True)
-    else:
-        for done, job in enumerate(jobs, 1):
-            _write_shard(job)
+    parallel = workers > 1 and len(jobs) > 1
+    with (multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) if parallel
+          else contextlib.nullcontext()) as pool:
+        for done, _ in enumerate(pool.imap_unordered(_write_shard, jobs) if parallel else map(_write_shard, jobs), 1):
             if progress:
                 print(f"\rsynth: wrote {done}/{total} shards", end="", file=sys.stderr, flush=True)
     if progress:
