@@ -103,7 +103,6 @@ def render_all(nvcc: bool = False) -> dict[str, str]:
         for label in labels:
             for dtype in (mx.bfloat16, mx.float32):
                 make(label, dtype)[0](kernels)
-    # the tensor-core variants (FLASHMOE_QMV_MMA, FLASHMOE_MOE_MMA; off by default) of the bf16 cases
     from . import gpu
 
     def addressed():
@@ -117,6 +116,7 @@ def render_all(nvcc: bool = False) -> dict[str, str]:
                              d["res"])
 
     addressed()
+    # the tensor-core variants (FLASHMOE_QMV_MMA, FLASHMOE_MOE_MMA; off by default) of the bf16 cases
     saved = (gpu.QMV_MMA, gpu.MOE_MMA)
     gpu.QMV_MMA = gpu.MOE_MMA = 1
     try:

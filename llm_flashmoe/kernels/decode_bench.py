@@ -199,17 +199,21 @@ TOLERANCE_RATIO = 1.5
 TOLERANCE_FLOOR = 1e-4      # both near float32 exact: noise, not a failure
 
 
-def tolerance_check(ref_model, model, fused, prompt, steps: int, layers=(None,)) -> list[dict]:
+def tolerance_check(ref_model, model, fused, prompt, steps: int, layers=(None,), cache=None) -> list[dict]:
     """Fused and plain `model` (bf16) each against the plain float32 `ref_model` (same
-    weights), on the first n layers for each n in `layers` (None: all)."""
+    weights), on the first n layers for each n in `layers` (None: all). `cache` (a dict) keeps
+    the float32 logits and the plain path's error between calls with other fused ops."""
     rows = []
+    cache = {} if cache is None else cache
     for n in layers:
         saved = ref_model.layers, model.layers
         if n is not None:
             ref_model.layers, model.layers = ref_model.layers[:n], model.layers[:n]
         try:
-            ref = logits_run(ref_model, None, prompt, steps)[1:]
-            plain = logits_error(logits_run(model, None, prompt, steps)[1:], ref)
+            if (n, steps) not in cache:
+                ref = logits_run(ref_model, None, prompt, steps)[1:]
+                cache[n, steps] = ref, logits_error(logits_run(model, None, prompt, steps)[1:], ref)
+            ref, plain = cache[n, steps]
             got = logits_error(logits_run(model, fused, prompt, steps)[1:], ref)
         finally:
             ref_model.layers, model.layers = saved
