@@ -534,6 +534,32 @@ def test_check_cases_run_through_the_twins_against_their_float32_copies():
     assert {n for n, _, _ in check.CASES} - seen == {"MoE block"}
 
 
+def test_check_moe_block_draws_a_token_whose_routing_bf16_cannot_flip():
+    """The MoE block case routes on bf16 logits against a float32 reference: its token is drawn
+    again until the K-th/(K+1)-th float32 logit gap clears ROUTE_MARGIN, so that the plain bf16 path
+    picks the reference's experts and the block's error is rounding, not a different expert."""
+    from llm_flashmoe.kernels import check, plain
+
+    mx.random.seed(13)
+    np.random.seed(13)
+    d = check.moe_inputs("odd", mx.bfloat16)
+    gaps = []
+    for _ in range(100):
+        d["x"] = check.rnd(d["x"].shape, mx.bfloat16)
+        gaps.append(check.route_gap(d))
+    assert min(gaps) < check.ROUTE_MARGIN <= max(gaps)    # the margin does reject some tokens
+    for _ in range(20):
+        d = check.moe_block_inputs("odd", mx.bfloat16)
+        assert check.route_gap(d) >= check.ROUTE_MARGIN
+        logits = [plain.qmv(x.reshape(1, -1), [r])[0] for x, r in ((d["x"], d["router"]),
+                                                                   check.up32([d["x"], d["router"]]))]
+        ids = [set(np.array(plain.moe_route(lg, d["K"], True)[0]).tolist()) for lg in logits]
+        assert ids[0] == ids[1]
+        f, t, t32 = (lambda: check.moe_block(plain, d, True), lambda: check.moe_block(plain, d, False),
+                     lambda: check.moe_block(plain, check.up32(d), False))
+        assert check.rel_err(f(), t32()) < 0.05 and check.rel_err(t(), t32()) < 0.05
+
+
 def test_compile_check_renders_every_kernel_and_the_addressed_mode():
     """`kernels.compile_check` drives the CUDA launchers on CPU: a translation unit for every kernel
     (each with its defines and MLX's signature), the MoE kernels also in ADDRESSED mode."""
