@@ -239,8 +239,8 @@ def test_qmv_mma_switch_takes_4bit_bf16_launches_through_tensor_core_products():
     """FLASHMOE_QMV_MMA=1: a qmv launch whose slots are all 4-bit with groups of 64 or 128 on bf16
     activations is built with QMV_MMA 1 and a thread group per 16 rows, on CUDA and on Metal (its
     shuffle path); float32 activations, 3-bit or 8-bit slots and groups of 32 keep the FMA form, as does the
-    default (0); FLASHMOE_MOE_MMA=1 does the same for the MoE's gate/up and down (a thread group per
-    16 rows of moe_down's output); a bad value is refused."""
+    default (0); FLASHMOE_MOE_MMA does the same for the MoE's gate/up and down (a thread group per
+    16 rows of moe_down's output), by default moe_down's alone and on CUDA alone; a bad value is refused."""
     from llm_flashmoe.errors import FlashMoeError
     from llm_flashmoe.kernels import check, gpu
 
@@ -277,23 +277,31 @@ def test_qmv_mma_switch_takes_4bit_bf16_launches_through_tensor_core_products():
         assert built("metal", mx.bfloat16)[0] and not built("metal", mx.float32)[0]
         gpu.configure({"FLASHMOE_QMV_MMA": "0"})
         assert not built("cuda", mx.bfloat16)[0]
-        for name in ("FLASHMOE_QMV_MMA", "FLASHMOE_MOE_MMA"):
+        for name in ("FLASHMOE_QMV_MMA", "FLASHMOE_MOE_MMA", "FLASHMOE_QPIPE"):
             with pytest.raises(FlashMoeError, match=name):
                 gpu.configure({name: "maybe"})
-        # the MoE's gate/up: GU_MMA with 16 rows per warp only under FLASHMOE_MOE_MMA=1
+        # the MoE: GU_MMA with 16 rows per warp for the gate/up, DOWN_MMA with a thread group per 16
+        # output rows for moe_down; auto (the default): moe_down alone on CUDA, neither on Metal
         d = check.moe_inputs("tiny", mx.bfloat16)
-        for setting, on in (({}, False), ({"FLASHMOE_MOE_MMA": "1"}, True)):
+        for setting, backend, gu_on, down_on in (({}, "cuda", False, True), ({}, "metal", False, False),
+                                                 ({"FLASHMOE_MOE_MMA": "auto"}, "cuda", False, True),
+                                                 ({"FLASHMOE_MOE_MMA": "1"}, "cuda", True, True),
+                                                 ({"FLASHMOE_MOE_MMA": "1"}, "metal", True, True),
+                                                 ({"FLASHMOE_MOE_MMA": "gateup"}, "cuda", True, False),
+                                                 ({"FLASHMOE_MOE_MMA": "down"}, "cuda", False, True),
+                                                 ({"FLASHMOE_MOE_MMA": "0"}, "cuda", False, False)):
             gpu.configure(setting)
             launches.clear()
-            kern = gpu.GpuKernels("cuda")
+            kern = gpu.GpuKernels(backend)
             kern._make = record
             kern.moe_gate_up(d["x"], d["rows"], d["gate"], d["up"], d["sg"], d["su"])
             I, Is = d["gate"].weight.shape[1], d["sg"].out_features
             kern.moe_down(mx.zeros((d["K"], I), mx.bfloat16), d["rows"], d["w"], d["down"], mx.zeros((Is,), mx.bfloat16),
                           d["sd"], mx.zeros((1,), mx.bfloat16), d["res"])
             (gu, _, _, _), (down, _, grid, group) = launches
-            assert ("#define GU_MMA 1\n" in gu) == on == ("#define GU_R 16\n" in gu) == ("#define DOWN_MMA 1\n" in down)
-            assert grid[0] // group[0] == (256 // 16 if on else 256 // (gpu.MV_THREADS // 32))   # tiny: H 256
+            assert ("#define GU_MMA 1\n" in gu) == gu_on == ("#define GU_R 16\n" in gu), (setting, backend)
+            assert ("#define DOWN_MMA 1\n" in down) == down_on, (setting, backend)
+            assert grid[0] // group[0] == (256 // 16 if down_on else 256 // (gpu.MV_THREADS // 32))   # tiny: H 256
     finally:
         gpu.configure()
     # the dialects: CUDA's tensor-core product where the GPU has one, Metal's none (its shuffle path)
@@ -569,7 +577,7 @@ def test_compile_check_renders_every_kernel_and_the_addressed_mode():
     names = {n.rsplit("_", 1)[0][len("fm_"):] for n in units}
     assert names == set(source.KERNELS)
     addressed = [n for n, text in units.items() if "#define ADDRESSED 1" in text]
-    # the tensor-core variants too (off by default): qmv's and the MoE's
+    # the tensor-core variants too (FLASHMOE_QMV_MMA, FLASHMOE_MOE_MMA): qmv's and the MoE's
     mma = {n.rsplit("_", 1)[0] for n, text in units.items()
            if any(f"#define {d} 1\n" in text for d in ("QMV_MMA", "GU_MMA", "DOWN_MMA"))}
     assert mma == {"fm_qmv", "fm_moe_gate_up", "fm_moe_route_gate_up", "fm_moe_down"}
@@ -591,13 +599,15 @@ def test_launch_knobs_reach_the_kernels_and_bad_ones_are_refused():
 
     try:
         gpu.configure({"FLASHMOE_GDN_ROWS": "3", "FLASHMOE_MV_THREADS": "128", "FLASHMOE_XV_INNER": "0",
-                       "FLASHMOE_L2_PREFETCH": "0", "FLASHMOE_FUSE_ROUTE": "0", "FLASHMOE_QMV_WORDS": "8"})
-        assert (gpu.GDN_ROWS, gpu.MV_THREADS, gpu.XV_INNER, gpu.QWORDS) == (3, 128, 0, 8)
+                       "FLASHMOE_L2_PREFETCH": "0", "FLASHMOE_FUSE_ROUTE": "0", "FLASHMOE_QMV_WORDS": "8",
+                       "FLASHMOE_QPIPE": "1"})
+        assert (gpu.GDN_ROWS, gpu.MV_THREADS, gpu.XV_INNER, gpu.QWORDS, gpu.QPIPE) == (3, 128, 0, 8, 1)
         units = compile_check.render_all()
         gdn = [t for n, t in units.items() if n.startswith("fm_gdn_step_")]
         assert gdn and all("#define GROWS 3" in t for t in gdn)
         mv = [t for n, t in units.items() if n.startswith(("fm_qmv_", "fm_moe_gate_up_", "fm_moe_down_"))]
-        assert mv and all("#define XV_INNER 0" in t and "#define L2PF 0" in t and "#define QWORDS 8" in t for t in mv)
+        assert mv and all("#define XV_INNER 0" in t and "#define L2PF 0" in t and "#define QWORDS 8" in t
+                          and "#define QPIPE 1" in t for t in mv)
         # the routing in a launch of its own: moe_route and moe_gate_up, no fused launch
         assert not any(n.startswith("fm_moe_route_gate_up_") for n in units)
         assert any(n.startswith("fm_moe_route_") and not n.startswith("fm_moe_route_gate_up_") for n in units)
@@ -637,8 +647,8 @@ def test_launch_knobs_reach_the_kernels_and_bad_ones_are_refused():
         assert len(heads) == 1 and heads.pop() > 1
     finally:
         gpu.configure()
-    assert (gpu.GDN_ROWS, gpu.GDN_THREADS, gpu.MV_THREADS, gpu.XV_INNER, gpu.L2PF, gpu.FUSE_ROUTE, gpu.QWORDS) == \
-        (8, None, 256, 1, 1, True, 16)
+    assert (gpu.GDN_ROWS, gpu.GDN_THREADS, gpu.MV_THREADS, gpu.XV_INNER, gpu.L2PF, gpu.FUSE_ROUTE, gpu.QWORDS,
+            gpu.QPIPE, gpu.MOE_MMA) == (8, None, 256, 1, 1, True, 16, 0, None)
 
 
 def test_settings_set_the_engine_read_knobs_in_the_environment(monkeypatch):
@@ -649,12 +659,15 @@ def test_settings_set_the_engine_read_knobs_in_the_environment(monkeypatch):
 
     monkeypatch.delenv("FLASHMOE_FUSE_INPUT_NORM", raising=False)
     try:
-        sweeps.apply_setting(sweeps.parse_setting("fusenorm=0 gdnrows=2 qmma=1 moemma=1 kvinplace=1"), "twin")
+        sweeps.apply_setting(sweeps.parse_setting("fusenorm=0 gdnrows=2 qmma=1 moemma=1 kvinplace=1 qpipe=1"),
+                             "twin")
         assert not _fuse_input_norm() and gpu.GDN_ROWS == 2
-        assert (gpu.QMV_MMA, gpu.MOE_MMA, gpu.KV_INPLACE) == (1, 1, 1)
+        assert (gpu.QMV_MMA, gpu.MOE_MMA, gpu.KV_INPLACE, gpu.QPIPE) == (1, {"gateup", "down"}, 1, 1)
+        sweeps.apply_setting(sweeps.parse_setting("moemma=down"), "twin")
+        assert gpu.MOE_MMA == {"down"}
         sweeps.apply_setting(sweeps.parse_setting("-"), "twin")
         assert _fuse_input_norm() and gpu.GDN_ROWS == 8 and "FLASHMOE_FUSE_INPUT_NORM" not in os.environ
-        assert (gpu.QMV_MMA, gpu.MOE_MMA, gpu.KV_INPLACE) == (0, 0, 0)
+        assert (gpu.QMV_MMA, gpu.MOE_MMA, gpu.KV_INPLACE, gpu.QPIPE) == (0, None, 0, 0)
     finally:
         gpu.configure()
     with pytest.raises(SystemExit, match="fusenorm"):

@@ -94,6 +94,9 @@ def case_qmv(label, dtype):
         # multiple of the blocks loaded at once; groups of 128)
         "odd-4bit": (320, [37, 5, 1, 70], 4, 64),
         "odd-g128": (384, [50], 4, 128),
+        # rows long enough that a lane's chunks take several batches, the last one partial (the
+        # matrix-vector loop's batches, FLASHMOE_QPIPE's register double buffer)
+        "long": (3136, [40, 3], 4, 64),
     }[label]
     lins = [qlinear(n, K, bits, gs, dtype) for n in Ns]
     return pair("qmv", rnd((1, K), dtype), lins)
@@ -105,7 +108,7 @@ def case_norm_qmv(label, dtype):
     shape, add = label.removesuffix("+add"), label.endswith("+add")
     M, K, Ns, bits, gs = {"397b": (1, 4096, [12288, 8192, 64, 64], 4, 64), "397b-router": (1, 4096, [512, 1], 4, 64),
                           "tiny": (1, 256, [64, 1], 4, 64), "odd": (2, 96, [37, 5], 3, 32),
-                          "odd-4bit": (2, 320, [37, 1], 4, 64)}[shape]
+                          "odd-4bit": (2, 320, [37, 1], 4, 64), "long": (1, 3136, [40, 3], 4, 64)}[shape]
     lins = [qlinear(n, K, bits, gs, dtype) for n in Ns]
     return pair("norm_qmv", rnd((M, K), dtype), rnd((M, K), dtype) if add else None, rnd((K,), dtype, 0.2) + 1,
                 1e-6, lins)
@@ -114,7 +117,9 @@ def case_norm_qmv(label, dtype):
 MOE_SHAPES = {"397b": (512, 4, 4096, 1024, 1024, 64), "tiny": (64, 4, 256, 128, 128, 64),
               "odd": (40, 3, 160, 96, 64, 32),
               # 4-bit, groups of 64, odd sizes for the tensor-core path (3 blocks of 64 inputs)
-              "odd-4bit": (40, 3, 192, 64, 128, 64)}
+              "odd-4bit": (40, 3, 192, 64, 128, 64),
+              # a hidden size whose rows take the gate/up loop several batches (as "long" of qmv)
+              "long": (16, 2, 3136, 64, 64, 64)}
 
 
 def moe_inputs(label, dtype):
@@ -261,11 +266,11 @@ def case_add_rms_norm(label, dtype):
 
 CASES = [
     ("qmv", case_qmv, ["397b", "397b-4096", "397b-2bit", "397b-3bit", "397b-8bit", "tiny", "odd", "odd-4bit",
-                       "odd-g128"]),
+                       "odd-g128", "long"]),
     ("norm_qmv", case_norm_qmv, ["397b", "397b-router+add", "tiny", "tiny+add", "odd", "odd+add", "odd-4bit",
-                                 "odd-4bit+add"]),
+                                 "odd-4bit+add", "long"]),
     ("moe_route", case_moe_route, ["397b", "tiny", "odd"]),
-    ("moe_gate_up", case_moe_gate_up, ["397b", "tiny", "odd", "odd-4bit"]),
+    ("moe_gate_up", case_moe_gate_up, ["397b", "tiny", "odd", "odd-4bit", "long"]),
     ("moe_route_gate_up", case_moe_route_gate_up,
      ["397b", "397b+lookup", "tiny", "tiny+lookup", "odd", "odd+lookup", "odd-4bit", "odd-4bit+lookup"]),
     ("moe_down", case_moe_down, ["397b", "tiny", "odd", "odd-4bit"]),

@@ -93,17 +93,11 @@ def render_all(nvcc: bool = False) -> dict[str, str]:
     """{kernel name: translation unit} for every kernel the check's cases launch, their
     tensor-core variants, and the MoE kernels' ADDRESSED mode (experts given by address: the GPU
     cache's host tier)."""
-    from . import check
-    from .gpu import GpuKernels
+    from . import check, gpu
 
     units: dict[str, str] = {}
-    kernels = GpuKernels("cuda")
+    kernels = gpu.GpuKernels("cuda")
     kernels._make = lambda **kw: _Recorder(units, nvcc, **kw)
-    for _, make, labels in check.CASES:
-        for label in labels:
-            for dtype in (mx.bfloat16, mx.float32):
-                make(label, dtype)[0](kernels)
-    from . import gpu
 
     def addressed():
         for label in ("397b", "odd", "odd-4bit"):
@@ -115,11 +109,16 @@ def render_all(nvcc: bool = False) -> dict[str, str]:
             kernels.moe_down(check.rnd((K, I)), rows, d["w"], d["down"], check.rnd((Is,)), d["sd"], check.rnd((1,)),
                              d["res"])
 
-    addressed()
-    # the tensor-core variants (FLASHMOE_QMV_MMA, FLASHMOE_MOE_MMA; off by default) of the bf16 cases
     saved = (gpu.QMV_MMA, gpu.MOE_MMA)
-    gpu.QMV_MMA = gpu.MOE_MMA = 1
     try:
+        gpu.QMV_MMA, gpu.MOE_MMA = 0, frozenset()   # the FMA forms, every case and dtype
+        for _, make, labels in check.CASES:
+            for label in labels:
+                for dtype in (mx.bfloat16, mx.float32):
+                    make(label, dtype)[0](kernels)
+        addressed()
+        # the tensor-core variants (FLASHMOE_QMV_MMA, FLASHMOE_MOE_MMA) of the bf16 cases
+        gpu.QMV_MMA, gpu.MOE_MMA = 1, frozenset({"gateup", "down"})
         for name, make, labels in check.CASES:
             if name in ("qmv", "norm_qmv", "moe_gate_up", "moe_route_gate_up", "moe_down"):
                 for label in labels:

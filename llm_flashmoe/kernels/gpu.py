@@ -53,6 +53,11 @@ MV_THREADS = 256
 # QWORDS): moe_route_gate_up 1683 -> 1368 and 1689 -> 1371 us over 48 calls in two processes, the
 # other kernels within their run-to-run spread.
 XV_INNER = 1
+# FLASHMOE_QPIPE=1 (default 0): the FMA form's matrix-vector loop (common.kern's qrows_dot, in qmv
+# and the MoE's gate/up) issues the next batch of codes, scales and biases before computing the
+# current one (two batches of registers): the same sums in the same order, a warp's reads kept in
+# flight while it computes.
+QPIPE = 0
 # FLASHMOE_L2_PREFETCH=0: the matrix-vector and MoE kernels do not ask for their rows' bytes ahead
 # (the L2PF define; prefetch.global.L2 on CUDA), to time what the prefetch is worth per kernel.
 L2PF = 1
@@ -92,22 +97,25 @@ KV_INPLACE = 0
 # for the card): in_proj 44.9 against 35.6 us, out_proj 53.0 against 18.9, q|k|v 43.8 against
 # 34.9, lm_head 350.9 against 274.1 (and no faster with 32 or 64 words). The split has 8x the warps.
 QMV_MMA = 0
-# FLASHMOE_MOE_MMA=1 (default 0): the MoE's gate/up launch the same way, 16 rows of one expert per thread
-# group (4-bit experts and shared expert, groups of 64 or 128, bf16, intermediate sizes multiples of
-# 16), and moe_down: 16 output rows per thread group, its warps splitting the experts' inputs. H200 as
-# above, gate/up in the first form (a warp per 16 rows: 320 warps for the 397B's K=4):
-# moe_route_gate_up 66.5 against 30.1 us; the split forms are not yet timed.
-MOE_MMA = 0
+# FLASHMOE_MOE_MMA (default auto: down on CUDA, 0 on Metal, which has no tensor-core product here):
+# the MoE launches through tensor-core products as qmv's above:
+# "gateup": the gate/up launch takes 16 rows of one expert per thread group (4-bit experts and shared
+# expert, groups of 64 or 128, bf16, intermediate sizes multiples of 16); "down": moe_down takes 16
+# output rows per thread group, its warps splitting the experts' inputs; 1 both, 0 neither. H200,
+# ncu over 6 decode steps of 8 resident 397B layers, us per call against the FMA form (one process
+# each): moe_down 20.9 against 28.5; moe_route_gate_up 32.1 against 30.2 (and 66.5 in the first form,
+# a warp per 16 rows), so only moe_down takes them by default. None: auto.
+MOE_MMA: frozenset | None = None
 
 def configure(env=os.environ) -> None:
     """Set the launch knobs above from `env` (FLASHMOE_QMV_ROWS, FLASHMOE_MOE_ROWS,
     FLASHMOE_QMV_WORDS, FLASHMOE_GRID, FLASHMOE_GRID_BLOCKS, FLASHMOE_GDN_ROWS, FLASHMOE_GDN_THREADS,
     FLASHMOE_MV_THREADS,
     FLASHMOE_XV_INNER, FLASHMOE_L2_PREFETCH, FLASHMOE_FUSE_ROUTE, FLASHMOE_KV_INPLACE, FLASHMOE_QMV_MMA,
-    FLASHMOE_MOE_MMA; absent: the defaults). Kernels
+    FLASHMOE_MOE_MMA, FLASHMOE_QPIPE; absent: the defaults). Kernels
     built before keep their settings: make a new GpuKernels after changing them."""
     global QMV_ROWS, MOE_GU_ROWS, MOE_DOWN_ROWS, QWORDS, GRID_PER_SM, GRID_BLOCKS, GDN_ROWS, GDN_THREADS, MV_THREADS
-    global XV_INNER, L2PF, FUSE_ROUTE, KV_INPLACE, QMV_MMA, MOE_MMA
+    global XV_INNER, L2PF, FUSE_ROUTE, KV_INPLACE, QMV_MMA, MOE_MMA, QPIPE
     rows = env.get("FLASHMOE_QMV_ROWS", "auto").strip().lower()
     QMV_ROWS = None if rows in ("", "auto") else int(rows)
     # GU,DOWN or GU:DOWN (gpu_session.sh's sweeps keep ',' for separating variables)
@@ -128,7 +136,13 @@ def configure(env=os.environ) -> None:
     L2PF = int(env.get("FLASHMOE_L2_PREFETCH", "1"))
     FUSE_ROUTE = env.get("FLASHMOE_FUSE_ROUTE", "1").strip().lower() not in ("0", "off", "no", "false")
     KV_INPLACE = int(env.get("FLASHMOE_KV_INPLACE", "0").strip().lower() in ("1", "on", "yes", "true"))
-    QMV_MMA, MOE_MMA = (_switch(env, name) for name in ("FLASHMOE_QMV_MMA", "FLASHMOE_MOE_MMA"))
+    QMV_MMA, QPIPE = (_switch(env, name) for name in ("FLASHMOE_QMV_MMA", "FLASHMOE_QPIPE"))
+    moe = env.get("FLASHMOE_MOE_MMA", "auto").strip().lower()
+    forms = {"1": {"gateup", "down"}, "on": {"gateup", "down"}, "0": set(), "off": set(), "down": {"down"},
+             "gateup": {"gateup"}}
+    if moe not in forms and moe not in ("", "auto"):
+        raise FlashMoeError(f"FLASHMOE_MOE_MMA={moe}: use auto, 1 (gate/up and down), down, gateup or 0.")
+    MOE_MMA = frozenset(forms[moe]) if moe in forms else None
     if not (64 <= MV_THREADS <= 1024 and MV_THREADS % 32 == 0):
         raise FlashMoeError(f"FLASHMOE_MV_THREADS={MV_THREADS}: use a multiple of 32 from 64 to 1024.")
     if GDN_THREADS is not None and not (64 <= GDN_THREADS <= 1024 and GDN_THREADS % 32 == 0):
@@ -148,7 +162,7 @@ configure()
 
 def _mv_defines() -> dict:
     """The knobs every matrix-vector kernel (qmv, the MoE's gate/up and down) is built with."""
-    return {"QWORDS": QWORDS, "XV_INNER": XV_INNER, "L2PF": L2PF}
+    return {"QWORDS": QWORDS, "XV_INNER": XV_INNER, "L2PF": L2PF, "QPIPE": QPIPE}
 
 
 def _index(v) -> mx.array:
@@ -243,9 +257,16 @@ class GpuKernels:
         return (1 <= len(linears) <= 4 and K % 32 == 0 and _xs_bytes(K) <= self.max_shared
                 and all(_q2d(l, K) for l in linears))
 
+    @property
+    def moe_mma(self) -> frozenset:
+        """The MoE launches that take tensor-core products here (FLASHMOE_MOE_MMA, auto per backend)."""
+        if MOE_MMA is not None:
+            return MOE_MMA
+        return frozenset({"down"}) if self.backend == "cuda" else frozenset()
+
     def _mma(self, knob: int, x, linears) -> bool:
         """Whether a matrix-vector launch of `linears` on `x` goes through tensor-core products
-        (common.kern's mma_rows16) under `knob` (QMV_MMA or MOE_MMA)."""
+        (common.kern's mma_rows16) under `knob` (QMV_MMA, or a form in moe_mma)."""
         return bool(knob and x.dtype == mx.bfloat16 and x.shape[-1] % 64 == 0
                     and all(l.bits == 4 and l.group_size in (64, 128) and l.scales.dtype == mx.bfloat16
                             for l in linears))
@@ -342,7 +363,7 @@ class GpuKernels:
                 and _q2d(shared_gate, H) and _q2d(shared_up, H) and _same_q(shared_gate, shared_up)):
             return None
         I, Is = gate.weight.shape[1], shared_gate.out_features
-        mma = self._mma(MOE_MMA, x, (gate, shared_gate)) and I % 16 == 0 and Is % 16 == 0
+        mma = self._mma("gateup" in self.moe_mma, x, (gate, shared_gate)) and I % 16 == 0 and Is % 16 == 0
         R = 16 if mma else MOE_GU_ROWS
         defines = {"HD": H, "KE": K, "IE": I, "BE": gate.bits, "GE": gate.group_size, "SHI": Is,
                    "SHB": shared_gate.bits, "SHG": shared_gate.group_size, "ADDRESSED": int(addressed), "GU_R": R,
@@ -361,7 +382,7 @@ class GpuKernels:
                 and _q2d(shared_down, Is) and shared_down.out_features == H):
             _no_addresses(addressed)
             return plain.moe_down(h, rows, weights, down, hs, shared_down, shared_gate_logit, residual)
-        mma = self._mma(MOE_MMA, h, (down, shared_down)) and Is % 64 == 0 and H % 16 == 0
+        mma = self._mma("down" in self.moe_mma, h, (down, shared_down)) and Is % 64 == 0 and H % 16 == 0
         defines = {"HD": H, "KE": K, "IE": I, "BE": down.bits, "GE": down.group_size, "SHI": Is,
                    "SHB": shared_down.bits, "SHG": shared_down.group_size, "ADDRESSED": int(addressed), "DOWN_R": MOE_DOWN_ROWS,
                    "DOWN_MMA": int(mma), **_mv_defines()}
