@@ -47,6 +47,9 @@
 #            (kernels/cudatrace preloaded into `overhead loop`, tiny preset), per MLX setting
 #   ncusweep kernel settings compared on GPU time alone: ncu over the same decode steps per setting in
 #            $NCU_SETTINGS (e.g. "- FLASHMOE_GDN_THREADS=512 FLASHMOE_XV_INNER=1"), then per kernel family
+#   ncusettings as ncusweep, every setting of $SETTINGS (';'-separated, as for `settings`) in one process
+#            (one model load, where ncusweep loads it per setting: 40-50 s each for 8 layers; and a
+#            setting compiles only the kernels it changes)
 #   ncusol   as ncu, with each kernel's throughputs (% of peak), occupancy, registers and warp-stall
 #            reasons (ncu sections SpeedOfLight, Occupancy, LaunchStats, WarpStateStats, SchedulerStats).
 #            Slow: each kernel is replayed once per pass with the device memory saved and restored,
@@ -104,7 +107,7 @@ profile() {  # profile NAME [ncu options] -- CMD...: each kernel's GPU time unde
   [[ " ${opts[*]} " == *" --metrics "* ]] || opts+=(--metrics gpu__time_duration.sum)   # one --metrics only
   step "$name.log" "$(command -v ncu || echo /usr/local/cuda/bin/ncu)" "${opts[@]}" \
     ${NCU_ARGS:-} --csv --log-file "$out/$name.csv" "$@"
-  python3 -m llm_flashmoe.kernels.overhead ncu "$out/$name.csv" | tee -a "$out/$name.log"
+  [ "${NO_SUMMARY:-0}" = 1 ] || python3 -m llm_flashmoe.kernels.overhead ncu "$out/$name.csv" | tee -a "$out/$name.log"
 }
 tiny() {  # the tiny preset under $M/tiny (the same kernels per layer as 397B, little GPU time)
   [ -f "$M/tiny/config.json" ] || python3 -c "
@@ -229,6 +232,14 @@ for s in "$@"; do
       done
       [ ${#logs[@]} -gt 1 ] && python3 -m llm_flashmoe.kernels.overhead ncu "${logs[@]}" --labels "$labels" \
         | tee -a "$out/ncusweep.log" ;;
+    ncusettings)  # kernel settings A/B on GPU time in ONE process: the model loaded once, each setting
+                  # in $SETTINGS (';'-separated key=value lists as for `settings`, '-' = defaults) then
+                  # decodes (compiled) and its last 3 steps are profiled after a marker kernel; the log is
+                  # cut at the markers and compared per kernel family
+      NO_SUMMARY=1 profile ncusettings --profile-from-start off -- python3 -m llm_flashmoe.kernels.overhead ncusettings \
+        --dir "$M/mlx" --settings="${SETTINGS:--}"
+      python3 -m llm_flashmoe.kernels.overhead ncu "$out/ncusettings.csv" --marked="${SETTINGS:--}" \
+        | tee -a "$out/ncusettings.log" ;;
     ncusol)  # the same decode steps with ncu's speed-of-light, occupancy and warp-stall figures per kernel
       profile ncusol --profile-from-start off --launch-count "${NCU_COUNT:-12}" --section SpeedOfLight --section Occupancy --section LaunchStats \
         --section WarpStateStats --section SchedulerStats \

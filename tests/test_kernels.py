@@ -754,6 +754,45 @@ def test_ncu_logs_of_several_settings_side_by_side_per_kernel_family(tmp_path, c
         overhead.main(["ncu", a, b, "--labels", "one"])
 
 
+def test_ncu_log_of_several_settings_is_cut_at_their_markers(tmp_path, capsys):
+    """`overhead ncu LOG --marked "a;b"`: one process's log of several settings (`ncusettings`) is cut
+    where each setting's marker kernel ran; kernels before the first marker count for none, the
+    markers themselves for none, and a setting without its marker is named."""
+    from llm_flashmoe.kernels import ncu, overhead
+
+    head = '"ID","Kernel Name","Section Name","Metric Name","Metric Unit","Metric Value"\n'
+    rows = [("void warmup<bf16>", 99), ("custom_kernel_fm_mark_0(const float *, float *)", 1),
+            ("custom_kernel_fm_qmv_1a2b3c4d_bfloat16", 40), ("custom_kernel_fm_gdn_step_0badf00d_bfloat16", 15),
+            ("custom_kernel_fm_mark_1(const float *, float *)", 1),
+            ("custom_kernel_fm_qmv_deadbeef_bfloat16", 30), ("custom_kernel_fm_qmv_deadbeef_bfloat16", 31)]
+    path = tmp_path / "ncusettings.csv"
+    path.write_text("==PROF== Profiling\n" + head + "".join(
+        f'"{i}","{k}","Command line profiler metrics","gpu__time_duration.sum","usecond","{us}"\n'
+        for i, (k, us) in enumerate(rows)))
+    segments = ncu.ncu_segments(str(path))
+    assert [n for n, _ in segments] == [0, 1]
+    assert {k: v["us"] for k, v in segments[1][1].items()} == {"custom_kernel_fm_qmv_deadbeef_bfloat16": [30.0, 31.0]}
+    assert sum(len(v["us"]) for v in ncu.ncu_rows(str(path)).values()) == len(rows)   # unmarked: everything
+    assert overhead.main(["ncu", str(path), "--marked=-;qpipe=1;words=8"]) == 0
+    out = capsys.readouterr().out
+    assert "no marker in" in out and "for: words=8" in out
+    table = {l.split()[0]: l.split()[1:] for l in out.splitlines() if l.startswith(("fm_", "all"))}
+    assert table["all"] == ["55.0", "(", "2)", "61.0", "(", "2)"]
+    assert table["fm_qmv"] == ["40.0", "(", "1)", "61.0", "(", "2)"] and table["fm_gdn_step"][-1] == "-"
+
+
+def test_ncusettings_runs_each_setting_in_one_process_and_restores_the_knobs(tiny_mlx, capsys):
+    """`overhead ncusettings` on the kernels' CPU twins (no profiler, no markers): every setting's
+    compiled decode steps run in turn in one process, and the kernel knobs are the defaults after."""
+    from llm_flashmoe.kernels import gpu, overhead
+
+    assert overhead.main(["ncusettings", "--dir", str(tiny_mlx), "--settings=-;qpipe=1 words=8", "--backend",
+                          "twin", "--steps", "3", "--profiled", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "setting 1 (-): first step" in out and "setting 2 (qpipe=1 words=8): first step" in out
+    assert (gpu.QPIPE, gpu.QWORDS) == (0, 16)
+
+
 def test_kernel_positions_from_ints_or_device_arrays():
     """qk_norm_rope and decode_attention take the position as a Python int (op by op) or as an
     array computed on the device (compiled attention layers); either reaches the kernel as int32 [1]."""

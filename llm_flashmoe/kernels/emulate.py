@@ -255,6 +255,20 @@ def run(labels=("tiny", "odd"), only=None) -> int:
                     continue
                 f, t, t32 = make(label, dt)
                 verdict(name, label, dt, f(kern), t32(), t())
+    # the fused routing against moe_route's launch: the same picks in the same order and the same
+    # weights, bit for bit (bf16 and float32 logits; 40, 64 and 512 experts: a lane holds 2 or 16)
+    if not only or "moe_route_gate_up" in only:
+        for E in (40, 64, 512):
+            lin = lambda e, o, i: check.qlinear(o, i, 4, 64, mx.bfloat16, e)   # noqa: E731
+            gate, up, sg, su = lin(E, 16, 64), lin(E, 16, 64), lin(None, 16, 64), lin(None, 16, 64)
+            for dt in (mx.bfloat16, mx.float32):
+                logits = check.rnd((E,), dt, 2.0)
+                _, _, rows, w = kern.moe_route_gate_up(logits, 4, True, None, check.rnd((64,)), gate, up, sg, su)
+                ids, w1 = kern.moe_route(logits, 4, True)
+                same = np.array_equal(np.array(rows), np.array(ids)) and np.array_equal(np.array(w), np.array(w1))
+                fails += not same
+                print(f"{'moe_route_gate_up':18} {f'E={E}':12} {str(dt).split('.')[-1]:8} picks and weights "
+                      f"{'equal to' if same else 'DIFFERENT from'} moe_route's", flush=True)
     # ADDRESSED mode: the experts' parts by host address, against the twins reading the same addresses
     for label in [m for m in check.MOE_SHAPES if m in labels or m.split("-")[0] in labels]:
         if only and not {"moe_gate_up", "moe_down", "moe_route_gate_up"} & set(only):

@@ -17,29 +17,53 @@ NCU_SHOWN = ("Memory Throughput", "DRAM Throughput", "Compute (SM) Throughput", 
 STALL = "smsp__average_warps_issue_stalled_"
 
 
+# The kernel `overhead ncusettings` launches where each setting's profiled steps begin.
+MARK = "fm_mark_"
+
+
 def ncu_rows(path: str) -> dict:
     """An `ncu --csv` log -> {kernel name (60 chars): {metric: [values, one per call]}}, durations
     in us under "us" (from gpu__time_duration.sum or the Speed-of-light section's Duration)."""
+    segments = ncu_segments(path, marked=False)
+    return segments[0][1] if segments else {}
+
+
+def ncu_segments(path: str, marked: bool = True) -> list[tuple[int, dict]]:
+    """An `ncu --csv` log cut where a marker kernel (MARK + its number, `overhead ncusettings`) ran
+    -> [(marker number, ncu_rows of the kernels after it)], the markers themselves left out; not
+    `marked`: the whole log as one segment numbered 0."""
     import csv
 
     with open(path) as f:
         lines = [l for l in f if l.startswith('"')]
-    out: dict = {}
+    segments: list[tuple[int, dict]] = []
+    out: dict | None = None if marked else {}
+    if not marked:
+        segments.append((0, out))
     for r in csv.DictReader(lines):
-        name, metric = r.get("Kernel Name", "")[:60], r.get("Metric Name", "")
+        full, metric = r.get("Kernel Name", ""), r.get("Metric Name", "")
+        mark = re.search(MARK + r"(\d+)", full) if marked else None
+        if mark:
+            if not segments or segments[-1][0] != int(mark.group(1)):
+                out = {}
+                segments.append((int(mark.group(1)), out))
+            continue
+        if out is None:      # kernels before the first marker belong to no setting
+            continue
         try:
             v = float(r.get("Metric Value", "").replace(",", ""))
         except ValueError:
             continue
         if metric in ("gpu__time_duration.sum", "Duration"):
             v *= _TIME_UNITS.get(r.get("Metric Unit", "ns"), 1e-3)
-        out.setdefault(name, {}).setdefault(metric, []).append(v)
-    for m in out.values():      # the section's Duration stands in only where the raw metric is absent
-        dur = m.pop("Duration", None)
-        m["us"] = m.pop("gpu__time_duration.sum", dur)
-        if m["us"] is None:
-            del m["us"]
-    return out
+        out.setdefault(full[:60], {}).setdefault(metric, []).append(v)
+    for _, seg in segments:
+        for m in seg.values():      # the section's Duration stands in only where the raw metric is absent
+            dur = m.pop("Duration", None)
+            m["us"] = m.pop("gpu__time_duration.sum", dur)
+            if m["us"] is None:
+                del m["us"]
+    return segments
 
 
 def ncu_summary(path: str) -> None:
@@ -81,10 +105,27 @@ def kernel_family(name: str) -> str:
 def ncu_compare(paths: list[str], labels: list[str]) -> None:
     """GPU time per kernel family in each log (the same profiled steps under each setting):
     us in all and calls, the families in order of the first log's time, then the sums."""
+    compare_families([ncu_rows(path) for path in paths], labels)
+
+
+def ncu_compare_marked(path: str, labels: list[str]) -> None:
+    """As ncu_compare, for one log of several settings cut at their markers (`ncusettings`):
+    marker i is setting labels[i]."""
+    segments = dict(ncu_segments(path))
+    missing = [l for i, l in enumerate(labels) if i not in segments]
+    if missing:
+        print(f"no marker in {path} for: {', '.join(missing)} (did its steps run under ncu?)")
+    present = [i for i in range(len(labels)) if i in segments]
+    if present:
+        compare_families([segments[i] for i in present], [labels[i] for i in present])
+
+
+def compare_families(logs: list[dict], labels: list[str]) -> None:
+    """ncu_compare's table from ncu_rows dicts."""
     per = []
-    for path in paths:
+    for rows in logs:
         fam: dict = {}
-        for name, m in ncu_rows(path).items():
+        for name, m in rows.items():
             f = fam.setdefault(kernel_family(name), [0.0, 0])
             f[0] += sum(m.get("us", []))
             f[1] += len(m.get("us", []))

@@ -232,8 +232,8 @@ def first_calls(path: str) -> None:
 # setting key -> the environment variable it stands for
 def main(argv=None) -> int:
     from .host import host_loop, host_profile
-    from .ncu import ncu_compare, ncu_summary
-    from .sweeps import SETTING_KEYS, rows_sweep, settings_sweep
+    from .ncu import ncu_compare, ncu_compare_marked, ncu_summary
+    from .sweeps import SETTING_KEYS, ncu_settings, rows_sweep, settings_sweep
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -275,6 +275,17 @@ def main(argv=None) -> int:
     p = sub.add_parser("ncu", help="summarise an ncu CSV log per kernel, or compare several per kernel family")
     p.add_argument("csv", nargs="+")
     p.add_argument("--labels", default=None, help="comma-separated names of the logs' settings (several logs)")
+    p.add_argument("--marked", default=None,
+                   help="one log of `ncusettings`: its ';'-separated settings, compared per kernel family")
+    p = sub.add_parser("ncusettings", help="several kernel settings' decode steps in one process, each after a "
+                                           "marker kernel (run under ncu --profile-from-start off)")
+    p.add_argument("--dir", required=True)
+    p.add_argument("--settings", required=True,
+                   help="';'-separated settings, each space-separated key=value of " + ", ".join(SETTING_KEYS))
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--profiled", type=int, default=3, help="the last this many steps of each setting profiled")
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--backend", default="cuda", help="kernel backend (twin: a CPU run of the flow itself)")
     args = ap.parse_args(argv)
     if args.cmd == "launch":
         launch(args.n)
@@ -288,8 +299,14 @@ def main(argv=None) -> int:
         host_profile(args)
     elif args.cmd == "loop":
         host_loop(args)
+    elif args.cmd == "ncusettings":
+        ncu_settings(args)
     elif args.cmd == "ncu":
-        if len(args.csv) == 1:
+        if args.marked is not None:
+            if len(args.csv) != 1:
+                ap.error("--marked takes one log")
+            ncu_compare_marked(args.csv[0], args.marked.split(";"))
+        elif len(args.csv) == 1:
             ncu_summary(args.csv[0])
         else:
             labels = args.labels.split(",") if args.labels else [Path(c).stem for c in args.csv]

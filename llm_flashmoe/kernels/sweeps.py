@@ -238,3 +238,55 @@ def settings_sweep(args) -> None:
     print(f"fastest: {env or 'the defaults'} ({best[0]:.1f} us/layer pipelined)")
     if args.best:
         Path(args.best).write_text(env + "\n")
+
+
+def ncu_settings(args) -> None:
+    """Each setting's GPU time per kernel in one process, for `ncu --profile-from-start off`: the
+    model loaded once; per setting (in turn), fresh kernels, compiled decode steps (fresh tokens),
+    and the last --profiled of them between cudaProfilerStart/Stop, after a marker kernel
+    (ncu.MARK + the setting's number) that `overhead ncu LOG --marked SETTINGS` cuts the log at.
+    A process per setting (`ncusweep`) paid the model's load and the first step's compilation of
+    every kernel each time; here a setting compiles only the kernels it changes."""
+    from ..engine.load import load_model
+    from .decode_bench import decode_steps, with_ops
+    from .ncu import MARK
+
+    t0 = time.perf_counter()
+    model = load_model(args.dir, experts_per_token=args.k)
+    touch(model)
+    L = len(model.layers)
+    print(f"loaded {args.dir} in {time.perf_counter() - t0:.1f} s, {L} layers, K={args.k}, {model.dtype} ({_env()})",
+          flush=True)
+    prompt = list(range(1, 9))
+    rt = None
+    if args.backend == "cuda":
+        from ..experts import cuda
+
+        rt = cuda.runtime()
+    texts = args.settings.split(";")
+    try:
+        for i, text in enumerate(texts):
+            ops = apply_setting(parse_setting(text), args.backend)
+            with_ops(model, ops, True)
+
+            def start(step, i=i):
+                if step == args.steps - args.profiled:
+                    mx.synchronize()
+                    if rt is not None:
+                        rt.lib.cudaProfilerStart()
+                        mark = mx.fast.cuda_kernel(name=f"{MARK}{i}", input_names=["x"], output_names=["y"],
+                                                   source="y[0] = x[0];")
+                        mx.eval(mark(inputs=[mx.zeros((1,))], grid=(1, 1, 1), threadgroup=(1, 1, 1),
+                                     output_shapes=[(1,)], output_dtypes=[mx.float32])[0])
+
+            rows = decode_steps(model, prompt, args.steps, fresh_tokens=True, before_step=start)
+            if rt is not None:
+                mx.synchronize()
+                rt.lib.cudaProfilerStop()
+            first = sum(rows[0]) * 1e3
+            b, e = np.median(np.array(rows[1:]), axis=0) if len(rows) > 1 else rows[0]
+            print(f"setting {i + 1} ({text}): first step {first:.0f} ms, then {(b + e) * 1e3:.2f} ms/token "
+                  f"(under the profiler: not a speed)", flush=True)
+    finally:
+        with_ops(model, None)
+        set_knobs({})
