@@ -47,6 +47,8 @@
 #            (kernels/cudatrace preloaded into `overhead loop`, tiny preset), per MLX setting
 #   ncusweep kernel settings compared on GPU time alone: ncu over the same decode steps per setting in
 #            $NCU_SETTINGS (e.g. "- FLASHMOE_GDN_THREADS=512 FLASHMOE_XV_INNER=1"), then per kernel family
+#   bwfloor  what launches that only read each of a decode layer's launches' bytes cost (ncu; three
+#            ways: one wave, one wave with the staging, short-lived staged groups in several waves)
 #   ncusettings as ncusweep, every setting of $SETTINGS (';'-separated, as for `settings`) in one process
 #            (one model load, where ncusweep loads it per setting: 40-50 s each for 8 layers; and a
 #            setting compiles only the kernels it changes)
@@ -232,6 +234,9 @@ for s in "$@"; do
       done
       [ ${#logs[@]} -gt 1 ] && python3 -m llm_flashmoe.kernels.overhead ncu "${logs[@]}" --labels "$labels" \
         | tee -a "$out/ncusweep.log" ;;
+    bwfloor)  # the floor under each of a layer's launches: a kernel that only reads as many bytes
+              # (overhead bwfloor: one wave, one wave staged, short-lived staged groups), under ncu
+      profile bwfloor -- python3 -m llm_flashmoe.kernels.overhead bwfloor ;;
     ncusettings)  # kernel settings A/B on GPU time in ONE process: the model loaded once, each setting
                   # in $SETTINGS (';'-separated key=value lists as for `settings`, '-' = defaults) then
                   # decodes (compiled) and its last 3 steps are profiled after a marker kernel; the log is

@@ -255,6 +255,20 @@ def run(labels=("tiny", "odd"), only=None) -> int:
                     continue
                 f, t, t32 = make(label, dt)
                 verdict(name, label, dt, f(kern), t32(), t())
+    # the benchmark kernel (overhead bwfloor): every word read once, whatever the variant
+    if not only or "stream_read" in only:
+        from .overhead import stream_read
+
+        nv = 4999
+        w = mx.array(np.random.randint(0, 2**32, size=4 * nv, dtype=np.uint64).astype(np.uint32))
+        want = np.bitwise_xor.reduce(np.array(w))
+        for groups, one_pass, stage in ((3, 0, 0), (2, 0, 1), (5, 1, 0), (4, 1, 1)):
+            out = stream_read(lambda **kw: _Launch(work, **kw), f"fm_bw_{groups}{one_pass}{stage}", "cuda", nv,
+                              groups, one_pass, stage)(w, mx.zeros((2048,), mx.bfloat16))
+            same = np.bitwise_xor.reduce(np.array(out)) == want
+            fails += not same
+            print(f"{'stream_read':18} {f'{groups}/{one_pass}/{stage}':12} {'uint32':8} every word read once: "
+                  f"{'yes' if same else 'NO'}", flush=True)
     # the fused routing against moe_route's launch: the same picks in the same order and the same
     # weights, bit for bit (bf16 and float32 logits; 40, 64 and 512 experts: a lane holds 2 or 16)
     if not only or "moe_route_gate_up" in only:

@@ -21,6 +21,7 @@ The other commands live beside this module and run through its command line: `ro
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
 from pathlib import Path
@@ -187,6 +188,77 @@ def decode(args) -> None:
               f"(first step {first:.0f} ms); per layer (embed+head included) {(b + e) / L * 1e6:.0f} us", flush=True)
 
 
+# bwfloor: the bytes of a 397B decode layer's launches (4-bit codes with their bf16 scales and
+# biases), MB: the router and shared gate, moe_down, out_proj/o_proj, the MoE gate/up, q|k|v,
+# GatedDeltaNet in_proj; the output head
+BW_SIZES_MB = (1.2, 11.8, 18.9, 23.6, 40.2, 47.5, 572.0)
+
+
+def stream_read(make, name: str, backend: str, nv: int, groups: int, one_pass: int, stage: int):
+    """Kernel stream_read (kernels/bench.kern) over nv 16-byte words in `groups` thread groups of
+    256, made by `make` (mx.fast.cuda_kernel or metal_kernel, or the emulator's) -> a call
+    (w uint32 [4 nv], x [2048]) -> uint32 [groups * 8], whose xor is that of w's words where x is
+    zeros (with `stage`, each thread xors in the bits of one staged value)."""
+    from .source import render
+
+    header, body = render("stream_read", backend,
+                          {"NV": nv, "BW_U": 4, "NGROUPS": groups, "ONE_PASS": one_pass, "STAGE": stage})
+    k = make(name=name, input_names=["w", "x"], output_names=["out"], source=body, header=header)
+
+    def call(w, x):
+        return k(inputs=[w, x], template=[("T", x.dtype)], grid=(groups * 256, 1, 1), threadgroup=(256, 1, 1),
+                 output_shapes=[(groups * 8,)], output_dtypes=[mx.uint32])[0]
+    return call
+
+
+def bw_floor(backend: str, sizes_mb=BW_SIZES_MB, reps: int = 20, runs: int = 5) -> list[dict]:
+    """What a launch that only reads as many bytes as each of a decode layer's launches costs here
+    (kernel stream_read, kernels/bench.kern), three ways: "wave", 4 groups per multiprocessor
+    striding over all of it (one wave); "wave_staged", the same with each group first staging an
+    8 KB input behind a barrier, as our kernels do; "groups_staged", a short-lived staged group
+    per 64 KB (about what a qmv launch without FLASHMOE_GRID gives each group: in_proj 644 groups
+    for 47.5 MB), so several waves. Kernels are named fm_bw_<variant>_<MB> for ncu; wall time per
+    call from `reps` calls per graph, median of `runs` (MLX's per-operation cost included: under
+    ncu, the GPU time alone) -> a row per size and variant."""
+    make = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
+    sms = 32   # (Metal: a guess at the GPU cores)
+    if backend == "cuda":
+        from ..experts.cuda import runtime
+
+        sms = runtime().sm_count()
+    x = mx.zeros((2048,), mx.bfloat16)
+    rows = []
+    for mb in sizes_mb:
+        nv = int(mb * 1e6) // 16
+        # calls go round distinct buffers, 240 MB or more in all, so that they read DRAM, not the
+        # L2 cache (50 MB on the H200) that a smaller buffer read again would sit in, as a decode
+        # step's weights never do
+        ws = [mx.zeros((nv * 4,), mx.uint32) for _ in range(max(1, math.ceil(240 / mb)))]
+        mx.eval(ws, x)
+        one_pass_groups = max(1, nv * 16 // 65536)
+        for variant, groups, one_pass, stage in (("wave", 4 * sms, 0, 0), ("wave_staged", 4 * sms, 0, 1),
+                                                 ("groups_staged", one_pass_groups, 1, 1)):
+            k = stream_read(make, f"fm_bw_{variant}_{mb:g}MB".replace(".", "p"), backend, nv, groups, one_pass, stage)
+
+            def call(i, k=k):
+                return k(ws[i % len(ws)], x)
+
+            for _ in range(2):
+                mx.eval([call(i) for i in range(reps)])
+            times = []
+            for _ in range(runs):
+                mx.synchronize()
+                t0 = time.perf_counter()
+                mx.eval([call(i) for i in range(reps)])
+                mx.synchronize()
+                times.append((time.perf_counter() - t0) / reps * 1e6)
+            us = float(np.median(times))
+            rows.append({"MB": mb, "variant": variant, "groups": groups, "us": us, "GBps": mb * 1e3 / us})
+            print(f"{mb:8.1f} MB  {variant:14} {groups:7d} groups  {us:8.1f} us per call  {mb * 1e3 / us:7.0f} GB/s",
+                  flush=True)
+    return rows
+
+
 def first_calls(path: str) -> None:
     """Where the first decode step's time goes: every fused op of the first two decode steps
     evaluated on its own (mx.eval + synchronize) and timed, beside the embedding and the head."""
@@ -277,6 +349,8 @@ def main(argv=None) -> int:
     p.add_argument("--labels", default=None, help="comma-separated names of the logs' settings (several logs)")
     p.add_argument("--marked", default=None,
                    help="one log of `ncusettings`: its ';'-separated settings, compared per kernel family")
+    p = sub.add_parser("bwfloor", help="what launches that only read a decode layer's launches' bytes cost here")
+    p.add_argument("--reps", type=int, default=20)
     p = sub.add_parser("ncusettings", help="several kernel settings' decode steps in one process, each after a "
                                            "marker kernel (run under ncu --profile-from-start off)")
     p.add_argument("--dir", required=True)
@@ -299,6 +373,14 @@ def main(argv=None) -> int:
         host_profile(args)
     elif args.cmd == "loop":
         host_loop(args)
+    elif args.cmd == "bwfloor":
+        from . import active_backend
+
+        backend = active_backend()
+        if backend not in ("cuda", "metal"):
+            print(f"bwfloor needs a GPU kernel backend (active: {backend}).")
+            return 2
+        bw_floor(backend, reps=args.reps)
     elif args.cmd == "ncusettings":
         ncu_settings(args)
     elif args.cmd == "ncu":

@@ -30,6 +30,7 @@ KERNELS = {
     "qk_norm_rope": "qk_norm_rope", "qk_norm_rope_kv": "qk_norm_rope",
     "gdn_step": "gated_delta",
     "add_rms_norm": "rms_norm",
+    "stream_read": "bench",   # benchmarks only (overhead bwfloor)
 }
 
 
