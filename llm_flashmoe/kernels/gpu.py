@@ -56,7 +56,8 @@ XV_INNER = 1
 # FLASHMOE_QPIPE=1 (default 0): the FMA form's matrix-vector loop (common.kern's qrows_dot, in qmv
 # and the MoE's gate/up) issues the next batch of codes, scales and biases before computing the
 # current one (two batches of registers): the same sums in the same order, a warp's reads kept in
-# flight while it computes.
+# flight while it computes. H200 (`overhead settings`, 8 resident 397B layers, 2 rounds): slower,
+# pipelined 151 against 113 us per layer, the MoE block 87.5 against 66.7 us.
 QPIPE = 0
 # FLASHMOE_L2_PREFETCH=0: the matrix-vector and MoE kernels do not ask for their rows' bytes ahead
 # (the L2PF define; prefetch.global.L2 on CUDA), to time what the prefetch is worth per kernel.
@@ -84,8 +85,9 @@ GDN_THREADS: int | None = None
 # slice update per buffer: two MLX operations and two copies fewer per attention layer (ncu on the
 # H200: each update's copy took 21-29 us of GPU time). Off: on the H200 the kernel passes the check and a
 # 4-layer decode's tolerance (ratio 1.42, against 1.17 without it in another process; the fused path
-# is not bit-deterministic there), but no speed gain has been shown yet (`overhead settings
-# --tolerance 4` A/Bs both in one process).
+# is not bit-deterministic there); in one process (`overhead settings --tolerance 4`, 3 rounds)
+# 1.34-1.39 against the default's 1.24, pipelined 98.6 against 109.1 us per layer (noisy): the
+# ratio's rise is not understood yet, so it stays off.
 KV_INPLACE = 0
 # FLASHMOE_QMV_MMA=1 (default 0): qmv launches whose slots are all 4-bit with groups of 64 or 128, on
 # bf16 activations, take 16 rows per thread group through tensor-core products (mma.sync m16n8k16 on
