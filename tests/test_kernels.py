@@ -196,11 +196,17 @@ def test_qk_norm_rope_kv_twin_writes_the_token_at_its_position(array_pos):
     np.testing.assert_array_equal(np.array(nv)[:, :, rest], np.array(values)[:, :, rest])
 
 
-def test_kv_inplace_switch_picks_the_kernel_that_writes_the_buffers_it_is_given():
+def test_kv_inplace_switch_picks_the_kernel_that_writes_the_buffers_it_is_given(monkeypatch):
     """FLASHMOE_KV_INPLACE=1: the CUDA table has qk_norm_rope_kv, whose launch takes the KV buffers
-    as inputs, writes them through a cast pointer at pos (its source) and hands the same arrays
-    back; off (the default): the backend's qk_norm_rope, then slice updates (`ops` composes it)."""
+    as inputs, writes them through a cast pointer at pos (its source) and hands the same buffers
+    back as arrays that depend on the launch's outputs (mx.depends: what reads them later comes
+    after the write MLX cannot see); off (the default): the backend's qk_norm_rope, then slice
+    updates (`ops` composes it)."""
     from llm_flashmoe.kernels import gpu
+
+    depends = []
+    real_depends = mx.depends
+    monkeypatch.setattr(mx, "depends", lambda a, d: depends.append((a, d)) or real_depends(a, d))
 
     launches = []
 
@@ -221,7 +227,12 @@ def test_kv_inplace_switch_picks_the_kernel_that_writes_the_buffers_it_is_given(
         assert "qk_norm_rope_kv" in kern.table()
         q, k, keys, values = kern.table()["qk_norm_rope_kv"](*args)
         (name, names, body, inputs), = launches
-        assert name.startswith("fm_qk_norm_rope_kv_") and keys is args[3] and values is args[4]
+        assert name.startswith("fm_qk_norm_rope_kv_")
+        (bufs, deps), = depends
+        assert bufs[0] is args[3] and bufs[1] is args[4] and deps[0] is q and deps[1] is k
+        mx.eval(keys, values, args[3], args[4])
+        for got, given in ((keys, args[3]), (values, args[4])):   # the same memory
+            assert np.array(got, copy=False).ctypes.data == np.array(given, copy=False).ctypes.data
         assert inputs[names.index("keys")] is args[3] and inputs[names.index("values")] is args[4]
         assert "((GLOBAL T*)keys)[at]" in body and "((GLOBAL T*)values)[at]" in body and "keys_shape[2]" in body
         assert not any("(GLOBAL T*)" + n + ")" in body for n in names if n not in ("keys", "values"))

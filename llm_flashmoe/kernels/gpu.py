@@ -86,8 +86,11 @@ GDN_THREADS: int | None = None
 # H200: each update's copy took 21-29 us of GPU time). Off: on the H200 the kernel passes the check and a
 # 4-layer decode's tolerance (ratio 1.42, against 1.17 without it in another process; the fused path
 # is not bit-deterministic there); in one process (`overhead settings --tolerance 4`, 3 rounds)
-# 1.34-1.39 against the default's 1.24, pipelined 98.6 against 109.1 us per layer (noisy): the
-# ratio's rise is not understood yet, so it stays off.
+# 1.34-1.39 against the default's 1.24, pipelined 98.6 against 109.1 us per layer (noisy). The
+# in-place ratio moved between rounds where the default's did not: the check evaluates its decode
+# steps (tokens given) as one graph, where nothing ordered a step's attention after the previous
+# step's write, which MLX did not see. The written buffers now depend on the launch (mx.depends,
+# qk_norm_rope_kv); it stays off until the card shows the ratio back at the default's.
 KV_INPLACE = 0
 # FLASHMOE_QMV_MMA=1 (default 0): qmv launches whose slots are all 4-bit with groups of 64 or 128, on
 # bf16 activations, take 16 rows per thread group through tensor-core products (mma.sync m16n8k16 on
@@ -418,10 +421,13 @@ class GpuKernels:
     def qk_norm_rope_kv(self, qg, k, v, keys, values, q_w, k_w, pos, rope_dims: int, theta: float, eps: float,
                         n_kv_heads: int):
         """qk_norm_rope, and the token's key and value written at `pos` of keys and values IN PLACE
-        (kernels/qk_norm_rope.kern) -> (q, k, keys, values), the buffers the same arrays. The
-        buffers must be whole row-contiguous arrays of their own (as the KV cache's zeros,
-        concatenations and slice updates are), in q's dtype: a copy MLX made for the launch would
-        take the write instead."""
+        (kernels/qk_norm_rope.kern) -> (q, k, keys, values), keys and values the same buffers as
+        arrays that depend on the launch (mx.depends): MLX does not see the write, so without it
+        whatever reads the buffers later (the next step's attention, a growth's copy) could run
+        before it wherever nothing else orders them, as in several steps evaluated as one graph
+        with their tokens given (the tolerance check's decode). The buffers must be whole
+        row-contiguous arrays of their own (as the KV cache's zeros, concatenations and slice
+        updates are), in q's dtype: a copy MLX made for the launch would take the write instead."""
         out = None
         if (keys.dtype == values.dtype == qg.dtype == v.dtype and keys.shape == values.shape
                 and keys.shape[:2] == (1, n_kv_heads) and keys.shape[3] == q_w.size):
@@ -430,7 +436,7 @@ class GpuKernels:
         if out is None:
             return plain.compose_qk_norm_rope_kv(self.qk_norm_rope)(qg, k, v, keys, values, q_w, k_w, pos,
                                                                    rope_dims, theta, eps, n_kv_heads)
-        return (*out, keys, values)
+        return (*out, *mx.depends([keys, values], list(out)))
 
     def _norm_rope(self, name: str, extra: dict, qg, k, q_w, k_w, pos, rope_dims, theta, eps, n_kv_heads):
         """The launch of kernel `name` (qk_norm_rope or its _kv variant, whose further inputs are
