@@ -802,6 +802,8 @@ def test_ncusettings_runs_each_setting_in_one_process_and_restores_the_knobs(tin
     out = capsys.readouterr().out
     assert "setting 1 (-): first step" in out and "setting 2 (qpipe=1 words=8): first step" in out
     assert (gpu.QPIPE, gpu.QWORDS) == (0, 16)
+    with pytest.raises(SystemExit, match="bad setting"):     # refused before the model loads
+        overhead.main(["ncusettings", "--dir", "/nonexistent", "--settings=-;qpipe=1 wrods=8", "--backend", "twin"])
 
 
 def test_kernel_positions_from_ints_or_device_arrays():

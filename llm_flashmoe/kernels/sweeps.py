@@ -251,6 +251,8 @@ def ncu_settings(args) -> None:
     from .decode_bench import decode_steps, with_ops
     from .ncu import MARK
 
+    texts = args.settings.split(";")
+    settings = [parse_setting(text) for text in texts]   # a bad one refused before the load
     t0 = time.perf_counter()
     model = load_model(args.dir, experts_per_token=args.k)
     touch(model)
@@ -263,10 +265,9 @@ def ncu_settings(args) -> None:
         from ..experts import cuda
 
         rt = cuda.runtime()
-    texts = args.settings.split(";")
     try:
-        for i, text in enumerate(texts):
-            ops = apply_setting(parse_setting(text), args.backend)
+        for i, (text, setting) in enumerate(zip(texts, settings)):
+            ops = apply_setting(setting, args.backend)
             with_ops(model, ops, True)
 
             def start(step, i=i):
