@@ -172,6 +172,8 @@ def settings_sweep(args) -> None:
     from .decode_bench import (decode_times, heat, logits_error, logits_run, pipelined_time, tolerance_check,
                                with_ops)
 
+    texts = args.settings.split(";")
+    parsed = {text: parse_setting(text) for text in texts}   # a bad one refused before the load
     t0 = time.perf_counter()
     model = load_model(args.dir, experts_per_token=args.k)
     touch(model)
@@ -189,14 +191,13 @@ def settings_sweep(args) -> None:
     mx.eval(check._flat(t()))    # the case's random inputs, made once (not inside each timed graph)
     heat()
     moe_plain = check.time_call(mx.compile(lambda: check._flat(t())), args.runs)
-    texts = args.settings.split(";")
     built, seen = {}, {text: {"step": [], "pipe": [], "eh": [], "tol": []} for text in texts}
     tol_ref = (load_model(args.dir, experts_per_token=args.k, dtype=mx.float32)
                if getattr(args, "tolerance", 0) and model.dtype != mx.float32 else None)
     tol_cache: dict = {}   # the float32 logits and the plain path's error, worked out once
     for r in range(args.rounds):
         for text in texts:
-            setting = parse_setting(text)
+            setting = parsed[text]
             if text not in built:
                 o = built[text] = apply_setting(setting, args.backend)
                 seen[text]["err"] = logits_error(logits_run(model, o, prompt, 4), ref)
