@@ -236,7 +236,8 @@ for s in "$@"; do
         | tee -a "$out/ncusweep.log" ;;
     bwfloor)  # the floor under each of a layer's launches: a kernel that only reads as many bytes
               # (overhead bwfloor: one wave, one wave staged, short-lived staged groups), under ncu
-      profile bwfloor -- python3 -m llm_flashmoe.kernels.overhead bwfloor ;;
+      step bwfloor.log python3 -m llm_flashmoe.kernels.overhead bwfloor          # wall time per call
+      profile bwfloor -- python3 -m llm_flashmoe.kernels.overhead bwfloor --reps 4 --runs 1 ;;   # GPU time
     ncusettings)  # kernel settings A/B on GPU time in ONE process: the model loaded once, each setting
                   # in $SETTINGS (';'-separated key=value lists as for `settings`, '-' = defaults) then
                   # decodes (compiled) and its last 3 steps are profiled after a marker kernel; the log is

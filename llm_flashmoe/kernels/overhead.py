@@ -350,7 +350,8 @@ def main(argv=None) -> int:
     p.add_argument("--marked", default=None,
                    help="one log of `ncusettings`: its ';'-separated settings, compared per kernel family")
     p = sub.add_parser("bwfloor", help="what launches that only read a decode layer's launches' bytes cost here")
-    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--reps", type=int, default=20, help="calls per graph")
+    p.add_argument("--runs", type=int, default=5, help="graphs timed (the median reported)")
     p = sub.add_parser("ncusettings", help="several kernel settings' decode steps in one process, each after a "
                                            "marker kernel (run under ncu --profile-from-start off)")
     p.add_argument("--dir", required=True)
@@ -380,7 +381,7 @@ def main(argv=None) -> int:
         if backend not in ("cuda", "metal"):
             print(f"bwfloor needs a GPU kernel backend (active: {backend}).")
             return 2
-        bw_floor(backend, reps=args.reps)
+        bw_floor(backend, reps=args.reps, runs=args.runs)
     elif args.cmd == "ncusettings":
         ncu_settings(args)
     elif args.cmd == "ncu":
