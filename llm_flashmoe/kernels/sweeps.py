@@ -157,6 +157,21 @@ def apply_setting(env: dict, backend: str = "cuda"):
     return ops(backend)
 
 
+def _settings_and_model(args) -> tuple[list[str], list[dict], object]:
+    """--settings parsed (a bad one refused before the load), then the model of --dir loaded and
+    moved to the device -> (the settings' texts, their environments, the model)."""
+    from ..engine.load import load_model
+
+    texts = args.settings.split(";")
+    settings = [parse_setting(text) for text in texts]
+    t0 = time.perf_counter()
+    model = load_model(args.dir, experts_per_token=args.k)
+    touch(model)
+    print(f"loaded {args.dir} in {time.perf_counter() - t0:.1f} s, {len(model.layers)} layers, K={args.k}, "
+          f"{model.dtype} ({_env()})", flush=True)
+    return texts, settings, model
+
+
 def settings_sweep(args) -> None:
     """Decode (resident, compiled, fresh tokens) under each setting in one process, with the plain
     path and embed+head timed once: us per layer, step by step (build, then evaluate) and
@@ -172,14 +187,9 @@ def settings_sweep(args) -> None:
     from .decode_bench import (decode_times, heat, logits_error, logits_run, pipelined_time, tolerance_check,
                                with_ops)
 
-    texts = args.settings.split(";")
-    parsed = {text: parse_setting(text) for text in texts}   # a bad one refused before the load
-    t0 = time.perf_counter()
-    model = load_model(args.dir, experts_per_token=args.k)
-    touch(model)
+    texts, settings, model = _settings_and_model(args)
+    parsed = dict(zip(texts, settings))
     L = len(model.layers)
-    print(f"loaded {args.dir} in {time.perf_counter() - t0:.1f} s, {L} layers, K={args.k}, {model.dtype} ({_env()})",
-          flush=True)
     prompt = list(range(1, 9))
     ref = logits_run(model, None, prompt, 4)
     with_ops(model, None)
@@ -248,18 +258,10 @@ def ncu_settings(args) -> None:
     (ncu.MARK + the setting's number) that `overhead ncu LOG --marked SETTINGS` cuts the log at.
     A process per setting (`ncusweep`) paid the model's load and the first step's compilation of
     every kernel each time; here a setting compiles only the kernels it changes."""
-    from ..engine.load import load_model
     from .decode_bench import decode_steps, with_ops
     from .ncu import MARK
 
-    texts = args.settings.split(";")
-    settings = [parse_setting(text) for text in texts]   # a bad one refused before the load
-    t0 = time.perf_counter()
-    model = load_model(args.dir, experts_per_token=args.k)
-    touch(model)
-    L = len(model.layers)
-    print(f"loaded {args.dir} in {time.perf_counter() - t0:.1f} s, {L} layers, K={args.k}, {model.dtype} ({_env()})",
-          flush=True)
+    texts, settings, model = _settings_and_model(args)
     prompt = list(range(1, 9))
     rt = None
     if args.backend == "cuda":
