@@ -97,10 +97,11 @@ KV_INPLACE = 0
 # CUDA; common.kern's mma_rows16), the group's warps splitting the inputs: the codes become exact bf16
 # values by a mask, so a lane spends about 1.5 instructions per weight where the FMA form spends
 # about 3. Metal has no such product here: there the same fragments are summed with FMAs and
-# shuffles. Off until timed: on the H200 (ncu over 6 decode steps of 8 resident 397B layers) the
-# first form, a warp per 16 rows over all the inputs, was slower in every launch (too few warps
-# for the card): in_proj 44.9 against 35.6 us, out_proj 53.0 against 18.9, q|k|v 43.8 against
-# 34.9, lm_head 350.9 against 274.1 (and no faster with 32 or 64 words). The split has 8x the warps.
+# shuffles. Off: on the H200 (ncu over 6 decode steps of 8 resident 397B layers, us per call against
+# the FMA form) the first form, a warp per 16 rows over all the inputs, was slower in every launch
+# (too few warps): in_proj 44.9 against 35.6, out_proj 53.0 against 18.9, lm_head 350.9 against
+# 274.1. The split form (8x the warps) wins some and loses others: out_proj 16.8 against 19.0, q|k|v
+# 33.1 against 35.1, but in_proj 38.4 against 35.5 and lm_head 313.2 against 273.5.
 QMV_MMA = 0
 # FLASHMOE_MOE_MMA (default auto: down on CUDA, 0 on Metal, which has no tensor-core product here):
 # the MoE launches through tensor-core products as qmv's above:
