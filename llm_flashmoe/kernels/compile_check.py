@@ -130,7 +130,7 @@ def render_all(nvcc: bool = False) -> dict[str, str]:
     from .source import render
 
     for one_pass in (0, 1):
-        for stage in (0, 1):
+        for stage in (0, 1, 2):
             header, body = render("stream_read", "cuda",
                                   {"NV": 4096, "BW_U": 4, "NGROUPS": 8, "ONE_PASS": one_pass, "STAGE": stage})
             _Recorder(units, nvcc, f"fm_stream_read_{one_pass}{stage}", ["w", "x"], ["out"], body, header)(

@@ -262,7 +262,7 @@ def run(labels=("tiny", "odd"), only=None) -> int:
         nv = 4999
         w = mx.array(np.random.randint(0, 2**32, size=4 * nv, dtype=np.uint64).astype(np.uint32))
         want = np.bitwise_xor.reduce(np.array(w))
-        for groups, one_pass, stage in ((3, 0, 0), (2, 0, 1), (5, 1, 0), (4, 1, 1)):
+        for groups, one_pass, stage in ((3, 0, 0), (2, 0, 1), (5, 1, 0), (4, 1, 1), (4, 1, 2)):
             out = stream_read(lambda **kw: _Launch(work, **kw), f"fm_bw_{groups}{one_pass}{stage}", "cuda", nv,
                               groups, one_pass, stage)(w, mx.zeros((2048,), mx.bfloat16))
             same = np.bitwise_xor.reduce(np.array(out)) == want

@@ -215,9 +215,10 @@ def bw_floor(backend: str, sizes_mb=BW_SIZES_MB, reps: int = 20, runs: int = 5) 
     """What a launch that only reads as many bytes as each of a decode layer's launches costs here
     (kernel stream_read, kernels/bench.kern), three ways: "wave", 4 groups per multiprocessor
     striding over all of it (one wave); "wave_staged", the same with each group first staging an
-    8 KB input behind a barrier, as our kernels do; "groups_staged", a short-lived staged group
-    per 64 KB (about what a qmv launch without FLASHMOE_GRID gives each group: in_proj 644 groups
-    for 47.5 MB), so several waves. Kernels are named fm_bw_<variant>_<MB> for ncu; wall time per
+    input behind a barrier, as our kernels do; "groups_staged", a short-lived staged group per
+    64 KB (about what a qmv launch without FLASHMOE_GRID gives each group: in_proj 644 groups for
+    47.5 MB), so several waves; "groups_normed", the same with the input RMS-normalized by each
+    group, as the launches with the input norm fused do. Kernels are named fm_bw_<variant>_<MB> for ncu; wall time per
     call from `reps` calls per graph, median of `runs` (MLX's per-operation cost included: under
     ncu, the GPU time alone) -> a row per size and variant."""
     make = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
@@ -237,7 +238,8 @@ def bw_floor(backend: str, sizes_mb=BW_SIZES_MB, reps: int = 20, runs: int = 5) 
         mx.eval(ws, x)
         one_pass_groups = max(1, nv * 16 // 65536)
         for variant, groups, one_pass, stage in (("wave", 4 * sms, 0, 0), ("wave_staged", 4 * sms, 0, 1),
-                                                 ("groups_staged", one_pass_groups, 1, 1)):
+                                                 ("groups_staged", one_pass_groups, 1, 1),
+                                                 ("groups_normed", one_pass_groups, 1, 2)):
             k = stream_read(make, f"fm_bw_{variant}_{mb:g}MB".replace(".", "p"), backend, nv, groups, one_pass, stage)
 
             def call(i, k=k):
