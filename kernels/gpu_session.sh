@@ -47,8 +47,8 @@
 #            (kernels/cudatrace preloaded into `overhead loop`, tiny preset), per MLX setting
 #   ncusweep kernel settings compared on GPU time alone: ncu over the same decode steps per setting in
 #            $NCU_SETTINGS (e.g. "- FLASHMOE_GDN_THREADS=512 FLASHMOE_XV_INNER=1"), then per kernel family
-#   bwfloor  what launches that only read each of a decode layer's launches' bytes cost (ncu; three
-#            ways: one wave, one wave with the staging, short-lived staged groups in several waves)
+#   bwfloor  what launches that only read each of a decode layer's launches' bytes cost (ncu; four
+#            ways: one wave, one wave with the staging, short-lived staged groups in several waves, the same normalizing)
 #   ncusettings as ncusweep, every setting of $SETTINGS (';'-separated, as for `settings`) in one process
 #            (one model load, where ncusweep loads it per setting: 40-50 s each for 8 layers; and a
 #            setting compiles only the kernels it changes)
@@ -235,7 +235,7 @@ for s in "$@"; do
       [ ${#logs[@]} -gt 1 ] && python3 -m llm_flashmoe.kernels.overhead ncu "${logs[@]}" --labels "$labels" \
         | tee -a "$out/ncusweep.log" ;;
     bwfloor)  # the floor under each of a layer's launches: a kernel that only reads as many bytes
-              # (overhead bwfloor: one wave, one wave staged, short-lived staged groups), under ncu
+              # (overhead bwfloor: one wave, one wave staged, short-lived staged groups, normed too), under ncu
       step bwfloor.log python3 -m llm_flashmoe.kernels.overhead bwfloor          # wall time per call
       profile bwfloor -- python3 -m llm_flashmoe.kernels.overhead bwfloor --reps 4 --runs 1 ;;   # GPU time
     ncusettings)  # kernel settings A/B on GPU time in ONE process: the model loaded once, each setting
