@@ -196,6 +196,18 @@ def test_qk_norm_rope_kv_twin_writes_the_token_at_its_position(array_pos):
     np.testing.assert_array_equal(np.array(nv)[:, :, rest], np.array(values)[:, :, rest])
 
 
+def recording(launches: list):
+    """A stand-in for mx.fast.cuda_kernel / metal_kernel (GpuKernels._make): each launch goes to
+    `launches` as (the kernel's name, input names, header and source; the launch's inputs, grid and
+    thread group), and its outputs are zeros."""
+    def make(**kw):
+        def launch(inputs, output_shapes, output_dtypes, grid=None, threadgroup=None, **_):
+            launches.append((kw["name"], kw["input_names"], kw["header"], kw["source"], inputs, grid, threadgroup))
+            return [mx.zeros(shape, dt) for shape, dt in zip(output_shapes, output_dtypes)]
+        return launch
+    return make
+
+
 def test_kv_inplace_switch_picks_the_kernel_that_writes_the_buffers_it_is_given(monkeypatch):
     """FLASHMOE_KV_INPLACE=1: the CUDA table has qk_norm_rope_kv, whose launch takes the KV buffers
     as inputs, writes them through a cast pointer at pos (its source) and hands the same buffers
@@ -209,13 +221,6 @@ def test_kv_inplace_switch_picks_the_kernel_that_writes_the_buffers_it_is_given(
     monkeypatch.setattr(mx, "depends", lambda a, d: depends.append((a, d)) or real_depends(a, d))
 
     launches = []
-
-    def record(**kw):
-        def launch(inputs, output_shapes, output_dtypes, **_):
-            launches.append((kw["name"], kw["input_names"], kw["source"], inputs))
-            return [mx.zeros(shape, dt) for shape, dt in zip(output_shapes, output_dtypes)]
-        return launch
-
     Hq, Hkv, Dh = 2, 1, 64
     args = (mx.zeros((Hq * 2 * Dh,)), mx.zeros((Hkv * Dh,)), mx.zeros((Hkv * Dh,)),
             mx.zeros((1, Hkv, 8, Dh)), mx.zeros((1, Hkv, 8, Dh)), mx.ones((Dh,)), mx.ones((Dh,)),
@@ -223,10 +228,10 @@ def test_kv_inplace_switch_picks_the_kernel_that_writes_the_buffers_it_is_given(
     try:
         gpu.configure({"FLASHMOE_KV_INPLACE": "1"})
         kern = gpu.GpuKernels("cuda")
-        kern._make = record
+        kern._make = recording(launches)
         assert "qk_norm_rope_kv" in kern.table()
         q, k, keys, values = kern.table()["qk_norm_rope_kv"](*args)
-        (name, names, body, inputs), = launches
+        (name, names, _, body, inputs, _, _), = launches
         assert name.startswith("fm_qk_norm_rope_kv_")
         (bufs, deps), = depends
         assert bufs[0] is args[3] and bufs[1] is args[4] and deps[0] is q and deps[1] is k
@@ -256,12 +261,7 @@ def test_qmv_mma_switch_takes_4bit_bf16_launches_through_tensor_core_products():
     from llm_flashmoe.kernels import check, gpu
 
     launches = []
-
-    def record(**kw):
-        def launch(inputs, output_shapes, output_dtypes, grid, threadgroup, **_):
-            launches.append((kw["header"], kw["source"], grid, threadgroup))
-            return [mx.zeros(shape, dt) for shape, dt in zip(output_shapes, output_dtypes)]
-        return launch
+    record = recording(launches)
 
     def built(backend, dtype, bits=4, gs=64, n=(40, 1)):
         launches.clear()
@@ -269,7 +269,7 @@ def test_qmv_mma_switch_takes_4bit_bf16_launches_through_tensor_core_products():
         kern._make = record
         lins = [check.qlinear(r, 128, bits, gs, dtype) for r in n]
         kern.qmv(mx.zeros((1, 128), dtype), lins)
-        (header, body, grid, group), = launches
+        (_, _, header, body, _, grid, group), = launches
         mma = "#define QMV_MMA 1" in header
         assert mma == ("#define QMV_R 16\n" in header) and (mma or "#define QMV_MMA 0\n" in header)
         return mma, grid[0] // group[0]
@@ -309,7 +309,7 @@ def test_qmv_mma_switch_takes_4bit_bf16_launches_through_tensor_core_products():
             I, Is = d["gate"].weight.shape[1], d["sg"].out_features
             kern.moe_down(mx.zeros((d["K"], I), mx.bfloat16), d["rows"], d["w"], d["down"], mx.zeros((Is,), mx.bfloat16),
                           d["sd"], mx.zeros((1,), mx.bfloat16), d["res"])
-            (gu, _, _, _), (down, _, grid, group) = launches
+            (_, _, gu, _, _, _, _), (_, _, down, _, _, grid, group) = launches
             assert ("#define GU_MMA 1\n" in gu) == gu_on == ("#define GU_R 16\n" in gu), (setting, backend)
             assert ("#define DOWN_MMA 1\n" in down) == down_on, (setting, backend)
             assert grid[0] // group[0] == (256 // 16 if down_on else 256 // (gpu.MV_THREADS // 32))   # tiny: H 256
@@ -642,17 +642,10 @@ def test_launch_knobs_reach_the_kernels_and_bad_ones_are_refused():
                                           ("auto", "metal", 256)):
             gpu.configure({"FLASHMOE_GDN_THREADS": setting})
             launches = []
-
-            def record(**kw):
-                def launch(inputs, output_shapes, output_dtypes, grid, threadgroup, **_):
-                    launches.append((kw["name"], grid, threadgroup))
-                    return [mx.zeros(shape, dt) for shape, dt in zip(output_shapes, output_dtypes)]
-                return launch
-
             kernels = gpu.GpuKernels(backend)
-            kernels._make = record
+            kernels._make = recording(launches)
             gdn_case("tiny", mx.float32)[0](kernels)
-            (name, grid, group), = launches            # one thread group of `threads` per value head
+            (name, _, _, _, _, grid, group), = launches            # one thread group of `threads` per value head
             assert name.startswith("fm_gdn_step_") and group == (threads, 1, 1) and grid[0] % threads == 0
             heads.add(grid[0] // threads)
         assert len(heads) == 1 and heads.pop() > 1
