@@ -126,17 +126,13 @@ def render_all(nvcc: bool = False) -> dict[str, str]:
         addressed()
     finally:
         gpu.QMV_MMA, gpu.MOE_MMA = saved
-    # the benchmark kernel (`overhead bwfloor`), each variant
-    from .source import render
+    # the benchmark kernel (`overhead bwfloor`), each variant, launched as bwfloor launches it
+    from .overhead import stream_read
 
     for one_pass in (0, 1):
         for stage in (0, 1, 2):
-            header, body = render("stream_read", "cuda",
-                                  {"NV": 4096, "BW_U": 4, "NGROUPS": 8, "ONE_PASS": one_pass, "STAGE": stage})
-            _Recorder(units, nvcc, f"fm_stream_read_{one_pass}{stage}", ["w", "x"], ["out"], body, header)(
-                inputs=[mx.zeros((16384,), mx.uint32), mx.zeros((2048,), mx.bfloat16)],
-                template=[("T", mx.bfloat16)], grid=(2048, 1, 1), threadgroup=(256, 1, 1),
-                output_shapes=[(64,)], output_dtypes=[mx.uint32])
+            stream_read(lambda **kw: _Recorder(units, nvcc, **kw), f"fm_stream_read_{one_pass}{stage}", "cuda",
+                        4096, 8, one_pass, stage)(mx.zeros((16384,), mx.uint32), mx.zeros((2048,), mx.bfloat16))
     return units
 
 

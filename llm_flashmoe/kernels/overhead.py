@@ -213,14 +213,14 @@ def stream_read(make, name: str, backend: str, nv: int, groups: int, one_pass: i
 
 def bw_floor(backend: str, sizes_mb=BW_SIZES_MB, reps: int = 20, runs: int = 5) -> list[dict]:
     """What a launch that only reads as many bytes as each of a decode layer's launches costs here
-    (kernel stream_read, kernels/bench.kern), three ways: "wave", 4 groups per multiprocessor
+    (kernel stream_read, kernels/bench.kern), four ways: "wave", 4 groups per multiprocessor
     striding over all of it (one wave); "wave_staged", the same with each group first staging an
     input behind a barrier, as our kernels do; "groups_staged", a short-lived staged group per
     64 KB (about what a qmv launch without FLASHMOE_GRID gives each group: in_proj 644 groups for
     47.5 MB), so several waves; "groups_normed", the same with the input RMS-normalized by each
-    group, as the launches with the input norm fused do. Kernels are named fm_bw_<variant>_<MB> for ncu; wall time per
-    call from `reps` calls per graph, median of `runs` (MLX's per-operation cost included: under
-    ncu, the GPU time alone) -> a row per size and variant."""
+    group, as the launches with the input norm fused do. Kernels are named fm_bw_<variant>_<MB>
+    for ncu; wall time per call from `reps` calls per graph, median of `runs` (MLX's per-operation
+    cost included: under ncu, the GPU time alone) -> a row per size and variant."""
     make = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
     sms = 32   # (Metal: a guess at the GPU cores)
     if backend == "cuda":

@@ -203,7 +203,7 @@ def settings_sweep(args) -> None:
     moe_plain = check.time_call(mx.compile(lambda: check._flat(t())), args.runs)
     built, seen = {}, {text: {"step": [], "pipe": [], "eh": [], "tol": []} for text in texts}
     tol_ref = (load_model(args.dir, experts_per_token=args.k, dtype=mx.float32)
-               if getattr(args, "tolerance", 0) and model.dtype != mx.float32 else None)
+               if args.tolerance and model.dtype != mx.float32 else None)
     tol_cache: dict = {}   # the float32 logits and the plain path's error, worked out once
     for r in range(args.rounds):
         for text in texts:
@@ -243,7 +243,7 @@ def settings_sweep(args) -> None:
               + (f" {np.median(v['tol']):8.2f} ({min(v['tol']):.2f}-{max(v['tol']):.2f})" if tol_ref else ""),
               flush=True)
         if best is None or pipe_layer < best[0]:
-            best = (pipe_layer, parse_setting(text))
+            best = (pipe_layer, parsed[text])
     set_knobs({})
     env = " ".join(f"{k}={v}" for k, v in best[1].items())
     print(f"fastest: {env or 'the defaults'} ({best[0]:.1f} us/layer pipelined)")
