@@ -20,7 +20,9 @@ quantizing normal weights: statistically similar, about 50x faster to write.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import multiprocessing
 import sys
 import zlib
 from pathlib import Path
@@ -193,9 +195,6 @@ def write_synthetic(dest: str | Path, *, preset: str = "tiny", layout: str = "hf
             for name, *_rest in _declare(cfg, mod, layout):
                 weight_map[name] = fname
         jobs.append((raw_cfg, seed, [m.name for m in group], layout, fast_experts, str(dest / fname)))
-    import contextlib
-    import multiprocessing
-
     parallel = workers > 1 and len(jobs) > 1
     with (multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) if parallel
           else contextlib.nullcontext()) as pool:
@@ -224,7 +223,8 @@ def _write_shard(job) -> str:
     raw_cfg, seed, names, layout, fast_experts, path = job
     cfg = parse_config(raw_cfg)
     maker = WeightMaker(cfg, seed)
-    group = [m for m in model_modules(cfg) if m.name in set(names)]
+    names = set(names)
+    group = [m for m in model_modules(cfg) if m.name in names]
     decl = [d for mod in group for d in _declare(cfg, mod, layout)]
     w = SafetensorsWriter(Path(path), [(n, d, s) for n, d, s, _ in decl],
                           metadata={"format": "mlx" if layout == "mlx" else "pt"})
