@@ -209,11 +209,11 @@ def recording(launches: list):
 
 
 def test_kv_inplace_switch_picks_the_kernel_that_writes_the_buffers_it_is_given(monkeypatch):
-    """FLASHMOE_KV_INPLACE=1: the CUDA table has qk_norm_rope_kv, whose launch takes the KV buffers
-    as inputs, writes them through a cast pointer at pos (its source) and hands the same buffers
-    back as arrays that depend on the launch's outputs (mx.depends: what reads them later comes
-    after the write MLX cannot see); off (the default): the backend's qk_norm_rope, then slice
-    updates (`ops` composes it)."""
+    """FLASHMOE_KV_INPLACE=1 (and auto, the default, on CUDA): the table has qk_norm_rope_kv, whose
+    launch takes the KV buffers as inputs, writes them through a cast pointer at pos (its source)
+    and hands the same buffers back as arrays that depend on the launch's outputs (mx.depends: what
+    reads them later comes after the write MLX cannot see); 0 (and auto on Metal): the backend's
+    qk_norm_rope, then slice updates (`ops` composes it)."""
     from llm_flashmoe.kernels import gpu
 
     depends = []
@@ -241,14 +241,59 @@ def test_kv_inplace_switch_picks_the_kernel_that_writes_the_buffers_it_is_given(
         assert inputs[names.index("keys")] is args[3] and inputs[names.index("values")] is args[4]
         assert "((GLOBAL T*)keys)[at]" in body and "((GLOBAL T*)values)[at]" in body and "keys_shape[2]" in body
         assert not any("(GLOBAL T*)" + n + ")" in body for n in names if n not in ("keys", "values"))
-        gpu.configure({})
+        gpu.configure({"FLASHMOE_KV_INPLACE": "0"})
         assert gpu.KV_INPLACE == 0 and "qk_norm_rope_kv" not in gpu.GpuKernels("cuda").table()
+        kernels._built.pop("cuda", None)
+        composed = kernels.ops("cuda").qk_norm_rope_kv
+        assert composed.__qualname__.startswith("compose_qk_norm_rope_kv")
+        gpu.configure({})
+        assert gpu.KV_INPLACE is None and "qk_norm_rope_kv" in gpu.GpuKernels("cuda").table()
+        assert "qk_norm_rope_kv" not in gpu.GpuKernels("metal").table()
+        kernels._built.pop("cuda", None)
+        assert kernels.ops("cuda").qk_norm_rope_kv.__qualname__ == "GpuKernels.qk_norm_rope_kv"
     finally:
         gpu.configure()
-    kernels._built.pop("cuda", None)
-    composed = kernels.ops("cuda").qk_norm_rope_kv
-    assert composed.__qualname__.startswith("compose_qk_norm_rope_kv")
-    kernels._built.pop("cuda", None)
+        kernels._built.pop("cuda", None)
+
+
+def test_min_groups_sets_the_matrix_vector_kernels_launch_bounds():
+    """FLASHMOE_MIN_GROUPS=N: qmv, the MoE's gate/up and its down are built with MIN_GROUPS N and
+    MAX_THREADS (the launch's thread group), so CUDA's __global__ carries __launch_bounds__ for them,
+    defined after the kernel's #defines; the default (0) leaves the launch bounds out, and Metal's
+    dialect has none; a bad value is refused."""
+    from llm_flashmoe.errors import FlashMoeError
+    from llm_flashmoe.kernels import check, gpu
+
+    launches = []
+
+    def build(backend):
+        launches.clear()
+        kern = gpu.GpuKernels(backend)
+        kern._make = recording(launches)
+        d = check.moe_inputs("tiny", mx.float32)
+        kern.qmv(mx.zeros((1, 128)), [check.qlinear(64, 128, 4, 64, mx.float32)])
+        kern.moe_gate_up(d["x"], d["rows"], d["gate"], d["up"], d["sg"], d["su"])
+        kern.moe_down(check.rnd((d["K"], d["gate"].weight.shape[1]), mx.float32), d["rows"], d["w"], d["down"],
+                      check.rnd((d["sg"].out_features,), mx.float32), d["sd"], check.rnd((1,), mx.float32), d["res"])
+        return [(name, header, group) for name, _, header, _, _, _, group in launches]
+
+    try:
+        gpu.configure({"FLASHMOE_MIN_GROUPS": "3", "FLASHMOE_MV_THREADS": "128"})
+        built = build("cuda")
+        assert [n.split("_")[1:-1] for n, _, _ in built] == [["qmv"], ["moe", "gate", "up"], ["moe", "down"]]
+        for _, header, group in built:
+            assert group == (128, 1, 1)
+            bounds = header.index("__launch_bounds__(MAX_THREADS, MIN_GROUPS)")
+            assert header.index("#define MIN_GROUPS 3\n") < bounds and header.index("#define MAX_THREADS 128\n") < bounds
+        for _, header, _ in build("metal"):
+            assert "#define MIN_GROUPS 3" in header and "__launch_bounds__" not in header
+        gpu.configure({})
+        assert all("#define MIN_GROUPS" not in header for _, header, _ in build("cuda"))
+        for bad in ("-1", "33"):
+            with pytest.raises(FlashMoeError, match="FLASHMOE_MIN_GROUPS"):
+                gpu.configure({"FLASHMOE_MIN_GROUPS": bad})
+    finally:
+        gpu.configure()
 
 
 def test_qmv_mma_switch_takes_4bit_bf16_launches_through_tensor_core_products():
@@ -368,7 +413,11 @@ def test_metal_and_cuda_differ_only_in_the_dialect(kernel):
     for b, (header, body) in gen.items():
         d = source.dialect(b)
         assert header.startswith(d["header"]) and body.startswith(d["prologue"])
-        stripped.add((header[len(d["header"]):], body[len(d["prologue"]):]))
+        rest = header[len(d["header"]):]
+        if "bounds" in d:   # CUDA's launch bounds, after the kernel's own #defines
+            assert d["bounds"] in rest and rest.index(d["bounds"]) >= len(source.defines_text(defines))
+            rest = rest.replace(d["bounds"], "", 1)
+        stripped.add((rest, body[len(d["prologue"]):]))
         assert "kernel " + kernel in source.family(source.KERNELS[kernel])
         assert "//@part" not in body   # shared parts expanded
     assert len(stripped) == 1
@@ -671,7 +720,7 @@ def test_settings_set_the_engine_read_knobs_in_the_environment(monkeypatch):
         assert gpu.MOE_MMA == {"down"}
         sweeps.apply_setting(sweeps.parse_setting("-"), "twin")
         assert _fuse_input_norm() and gpu.GDN_ROWS == 8 and "FLASHMOE_FUSE_INPUT_NORM" not in os.environ
-        assert (gpu.QMV_MMA, gpu.MOE_MMA, gpu.KV_INPLACE, gpu.QPIPE) == (0, None, 0, 0)
+        assert (gpu.QMV_MMA, gpu.MOE_MMA, gpu.KV_INPLACE, gpu.QPIPE) == (0, None, None, 0)
     finally:
         gpu.configure()
     with pytest.raises(SystemExit, match="fusenorm"):

@@ -44,6 +44,15 @@ DEVICE_FN void mma_bf16_16816(THREAD_PTR float* d, uint32_t a0, uint32_t a1, uin
 #else
 #define HAS_MMA 0
 #endif
+//@@ bounds
+// (after the kernel's #defines) MIN_GROUPS > 0: the kernel is compiled for MIN_GROUPS thread groups of
+// MAX_THREADS resident per multiprocessor (__launch_bounds__: registers held to fit). MLX writes the
+// kernel's `__global__ void name(` after this header, so the attribute rides on __global__, spelled as
+// crt/host_defines.h spells it (nvcc and NVRTC alike).
+#if defined(MIN_GROUPS) && MIN_GROUPS > 0
+#undef __global__
+#define __global__ __attribute__((global)) __launch_bounds__(MAX_THREADS, MIN_GROUPS)
+#endif
 //@@ prologue
 const int gx = int(blockIdx.x);
 const int gy = int(blockIdx.y);

@@ -47,6 +47,11 @@ GRID_BLOCKS: int | None = None
 # FLASHMOE_MV_THREADS, 64-1024, a multiple of 32): each group stages the input once for its warps;
 # fewer threads per group fit more groups per multiprocessor when registers are the limit.
 MV_THREADS = 256
+# FLASHMOE_MIN_GROUPS=N (default 0: off): the matrix-vector kernels are compiled so that N thread groups
+# of MV_THREADS fit on a multiprocessor at once (CUDA's __launch_bounds__: the compiler holds each
+# thread to 65536 / (N * MV_THREADS) registers, spilling if it must), for more warps resident and so
+# more of the weights' reads in flight. Metal ignores it.
+MIN_GROUPS = 0
 # FLASHMOE_XV_INNER (default 1): the matrix-vector kernels read each staged input from fast memory
 # once for all of a warp's rows instead of holding a chunk's 32 inputs in registers (the XV_INNER
 # define; the same sums in the same order, fewer registers: `compile_check --nvcc`). H200, ncu (as
@@ -80,18 +85,19 @@ GDN_ROWS = 8
 # against 378.7-382.6 at 256 in six other processes.
 GDN_THREADS: int | None = None
 
-# FLASHMOE_KV_INPLACE=1: compiled attention steps write the token's key and value into the KV
-# buffers in place, inside qk_norm_rope's launch (kernel qk_norm_rope_kv), instead of MLX's dynamic
-# slice update per buffer: two MLX operations and two copies fewer per attention layer (ncu on the
-# H200: each update's copy took 21-29 us of GPU time). Off: on the H200 the kernel passes the check and a
-# 4-layer decode's tolerance (ratio 1.42, against 1.17 without it in another process; the fused path
-# is not bit-deterministic there); in one process (`overhead settings --tolerance 4`, 3 rounds)
-# 1.34-1.39 against the default's 1.24, pipelined 98.6 against 109.1 us per layer (noisy). The
-# in-place ratio moved between rounds where the default's did not: the check evaluates its decode
-# steps (tokens given) as one graph, where nothing ordered a step's attention after the previous
-# step's write, which MLX did not see. The written buffers now depend on the launch (mx.depends,
-# qk_norm_rope_kv); it stays off until the card shows the ratio back at the default's.
-KV_INPLACE = 0
+# FLASHMOE_KV_INPLACE (default auto: on for CUDA, off for Metal; 1, 0): compiled attention steps write
+# the token's key and value into the KV buffers in place, inside qk_norm_rope's launch (kernel
+# qk_norm_rope_kv), instead of MLX's dynamic slice update per buffer: two MLX operations and two
+# copies fewer per attention layer (ncu on the H200: each update's copy took 21-29 us of GPU time,
+# with compute_dynamic_offset ~55 us per attention layer). The written buffers are handed back through
+# mx.depends on the launch, so that whatever reads them later (the attention, the next step's write, a
+# growth) comes after the write MLX does not see: without it a check decoding several steps as one
+# graph saw its tolerance ratio move between rounds (1.34-1.39 against 1.24). With it, on the H200
+# (fourteenth session, `overhead settings --tolerance 4`, 3 rounds in one process): 1.24 every round,
+# as the slice updates; ncu over 3 decode steps of 8 layers: 5058 against 5438 us of GPU time. Metal
+# stays on the slice updates until a Mac runs the check (the kernel writes through a cast pointer).
+# None: auto.
+KV_INPLACE: int | None = None
 # FLASHMOE_QMV_MMA=1 (default 0): qmv launches whose slots are all 4-bit with groups of 64 or 128, on
 # bf16 activations, take 16 rows per thread group through tensor-core products (mma.sync m16n8k16 on
 # CUDA; common.kern's mma_rows16), the group's warps splitting the inputs: the codes become exact bf16
@@ -116,12 +122,12 @@ MOE_MMA: frozenset | None = None
 def configure(env=os.environ) -> None:
     """Set the launch knobs above from `env` (FLASHMOE_QMV_ROWS, FLASHMOE_MOE_ROWS,
     FLASHMOE_QMV_WORDS, FLASHMOE_GRID, FLASHMOE_GRID_BLOCKS, FLASHMOE_GDN_ROWS, FLASHMOE_GDN_THREADS,
-    FLASHMOE_MV_THREADS,
+    FLASHMOE_MV_THREADS, FLASHMOE_MIN_GROUPS,
     FLASHMOE_XV_INNER, FLASHMOE_L2_PREFETCH, FLASHMOE_FUSE_ROUTE, FLASHMOE_KV_INPLACE, FLASHMOE_QMV_MMA,
     FLASHMOE_MOE_MMA, FLASHMOE_QPIPE; absent: the defaults). Kernels
     built before keep their settings: make a new GpuKernels after changing them."""
     global QMV_ROWS, MOE_GU_ROWS, MOE_DOWN_ROWS, QWORDS, GRID_PER_SM, GRID_BLOCKS, GDN_ROWS, GDN_THREADS, MV_THREADS
-    global XV_INNER, L2PF, FUSE_ROUTE, KV_INPLACE, QMV_MMA, MOE_MMA, QPIPE
+    global XV_INNER, L2PF, FUSE_ROUTE, KV_INPLACE, QMV_MMA, MOE_MMA, QPIPE, MIN_GROUPS
     rows = env.get("FLASHMOE_QMV_ROWS", "auto").strip().lower()
     QMV_ROWS = None if rows in ("", "auto") else int(rows)
     # GU,DOWN or GU:DOWN (gpu_session.sh's sweeps keep ',' for separating variables)
@@ -138,10 +144,12 @@ def configure(env=os.environ) -> None:
     threads = env.get("FLASHMOE_GDN_THREADS", "auto").strip().lower()
     GDN_THREADS = None if threads in ("", "auto") else int(threads)
     MV_THREADS = int(env.get("FLASHMOE_MV_THREADS", "256"))
+    MIN_GROUPS = int(env.get("FLASHMOE_MIN_GROUPS", "0") or 0)
     XV_INNER = int(env.get("FLASHMOE_XV_INNER", "1"))
     L2PF = int(env.get("FLASHMOE_L2_PREFETCH", "1"))
     FUSE_ROUTE = env.get("FLASHMOE_FUSE_ROUTE", "1").strip().lower() not in ("0", "off", "no", "false")
-    KV_INPLACE = int(env.get("FLASHMOE_KV_INPLACE", "0").strip().lower() in ("1", "on", "yes", "true"))
+    kv = env.get("FLASHMOE_KV_INPLACE", "auto").strip().lower()
+    KV_INPLACE = None if kv in ("", "auto") else int(kv in ("1", "on", "yes", "true"))
     QMV_MMA, QPIPE = (_switch(env, name) for name in ("FLASHMOE_QMV_MMA", "FLASHMOE_QPIPE"))
     moe = env.get("FLASHMOE_MOE_MMA", "auto").strip().lower()
     forms = {"1": {"gateup", "down"}, "on": {"gateup", "down"}, "0": set(), "off": set(), "down": {"down"},
@@ -151,6 +159,8 @@ def configure(env=os.environ) -> None:
     MOE_MMA = frozenset(forms[moe]) if moe in forms else None
     if not (64 <= MV_THREADS <= 1024 and MV_THREADS % 32 == 0):
         raise FlashMoeError(f"FLASHMOE_MV_THREADS={MV_THREADS}: use a multiple of 32 from 64 to 1024.")
+    if not 0 <= MIN_GROUPS <= 32:
+        raise FlashMoeError(f"FLASHMOE_MIN_GROUPS={MIN_GROUPS}: use 0 (off) or thread groups per multiprocessor, 1-32.")
     if GDN_THREADS is not None and not (64 <= GDN_THREADS <= 1024 and GDN_THREADS % 32 == 0):
         raise FlashMoeError(f"FLASHMOE_GDN_THREADS={GDN_THREADS}: use a multiple of 32 from 64 to 1024.")
 
@@ -168,7 +178,10 @@ configure()
 
 def _mv_defines() -> dict:
     """The knobs every matrix-vector kernel (qmv, the MoE's gate/up and down) is built with."""
-    return {"QWORDS": QWORDS, "XV_INNER": XV_INNER, "L2PF": L2PF, "QPIPE": QPIPE}
+    d = {"QWORDS": QWORDS, "XV_INNER": XV_INNER, "L2PF": L2PF, "QPIPE": QPIPE}
+    if MIN_GROUPS:
+        d.update(MIN_GROUPS=MIN_GROUPS, MAX_THREADS=MV_THREADS)
+    return d
 
 
 def _index(v) -> mx.array:
@@ -237,9 +250,9 @@ class GpuKernels:
         return k
 
     def table(self) -> dict:
-        """{op name: launcher} (qk_norm_rope_kv only with FLASHMOE_KV_INPLACE=1; the engine composes
-        it of qk_norm_rope and slice updates otherwise)."""
-        skip = () if KV_INPLACE else ("qk_norm_rope_kv",)
+        """{op name: launcher} (qk_norm_rope_kv only where the KV is written in place,
+        FLASHMOE_KV_INPLACE; the engine composes it of qk_norm_rope and slice updates otherwise)."""
+        skip = () if self.kv_inplace else ("qk_norm_rope_kv",)
         return {n: getattr(self, n) for n in plain.OPS if hasattr(self, n) and n not in skip}
 
     # -- family 1 ---------------------------------------------------------
@@ -262,6 +275,11 @@ class GpuKernels:
         K = x.shape[-1]
         return (1 <= len(linears) <= 4 and K % 32 == 0 and _xs_bytes(K) <= self.max_shared
                 and all(_q2d(l, K) for l in linears))
+
+    @property
+    def kv_inplace(self) -> bool:
+        """Whether compiled attention steps write the KV in place here (FLASHMOE_KV_INPLACE, auto per backend)."""
+        return bool(KV_INPLACE) if KV_INPLACE is not None else self.backend == "cuda"
 
     @property
     def moe_mma(self) -> frozenset:

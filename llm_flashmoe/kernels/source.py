@@ -56,7 +56,8 @@ def _sections(path: Path) -> dict[str, str]:
 
 @lru_cache(maxsize=None)
 def dialect(backend: str) -> dict[str, str]:
-    """{'header': ..., 'prologue': ...} for `backend`."""
+    """{'header': ..., 'prologue': ...} for `backend` (CUDA's also 'bounds', which follows the
+    kernel's #defines)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown kernel backend {backend!r}")
     return _sections(KERNEL_DIR / "dialect" / f"{backend}.h")
@@ -83,7 +84,7 @@ def render(kernel: str, backend: str, defines: dict | None = None) -> tuple[str,
     """The (header, body) of `kernel` for `backend`, with `defines` as #defines."""
     fam = family(KERNELS[kernel])
     d = dialect(backend)
-    header = (d["header"] + defines_text(defines or {}) + family("common")["helpers"]
+    header = (d["header"] + defines_text(defines or {}) + d.get("bounds", "") + family("common")["helpers"]
               + fam.get("helpers", ""))
     body = d["prologue"] + _expand(fam["kernel " + kernel], fam)
     return header, body
