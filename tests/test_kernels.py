@@ -659,14 +659,14 @@ def test_launch_knobs_reach_the_kernels_and_bad_ones_are_refused():
 
     try:
         gpu.configure({"FLASHMOE_GDN_ROWS": "3", "FLASHMOE_MV_THREADS": "128", "FLASHMOE_XV_INNER": "0",
-                       "FLASHMOE_L2_PREFETCH": "0", "FLASHMOE_FUSE_ROUTE": "0", "FLASHMOE_QMV_WORDS": "8",
+                       "FLASHMOE_L2_PREFETCH": "1", "FLASHMOE_FUSE_ROUTE": "0", "FLASHMOE_QMV_WORDS": "8",
                        "FLASHMOE_QPIPE": "1"})
         assert (gpu.GDN_ROWS, gpu.MV_THREADS, gpu.XV_INNER, gpu.QWORDS, gpu.QPIPE) == (3, 128, 0, 8, 1)
         units = compile_check.render_all()
         gdn = [t for n, t in units.items() if n.startswith("fm_gdn_step_")]
         assert gdn and all("#define GROWS 3" in t for t in gdn)
         mv = [t for n, t in units.items() if n.startswith(("fm_qmv_", "fm_moe_gate_up_", "fm_moe_down_"))]
-        assert mv and all("#define XV_INNER 0" in t and "#define L2PF 0" in t and "#define QWORDS 8" in t
+        assert mv and all("#define XV_INNER 0" in t and "#define L2PF 1" in t and "#define QWORDS 8" in t
                           and "#define QPIPE 1" in t for t in mv)
         # the routing in a launch of its own: moe_route and moe_gate_up, no fused launch
         assert not any(n.startswith("fm_moe_route_gate_up_") for n in units)
@@ -701,7 +701,7 @@ def test_launch_knobs_reach_the_kernels_and_bad_ones_are_refused():
     finally:
         gpu.configure()
     assert (gpu.GDN_ROWS, gpu.GDN_THREADS, gpu.MV_THREADS, gpu.XV_INNER, gpu.L2PF, gpu.FUSE_ROUTE, gpu.QWORDS,
-            gpu.QPIPE, gpu.MOE_MMA) == (8, None, 256, 1, 1, True, 16, 0, None)
+            gpu.QPIPE, gpu.MOE_MMA) == (8, None, 256, 1, 0, True, 16, 0, None)
 
 
 def test_settings_set_the_engine_read_knobs_in_the_environment(monkeypatch):

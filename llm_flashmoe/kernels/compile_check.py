@@ -139,7 +139,7 @@ def render_all(nvcc: bool = False) -> dict[str, str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cxx", default="g++", help="C++ compiler (default g++)")
-    ap.add_argument("--nvcc", action="store_true", help="compile with nvcc for --arch; report registers and spills")
+    ap.add_argument("--nvcc", action="store_true", help="compile with nvcc for --arch; report registers, spills and stack frames")
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--keep", default=None, help="write the translation units to this folder")
     args = ap.parse_args(argv)
@@ -163,11 +163,14 @@ def main(argv=None) -> int:
         if r.returncode:
             fails += 1
             print(f"FAIL {name} ({path}):\n{r.stderr[:4000]}")
-        elif args.nvcc:   # ptxas: "Used N registers, ..." and "N bytes spill stores, N bytes spill loads"
+        elif args.nvcc:   # ptxas: "N bytes stack frame, N bytes spill stores, N bytes spill loads", "Used N registers"
             used = re.search(r"Used (\d+) registers", r.stderr)
             spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", r.stderr)
+            # a stack frame without spills: an array the kernel indexes at run time, kept in local memory
+            stack = re.search(r"(\d+) bytes stack frame", r.stderr)
             print(f"{name:34} {used.group(1) if used else '?':>4} registers, spills "
-                  f"{spill.group(1) + '/' + spill.group(2) if spill else '?'} bytes (stores/loads)")
+                  f"{spill.group(1) + '/' + spill.group(2) if spill else '?'} bytes (stores/loads), "
+                  f"stack frame {stack.group(1) if stack else '?'} bytes")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     print(f"{len(units)} kernel sources, {fails} failed to compile")

@@ -50,7 +50,9 @@ MV_THREADS = 256
 # FLASHMOE_MIN_GROUPS=N (default 0: off): the matrix-vector kernels are compiled so that N thread groups
 # of MV_THREADS fit on a multiprocessor at once (CUDA's __launch_bounds__: the compiler holds each
 # thread to 65536 / (N * MV_THREADS) registers, spilling if it must), for more warps resident and so
-# more of the weights' reads in flight. Metal ignores it.
+# more of the weights' reads in flight. Metal ignores it. H200 (`overhead ncusettings`, GPU time of 3
+# decode steps of 8 resident 397B layers, one process): 4 (64 registers, small spills in the MoE
+# kernels) took 3952 against 3933 us; with QPIPE, 3 took 4897. Off.
 MIN_GROUPS = 0
 # FLASHMOE_XV_INNER (default 1): the matrix-vector kernels read each staged input from fast memory
 # once for all of a warp's rows instead of holding a chunk's 32 inputs in registers (the XV_INNER
@@ -62,11 +64,16 @@ XV_INNER = 1
 # and the MoE's gate/up) issues the next batch of codes, scales and biases before computing the
 # current one (two batches of registers): the same sums in the same order, a warp's reads kept in
 # flight while it computes. H200 (`overhead settings`, 8 resident 397B layers, 2 rounds): slower,
-# pipelined 151 against 113 us per layer, the MoE block 87.5 against 66.7 us.
+# pipelined 151 against 113 us per layer, the MoE block 87.5 against 66.7 us; ncu (GPU time of 3
+# decode steps): the matrix-vector launches 3435 against 2411 us, all kernels 4967 against 3933.
 QPIPE = 0
-# FLASHMOE_L2_PREFETCH=0: the matrix-vector and MoE kernels do not ask for their rows' bytes ahead
-# (the L2PF define; prefetch.global.L2 on CUDA), to time what the prefetch is worth per kernel.
-L2PF = 1
+# FLASHMOE_L2_PREFETCH=1: the matrix-vector and MoE kernels ask for their rows' bytes ahead (the L2PF
+# define; prefetch.global.L2 on CUDA, nothing on Metal) before staging their input. Off by default:
+# on the H200 (fourteenth session, `overhead ncusettings`, 3 decode steps of 8 resident 397B layers, GPU
+# time of every kernel, one process) off took 3760 against 3933 us with the card's own clocks and 5170
+# against 5438 us at ncu's base clocks on another machine (moe_down 392 against 475, 611 against 712);
+# the kernels pass the check without it and the 4-layer tolerance ratio is 1.24 either way.
+L2PF = 0
 # FLASHMOE_FUSE_ROUTE=0: the MoE's routing in a launch of its own (moe_route, then moe_gate_up)
 # rather than inside the gate/up launch, where warp 0 of every thread group routes while the
 # others wait (ncu: the barrier is that kernel's top stall). On the H200 the separate launch timed
@@ -146,7 +153,7 @@ def configure(env=os.environ) -> None:
     MV_THREADS = int(env.get("FLASHMOE_MV_THREADS", "256"))
     MIN_GROUPS = int(env.get("FLASHMOE_MIN_GROUPS", "0") or 0)
     XV_INNER = int(env.get("FLASHMOE_XV_INNER", "1"))
-    L2PF = int(env.get("FLASHMOE_L2_PREFETCH", "1"))
+    L2PF = int(env.get("FLASHMOE_L2_PREFETCH", "0"))
     FUSE_ROUTE = env.get("FLASHMOE_FUSE_ROUTE", "1").strip().lower() not in ("0", "off", "no", "false")
     kv = env.get("FLASHMOE_KV_INPLACE", "auto").strip().lower()
     KV_INPLACE = None if kv in ("", "auto") else int(kv in ("1", "on", "yes", "true"))
