@@ -296,6 +296,62 @@ def test_min_groups_sets_the_matrix_vector_kernels_launch_bounds():
         gpu.configure()
 
 
+def test_qasync_takes_the_launches_whose_rows_fit_the_ring_and_sizes_groups_to_fast_memory():
+    """FLASHMOE_QASYNC=S: a qmv launch with inputs a multiple of 1024, 4- or 8-bit codes and 2-byte
+    scales is built with the ring's defines (QASYNC S, pieces per chunk, scale pieces per row,
+    QA_WARPS) and launched with QA_WARPS warps per group, as many as fit the staged input and
+    every warp's ring in the backend's fast memory (at most FLASHMOE_MV_THREADS / 32); other
+    launches (float32 scales, 3-bit, 2-bit, inputs not a multiple of 1024), the default (0) and the
+    tensor-core form keep theirs; a bad value is refused. (The ring's copies, waits and warp
+    syncs are checked by the emulator, whose copies land only when waited for.)"""
+    from llm_flashmoe.errors import FlashMoeError
+    from llm_flashmoe.kernels import check, gpu
+
+    launches = []
+
+    def built(backend, K, Ns, bits=4, gs=64, dtype=mx.bfloat16):
+        launches.clear()
+        kern = gpu.GpuKernels(backend)
+        kern._make = recording(launches)
+        kern.qmv(mx.zeros((1, K), dtype), [check.qlinear(n, K, bits, gs, dtype) for n in Ns])
+        (_, _, header, _, _, grid, group), = launches
+        d = {}
+        for k, v in re.findall(r"#define (QASYNC|QA_C16|QA_SB16|QA_WARPS|QMV_R|QMV_GW) (\d+)\n", header):
+            d.setdefault(k, int(v))   # the launch's own, before the kernel's fallback defaults
+        if d["QASYNC"] == 0:
+            del d["QASYNC"]
+        if "QASYNC" in d:
+            R, warps = d["QMV_R"], d["QA_WARPS"]
+            assert group == (32 * warps, 1, 1) and d["QMV_GW"] == grid[0] // group[0] * warps
+            per_warp = 16 * (d["QASYNC"] * R * d["QA_C16"] * 32 + 2 * R * d["QA_SB16"])
+            staged = 4 * (K // 32 * 33 + K // 32 + 32)
+            assert staged + warps * per_warp <= kern.max_shared
+            assert warps == gpu.MV_THREADS // 32 or staged + (warps + 1) * per_warp > kern.max_shared
+        else:
+            assert group == (gpu.MV_THREADS, 1, 1)
+        return d
+
+    try:
+        gpu.configure({"FLASHMOE_QASYNC": "3"})
+        d = built("cuda", 4096, [12288, 8192, 64, 64])
+        assert (d["QASYNC"], d["QA_C16"], d["QA_SB16"]) == (3, 1, 4096 // 64 * 2 // 16) and d["QA_WARPS"] >= 1
+        assert built("cuda", 1024, [24, 1], bits=8, gs=128)["QA_C16"] == 2
+        assert built("metal", 2048, [40])["QA_WARPS"] < built("cuda", 2048, [40])["QA_WARPS"]   # 32 KB there
+        assert built("cuda", 1024, [64], gs=128)["QA_SB16"] == 1
+        for other in (dict(dtype=mx.float32), dict(bits=3), dict(bits=2)):
+            assert "QASYNC" not in built("cuda", 4096, [64], **other)
+        assert "QASYNC" not in built("cuda", 3136, [64])
+        gpu.configure({"FLASHMOE_QASYNC": "3", "FLASHMOE_QMV_MMA": "1"})
+        assert "QASYNC" not in built("cuda", 4096, [64])
+        gpu.configure({})
+        assert "QASYNC" not in built("cuda", 4096, [12288, 8192, 64, 64])
+        for bad in ("1", "5", "-2"):
+            with pytest.raises(FlashMoeError, match="FLASHMOE_QASYNC"):
+                gpu.configure({"FLASHMOE_QASYNC": bad})
+    finally:
+        gpu.configure()
+
+
 def test_qmv_mma_switch_takes_4bit_bf16_launches_through_tensor_core_products():
     """FLASHMOE_QMV_MMA=1: a qmv launch whose slots are all 4-bit with groups of 64 or 128 on bf16
     activations is built with QMV_MMA 1 and a thread group per 16 rows, on CUDA and on Metal (its
@@ -832,6 +888,38 @@ def test_ncu_log_of_several_settings_is_cut_at_their_markers(tmp_path, capsys):
     table = {l.split()[0]: l.split()[1:] for l in out.splitlines() if l.startswith(("fm_", "all"))}
     assert table["all"] == ["55.0", "(", "2)", "61.0", "(", "2)"]
     assert table["fm_qmv"] == ["40.0", "(", "1)", "61.0", "(", "2)"] and table["fm_gdn_step"][-1] == "-"
+
+
+def test_ncu_marked_log_compares_each_launch_shape_of_a_family(tmp_path, capsys):
+    """Where the log has the grid, a family launched at several shapes (a layer's projections, all
+    fm_qmv) keeps a row per shape in the summary, and `--marked` prints us per call of each shape
+    per setting after the family table; MLX's kernels stay out of that second table."""
+    from llm_flashmoe.kernels import ncu, overhead
+
+    head = '"ID","Kernel Name","Grid Size","Section Name","Metric Name","Metric Unit","Metric Value"\n'
+    rows = [("custom_kernel_fm_mark_0(const float *, float *)", "(1, 1, 1)", 1),
+            ("custom_kernel_fm_qmv_1a2b3c4d_bfloat16", "(644, 1, 1)", 40),
+            ("custom_kernel_fm_qmv_5e6f7a8b_bfloat16", "(33, 1, 1)", 12),
+            ("custom_kernel_fm_qmv_1a2b3c4d_bfloat16", "(644, 1, 1)", 42),
+            ("void gather<bf16>", "(1, 1, 1)", 4),
+            ("custom_kernel_fm_mark_1(const float *, float *)", "(1, 1, 1)", 1),
+            ("custom_kernel_fm_qmv_deadbeef_bfloat16", "(644, 1, 1)", 30),
+            ("custom_kernel_fm_qmv_0badf00d_bfloat16", "(33, 2, 1)", 20)]
+    path = tmp_path / "ncusettings.csv"
+    path.write_text(head + "".join(
+        f'"{i}","{k}","{g}","Command line profiler metrics","gpu__time_duration.sum","usecond","{us}"\n'
+        for i, (k, g, us) in enumerate(rows)))
+    first = dict(ncu.ncu_segments(str(path)))[0]
+    assert first["custom_kernel_fm_qmv_1a2b3c4d_bfloat16 [644]"]["us"] == [40.0, 42.0]
+    assert overhead.main(["ncu", str(path), "--marked=-;l2pf=1"]) == 0
+    out = capsys.readouterr().out
+    family = {l.split()[0]: l.split()[1:] for l in out.split("per launch shape")[0].splitlines()
+              if l.startswith(("fm_", "all"))}
+    assert family["fm_qmv"] == ["94.0", "(", "3)", "50.0", "(", "2)"]
+    shapes = {l.split(" [")[0] + " " + l.split(" [")[1].split()[0]: l.split("]")[1].split()
+              for l in out.split("per launch shape")[1].splitlines() if l.startswith("fm_")}
+    assert shapes == {"fm_qmv 644": ["41.0", "(", "2)", "30.0", "(", "1)"],
+                      "fm_qmv 33": ["12.0", "(", "1)", "-"], "fm_qmv 66": ["-", "20.0", "(", "1)"]}
 
 
 def test_ncusettings_runs_each_setting_in_one_process_and_restores_the_knobs(tiny_mlx, capsys):

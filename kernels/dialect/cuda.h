@@ -7,6 +7,7 @@
 #define THREAD_PTR
 #define BARRIER() __syncthreads()
 #define UNROLL _Pragma("unroll")
+#define NO_UNROLL _Pragma("unroll 1")
 typedef long long i64;
 // a hint that the line holding p will be read soon: fetch it into L2 (no wait, no fault)
 #define PREFETCH_L2(p) asm volatile("prefetch.global.L2 [%0];" ::"l"(p))
@@ -20,6 +21,30 @@ DEVICE_FN float f_sin(float x) { return sinf(x); }
 DEVICE_FN float f_rint(float x) { return rintf(x); }
 DEVICE_FN float f_as_float(uint32_t u) { return __uint_as_float(u); }
 DEVICE_FN uint32_t f_as_uint(float f) { return __float_as_uint(f); }
+// Copies of 16 bytes from device to shared memory that run while the thread goes on (sm_80+:
+// cp.async): async_copy16 starts one, ASYNC_COMMIT closes the thread's group of copies started
+// since the last, ASYNC_WAIT(N) (N a constant) waits until at most the N newest groups are still
+// in flight. The thread then sees the bytes; the other lanes of its warp after WARP_SYNC. Without
+// cp.async (and on the host shims, unless FM_HOST_ASYNC) a plain copy.
+#define WARP_SYNC() __syncwarp()
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+DEVICE_FN void async_copy16(SHARED_PTR void* dst, const GLOBAL void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src)
+               : "memory");
+}
+#define ASYNC_COMMIT() asm volatile("cp.async.commit_group;" ::: "memory")
+#define ASYNC_WAIT(N) asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory")
+#elif defined(FM_HOST_ASYNC) && FM_HOST_ASYNC
+DEVICE_FN void async_copy16(SHARED_PTR void* dst, const GLOBAL void* src) { fm_async_copy16(dst, src); }
+#define ASYNC_COMMIT() fm_async_commit()
+#define ASYNC_WAIT(N) fm_async_wait(N)
+#else
+DEVICE_FN void async_copy16(SHARED_PTR void* dst, const GLOBAL void* src) {
+  *(SHARED_PTR uint4*)dst = *(const GLOBAL uint4*)src;
+}
+#define ASYNC_COMMIT()
+#define ASYNC_WAIT(N)
+#endif
 // One m16n8k16 tensor-core product, D += A B: bf16 A (16x16) and B (16x8), f32 accumulators, each
 // lane holding the PTX ISA's fragments of mma.sync.aligned.m16n8k16.row.col (a0..a3: rows
 // lane/4 and lane/4+8, columns 2(lane%4)+{0,1} and +8; b0, b1: rows 2(lane%4)+{0,1} and +8,

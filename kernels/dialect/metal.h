@@ -9,6 +9,7 @@ using namespace metal;
 #define THREAD_PTR thread
 #define BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
 #define UNROLL _Pragma("clang loop unroll(full)")
+#define NO_UNROLL _Pragma("clang loop unroll(disable)")
 typedef long i64;
 // no prefetch instruction: the loads themselves fetch
 #define PREFETCH_L2(p) ((void)(p))
@@ -22,6 +23,13 @@ DEVICE_FN float f_sin(float x) { return metal::precise::sin(x); }
 DEVICE_FN float f_rint(float x) { return metal::rint(x); }
 DEVICE_FN float f_as_float(uint32_t u) { return as_type<float>(u); }
 DEVICE_FN uint32_t f_as_uint(float f) { return as_type<uint32_t>(f); }
+// no asynchronous copy: a plain one, and nothing to wait for
+DEVICE_FN void async_copy16(SHARED_PTR void* dst, const GLOBAL void* src) {
+  *(SHARED_PTR uint4*)dst = *(const GLOBAL uint4*)src;
+}
+#define ASYNC_COMMIT()
+#define ASYNC_WAIT(N)
+#define WARP_SYNC() simdgroup_barrier(mem_flags::mem_threadgroup)
 // no tensor-core product: common.kern's mma_rows16 sums its fragments with FMAs and shuffles
 #define HAS_MMA 0
 //@@ prologue

@@ -97,6 +97,10 @@ def case_qmv(label, dtype):
         # rows long enough that a lane's chunks take several batches, the last one partial (the
         # matrix-vector loop's batches, FLASHMOE_QPIPE's register double buffer)
         "long": (3136, [40, 3], 4, 64),
+        # inputs a multiple of 1024, where FLASHMOE_QASYNC's ring applies: several chunks per lane,
+        # slots of many rows, of fewer rows than a warp takes, of one; 8-bit codes (two pieces a chunk)
+        "ring": (2048, [40, 3, 1], 4, 64),
+        "ring-8bit": (1024, [24, 1], 8, 128),
     }[label]
     lins = [qlinear(n, K, bits, gs, dtype) for n in Ns]
     return pair("qmv", rnd((1, K), dtype), lins)
@@ -108,7 +112,8 @@ def case_norm_qmv(label, dtype):
     shape, add = label.removesuffix("+add"), label.endswith("+add")
     M, K, Ns, bits, gs = {"397b": (1, 4096, [12288, 8192, 64, 64], 4, 64), "397b-router": (1, 4096, [512, 1], 4, 64),
                           "tiny": (1, 256, [64, 1], 4, 64), "odd": (2, 96, [37, 5], 3, 32),
-                          "odd-4bit": (2, 320, [37, 1], 4, 64), "long": (1, 3136, [40, 3], 4, 64)}[shape]
+                          "odd-4bit": (2, 320, [37, 1], 4, 64), "long": (1, 3136, [40, 3], 4, 64),
+                          "ring": (2, 2048, [40, 3, 1], 4, 64)}[shape]
     lins = [qlinear(n, K, bits, gs, dtype) for n in Ns]
     return pair("norm_qmv", rnd((M, K), dtype), rnd((M, K), dtype) if add else None, rnd((K,), dtype, 0.2) + 1,
                 1e-6, lins)
@@ -266,9 +271,9 @@ def case_add_rms_norm(label, dtype):
 
 CASES = [
     ("qmv", case_qmv, ["397b", "397b-4096", "397b-2bit", "397b-3bit", "397b-8bit", "tiny", "odd", "odd-4bit",
-                       "odd-g128", "long"]),
+                       "odd-g128", "long", "ring", "ring-8bit"]),
     ("norm_qmv", case_norm_qmv, ["397b", "397b-router+add", "tiny", "tiny+add", "odd", "odd+add", "odd-4bit",
-                                 "odd-4bit+add", "long"]),
+                                 "odd-4bit+add", "long", "ring+add"]),
     ("moe_route", case_moe_route, ["397b", "tiny", "odd"]),
     ("moe_gate_up", case_moe_gate_up, ["397b", "tiny", "odd", "odd-4bit", "long"]),
     ("moe_route_gate_up", case_moe_route_gate_up,

@@ -40,6 +40,7 @@ inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 struct dim3_ { unsigned x, y, z; };
 static dim3_ blockIdx, threadIdx, blockDim;
 inline void __syncthreads() {}
+inline void __syncwarp() {}
 inline float __shfl_xor_sync(unsigned, float v, int) { return v; }
 inline int __shfl_xor_sync(unsigned, int v, int) { return v; }
 inline float __uint_as_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
@@ -91,7 +92,7 @@ class _Recorder:
 
 def render_all(nvcc: bool = False) -> dict[str, str]:
     """{kernel name: translation unit} for every kernel the check's cases launch, their
-    tensor-core variants, and the MoE kernels' ADDRESSED mode (experts given by address: the GPU
+    tensor-core variants, qmv's ring of asynchronous copies (FLASHMOE_QASYNC), and the MoE kernels' ADDRESSED mode (experts given by address: the GPU
     cache's host tier)."""
     from . import check, gpu
 
@@ -109,7 +110,7 @@ def render_all(nvcc: bool = False) -> dict[str, str]:
             kernels.moe_down(check.rnd((K, I)), rows, d["w"], d["down"], check.rnd((Is,)), d["sd"], check.rnd((1,)),
                              d["res"])
 
-    saved = (gpu.QMV_MMA, gpu.MOE_MMA)
+    saved = (gpu.QMV_MMA, gpu.MOE_MMA, gpu.QASYNC)
     try:
         gpu.QMV_MMA, gpu.MOE_MMA = 0, frozenset()   # the FMA forms, every case and dtype
         for _, make, labels in check.CASES:
@@ -124,8 +125,14 @@ def render_all(nvcc: bool = False) -> dict[str, str]:
                 for label in labels:
                     make(label, mx.bfloat16)[0](kernels)
         addressed()
+        # the ring of asynchronous copies (FLASHMOE_QASYNC) of the matrix-vector cases
+        gpu.QMV_MMA, gpu.MOE_MMA, gpu.QASYNC = 0, frozenset(), 3
+        for name, make, labels in check.CASES:
+            if name in ("qmv", "norm_qmv"):
+                for label in labels:
+                    make(label, mx.bfloat16)[0](kernels)
     finally:
-        gpu.QMV_MMA, gpu.MOE_MMA = saved
+        gpu.QMV_MMA, gpu.MOE_MMA, gpu.QASYNC = saved
     # the benchmark kernel (`overhead bwfloor`), each variant, launched as bwfloor launches it
     from .overhead import stream_read
 

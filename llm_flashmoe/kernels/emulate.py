@@ -55,6 +55,21 @@ static std::barrier<>* fm_block_barrier;
 static std::barrier<>* fm_warp_barrier[32];
 static uint64_t fm_xchg[1024];
 inline void __syncthreads() { fm_block_barrier->arrive_and_wait(); }
+inline void __syncwarp() { fm_warp_barrier[threadIdx.x >> 5]->arrive_and_wait(); }
+// cp.async as its semantics allow at the latest: a copy lands in shared memory only when a wait
+// takes its group, so a kernel reading a stage before waiting for it reads stale bytes here.
+#define FM_HOST_ASYNC 1
+struct fm_copy { void* dst; const void* src; };
+static thread_local std::vector<std::vector<fm_copy>> fm_async_groups;
+static thread_local std::vector<fm_copy> fm_async_open;
+inline void fm_async_copy16(void* dst, const void* src) { fm_async_open.push_back({dst, src}); }
+inline void fm_async_commit() { fm_async_groups.push_back(fm_async_open); fm_async_open.clear(); }
+inline void fm_async_wait(int n) {
+  while (int(fm_async_groups.size()) > n) {
+    for (const fm_copy& c : fm_async_groups.front()) std::memcpy(c.dst, c.src, 16);
+    fm_async_groups.erase(fm_async_groups.begin());
+  }
+}
 template <typename V> inline V fm_shfl_xor(V v, int o) {
   const unsigned t = threadIdx.x, w = t >> 5;
   uint64_t u = 0; std::memcpy(&u, &v, sizeof(V));

@@ -54,6 +54,15 @@ MV_THREADS = 256
 # decode steps of 8 resident 397B layers, one process): 4 (64 registers, small spills in the MoE
 # kernels) took 3952 against 3933 us; with QPIPE, 3 took 4897. Off.
 MIN_GROUPS = 0
+# FLASHMOE_QASYNC=S (default 0: off; 2-4): qmv launches (FMA form; KDIM a multiple of 1024, 4- or
+# 8-bit, 2-byte scales) bring their codes into fast memory through a ring of S stages of
+# asynchronous copies (cp.async on CUDA; plain copies on Metal), so that a warp keeps S - 1 chunks
+# per row in flight while it computes one, in fast memory rather than registers; the first stages
+# start before the group stages its input. The same sums in the same order. Thread groups then have
+# as many warps as fit their rings in fast memory (at most MV_THREADS / 32). The H200 showed the
+# launches at 2.3-2.7x what reading their bytes costs (`overhead bwfloor`), with more warps
+# (FLASHMOE_MIN_GROUPS) no help: this puts more bytes in flight per warp instead. Not yet timed.
+QASYNC = 0
 # FLASHMOE_XV_INNER (default 1): the matrix-vector kernels read each staged input from fast memory
 # once for all of a warp's rows instead of holding a chunk's 32 inputs in registers (the XV_INNER
 # define; the same sums in the same order, fewer registers: `compile_check --nvcc`). H200, ncu (as
@@ -129,12 +138,12 @@ MOE_MMA: frozenset | None = None
 def configure(env=os.environ) -> None:
     """Set the launch knobs above from `env` (FLASHMOE_QMV_ROWS, FLASHMOE_MOE_ROWS,
     FLASHMOE_QMV_WORDS, FLASHMOE_GRID, FLASHMOE_GRID_BLOCKS, FLASHMOE_GDN_ROWS, FLASHMOE_GDN_THREADS,
-    FLASHMOE_MV_THREADS, FLASHMOE_MIN_GROUPS,
+    FLASHMOE_MV_THREADS, FLASHMOE_MIN_GROUPS, FLASHMOE_QASYNC,
     FLASHMOE_XV_INNER, FLASHMOE_L2_PREFETCH, FLASHMOE_FUSE_ROUTE, FLASHMOE_KV_INPLACE, FLASHMOE_QMV_MMA,
     FLASHMOE_MOE_MMA, FLASHMOE_QPIPE; absent: the defaults). Kernels
     built before keep their settings: make a new GpuKernels after changing them."""
     global QMV_ROWS, MOE_GU_ROWS, MOE_DOWN_ROWS, QWORDS, GRID_PER_SM, GRID_BLOCKS, GDN_ROWS, GDN_THREADS, MV_THREADS
-    global XV_INNER, L2PF, FUSE_ROUTE, KV_INPLACE, QMV_MMA, MOE_MMA, QPIPE, MIN_GROUPS
+    global XV_INNER, L2PF, FUSE_ROUTE, KV_INPLACE, QMV_MMA, MOE_MMA, QPIPE, MIN_GROUPS, QASYNC
     rows = env.get("FLASHMOE_QMV_ROWS", "auto").strip().lower()
     QMV_ROWS = None if rows in ("", "auto") else int(rows)
     # GU,DOWN or GU:DOWN (gpu_session.sh's sweeps keep ',' for separating variables)
@@ -152,6 +161,7 @@ def configure(env=os.environ) -> None:
     GDN_THREADS = None if threads in ("", "auto") else int(threads)
     MV_THREADS = int(env.get("FLASHMOE_MV_THREADS", "256"))
     MIN_GROUPS = int(env.get("FLASHMOE_MIN_GROUPS", "0") or 0)
+    QASYNC = int(env.get("FLASHMOE_QASYNC", "0") or 0)
     XV_INNER = int(env.get("FLASHMOE_XV_INNER", "1"))
     L2PF = int(env.get("FLASHMOE_L2_PREFETCH", "0"))
     FUSE_ROUTE = env.get("FLASHMOE_FUSE_ROUTE", "1").strip().lower() not in ("0", "off", "no", "false")
@@ -166,6 +176,8 @@ def configure(env=os.environ) -> None:
     MOE_MMA = frozenset(forms[moe]) if moe in forms else None
     if not (64 <= MV_THREADS <= 1024 and MV_THREADS % 32 == 0):
         raise FlashMoeError(f"FLASHMOE_MV_THREADS={MV_THREADS}: use a multiple of 32 from 64 to 1024.")
+    if QASYNC and not 2 <= QASYNC <= 4:
+        raise FlashMoeError(f"FLASHMOE_QASYNC={QASYNC}: use 0 (off) or the stages of the ring, 2-4.")
     if not 0 <= MIN_GROUPS <= 32:
         raise FlashMoeError(f"FLASHMOE_MIN_GROUPS={MIN_GROUPS}: use 0 (off) or thread groups per multiprocessor, 1-32.")
     if GDN_THREADS is not None and not (64 <= GDN_THREADS <= 1024 and GDN_THREADS % 32 == 0):
@@ -302,14 +314,32 @@ class GpuKernels:
                     and all(l.bits == 4 and l.group_size in (64, 128) and l.scales.dtype == mx.bfloat16
                             for l in linears))
 
-    def _mv_grid(self, tasks: int, mma: bool) -> tuple[int, int]:
+    def _mv_grid(self, tasks: int, mma: bool, threads: int | None = None) -> tuple[int, int]:
         """(thread groups to launch, the kernel's grid-stride count) for `tasks` row groups: a warp
-        each, or (mma) a whole thread group each, its warps splitting the inputs."""
+        each (groups of `threads`, default MV_THREADS), or (mma) a whole thread group each, its
+        warps splitting the inputs."""
         if mma:
             blocks = grid_blocks(tasks, self.backend)
             return blocks, blocks
-        blocks = grid_blocks(_ceil(tasks, MV_THREADS // 32), self.backend)
-        return blocks, blocks * (MV_THREADS // 32)
+        warps = (threads or MV_THREADS) // 32
+        blocks = grid_blocks(_ceil(tasks, warps), self.backend)
+        return blocks, blocks * warps
+
+    def _qasync(self, x, linears, R: int) -> dict:
+        """The QASYNC defines of an FMA-form qmv launch ({} where it cannot take the ring: see
+        QASYNC), with QA_WARPS, the warps per group whose rings fit in fast memory."""
+        K = x.shape[-1]
+        if not QASYNC or K % 1024 or any(l.bits not in (4, 8) or l.scales.dtype.size != 2
+                                         or (K // l.group_size * 2) % 16 for l in linears):
+            return {}
+        c16 = max(l.bits for l in linears) // 4
+        sb16 = max(K // l.group_size * 2 // 16 for l in linears)
+        per_warp = 16 * (QASYNC * R * c16 * 32 + 2 * R * sb16)
+        staged = 4 * (K // 32 * 33 + K // 32 + 32)   # the staged input (common.kern's XS_FLOATS), its sums, the norm's partials
+        warps = min(MV_THREADS // 32, (self.max_shared - staged) // per_warp)
+        if warps < 1:
+            return {}
+        return {"QASYNC": QASYNC, "QA_C16": c16, "QA_SB16": sb16, "QA_WARPS": warps}
 
     def _qmv(self, x, linears, norm=None) -> list[mx.array]:
         """The qmv kernel; norm = (xadd or None, weight, eps) puts an RMSNorm in front; with xadd,
@@ -333,10 +363,13 @@ class GpuKernels:
             args += [lin.weight, lin.scales, lin.biases]
         outputs = [f"y{i}" for i in range(n)] + (["hout", "nout"] if mode == 2 else [])
         shapes = [(*x.shape[:-1], l.out_features) for l in linears] + [x.shape] * (len(outputs) - n)
-        blocks, defines["QMV_GW"] = self._mv_grid(sum(_ceil(l.out_features, R) for l in linears), mma)
+        ring = {} if mma else self._qasync(x, linears, R)
+        defines.update(ring)
+        threads = 32 * ring["QA_WARPS"] if ring else MV_THREADS
+        blocks, defines["QMV_GW"] = self._mv_grid(sum(_ceil(l.out_features, R) for l in linears), mma, threads)
         k = self.kernel("qmv", tuple(inputs), tuple(outputs), defines)
-        outs = k(inputs=args, template=[("T", x.dtype)], grid=(blocks * MV_THREADS, M, 1),
-                 threadgroup=(MV_THREADS, 1, 1), output_shapes=shapes, output_dtypes=[x.dtype] * len(outputs), **self._fill)
+        outs = k(inputs=args, template=[("T", x.dtype)], grid=(blocks * threads, M, 1),
+                 threadgroup=(threads, 1, 1), output_shapes=shapes, output_dtypes=[x.dtype] * len(outputs), **self._fill)
         return list(outs)
 
     # -- family 2 ---------------------------------------------------------

@@ -1,7 +1,8 @@
 """Summaries of Nsight Compute (`ncu --csv`) logs: each kernel's GPU time and, where collected,
 its speed-of-light, occupancy and warp-stall figures (`python -m llm_flashmoe.kernels.overhead ncu
 LOG`); with several logs (the same decode steps under different settings), each kernel family's
-GPU time side by side (`ncu LOG LOG ... --labels a,b,...`)."""
+GPU time side by side (`ncu LOG LOG ... --labels a,b,...`), then, where the logs have the grid, our
+kernels' time per call of each launch shape."""
 
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def ncu_segments(path: str, marked: bool = True) -> list[tuple[int, dict]]:
             continue
         if metric in ("gpu__time_duration.sum", "Duration"):
             v *= _TIME_UNITS.get(r.get("Metric Unit", "ns"), 1e-3)
-        out.setdefault(full[:60], {}).setdefault(metric, []).append(v)
+        out.setdefault(_key(full, r.get("Grid Size")), {}).setdefault(metric, []).append(v)
     for _, seg in segments:
         for m in seg.values():      # the section's Duration stands in only where the raw metric is absent
             dur = m.pop("Duration", None)
@@ -64,6 +65,19 @@ def ncu_segments(path: str, marked: bool = True) -> list[tuple[int, dict]]:
             if m["us"] is None:
                 del m["us"]
     return segments
+
+
+def _key(name: str, grid: str | None) -> str:
+    """A kernel's row: its name (60 characters) and, where the log has it, its grid as
+    [groups]: one kernel family launched at several shapes (a layer's projections) keeps a row
+    per shape."""
+    dims = re.findall(r"\d+", grid or "")
+    if not dims:
+        return name[:60]
+    groups = 1
+    for d in dims:
+        groups *= int(d)
+    return f"{name[:60]} [{groups}]"
 
 
 def ncu_summary(path: str) -> None:
@@ -120,6 +134,28 @@ def ncu_compare_marked(path: str, labels: list[str]) -> None:
         compare_families([segments[i] for i in present], [labels[i] for i in present])
 
 
+def compare_launches(logs: list[dict], labels: list[str]) -> None:
+    """Our kernels per launch shape (family and grid: a layer's projections are one family at
+    several shapes) in each ncu_rows dict: us per call, in order of the first log's time in all."""
+    per = []
+    for rows in logs:
+        shapes: dict = {}
+        for name, m in rows.items():
+            grid = re.search(r" \[(\d+)\]$", name)
+            fam = kernel_family(name)
+            if grid and fam.startswith("fm_") and m.get("us"):
+                shapes.setdefault(f"{fam} [{grid.group(1)} groups]", []).extend(m["us"])
+        per.append(shapes)
+    names = sorted({n for s in per for n in s}, key=lambda n: -sum(per[0].get(n, [0.0])))
+    if not names:
+        return
+    w = max(12, *(len(l) for l in labels))
+    print(f"\nour kernels per launch shape, us per call (calls), per setting: {', '.join(labels)}")
+    for n in names:
+        cells = [f"{sum(s[n]) / len(s[n]):{w}.1f} ({len(s[n]):4d})" if n in s else f"{'-':>{w + 7}}" for s in per]
+        print(f"{n[:60]:60} " + " ".join(cells))
+
+
 def compare_families(logs: list[dict], labels: list[str]) -> None:
     """ncu_compare's table from ncu_rows dicts."""
     per = []
@@ -139,3 +175,4 @@ def compare_families(logs: list[dict], labels: list[str]) -> None:
         print(f"{n[:60]:60} " + " ".join(cells))
     print(f"{'all':60} " + " ".join(f"{sum(v[0] for v in fam.values()):{w}.1f} ({sum(v[1] for v in fam.values()):4d})"
                                      for fam in per))
+    compare_launches(logs, labels)

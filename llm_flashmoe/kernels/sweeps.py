@@ -117,7 +117,8 @@ SETTING_KEYS = {"grid": "FLASHMOE_GRID", "blocks": "FLASHMOE_GRID_BLOCKS", "word
                 "fuseroute": "FLASHMOE_FUSE_ROUTE", "fusenorm": "FLASHMOE_FUSE_INPUT_NORM",
                 "cattn": "FLASHMOE_COMPILE_ATTENTION", "cstep": "FLASHMOE_COMPILE_STEP",
                 "qmma": "FLASHMOE_QMV_MMA", "moemma": "FLASHMOE_MOE_MMA", "kvinplace": "FLASHMOE_KV_INPLACE",
-                "qpipe": "FLASHMOE_QPIPE", "mingroups": "FLASHMOE_MIN_GROUPS"}
+                "qpipe": "FLASHMOE_QPIPE", "mingroups": "FLASHMOE_MIN_GROUPS",
+                "qasync": "FLASHMOE_QASYNC"}
 # read by the engine at each call rather than by the kernel module: set in the environment itself
 _ENGINE_KEYS = ("FLASHMOE_FUSE_INPUT_NORM", "FLASHMOE_COMPILE_ATTENTION", "FLASHMOE_COMPILE_STEP")
 
@@ -229,7 +230,8 @@ def settings_sweep(args) -> None:
               + ("; tolerance ratio " + ", ".join(f"{t} {seen[t]['tol'][-1]:.2f}" for t in texts) if tol_ref else ""),
               flush=True)
     print(f"medians of {args.rounds} rounds; step: build then evaluate, as the benchmarks time it; pipelined: "
-          f"as generate runs it (embed+head pipelined alone beside it)")
+          f"as generate runs it, less embed+head pipelined alone (which the host bounds: where the device "
+          f"bounds the whole step, pipe us/l understates the layers' share; ncu's GPU time is the figure then)")
     print(f"{'setting':36} {'ms/token':>8} {'us/layer':>8} {'vs plain':>8} {'pipe ms':>8} {'pipe us/l':>9} "
           f"{'rel diff':>9} {'top1':>5} {'MoE us':>7} {'MoE x':>6}"
           + (f" {'tol ratio (min-max)':>20}" if tol_ref else ""), flush=True)
