@@ -316,12 +316,13 @@ def test_qasync_takes_the_launches_whose_rows_fit_the_ring_and_sizes_groups_to_f
         kern.qmv(mx.zeros((1, K), dtype), [check.qlinear(n, K, bits, gs, dtype) for n in Ns])
         (_, _, header, _, _, grid, group), = launches
         d = {}
-        for k, v in re.findall(r"#define (QASYNC|QA_C16|QA_SB16|QA_WARPS|QMV_R|QMV_GW) (\d+)\n", header):
+        for k, v in re.findall(r"#define (QASYNC|QA_ROWS|QA_C16|QA_SB16|QA_WARPS|QMV_R|QMV_GW) (\d+)\n", header):
             d.setdefault(k, int(v))   # the launch's own, before the kernel's fallback defaults
         if d["QASYNC"] == 0:
             del d["QASYNC"]
         if "QASYNC" in d:
-            R, warps = d["QMV_R"], d["QA_WARPS"]
+            R, warps = d["QA_ROWS"], d["QA_WARPS"]
+            assert R == d["QMV_R"]
             assert group == (32 * warps, 1, 1) and d["QMV_GW"] == grid[0] // group[0] * warps
             per_warp = 16 * (d["QASYNC"] * R * d["QA_C16"] * 32 + 2 * R * d["QA_SB16"])
             staged = 4 * (K // 32 * 33 + K // 32 + 32)
@@ -343,6 +344,26 @@ def test_qasync_takes_the_launches_whose_rows_fit_the_ring_and_sizes_groups_to_f
         assert "QASYNC" not in built("cuda", 3136, [64])
         gpu.configure({"FLASHMOE_QASYNC": "3", "FLASHMOE_QMV_MMA": "1"})
         assert "QASYNC" not in built("cuda", 4096, [64])
+        # the MoE's gate/up (routed or not): its warps' gate and up rows through the ring, beside the
+        # staged input, the experts' rows and (routed) the routing's fast memory; not addressed experts
+        gpu.configure({"FLASHMOE_QASYNC": "2"})
+        for name, label in (("moe_gate_up", "ring"), ("moe_route_gate_up", "ring+lookup"), ("moe_gate_up", "tiny")):
+            launches.clear()
+            kern = gpu.GpuKernels("cuda")
+            kern._make = recording(launches)
+            next(make for n, make, _ in check.CASES if n == name)(label, mx.bfloat16)[0](kern)
+            (kname, _, header, _, _, _, group), = [l for l in launches if "gate_up" in l[0]]
+            ring = re.search(r"#define QA_WARPS (\d+)\n", header)
+            assert bool(ring) == (label != "tiny"), (name, label)   # tiny: 256 inputs
+            if ring:
+                assert group == (32 * int(ring.group(1)), 1, 1) and "#define QA_ROWS 2\n" in header
+        d = check.moe_inputs("ring", mx.bfloat16)   # experts by address (the host tier): no ring
+        launches.clear()
+        kern = gpu.GpuKernels("cuda")
+        kern._make = recording(launches)
+        kern.moe_gate_up(d["x"], mx.zeros((d["K"], 9), mx.uint64), d["gate"], d["up"], d["sg"], d["su"])
+        (_, _, header, _, _, _, group), = launches
+        assert "#define ADDRESSED 1" in header and "#define QA_WARPS" not in header and group == (gpu.MV_THREADS, 1, 1)
         gpu.configure({})
         assert "QASYNC" not in built("cuda", 4096, [12288, 8192, 64, 64])
         for bad in ("1", "5", "-2"):

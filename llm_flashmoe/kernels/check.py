@@ -124,7 +124,9 @@ MOE_SHAPES = {"397b": (512, 4, 4096, 1024, 1024, 64), "tiny": (64, 4, 256, 128, 
               # 4-bit, groups of 64, odd sizes for the tensor-core path (3 blocks of 64 inputs)
               "odd-4bit": (40, 3, 192, 64, 128, 64),
               # a hidden size whose rows take the gate/up loop several batches (as "long" of qmv)
-              "long": (16, 2, 3136, 64, 64, 64)}
+              "long": (16, 2, 3136, 64, 64, 64),
+              # a hidden size a multiple of 1024: the gate/up launch takes FLASHMOE_QASYNC's ring
+              "ring": (16, 2, 2048, 64, 64, 64)}
 
 
 def moe_inputs(label, dtype):
@@ -275,9 +277,9 @@ CASES = [
     ("norm_qmv", case_norm_qmv, ["397b", "397b-router+add", "tiny", "tiny+add", "odd", "odd+add", "odd-4bit",
                                  "odd-4bit+add", "long", "ring+add"]),
     ("moe_route", case_moe_route, ["397b", "tiny", "odd"]),
-    ("moe_gate_up", case_moe_gate_up, ["397b", "tiny", "odd", "odd-4bit", "long"]),
+    ("moe_gate_up", case_moe_gate_up, ["397b", "tiny", "odd", "odd-4bit", "long", "ring"]),
     ("moe_route_gate_up", case_moe_route_gate_up,
-     ["397b", "397b+lookup", "tiny", "tiny+lookup", "odd", "odd+lookup", "odd-4bit", "odd-4bit+lookup"]),
+     ["397b", "397b+lookup", "tiny", "tiny+lookup", "odd", "odd+lookup", "odd-4bit", "odd-4bit+lookup", "ring+lookup"]),
     ("moe_down", case_moe_down, ["397b", "tiny", "odd", "odd-4bit"]),
     ("MoE block", case_moe_block, ["397b", "tiny", "odd", "odd-4bit"]),
     ("decode_attention", case_attention, ["397b", "397b-short", "tiny", "odd"]),

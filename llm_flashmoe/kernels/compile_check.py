@@ -92,7 +92,7 @@ class _Recorder:
 
 def render_all(nvcc: bool = False) -> dict[str, str]:
     """{kernel name: translation unit} for every kernel the check's cases launch, their
-    tensor-core variants, qmv's ring of asynchronous copies (FLASHMOE_QASYNC), and the MoE kernels' ADDRESSED mode (experts given by address: the GPU
+    tensor-core variants, the rings of asynchronous copies (FLASHMOE_QASYNC), and the MoE kernels' ADDRESSED mode (experts given by address: the GPU
     cache's host tier)."""
     from . import check, gpu
 
@@ -125,10 +125,10 @@ def render_all(nvcc: bool = False) -> dict[str, str]:
                 for label in labels:
                     make(label, mx.bfloat16)[0](kernels)
         addressed()
-        # the ring of asynchronous copies (FLASHMOE_QASYNC) of the matrix-vector cases
+        # the ring of asynchronous copies (FLASHMOE_QASYNC) of the matrix-vector and gate/up cases
         gpu.QMV_MMA, gpu.MOE_MMA, gpu.QASYNC = 0, frozenset(), 3
         for name, make, labels in check.CASES:
-            if name in ("qmv", "norm_qmv"):
+            if name in ("qmv", "norm_qmv", "moe_gate_up", "moe_route_gate_up"):
                 for label in labels:
                     make(label, mx.bfloat16)[0](kernels)
     finally:

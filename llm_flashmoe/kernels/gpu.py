@@ -54,11 +54,12 @@ MV_THREADS = 256
 # decode steps of 8 resident 397B layers, one process): 4 (64 registers, small spills in the MoE
 # kernels) took 3952 against 3933 us; with QPIPE, 3 took 4897. Off.
 MIN_GROUPS = 0
-# FLASHMOE_QASYNC=S (default 0: off; 2-4): qmv launches (FMA form; KDIM a multiple of 1024, 4- or
-# 8-bit, 2-byte scales) bring their codes into fast memory through a ring of S stages of
-# asynchronous copies (cp.async on CUDA; plain copies on Metal), so that a warp keeps S - 1 chunks
-# per row in flight while it computes one, in fast memory rather than registers; the first stages
-# start before the group stages its input. The same sums in the same order. Thread groups then have
+# FLASHMOE_QASYNC=S (default 0: off; 2-4): the matrix-vector launches and the MoE's gate/up (FMA
+# form; inputs a multiple of 1024, 4- or 8-bit, 2-byte scales; not experts by address) bring their
+# codes into fast memory through a ring of S stages of asynchronous copies (common.kern's
+# qrows_async_*; cp.async on CUDA, plain copies on Metal), so that a warp keeps S - 1 chunks per
+# row in flight while it computes one, in fast memory rather than registers; the first stages start
+# before the group stages its input. The same sums in the same order. Thread groups then have
 # as many warps as fit their rings in fast memory (at most MV_THREADS / 32). The H200 showed the
 # launches at 2.3-2.7x what reading their bytes costs (`overhead bwfloor`), with more warps
 # (FLASHMOE_MIN_GROUPS) no help: this puts more bytes in flight per warp instead. Not yet timed.
@@ -325,21 +326,21 @@ class GpuKernels:
         blocks = grid_blocks(_ceil(tasks, warps), self.backend)
         return blocks, blocks * warps
 
-    def _qasync(self, x, linears, R: int) -> dict:
-        """The QASYNC defines of an FMA-form qmv launch ({} where it cannot take the ring: see
-        QASYNC), with QA_WARPS, the warps per group whose rings fit in fast memory."""
-        K = x.shape[-1]
+    def _ring(self, K: int, parts, rows: int, staged: int) -> dict:
+        """The defines of the ring of asynchronous copies (FLASHMOE_QASYNC) for a matrix-vector launch
+        whose warps take `rows` rows of K inputs at once from the linears `parts`, with `staged` bytes of
+        fast memory taken besides ({} where it cannot take it: see QASYNC), with QA_WARPS, the warps
+        per group whose rings fit in fast memory (at most MV_THREADS / 32)."""
         if not QASYNC or K % 1024 or any(l.bits not in (4, 8) or l.scales.dtype.size != 2
-                                         or (K // l.group_size * 2) % 16 for l in linears):
+                                         or (K // l.group_size * 2) % 16 for l in parts):
             return {}
-        c16 = max(l.bits for l in linears) // 4
-        sb16 = max(K // l.group_size * 2 // 16 for l in linears)
-        per_warp = 16 * (QASYNC * R * c16 * 32 + 2 * R * sb16)
-        staged = 4 * (K // 32 * 33 + K // 32 + 32)   # the staged input (common.kern's XS_FLOATS), its sums, the norm's partials
+        c16 = max(l.bits for l in parts) // 4
+        sb16 = max(K // l.group_size * 2 // 16 for l in parts)
+        per_warp = 16 * (QASYNC * rows * c16 * 32 + 2 * rows * sb16)
         warps = min(MV_THREADS // 32, (self.max_shared - staged) // per_warp)
         if warps < 1:
             return {}
-        return {"QASYNC": QASYNC, "QA_C16": c16, "QA_SB16": sb16, "QA_WARPS": warps}
+        return {"QASYNC": QASYNC, "QA_ROWS": rows, "QA_C16": c16, "QA_SB16": sb16, "QA_WARPS": warps}
 
     def _qmv(self, x, linears, norm=None) -> list[mx.array]:
         """The qmv kernel; norm = (xadd or None, weight, eps) puts an RMSNorm in front; with xadd,
@@ -363,7 +364,8 @@ class GpuKernels:
             args += [lin.weight, lin.scales, lin.biases]
         outputs = [f"y{i}" for i in range(n)] + (["hout", "nout"] if mode == 2 else [])
         shapes = [(*x.shape[:-1], l.out_features) for l in linears] + [x.shape] * (len(outputs) - n)
-        ring = {} if mma else self._qasync(x, linears, R)
+        # fast memory besides the rings: the staged input (common.kern's XS_FLOATS), its sums, the norm's partials
+        ring = {} if mma else self._ring(K, linears, R, 4 * (K // 32 * 33 + K // 32 + 32))
         defines.update(ring)
         threads = 32 * ring["QA_WARPS"] if ring else MV_THREADS
         blocks, defines["QMV_GW"] = self._mv_grid(sum(_ceil(l.out_features, R) for l in linears), mma, threads)
@@ -402,7 +404,7 @@ class GpuKernels:
         lane holds E/32 probabilities in registers), else the two ops in turn."""
         E = logits.size
         addressed = lookup is not None and _addressed(lookup, x, gate, up)
-        launch = (self._gate_up_launch(x, k, addressed, gate, up, shared_gate, shared_up)
+        launch = (self._gate_up_launch(x, k, addressed, gate, up, shared_gate, shared_up, reserve=4 * E + 256)
                   if FUSE_ROUTE and E <= 1024 and k <= 32 and (lookup is None or lookup.shape[0] == E) else None)
         if launch is None:   # the two ops (each falls back where its kernel does not cover the shapes)
             return plain.route_gate_up(self.moe_route, self.moe_gate_up)(
@@ -419,9 +421,10 @@ class GpuKernels:
                           output_dtypes=[x.dtype, x.dtype, mx.uint64 if addressed else mx.int32, mx.float32], **kw))
 
     def _gate_up_launch(self, x, K: int, addressed: bool, gate: Linear, up: Linear, shared_gate: Linear,
-                        shared_up: Linear):
+                        shared_up: Linear, reserve: int = 0):
         """(defines, the stacks' arrays, launch keywords) of the gate/up kernels for K experts, or
-        None where they do not cover the shapes."""
+        None where they do not cover the shapes; `reserve`: bytes of fast memory the launch's
+        kernel takes besides (the routing's)."""
         H = x.size
         if not (H % 32 == 0 and _xs_bytes(H) <= self.max_shared and _q3d(gate, H) and _q3d(up, H) and _same_q(gate, up)
                 and _q2d(shared_gate, H) and _q2d(shared_up, H) and _same_q(shared_gate, shared_up)):
@@ -433,8 +436,13 @@ class GpuKernels:
                    "SHB": shared_gate.bits, "SHG": shared_gate.group_size, "ADDRESSED": int(addressed), "GU_R": R,
                    "GU_MMA": int(mma), **_mv_defines()}
         stacks = [*_parts(gate), *_parts(up), *_parts(shared_gate), *_parts(shared_up)]
-        blocks, defines["GU_GW"] = self._mv_grid(_ceil(K * I, R) + _ceil(Is, R), mma)
-        kw = dict(template=[("T", x.dtype)], grid=(blocks * MV_THREADS, 1, 1), threadgroup=(MV_THREADS, 1, 1),
+        # the ring beside the staged input, its sums and the experts' rows
+        ring = {} if mma or addressed else self._ring(H, (gate, shared_gate), 2 * R,
+                                                      4 * (H // 32 * 33 + H // 32) + 8 * K + reserve)
+        defines.update(ring)
+        threads = 32 * ring["QA_WARPS"] if ring else MV_THREADS
+        blocks, defines["GU_GW"] = self._mv_grid(_ceil(K * I, R) + _ceil(Is, R), mma, threads)
+        kw = dict(template=[("T", x.dtype)], grid=(blocks * threads, 1, 1), threadgroup=(threads, 1, 1),
                   output_shapes=[(K, I), (Is,)], **self._fill)
         return defines, stacks, kw
 
