@@ -325,7 +325,7 @@ def test_qasync_takes_the_launches_whose_rows_fit_the_ring_and_sizes_groups_to_f
             assert R == d["QMV_R"]
             assert group == (32 * warps, 1, 1) and d["QMV_GW"] == grid[0] // group[0] * warps
             per_warp = 16 * (d["QASYNC"] * R * d["QA_C16"] * 32 + 2 * R * d["QA_SB16"])
-            staged = 4 * (K // 32 * 33 + K // 32 + 32)
+            staged = 4 * (K // 32 * 33 + K // 32 + 32)   # the staged input, its sums, the norm's partials
             assert staged + warps * per_warp <= kern.max_shared
             assert warps == gpu.MV_THREADS // 32 or staged + (warps + 1) * per_warp > kern.max_shared
         else:

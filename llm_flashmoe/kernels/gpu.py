@@ -364,8 +364,8 @@ class GpuKernels:
             args += [lin.weight, lin.scales, lin.biases]
         outputs = [f"y{i}" for i in range(n)] + (["hout", "nout"] if mode == 2 else [])
         shapes = [(*x.shape[:-1], l.out_features) for l in linears] + [x.shape] * (len(outputs) - n)
-        # fast memory besides the rings: the staged input (common.kern's XS_FLOATS), its sums, the norm's partials
-        ring = {} if mma else self._ring(K, linears, R, 4 * (K // 32 * 33 + K // 32 + 32))
+        # fast memory besides the rings: the staged input and its sums, the norm's partials
+        ring = {} if mma else self._ring(K, linears, R, _xs_bytes(K) + 4 * 32)
         defines.update(ring)
         threads = 32 * ring["QA_WARPS"] if ring else MV_THREADS
         blocks, defines["QMV_GW"] = self._mv_grid(sum(_ceil(l.out_features, R) for l in linears), mma, threads)
@@ -436,9 +436,8 @@ class GpuKernels:
                    "SHB": shared_gate.bits, "SHG": shared_gate.group_size, "ADDRESSED": int(addressed), "GU_R": R,
                    "GU_MMA": int(mma), **_mv_defines()}
         stacks = [*_parts(gate), *_parts(up), *_parts(shared_gate), *_parts(shared_up)]
-        # the ring beside the staged input, its sums and the experts' rows
-        ring = {} if mma or addressed else self._ring(H, (gate, shared_gate), 2 * R,
-                                                      4 * (H // 32 * 33 + H // 32) + 8 * K + reserve)
+        # the ring beside the staged input and its sums, and the experts' rows
+        ring = {} if mma or addressed else self._ring(H, (gate, shared_gate), 2 * R, _xs_bytes(H) + 8 * K + reserve)
         defines.update(ring)
         threads = 32 * ring["QA_WARPS"] if ring else MV_THREADS
         blocks, defines["GU_GW"] = self._mv_grid(_ceil(K * I, R) + _ceil(Is, R), mma, threads)
