@@ -92,8 +92,8 @@ class _Recorder:
 
 def render_all(nvcc: bool = False) -> dict[str, str]:
     """{kernel name: translation unit} for every kernel the check's cases launch, their
-    tensor-core variants, the rings of asynchronous copies (FLASHMOE_QASYNC), and the MoE kernels' ADDRESSED mode (experts given by address: the GPU
-    cache's host tier)."""
+    tensor-core variants, their rings of asynchronous copies (FLASHMOE_QASYNC), and the MoE
+    kernels' ADDRESSED mode (experts given by address: the GPU cache's host tier)."""
     from . import check, gpu
 
     units: dict[str, str] = {}

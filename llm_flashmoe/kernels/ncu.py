@@ -6,6 +6,7 @@ kernels' time per call of each launch shape."""
 
 from __future__ import annotations
 
+import math
 import re
 
 
@@ -72,12 +73,7 @@ def _key(name: str, grid: str | None) -> str:
     [groups]: one kernel family launched at several shapes (a layer's projections) keeps a row
     per shape."""
     dims = re.findall(r"\d+", grid or "")
-    if not dims:
-        return name[:60]
-    groups = 1
-    for d in dims:
-        groups *= int(d)
-    return f"{name[:60]} [{groups}]"
+    return f"{name[:60]} [{math.prod(int(d) for d in dims)}]" if dims else name[:60]
 
 
 def ncu_summary(path: str) -> None:
