@@ -342,6 +342,14 @@ def test_qasync_takes_the_launches_whose_rows_fit_the_ring_and_sizes_groups_to_f
         for other in (dict(dtype=mx.float32), dict(bits=3), dict(bits=2)):
             assert "QASYNC" not in built("cuda", 4096, [64], **other)
         assert "QASYNC" not in built("cuda", 3136, [64])
+        gpu.configure({"FLASHMOE_QASYNC": "3", "FLASHMOE_MIN_GROUPS": "4"})   # the bounds of the groups launched
+        launches.clear()
+        kern = gpu.GpuKernels("cuda")
+        kern._make = recording(launches)
+        kern.qmv(mx.zeros((1, 4096), mx.bfloat16), [check.qlinear(n, 4096, 4, 64, mx.bfloat16) for n in (16384, 64)])
+        (_, _, header, _, _, _, group), = launches
+        assert "#define QA_WARPS" in header and group[0] < gpu.MV_THREADS
+        assert f"#define MAX_THREADS {group[0]}\n" in header and "#define MIN_GROUPS 4\n" in header
         gpu.configure({"FLASHMOE_QASYNC": "3", "FLASHMOE_QMV_MMA": "1"})
         assert "QASYNC" not in built("cuda", 4096, [64])
         # the MoE's gate/up (routed or not): its warps' gate and up rows through the ring, beside the

@@ -52,7 +52,8 @@ MV_THREADS = 256
 # thread to 65536 / (N * MV_THREADS) registers, spilling if it must), for more warps resident and so
 # more of the weights' reads in flight. Metal ignores it. H200 (`overhead ncusettings`, GPU time of 3
 # decode steps of 8 resident 397B layers, one process): 4 (64 registers, small spills in the MoE
-# kernels) took 3952 against 3933 us; with QPIPE, 3 took 4897. Off.
+# kernels) took 3952 against 3933 us; with QPIPE, 3 took 4897. Off. (With FLASHMOE_QASYNC the bounds
+# are those of the launch's smaller groups: e.g. 4 groups of 192 threads, 85 registers.)
 MIN_GROUPS = 0
 # FLASHMOE_QASYNC=S (default 0: off; 2-4): the matrix-vector launches and the MoE's gate/up (FMA
 # form; inputs a multiple of 1024, 4- or 8-bit, 2-byte scales; not experts by address) bring their
@@ -368,6 +369,8 @@ class GpuKernels:
         ring = {} if mma else self._ring(K, linears, R, _xs_bytes(K) + 4 * 32)
         defines.update(ring)
         threads = 32 * ring["QA_WARPS"] if ring else MV_THREADS
+        if "MAX_THREADS" in defines:   # FLASHMOE_MIN_GROUPS: the bounds of the groups launched
+            defines["MAX_THREADS"] = threads
         blocks, defines["QMV_GW"] = self._mv_grid(sum(_ceil(l.out_features, R) for l in linears), mma, threads)
         k = self.kernel("qmv", tuple(inputs), tuple(outputs), defines)
         outs = k(inputs=args, template=[("T", x.dtype)], grid=(blocks * threads, M, 1),
@@ -440,6 +443,8 @@ class GpuKernels:
         ring = {} if mma or addressed else self._ring(H, (gate, shared_gate), 2 * R, _xs_bytes(H) + 8 * K + reserve)
         defines.update(ring)
         threads = 32 * ring["QA_WARPS"] if ring else MV_THREADS
+        if "MAX_THREADS" in defines:
+            defines["MAX_THREADS"] = threads
         blocks, defines["GU_GW"] = self._mv_grid(_ceil(K * I, R) + _ceil(Is, R), mma, threads)
         kw = dict(template=[("T", x.dtype)], grid=(blocks * threads, 1, 1), threadgroup=(threads, 1, 1),
                   output_shapes=[(K, I), (Is,)], **self._fill)
