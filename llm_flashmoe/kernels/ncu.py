@@ -130,45 +130,44 @@ def ncu_compare_marked(path: str, labels: list[str]) -> None:
         compare_families([segments[i] for i in present], [labels[i] for i in present])
 
 
-def compare_launches(logs: list[dict], labels: list[str]) -> None:
-    """Our kernels per launch shape (family and grid: a layer's projections are one family at
-    several shapes) in each ncu_rows dict: us per call, in order of the first log's time in all."""
+def _grouped(logs: list[dict], key) -> list[dict]:
+    """Each ncu_rows dict's call times gathered under key(kernel name) (None: left out)."""
     per = []
     for rows in logs:
-        shapes: dict = {}
+        g: dict = {}
         for name, m in rows.items():
-            grid = re.search(r" \[(\d+)\]$", name)
-            fam = kernel_family(name)
-            if grid and fam.startswith("fm_") and m.get("us"):
-                shapes.setdefault(f"{fam} [{grid.group(1)} groups]", []).extend(m["us"])
-        per.append(shapes)
-    names = sorted({n for s in per for n in s}, key=lambda n: -sum(per[0].get(n, [0.0])))
-    if not names:
-        return
-    w = max(12, *(len(l) for l in labels))
-    print(f"\nour kernels per launch shape, us per call (calls), per setting: {', '.join(labels)}")
-    for n in names:
-        cells = [f"{sum(s[n]) / len(s[n]):{w}.1f} ({len(s[n]):4d})" if n in s else f"{'-':>{w + 7}}" for s in per]
+            k = key(name)
+            if k is not None:
+                g.setdefault(k, []).extend(m.get("us", []))
+        per.append(g)
+    return per
+
+
+def _rows(per: list[dict], w: int, value) -> None:
+    """A line per key of _grouped's dicts, in order of the first log's time in all: value(times) and
+    the calls in each log, in cells of width w + 7."""
+    for n in sorted({n for g in per for n in g}, key=lambda n: -sum(per[0].get(n, []))):
+        cells = [f"{value(g[n]):{w}.1f} ({len(g[n]):4d})" if n in g else f"{'-':>{w + 7}}" for g in per]
         print(f"{n[:60]:60} " + " ".join(cells))
+
+
+def _launch(name: str) -> str | None:
+    """Our kernels' launch shape (family and grid: a layer's projections are one family at several
+    shapes), where the log has the grid."""
+    grid, fam = re.search(r" \[(\d+)\]$", name), kernel_family(name)
+    return f"{fam} [{grid.group(1)} groups]" if grid and fam.startswith("fm_") else None
 
 
 def compare_families(logs: list[dict], labels: list[str]) -> None:
-    """ncu_compare's table from ncu_rows dicts."""
-    per = []
-    for rows in logs:
-        fam: dict = {}
-        for name, m in rows.items():
-            f = fam.setdefault(kernel_family(name), [0.0, 0])
-            f[0] += sum(m.get("us", []))
-            f[1] += len(m.get("us", []))
-        per.append(fam)
-    names = sorted({n for fam in per for n in fam}, key=lambda n: -per[0].get(n, [0.0])[0])
-    w = max(12, *(len(l) for l in labels))
+    """ncu_compare's table from ncu_rows dicts, then our kernels' us per call of each launch shape."""
+    per = _grouped(logs, kernel_family)
     print(f"GPU time per kernel family, us in all (calls), per setting: {', '.join(labels)}")
+    w = max(12, *(len(l) for l in labels))
     print(f"{'family':60} " + " ".join(f"{l:>{w + 7}}" for l in labels))
-    for n in names:
-        cells = [f"{fam[n][0]:{w}.1f} ({fam[n][1]:4d})" if n in fam else f"{'-':>{w + 7}}" for fam in per]
-        print(f"{n[:60]:60} " + " ".join(cells))
-    print(f"{'all':60} " + " ".join(f"{sum(v[0] for v in fam.values()):{w}.1f} ({sum(v[1] for v in fam.values()):4d})"
-                                     for fam in per))
-    compare_launches(logs, labels)
+    _rows(per, w, sum)
+    print(f"{'all':60} " + " ".join(f"{sum(map(sum, g.values())):{w}.1f} ({sum(map(len, g.values())):4d})"
+                                     for g in per))
+    launches = _grouped(logs, _launch)
+    if any(launches):
+        print(f"\nour kernels per launch shape, us per call (calls), per setting: {', '.join(labels)}")
+        _rows(launches, w, lambda t: sum(t) / len(t) if t else 0.0)
