@@ -197,11 +197,12 @@ def _switch(env, name: str) -> int:
 configure()
 
 
-def _mv_defines() -> dict:
-    """The knobs every matrix-vector kernel (qmv, the MoE's gate/up and down) is built with."""
+def _mv_defines(threads: int | None = None) -> dict:
+    """The knobs every matrix-vector kernel (qmv, the MoE's gate/up and down) is built with, for
+    thread groups of `threads` (default MV_THREADS: FLASHMOE_MIN_GROUPS's launch bounds)."""
     d = {"QWORDS": QWORDS, "XV_INNER": XV_INNER, "L2PF": L2PF, "QPIPE": QPIPE}
     if MIN_GROUPS:
-        d.update(MIN_GROUPS=MIN_GROUPS, MAX_THREADS=MV_THREADS)
+        d.update(MIN_GROUPS=MIN_GROUPS, MAX_THREADS=threads or MV_THREADS)
     return d
 
 
@@ -352,7 +353,7 @@ class GpuKernels:
         mma = self._mma(QMV_MMA, x, linears)
         R = 16 if mma else qmv_rows(sum(l.out_features for l in linears))
         mode = 0 if norm is None else 1 if norm[0] is None else 2
-        defines = {"KDIM": K, "NSLOT": n, "QMV_R": R, "QMV_MMA": int(mma), **_mv_defines(), "NORM": mode,
+        defines = {"KDIM": K, "NSLOT": n, "QMV_R": R, "QMV_MMA": int(mma), "NORM": mode,
                    "EPS": float(norm[2]) if norm else 0.0}
         inputs, args = ["x"], [x]
         if mode == 2:
@@ -367,10 +368,8 @@ class GpuKernels:
         shapes = [(*x.shape[:-1], l.out_features) for l in linears] + [x.shape] * (len(outputs) - n)
         # fast memory besides the rings: the staged input and its sums, the norm's partials
         ring = {} if mma else self._ring(K, linears, R, _xs_bytes(K) + 4 * 32)
-        defines.update(ring)
         threads = 32 * ring["QA_WARPS"] if ring else MV_THREADS
-        if "MAX_THREADS" in defines:   # FLASHMOE_MIN_GROUPS: the bounds of the groups launched
-            defines["MAX_THREADS"] = threads
+        defines.update(ring, **_mv_defines(threads))
         blocks, defines["QMV_GW"] = self._mv_grid(sum(_ceil(l.out_features, R) for l in linears), mma, threads)
         k = self.kernel("qmv", tuple(inputs), tuple(outputs), defines)
         outs = k(inputs=args, template=[("T", x.dtype)], grid=(blocks * threads, M, 1),
@@ -437,14 +436,12 @@ class GpuKernels:
         R = 16 if mma else MOE_GU_ROWS
         defines = {"HD": H, "KE": K, "IE": I, "BE": gate.bits, "GE": gate.group_size, "SHI": Is,
                    "SHB": shared_gate.bits, "SHG": shared_gate.group_size, "ADDRESSED": int(addressed), "GU_R": R,
-                   "GU_MMA": int(mma), **_mv_defines()}
+                   "GU_MMA": int(mma)}
         stacks = [*_parts(gate), *_parts(up), *_parts(shared_gate), *_parts(shared_up)]
         # the ring beside the staged input and its sums, and the experts' rows
         ring = {} if mma or addressed else self._ring(H, (gate, shared_gate), 2 * R, _xs_bytes(H) + 8 * K + reserve)
-        defines.update(ring)
         threads = 32 * ring["QA_WARPS"] if ring else MV_THREADS
-        if "MAX_THREADS" in defines:
-            defines["MAX_THREADS"] = threads
+        defines.update(ring, **_mv_defines(threads))
         blocks, defines["GU_GW"] = self._mv_grid(_ceil(K * I, R) + _ceil(Is, R), mma, threads)
         kw = dict(template=[("T", x.dtype)], grid=(blocks * threads, 1, 1), threadgroup=(threads, 1, 1),
                   output_shapes=[(K, I), (Is,)], **self._fill)
