@@ -381,6 +381,85 @@ def test_qasync_takes_the_launches_whose_rows_fit_the_ring_and_sizes_groups_to_f
         gpu.configure()
 
 
+def test_qint_stages_integers_for_launches_of_one_code_width():
+    """FLASHMOE_QINT=1: a qmv or gate/up launch whose rows are all 4-bit (or all 8-bit) is built with
+    QINT 4 (8) and its input's digits QDIG, 2 for bf16 activations and 3 for float32
+    (FLASHMOE_QINT_DIGITS sets them); mixed widths, 2- and 3-bit codes and the tensor-core form
+    keep the FMA form (QINT 0); auto takes it on CUDA, not on Metal; the default is off; bad values
+    are refused."""
+    from llm_flashmoe.errors import FlashMoeError
+    from llm_flashmoe.kernels import check, gpu
+
+    def defines(backend, K, parts, dtype=mx.bfloat16, name="qmv"):
+        launches = []
+        kern = gpu.GpuKernels(backend)
+        kern._make = recording(launches)
+        if name == "qmv":
+            kern.qmv(mx.zeros((1, K), dtype), [check.qlinear(n, K, bits, 64, dtype) for n, bits in parts])
+        else:
+            next(make for n, make, _ in check.CASES if n == name)("tiny", dtype)[0](kern)
+        header = [l for l in launches if name in l[0]][0][2]
+        return {k: int(v) for k, v in re.findall(r"#define (QINT|QDIG) (\d+)\n", header)[:2]}
+
+    try:
+        gpu.configure({"FLASHMOE_QINT": "1"})
+        assert defines("cuda", 4096, [(12288, 4), (64, 4)]) == {"QINT": 4, "QDIG": 2}
+        assert defines("cuda", 512, [(40, 8)], mx.float32) == {"QINT": 8, "QDIG": 3}
+        assert defines("metal", 512, [(40, 4)])["QINT"] == 4   # 1: on any backend
+        for parts in ([(64, 4), (64, 8)], [(64, 3)], [(64, 2)]):
+            assert defines("cuda", 512, parts)["QINT"] == 0, parts
+        for name in ("moe_gate_up", "moe_route_gate_up"):
+            assert defines("cuda", 0, [], name=name) == {"QINT": 4, "QDIG": 2}
+        gpu.configure({"FLASHMOE_QINT": "1", "FLASHMOE_QINT_DIGITS": "3"})
+        assert defines("cuda", 512, [(40, 4)])["QDIG"] == 3
+        gpu.configure({"FLASHMOE_QINT": "1", "FLASHMOE_QMV_MMA": "1"})
+        assert defines("cuda", 512, [(40, 4)])["QINT"] == 0
+        gpu.configure({"FLASHMOE_QINT": "auto"})
+        assert defines("cuda", 512, [(40, 4)])["QINT"] == 4 and defines("metal", 512, [(40, 4)])["QINT"] == 0
+        gpu.configure({})
+        assert defines("cuda", 512, [(40, 4)])["QINT"] == 0
+        for var, bad in (("FLASHMOE_QINT", "2"), ("FLASHMOE_QINT_DIGITS", "4")):
+            with pytest.raises(FlashMoeError, match=var):
+                gpu.configure({var: bad})
+    finally:
+        gpu.configure()
+
+
+def test_qint_kernels_run_on_the_host_match_the_twins(tmp_path):
+    """The integer staging's numerics, run: the CUDA sources of qmv (8-bit) and norm_qmv with the
+    residual add (4-bit, whose staging writes each chunk's digits over the norm's first pass) under
+    FLASHMOE_QINT=1, compiled with g++ and run a thread per lane (kernels.emulate), against the
+    float32 twins: within float32's accuracy at 3 digits, within 1.5e-5 of a chunk's largest input
+    per input at 2 (so well inside the bf16 bound), and not the FMA form's launch."""
+    from llm_flashmoe.kernels import check, emulate, gpu
+
+    K = 256
+    x, xa = (check.rnd((1, K), mx.float32, 2.0) for _ in range(2))
+    nw = 1.0 + check.rnd((K,), mx.float32, 0.1)
+    lin8, lin4 = check.qlinear(24, K, 8, 64, mx.float32), check.qlinear(40, K, 4, 32, mx.float32)
+    want8 = plain.qmv(x, [lin8])[0]
+    (want4,), h_want, n_want = plain.compose_norm_qmv(plain.qmv, plain.rms_norm, plain.add_rms_norm)(
+        x, xa, nw, 1e-6, [lin4])
+    errs = {}
+    try:
+        for digits in ("3", "2"):
+            gpu.configure({"FLASHMOE_QINT": "1", "FLASHMOE_QINT_DIGITS": digits})
+            launches = []
+            kern = emulate.emulated_kernels(tmp_path)
+            make = kern._make
+            kern._make = lambda **kw: launches.append(kw["header"]) or make(**kw)
+            got8 = kern.qmv(x, [lin8])[0]
+            (got4,), h, n = kern.norm_qmv(x, xa, nw, 1e-6, [lin4])
+            assert [re.search(r"#define QINT (\d)\n", hd).group(1) for hd in launches] == ["8", "4"]
+            np.testing.assert_allclose(np.array(h), np.array(h_want), rtol=1e-6)   # the add, as the twin's
+            errs[digits] = [check.rel_err(got8, want8), check.rel_err(got4, want4)]
+    finally:
+        gpu.configure()
+    assert max(errs["3"]) < 1e-5, errs
+    assert max(errs["2"]) < 5e-4, errs
+    assert max(errs["2"]) > max(errs["3"]), errs   # two digits do round the inputs
+
+
 def test_qmv_mma_switch_takes_4bit_bf16_launches_through_tensor_core_products():
     """FLASHMOE_QMV_MMA=1: a qmv launch whose slots are all 4-bit with groups of 64 or 128 on bf16
     activations is built with QMV_MMA 1 and a thread group per 16 rows, on CUDA and on Metal (its

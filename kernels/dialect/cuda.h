@@ -21,6 +21,20 @@ DEVICE_FN float f_sin(float x) { return sinf(x); }
 DEVICE_FN float f_rint(float x) { return rintf(x); }
 DEVICE_FN float f_as_float(uint32_t u) { return __uint_as_float(u); }
 DEVICE_FN uint32_t f_as_uint(float f) { return __float_as_uint(f); }
+// Four byte products summed into c: the bytes of a as unsigned, those of b as signed (dp4a.u32.s32,
+// sm_61+; elsewhere, and on the host shims, the same sum written out).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 610
+DEVICE_FN int dot4_u8s8(uint32_t a, uint32_t b, int c) {
+  int d;
+  asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+#else
+DEVICE_FN int dot4_u8s8(uint32_t a, uint32_t b, int c) {
+  UNROLL for (int k = 0; k < 4; k++) c += int((a >> (8 * k)) & 0xFFu) * (int(b << (24 - 8 * k)) >> 24);
+  return c;
+}
+#endif
 // Copies of 16 bytes from device to shared memory that run while the thread goes on (sm_80+:
 // cp.async): async_copy16 starts one, ASYNC_COMMIT closes the thread's group of copies started
 // since the last, ASYNC_WAIT(N) (N a constant) waits until at most the N newest groups are still

@@ -23,6 +23,12 @@ DEVICE_FN float f_sin(float x) { return metal::precise::sin(x); }
 DEVICE_FN float f_rint(float x) { return metal::rint(x); }
 DEVICE_FN float f_as_float(uint32_t u) { return as_type<float>(u); }
 DEVICE_FN uint32_t f_as_uint(float f) { return as_type<uint32_t>(f); }
+// Four byte products summed into c: the bytes of a as unsigned, those of b as signed (no such
+// instruction here: the sum written out).
+DEVICE_FN int dot4_u8s8(uint32_t a, uint32_t b, int c) {
+  UNROLL for (int k = 0; k < 4; k++) c += int((a >> (8 * k)) & 0xFFu) * (int(b << (24 - 8 * k)) >> 24);
+  return c;
+}
 // no asynchronous copy: a plain one, and nothing to wait for
 DEVICE_FN void async_copy16(SHARED_PTR void* dst, const GLOBAL void* src) {
   *(SHARED_PTR uint4*)dst = *(const GLOBAL uint4*)src;

@@ -92,7 +92,8 @@ class _Recorder:
 
 def render_all(nvcc: bool = False) -> dict[str, str]:
     """{kernel name: translation unit} for every kernel the check's cases launch, their
-    tensor-core variants, their rings of asynchronous copies (FLASHMOE_QASYNC), and the MoE
+    tensor-core variants, their rings of asynchronous copies (FLASHMOE_QASYNC), their integer staging
+    (FLASHMOE_QINT: 2 digits for bf16, 3 for float32), and the MoE
     kernels' ADDRESSED mode (experts given by address: the GPU cache's host tier)."""
     from . import check, gpu
 
@@ -110,9 +111,9 @@ def render_all(nvcc: bool = False) -> dict[str, str]:
             kernels.moe_down(check.rnd((K, I)), rows, d["w"], d["down"], check.rnd((Is,)), d["sd"], check.rnd((1,)),
                              d["res"])
 
-    saved = (gpu.QMV_MMA, gpu.MOE_MMA, gpu.QASYNC)
+    saved = (gpu.QMV_MMA, gpu.MOE_MMA, gpu.QASYNC, gpu.QINT)
     try:
-        gpu.QMV_MMA, gpu.MOE_MMA = 0, frozenset()   # the FMA forms, every case and dtype
+        gpu.QMV_MMA, gpu.MOE_MMA, gpu.QINT = 0, frozenset(), 0   # the FMA forms, every case and dtype
         for _, make, labels in check.CASES:
             for label in labels:
                 for dtype in (mx.bfloat16, mx.float32):
@@ -131,8 +132,16 @@ def render_all(nvcc: bool = False) -> dict[str, str]:
             if name in ("qmv", "norm_qmv", "moe_gate_up", "moe_route_gate_up"):
                 for label in labels:
                     make(label, mx.bfloat16)[0](kernels)
+        # the integer staging (FLASHMOE_QINT) of the matrix-vector and gate/up cases, alone and with the ring
+        for gpu.QASYNC in (0, 3):
+            gpu.QINT = 1
+            for name, make, labels in check.CASES:
+                if name in ("qmv", "norm_qmv", "moe_gate_up", "moe_route_gate_up"):
+                    for label in labels:
+                        for dtype in (mx.bfloat16, mx.float32):
+                            make(label, dtype)[0](kernels)
     finally:
-        gpu.QMV_MMA, gpu.MOE_MMA, gpu.QASYNC = saved
+        gpu.QMV_MMA, gpu.MOE_MMA, gpu.QASYNC, gpu.QINT = saved
     # the benchmark kernel (`overhead bwfloor`), each variant, launched as bwfloor launches it
     from .overhead import stream_read
 

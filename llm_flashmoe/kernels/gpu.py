@@ -65,6 +65,17 @@ MIN_GROUPS = 0
 # launches at 2.3-2.7x what reading their bytes costs (`overhead bwfloor`), with more warps
 # (FLASHMOE_MIN_GROUPS) no help: this puts more bytes in flight per warp instead. Not yet timed.
 QASYNC = 0
+# FLASHMOE_QINT (default 0; 1, 0 or auto: on for CUDA, off for Metal): the matrix-vector launches (qmv,
+# the MoE's gate/up) whose rows are all 4-bit or all 8-bit stage their input as integers and take each
+# chunk's dot products four bytes at a time (common.kern's QINT: dp4a on CUDA, the sum written out on
+# Metal): two balanced base-256 digits per input against the chunk's largest, so each input is off by at
+# most 1.5e-5 of the chunk's largest, exact sums after. About a third of the FMA form's instructions
+# per code: on the H200 (fifteenth session, `overhead ncusol`) GatedDeltaNet's in_proj issued an
+# instruction on most cycles (compute throughput 54% against DRAM 23%, warps waiting on issue and the
+# ALU pipe: the FMA form's shift and mask per code run at half rate). Not yet timed.
+# FLASHMOE_QINT_DIGITS (default auto: 3 for float32 activations, else 2): base-256 digits per input.
+QINT: int | None = 0
+QINT_DIGITS: int | None = None
 # FLASHMOE_XV_INNER (default 1): the matrix-vector kernels read each staged input from fast memory
 # once for all of a warp's rows instead of holding a chunk's 32 inputs in registers (the XV_INNER
 # define; the same sums in the same order, fewer registers: `compile_check --nvcc`). H200, ncu (as
@@ -140,12 +151,13 @@ MOE_MMA: frozenset | None = None
 def configure(env=os.environ) -> None:
     """Set the launch knobs above from `env` (FLASHMOE_QMV_ROWS, FLASHMOE_MOE_ROWS,
     FLASHMOE_QMV_WORDS, FLASHMOE_GRID, FLASHMOE_GRID_BLOCKS, FLASHMOE_GDN_ROWS, FLASHMOE_GDN_THREADS,
-    FLASHMOE_MV_THREADS, FLASHMOE_MIN_GROUPS, FLASHMOE_QASYNC,
+    FLASHMOE_MV_THREADS, FLASHMOE_MIN_GROUPS, FLASHMOE_QASYNC, FLASHMOE_QINT, FLASHMOE_QINT_DIGITS,
     FLASHMOE_XV_INNER, FLASHMOE_L2_PREFETCH, FLASHMOE_FUSE_ROUTE, FLASHMOE_KV_INPLACE, FLASHMOE_QMV_MMA,
     FLASHMOE_MOE_MMA, FLASHMOE_QPIPE; absent: the defaults). Kernels
     built before keep their settings: make a new GpuKernels after changing them."""
     global QMV_ROWS, MOE_GU_ROWS, MOE_DOWN_ROWS, QWORDS, GRID_PER_SM, GRID_BLOCKS, GDN_ROWS, GDN_THREADS, MV_THREADS
-    global XV_INNER, L2PF, FUSE_ROUTE, KV_INPLACE, QMV_MMA, MOE_MMA, QPIPE, MIN_GROUPS, QASYNC
+    global XV_INNER, L2PF, FUSE_ROUTE, KV_INPLACE, QMV_MMA, MOE_MMA, QPIPE, MIN_GROUPS, QASYNC, QINT
+    global QINT_DIGITS
     rows = env.get("FLASHMOE_QMV_ROWS", "auto").strip().lower()
     QMV_ROWS = None if rows in ("", "auto") else int(rows)
     # GU,DOWN or GU:DOWN (gpu_session.sh's sweeps keep ',' for separating variables)
@@ -169,6 +181,14 @@ def configure(env=os.environ) -> None:
     FUSE_ROUTE = env.get("FLASHMOE_FUSE_ROUTE", "1").strip().lower() not in ("0", "off", "no", "false")
     kv = env.get("FLASHMOE_KV_INPLACE", "auto").strip().lower()
     KV_INPLACE = None if kv in ("", "auto") else int(kv in ("1", "on", "yes", "true"))
+    qint = env.get("FLASHMOE_QINT", "0").strip().lower()
+    if qint not in ("", "auto", "0", "1", "on", "off"):
+        raise FlashMoeError(f"FLASHMOE_QINT={qint}: use auto (CUDA on, Metal off), 1 or 0.")
+    QINT = None if qint in ("", "auto") else int(qint in ("1", "on"))
+    digits = env.get("FLASHMOE_QINT_DIGITS", "auto").strip().lower()
+    if digits not in ("", "auto", "2", "3"):
+        raise FlashMoeError(f"FLASHMOE_QINT_DIGITS={digits}: use auto, 2 or 3.")
+    QINT_DIGITS = None if digits in ("", "auto") else int(digits)
     QMV_MMA, QPIPE = (_switch(env, name) for name in ("FLASHMOE_QMV_MMA", "FLASHMOE_QPIPE"))
     moe = env.get("FLASHMOE_MOE_MMA", "auto").strip().lower()
     forms = {"1": {"gateup", "down"}, "on": {"gateup", "down"}, "0": set(), "off": set(), "down": {"down"},
@@ -304,6 +324,21 @@ class GpuKernels:
         return bool(KV_INPLACE) if KV_INPLACE is not None else self.backend == "cuda"
 
     @property
+    def qint(self) -> bool:
+        """Whether matrix-vector launches stage their input as integers here where they can (FLASHMOE_QINT,
+        auto per backend)."""
+        return bool(QINT) if QINT is not None else self.backend == "cuda"
+
+    def _qint(self, K: int, parts, besides: int = 0) -> int:
+        """The QINT define of a matrix-vector launch of K inputs on `parts` (FMA form): their common
+        code width where it is 4 or 8 and the integer record fits in fast memory with `besides`
+        bytes more, else 0."""
+        bits = {l.bits for l in parts}
+        if not self.qint or len(bits) != 1 or not bits <= {4, 8} or _xs_bytes(K, True) + besides > self.max_shared:
+            return 0
+        return bits.pop()
+
+    @property
     def moe_mma(self) -> frozenset:
         """The MoE launches that take tensor-core products here (FLASHMOE_MOE_MMA, auto per backend)."""
         if MOE_MMA is not None:
@@ -366,8 +401,10 @@ class GpuKernels:
             args += [lin.weight, lin.scales, lin.biases]
         outputs = [f"y{i}" for i in range(n)] + (["hout", "nout"] if mode == 2 else [])
         shapes = [(*x.shape[:-1], l.out_features) for l in linears] + [x.shape] * (len(outputs) - n)
+        qint = 0 if mma else self._qint(K, linears, 4 * 32)
+        defines.update(QINT=qint, QDIG=_qdig(x))
         # fast memory besides the rings: the staged input and its sums, the norm's partials
-        ring = {} if mma else self._ring(K, linears, R, _xs_bytes(K) + 4 * 32)
+        ring = {} if mma else self._ring(K, linears, R, _xs_bytes(K, qint) + 4 * 32)
         threads = 32 * ring["QA_WARPS"] if ring else MV_THREADS
         defines.update(ring, **_mv_defines(threads))
         blocks, defines["QMV_GW"] = self._mv_grid(sum(_ceil(l.out_features, R) for l in linears), mma, threads)
@@ -438,8 +475,10 @@ class GpuKernels:
                    "SHB": shared_gate.bits, "SHG": shared_gate.group_size, "ADDRESSED": int(addressed), "GU_R": R,
                    "GU_MMA": int(mma)}
         stacks = [*_parts(gate), *_parts(up), *_parts(shared_gate), *_parts(shared_up)]
+        qint = 0 if mma else self._qint(H, (gate, shared_gate), 8 * K + reserve)
+        defines.update(QINT=qint, QDIG=_qdig(x))
         # the ring beside the staged input and its sums, and the experts' rows
-        ring = {} if mma or addressed else self._ring(H, (gate, shared_gate), 2 * R, _xs_bytes(H) + 8 * K + reserve)
+        ring = {} if mma or addressed else self._ring(H, (gate, shared_gate), 2 * R, _xs_bytes(H, qint) + 8 * K + reserve)
         threads = 32 * ring["QA_WARPS"] if ring else MV_THREADS
         defines.update(ring, **_mv_defines(threads))
         blocks, defines["GU_GW"] = self._mv_grid(_ceil(K * I, R) + _ceil(Is, R), mma, threads)
@@ -564,10 +603,16 @@ def _ceil(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _xs_bytes(n: int) -> int:
-    """Threadgroup memory of an input vector of n staged as padded float chunks and their sums
-    (stage_x)."""
-    return n // 32 * 34 * 4
+def _qdig(x: mx.array) -> int:
+    """Base-256 digits per input of QINT's integer staging: 3 (float32's own accuracy) for float32
+    activations, else 2 (1.5e-5 of a chunk's largest, far under bf16's rounding); FLASHMOE_QINT_DIGITS."""
+    return QINT_DIGITS or (3 if x.dtype == mx.float32 else 2)
+
+
+def _xs_bytes(n: int, qint: bool = False) -> int:
+    """Threadgroup memory of an input vector of n staged as padded float chunks (qint: integer
+    records, common.kern's QINT) and their sums (stage_x)."""
+    return n // 32 * (37 if qint else 34) * 4
 
 
 def _parts(lin: Linear):
