@@ -302,7 +302,8 @@ def test_qasync_takes_the_launches_whose_rows_fit_the_ring_and_sizes_groups_to_f
     QA_WARPS) and launched with QA_WARPS warps per group, as many as fit the staged input and
     every warp's ring in the backend's fast memory (at most FLASHMOE_MV_THREADS / 32); other
     launches (float32 scales, 3-bit, 2-bit, inputs not a multiple of 1024), the default (0) and the
-    tensor-core form keep theirs; a bad value is refused. (The ring's copies, waits and warp
+    tensor-core form keep theirs; a bad value is refused. (Here without FLASHMOE_QINT, whose
+    staging takes more fast memory.) (The ring's copies, waits and warp
     syncs are checked by the emulator, whose copies land only when waited for.)"""
     from llm_flashmoe.errors import FlashMoeError
     from llm_flashmoe.kernels import check, gpu
@@ -327,13 +328,13 @@ def test_qasync_takes_the_launches_whose_rows_fit_the_ring_and_sizes_groups_to_f
             per_warp = 16 * (d["QASYNC"] * R * d["QA_C16"] * 32 + 2 * R * d["QA_SB16"])
             staged = 4 * (K // 32 * 33 + K // 32 + 32)   # the staged input, its sums, the norm's partials
             assert staged + warps * per_warp <= kern.max_shared
-            assert warps == gpu.MV_THREADS // 32 or staged + (warps + 1) * per_warp > kern.max_shared
+            assert warps == gpu.mv_threads() // 32 or staged + (warps + 1) * per_warp > kern.max_shared
         else:
-            assert group == (gpu.MV_THREADS, 1, 1)
+            assert group == (gpu.mv_threads(), 1, 1)
         return d
 
     try:
-        gpu.configure({"FLASHMOE_QASYNC": "3"})
+        gpu.configure({"FLASHMOE_QASYNC": "3", "FLASHMOE_QINT": "0"})
         d = built("cuda", 4096, [12288, 8192, 64, 64])
         assert (d["QASYNC"], d["QA_C16"], d["QA_SB16"]) == (3, 1, 4096 // 64 * 2 // 16) and d["QA_WARPS"] >= 1
         assert built("cuda", 1024, [24, 1], bits=8, gs=128)["QA_C16"] == 2
@@ -342,19 +343,19 @@ def test_qasync_takes_the_launches_whose_rows_fit_the_ring_and_sizes_groups_to_f
         for other in (dict(dtype=mx.float32), dict(bits=3), dict(bits=2)):
             assert "QASYNC" not in built("cuda", 4096, [64], **other)
         assert "QASYNC" not in built("cuda", 3136, [64])
-        gpu.configure({"FLASHMOE_QASYNC": "3", "FLASHMOE_MIN_GROUPS": "4"})   # the bounds of the groups launched
+        gpu.configure({"FLASHMOE_QASYNC": "3", "FLASHMOE_MIN_GROUPS": "4", "FLASHMOE_QINT": "0"})   # the bounds of the groups launched
         launches.clear()
         kern = gpu.GpuKernels("cuda")
         kern._make = recording(launches)
         kern.qmv(mx.zeros((1, 4096), mx.bfloat16), [check.qlinear(n, 4096, 4, 64, mx.bfloat16) for n in (16384, 64)])
         (_, _, header, _, _, _, group), = launches
-        assert "#define QA_WARPS" in header and group[0] < gpu.MV_THREADS
+        assert "#define QA_WARPS" in header and group[0] < gpu.mv_threads()
         assert f"#define MAX_THREADS {group[0]}\n" in header and "#define MIN_GROUPS 4\n" in header
-        gpu.configure({"FLASHMOE_QASYNC": "3", "FLASHMOE_QMV_MMA": "1"})
+        gpu.configure({"FLASHMOE_QASYNC": "3", "FLASHMOE_QMV_MMA": "1", "FLASHMOE_QINT": "0"})
         assert "QASYNC" not in built("cuda", 4096, [64])
         # the MoE's gate/up (routed or not): its warps' gate and up rows through the ring, beside the
         # staged input, the experts' rows and (routed) the routing's fast memory; not addressed experts
-        gpu.configure({"FLASHMOE_QASYNC": "2"})
+        gpu.configure({"FLASHMOE_QASYNC": "2", "FLASHMOE_QINT": "0"})
         for name, label in (("moe_gate_up", "ring"), ("moe_route_gate_up", "ring+lookup"), ("moe_gate_up", "tiny")):
             launches.clear()
             kern = gpu.GpuKernels("cuda")
@@ -371,7 +372,7 @@ def test_qasync_takes_the_launches_whose_rows_fit_the_ring_and_sizes_groups_to_f
         kern._make = recording(launches)
         kern.moe_gate_up(d["x"], mx.zeros((d["K"], 9), mx.uint64), d["gate"], d["up"], d["sg"], d["su"])
         (_, _, header, _, _, _, group), = launches
-        assert "#define ADDRESSED 1" in header and "#define QA_WARPS" not in header and group == (gpu.MV_THREADS, 1, 1)
+        assert "#define ADDRESSED 1" in header and "#define QA_WARPS" not in header and group == (gpu.mv_threads(), 1, 1)
         gpu.configure({})
         assert "QASYNC" not in built("cuda", 4096, [12288, 8192, 64, 64])
         for bad in ("1", "5", "-2"):
@@ -385,8 +386,8 @@ def test_qint_stages_integers_for_launches_of_one_code_width():
     """FLASHMOE_QINT=1: a qmv or gate/up launch whose rows are all 4-bit (or all 8-bit) is built with
     QINT 4 (8) and its input's digits QDIG, 2 for bf16 activations and 3 for float32
     (FLASHMOE_QINT_DIGITS sets them); mixed widths, 2- and 3-bit codes and the tensor-core form
-    keep the FMA form (QINT 0); auto takes it on CUDA, not on Metal; the default is off; bad values
-    are refused."""
+    keep the FMA form (QINT 0); auto (the default) takes it on CUDA, not on Metal; bad values are
+    refused."""
     from llm_flashmoe.errors import FlashMoeError
     from llm_flashmoe.kernels import check, gpu
 
@@ -416,11 +417,62 @@ def test_qint_stages_integers_for_launches_of_one_code_width():
         assert defines("cuda", 512, [(40, 4)])["QINT"] == 0
         gpu.configure({"FLASHMOE_QINT": "auto"})
         assert defines("cuda", 512, [(40, 4)])["QINT"] == 4 and defines("metal", 512, [(40, 4)])["QINT"] == 0
-        gpu.configure({})
+        gpu.configure({"FLASHMOE_QINT": "0"})
         assert defines("cuda", 512, [(40, 4)])["QINT"] == 0
+        gpu.configure({})
+        assert defines("cuda", 512, [(40, 4)])["QINT"] == 4
         for var, bad in (("FLASHMOE_QINT", "2"), ("FLASHMOE_QINT_DIGITS", "4")):
             with pytest.raises(FlashMoeError, match=var):
                 gpu.configure({var: bad})
+    finally:
+        gpu.configure()
+
+
+def test_qint_launches_take_their_measured_shapes_unless_the_knobs_say_otherwise():
+    """By default the launches that take QINT get the shapes measured fastest for them on the H200
+    (gpu._qint_shape): qmv launches of 16384-65535 rows 8 rows a warp in groups of 256 threads, other
+    qmv launches groups of 512 (8 rows a warp from 65536, 2 below 16384), the MoE's gate/up groups of
+    512 in a grid of 2 groups a multiprocessor (the host has no CUDA runtime: 4 multiprocessors), the
+    warps striding over the row groups; FLASHMOE_QMV_ROWS, FLASHMOE_MV_THREADS and FLASHMOE_GRID=off
+    override them; launches without QINT keep 256 threads and a warp per row group."""
+    from llm_flashmoe.kernels import check, gpu
+
+    def launch(K, N, name="qmv", backend="cuda"):
+        launches = []
+        kern = gpu.GpuKernels(backend)
+        kern._make = recording(launches)
+        if name == "qmv":
+            kern.qmv(mx.zeros((1, K), mx.bfloat16), [check.qlinear(N, K, 4, 64, mx.bfloat16)])
+        else:
+            next(make for n, make, _ in check.CASES if n == name)("397b", mx.bfloat16)[0](kern)
+        (_, _, header, _, _, grid, group), = [l for l in launches if name in l[0]]
+        d = {}
+        for k, v in re.findall(r"#define (QMV_R|QMV_GW|GU_GW|GU_R) (\d+)\n", header):
+            d.setdefault(k, int(v))   # the launch's own, before the kernel's fallback defaults
+        return d, grid[0] // group[0], group[0]
+
+    try:
+        gpu.configure({})
+        d, blocks, threads = launch(64, 20608)
+        assert (d["QMV_R"], threads) == (8, 256) and blocks == -(-20608 // 8 // 8) and d["QMV_GW"] == blocks * 8
+        d, blocks, threads = launch(64, 65536)
+        assert (d["QMV_R"], threads) == (8, 512) and d["QMV_GW"] == blocks * 16 == 65536 // 8
+        d, blocks, threads = launch(256, 4096)
+        assert (d["QMV_R"], threads) == (2, 512) and d["QMV_GW"] == blocks * 16 == 4096 // 2
+        d, blocks, threads = launch(0, 0, "moe_gate_up")
+        assert threads == 512 and blocks == 2 * 4 and d["GU_GW"] == blocks * 16
+        _, blocks, threads = launch(0, 0, "moe_gate_up", "metal")   # no QINT there
+        assert threads == 256 and blocks > 8
+        gpu.configure({"FLASHMOE_QMV_ROWS": "4", "FLASHMOE_MV_THREADS": "128", "FLASHMOE_GRID": "off"})
+        d, blocks, threads = launch(64, 20608)
+        assert (d["QMV_R"], threads) == (4, 128)
+        d, blocks, threads = launch(0, 0, "moe_gate_up")
+        assert threads == 128 and d["GU_GW"] == blocks * 4 and blocks > 8
+        gpu.configure({"FLASHMOE_QINT": "0"})
+        d, blocks, threads = launch(64, 20608)
+        assert (d["QMV_R"], threads) == (4, 256)
+        d, blocks, threads = launch(256, 4096)
+        assert (d["QMV_R"], threads) == (2, 256)
     finally:
         gpu.configure()
 
@@ -521,7 +573,7 @@ def test_qmv_mma_switch_takes_4bit_bf16_launches_through_tensor_core_products():
             (_, _, gu, _, _, _, _), (_, _, down, _, _, grid, group) = launches
             assert ("#define GU_MMA 1\n" in gu) == gu_on == ("#define GU_R 16\n" in gu), (setting, backend)
             assert ("#define DOWN_MMA 1\n" in down) == down_on, (setting, backend)
-            assert grid[0] // group[0] == (256 // 16 if down_on else 256 // (gpu.MV_THREADS // 32))   # tiny: H 256
+            assert grid[0] // group[0] == (256 // 16 if down_on else 256 // (gpu.mv_threads() // 32))   # tiny: H 256
     finally:
         gpu.configure()
     # the dialects: CUDA's tensor-core product where the GPU has one, Metal's none (its shuffle path)
@@ -721,12 +773,13 @@ def test_bf16_tolerance_check_through_twins(tmp_path, monkeypatch):
 
 def test_check_judges_lone_outputs_against_the_plain_twins_own_error():
     """kernels.check.judge: every output must be within the dtype's bound, except that an output of
-    at most SMALL values may instead be within PLAIN_FACTOR times the plain twin's own error (a
-    lone value near 0); a larger output gets no such leeway, and no plain run means the bound."""
+    at most SMALL values may instead be within PLAIN_FACTOR times the plain twin's own error, or
+    within the bound against the call's largest reference value (a lone value near 0); a larger
+    output gets no such leeway, and no plain run means the bound."""
     from llm_flashmoe.kernels import check
 
     bf = mx.bfloat16
-    ref_big, ref_one = mx.ones((64,)), mx.array([0.01])
+    ref_big, ref_one = mx.ones((64,)) * 0.01, mx.array([0.01])   # the call's largest value 0.01
 
     def off(a, e):   # a with a relative error of e
         return a + e * mx.abs(a).max()
@@ -740,6 +793,10 @@ def test_check_judges_lone_outputs_against_the_plain_twins_own_error():
     assert ok([big_fine, off(ref_one, 0.12)], [ref_big, off(ref_one, 0.1)])       # lone, within 1.5x
     assert not ok([off(ref_big, 0.05), off(ref_one, 1e-3)], [off(ref_big, 0.1), ref_one])   # big: the bound
     assert not check.judge([big_fine, off(ref_one, 0.12)], [ref_big, ref_one], None, bf)[2]
+    # against the call's largest value, here 1.0: 0.5 of 0.01 is 0.005, within 2e-2 of it; 3.0 of 0.01 is not
+    one = mx.ones((64,))
+    assert check.judge([off(one, 1e-3), off(ref_one, 0.5)], [one, ref_one], None, bf)[2]
+    assert not check.judge([off(one, 1e-3), off(ref_one, 3.0)], [one, ref_one], [one, ref_one], bf)[2]
     err, perr, _ = check.judge([big_fine, off(ref_one, 0.12)], [ref_big, ref_one], [ref_big, off(ref_one, 0.1)], bf)
     assert abs(err - 0.12) < 1e-3 and abs(perr - 0.1) < 1e-3
 
@@ -865,7 +922,7 @@ def test_launch_knobs_reach_the_kernels_and_bad_ones_are_refused():
     finally:
         gpu.configure()
     assert (gpu.GDN_ROWS, gpu.GDN_THREADS, gpu.MV_THREADS, gpu.XV_INNER, gpu.L2PF, gpu.FUSE_ROUTE, gpu.QWORDS,
-            gpu.QPIPE, gpu.MOE_MMA) == (8, None, 256, 1, 0, True, 16, 0, None)
+            gpu.QPIPE, gpu.MOE_MMA, gpu.QINT, gpu.GRID_PER_SM) == (8, None, None, 1, 0, True, 16, 0, None, None, None)
 
 
 def test_settings_set_the_engine_read_knobs_in_the_environment(monkeypatch):

@@ -25,7 +25,7 @@ QGROUPS = (32, 64, 128)
 # auto (None) takes 8 for launches of 65536 rows or more, 4 from 16384, else 2 (H200, 397B decode
 # shapes, `python -m llm_flashmoe.kernels.overhead rows`, us per dependent call at 1/2/4/8 rows:
 # 4096->248320 400/386/337/293, 4096->20608 82/79/57/56, 4096->17408 64/70/55/60,
-# 8192->4096 46/39/41/57, 4096->513 25/24/27/38).
+# 8192->4096 46/39/41/57, 4096->513 25/24/27/38); launches that take QINT (below) 8 from 16384.
 QMV_ROWS: int | None = None
 # Rows per warp of moe_gate_up and moe_down (FLASHMOE_MOE_ROWS=GU,DOWN or GU:DOWN). The same sweep found
 # no gain from more (gate/up 33.3/31.9/36.4 us at 1/2/4 rows, down 24.3/24.1/26.0/30.6 at 1/2/4/8).
@@ -36,17 +36,20 @@ MOE_GU_ROWS, MOE_DOWN_ROWS = 1, 1
 # alone, one process each): 16 against 32 words took GatedDeltaNet in_proj from 44.1 to 31.7 us
 # per call, attention q|k|v 37.9 -> 30.4, moe_route_gate_up 35.1 -> 30.1; all kernels 9631 -> 8828 us.
 QWORDS = 16
-# Groups of 8 warps a matvec launch may have (FLASHMOE_GRID, a multiple of the GPU's
-# multiprocessors, e.g. 2; default off: one warp per row group). A smaller grid makes each warp take
-# several row groups in turn: the input is staged once per group of warps for all of them, and
-# a launch is no longer a few waves of short-lived groups each paying the staging's latency.
+# Groups of warps a matvec launch may have (FLASHMOE_GRID, a multiple of the GPU's
+# multiprocessors, e.g. 2; off: one warp per row group; auto, None here: 2 for the MoE's gate/up
+# launches that take QINT on CUDA, off for the rest). A smaller grid makes each warp take several
+# row groups in turn: the input is staged once per group of warps for all of them, and a launch
+# is no longer a few waves of short-lived groups each paying the staging's latency.
 GRID_PER_SM: float | None = None
 # FLASHMOE_GRID_BLOCKS=N: at most N groups per launch, on any backend (emulation, tuning)
 GRID_BLOCKS: int | None = None
 # Threads per group of the matrix-vector launches (qmv, the MoE's gate/up and down;
 # FLASHMOE_MV_THREADS, 64-1024, a multiple of 32): each group stages the input once for its warps;
 # fewer threads per group fit more groups per multiprocessor when registers are the limit.
-MV_THREADS = 256
+# auto (None here): 256, but 512 for the launches that take QINT other than qmv's of 16384 to
+# 65535 rows (`_qint_shape`).
+MV_THREADS: int | None = None
 # FLASHMOE_MIN_GROUPS=N (default 0: off): the matrix-vector kernels are compiled so that N thread groups
 # of MV_THREADS fit on a multiprocessor at once (CUDA's __launch_bounds__: the compiler holds each
 # thread to 65536 / (N * MV_THREADS) registers, spilling if it must), for more warps resident and so
@@ -61,20 +64,25 @@ MIN_GROUPS = 0
 # qrows_async_*; cp.async on CUDA, plain copies on Metal), so that a warp keeps S - 1 chunks per
 # row in flight while it computes one, in fast memory rather than registers; the first stages start
 # before the group stages its input. The same sums in the same order. Thread groups then have
-# as many warps as fit their rings in fast memory (at most MV_THREADS / 32). The H200 showed the
+# as many warps as fit their rings in fast memory (at most FLASHMOE_MV_THREADS / 32). The H200 showed the
 # launches at 2.3-2.7x what reading their bytes costs (`overhead bwfloor`), with more warps
 # (FLASHMOE_MIN_GROUPS) no help: this puts more bytes in flight per warp instead. Not yet timed.
 QASYNC = 0
-# FLASHMOE_QINT (default 0; 1, 0 or auto: on for CUDA, off for Metal): the matrix-vector launches (qmv,
+# FLASHMOE_QINT (default auto: on for CUDA, off for Metal; 1, 0): the matrix-vector launches (qmv,
 # the MoE's gate/up) whose rows are all 4-bit or all 8-bit stage their input as integers and take each
 # chunk's dot products four bytes at a time (common.kern's QINT: dp4a on CUDA, the sum written out on
-# Metal): two balanced base-256 digits per input against the chunk's largest, so each input is off by at
-# most 1.5e-5 of the chunk's largest, exact sums after. About a third of the FMA form's instructions
-# per code: on the H200 (fifteenth session, `overhead ncusol`) GatedDeltaNet's in_proj issued an
-# instruction on most cycles (compute throughput 54% against DRAM 23%, warps waiting on issue and the
-# ALU pipe: the FMA form's shift and mask per code run at half rate). Not yet timed.
+# Metal): two (bf16) or three (float32) balanced base-256 digits per input against the chunk's largest,
+# so each input is off by at most 1.5e-5 (6e-8) of the chunk's largest, exact sums after. About a third
+# of the FMA form's instructions per code: on the H200 (fifteenth session, `overhead ncusol`)
+# GatedDeltaNet's in_proj issued an instruction on most cycles (compute throughput 54% against DRAM
+# 23%, warps waiting on issue and the ALU pipe: the FMA form's shift and mask per code run at half
+# rate). H200, ncu over 3 decode steps of 8 resident 397B layers, the card's own clocks, every
+# kernel's GPU time: 3931 us without, 3828 with QINT alone, 3195 with QINT, 512 threads and a grid
+# of 2 groups a multiprocessor for every matrix-vector launch; `_qint_shape` takes each launch's
+# fastest shape measured (the whole of it not yet timed together). QINT passes `kernels.check` there,
+# and a 4-layer decode's logits error is 1.24x the plain path's, as without.
 # FLASHMOE_QINT_DIGITS (default auto: 3 for float32 activations, else 2): base-256 digits per input.
-QINT: int | None = 0
+QINT: int | None = None
 QINT_DIGITS: int | None = None
 # FLASHMOE_XV_INNER (default 1): the matrix-vector kernels read each staged input from fast memory
 # once for all of a warp's rows instead of holding a chunk's 32 inputs in registers (the XV_INNER
@@ -167,13 +175,14 @@ def configure(env=os.environ) -> None:
                             "e.g. 1,4 (or 1:4).")
     MOE_GU_ROWS, MOE_DOWN_ROWS = (int(v) for v in moe_rows)
     QWORDS = int(env.get("FLASHMOE_QMV_WORDS", "16"))
-    grid = env.get("FLASHMOE_GRID", "off").strip().lower()
-    GRID_PER_SM = None if grid in ("", "off", "0", "none") else float(grid)
+    grid = env.get("FLASHMOE_GRID", "auto").strip().lower()
+    GRID_PER_SM = None if grid in ("", "auto") else 0.0 if grid in ("off", "0", "none") else float(grid)
     GRID_BLOCKS = int(env.get("FLASHMOE_GRID_BLOCKS", "0") or 0) or None
     GDN_ROWS = int(env.get("FLASHMOE_GDN_ROWS", "8"))
     threads = env.get("FLASHMOE_GDN_THREADS", "auto").strip().lower()
     GDN_THREADS = None if threads in ("", "auto") else int(threads)
-    MV_THREADS = int(env.get("FLASHMOE_MV_THREADS", "256"))
+    mv = env.get("FLASHMOE_MV_THREADS", "auto").strip().lower()
+    MV_THREADS = None if mv in ("", "auto") else int(mv)
     MIN_GROUPS = int(env.get("FLASHMOE_MIN_GROUPS", "0") or 0)
     QASYNC = int(env.get("FLASHMOE_QASYNC", "0") or 0)
     XV_INNER = int(env.get("FLASHMOE_XV_INNER", "1"))
@@ -181,7 +190,7 @@ def configure(env=os.environ) -> None:
     FUSE_ROUTE = env.get("FLASHMOE_FUSE_ROUTE", "1").strip().lower() not in ("0", "off", "no", "false")
     kv = env.get("FLASHMOE_KV_INPLACE", "auto").strip().lower()
     KV_INPLACE = None if kv in ("", "auto") else int(kv in ("1", "on", "yes", "true"))
-    qint = env.get("FLASHMOE_QINT", "0").strip().lower()
+    qint = env.get("FLASHMOE_QINT", "auto").strip().lower()
     if qint not in ("", "auto", "0", "1", "on", "off"):
         raise FlashMoeError(f"FLASHMOE_QINT={qint}: use auto (CUDA on, Metal off), 1 or 0.")
     QINT = None if qint in ("", "auto") else int(qint in ("1", "on"))
@@ -196,7 +205,7 @@ def configure(env=os.environ) -> None:
     if moe not in forms and moe not in ("", "auto"):
         raise FlashMoeError(f"FLASHMOE_MOE_MMA={moe}: use auto, 1 (gate/up and down), down, gateup or 0.")
     MOE_MMA = frozenset(forms[moe]) if moe in forms else None
-    if not (64 <= MV_THREADS <= 1024 and MV_THREADS % 32 == 0):
+    if MV_THREADS is not None and not (64 <= MV_THREADS <= 1024 and MV_THREADS % 32 == 0):
         raise FlashMoeError(f"FLASHMOE_MV_THREADS={MV_THREADS}: use a multiple of 32 from 64 to 1024.")
     if QASYNC and not 2 <= QASYNC <= 4:
         raise FlashMoeError(f"FLASHMOE_QASYNC={QASYNC}: use 0 (off) or the stages of the ring, 2-4.")
@@ -219,10 +228,10 @@ configure()
 
 def _mv_defines(threads: int | None = None) -> dict:
     """The knobs every matrix-vector kernel (qmv, the MoE's gate/up and down) is built with, for
-    thread groups of `threads` (default MV_THREADS: FLASHMOE_MIN_GROUPS's launch bounds)."""
+    thread groups of `threads` (default mv_threads(): FLASHMOE_MIN_GROUPS's launch bounds)."""
     d = {"QWORDS": QWORDS, "XV_INNER": XV_INNER, "L2PF": L2PF, "QPIPE": QPIPE}
     if MIN_GROUPS:
-        d.update(MIN_GROUPS=MIN_GROUPS, MAX_THREADS=threads or MV_THREADS)
+        d.update(MIN_GROUPS=MIN_GROUPS, MAX_THREADS=threads or mv_threads())
     return d
 
 
@@ -232,21 +241,30 @@ def _index(v) -> mx.array:
     return v.reshape(1).astype(mx.int32) if isinstance(v, mx.array) else mx.array([v], mx.int32)
 
 
-def grid_blocks(needed: int, backend: str) -> int:
-    """Thread groups (of MV_THREADS) to launch for `needed` groups' worth of warps (FLASHMOE_GRID)."""
-    if GRID_BLOCKS is not None:
-        return max(1, min(needed, GRID_BLOCKS))
-    if GRID_PER_SM is None or backend != "cuda":
-        return needed
-    from ..experts.cuda import runtime
-
-    return max(1, min(needed, round(GRID_PER_SM * runtime().sm_count())))
+def mv_threads(wide: bool = False) -> int:
+    """Threads per group of a matrix-vector launch: FLASHMOE_MV_THREADS, else 512 for `wide` ones, else 256."""
+    return MV_THREADS or (512 if wide else 256)
 
 
-def qmv_rows(total_rows: int) -> int:
+def qmv_rows(total_rows: int, qint: bool = False) -> int:
     if QMV_ROWS is not None:
         return QMV_ROWS
-    return 8 if total_rows >= 65536 else 4 if total_rows >= 16384 else 2
+    return 8 if total_rows >= (16384 if qint else 65536) else 4 if total_rows >= 16384 else 2
+
+
+# The shapes of the launches that take QINT, by default: (threads per group, groups per
+# multiprocessor or 0) of qmv launches of `rows` rows, or (rows None) of the MoE's gate/up. H200,
+# fifteenth session (ncu over 3 decode steps of 8 resident 397B layers, the card's own clocks, us per
+# call; QINT alone / with 512 threads / with 8 rows a warp / with 512 threads and 8 rows / with 512
+# threads and a grid of 2 groups per multiprocessor): in_proj (20608 rows) 37.0 / 36.4 / 24.8 / 30.7;
+# q|k|v (17408) 33.5 / 32.2 / 24.1 / 30.0; out_proj (4096) 18.8 / 14.1 / 38.7 / 35.0 / 14.3; the
+# router (513) 13.3 / 10.3 / 20.2 / 17.2 / 10.5; lm_head (248320, 8 rows) 198.7 / 181.6; gate/up 29.2 /
+# 25.8 / - / 25.9 / 18.8 (22.3 with the grid at 256 threads). Without QINT: 34.7, 38.0, 17.6, 12.9,
+# 243.4 and 29.3.
+def _qint_shape(rows: int | None) -> tuple[int, float]:
+    if rows is None:
+        return mv_threads(True), 2.0
+    return mv_threads(not 16384 <= rows < 65536), 0.0
 
 
 def _addressed(rows, x, *stacks) -> bool:
@@ -279,6 +297,7 @@ class GpuKernels:
         self._kernels: dict = {}
         # static threadgroup memory a kernel may declare (the staged input vector)
         self.max_shared = 32768 if backend == "metal" else 49152
+        self._sms = None
 
     def kernel(self, name: str, inputs: tuple, outputs: tuple, defines: dict):
         key = (name, inputs, tuple(defines.items()))
@@ -352,29 +371,52 @@ class GpuKernels:
                     and all(l.bits == 4 and l.group_size in (64, 128) and l.scales.dtype == mx.bfloat16
                             for l in linears))
 
-    def _mv_grid(self, tasks: int, mma: bool, threads: int | None = None) -> tuple[int, int]:
+    def grid_blocks(self, needed: int, auto: float = 0.0) -> int:
+        """Thread groups to launch for `needed` groups' worth of warps (FLASHMOE_GRID; `auto`: the
+        launch's own groups per multiprocessor where that is auto, 0 for one warp per row group)."""
+        if GRID_BLOCKS is not None:
+            return max(1, min(needed, GRID_BLOCKS))
+        per_sm = GRID_PER_SM if GRID_PER_SM is not None else auto
+        if not per_sm or self.backend != "cuda":
+            return needed
+        return max(1, min(needed, round(per_sm * self.sm_count)))
+
+    @property
+    def sm_count(self) -> int:
+        """The GPU's multiprocessors (FLASHMOE_GRID's unit). Where no CUDA runtime loads (the host
+        emulator, tests that record launches): 4, so that a smaller grid still makes warps stride."""
+        if self._sms is None:
+            from ..experts.cuda import runtime
+
+            try:
+                self._sms = runtime().sm_count()
+            except FlashMoeError:
+                self._sms = 4
+        return self._sms
+
+    def _mv_grid(self, tasks: int, mma: bool, threads: int, grid: float = 0.0) -> tuple[int, int]:
         """(thread groups to launch, the kernel's grid-stride count) for `tasks` row groups: a warp
-        each (groups of `threads`, default MV_THREADS), or (mma) a whole thread group each, its
-        warps splitting the inputs."""
+        each (groups of `threads`), or (mma) a whole thread group each, its warps splitting the
+        inputs; `grid`: grid_blocks's auto."""
         if mma:
-            blocks = grid_blocks(tasks, self.backend)
+            blocks = self.grid_blocks(tasks, grid)
             return blocks, blocks
-        warps = (threads or MV_THREADS) // 32
-        blocks = grid_blocks(_ceil(tasks, warps), self.backend)
+        warps = threads // 32
+        blocks = self.grid_blocks(_ceil(tasks, warps), grid)
         return blocks, blocks * warps
 
     def _ring(self, K: int, parts, rows: int, staged: int) -> dict:
         """The defines of the ring of asynchronous copies (FLASHMOE_QASYNC) for a matrix-vector launch
         whose warps take `rows` rows of K inputs at once from the linears `parts`, with `staged` bytes of
         fast memory taken besides ({} where it cannot take it: see QASYNC), with QA_WARPS, the warps
-        per group whose rings fit in fast memory (at most MV_THREADS / 32)."""
+        per group whose rings fit in fast memory (at most FLASHMOE_MV_THREADS / 32)."""
         if not QASYNC or K % 1024 or any(l.bits not in (4, 8) or l.scales.dtype.size != 2
                                          or (K // l.group_size * 2) % 16 for l in parts):
             return {}
         c16 = max(l.bits for l in parts) // 4
         sb16 = max(K // l.group_size * 2 // 16 for l in parts)
         per_warp = 16 * (QASYNC * rows * c16 * 32 + 2 * rows * sb16)
-        warps = min(MV_THREADS // 32, (self.max_shared - staged) // per_warp)
+        warps = min(mv_threads() // 32, (self.max_shared - staged) // per_warp)
         if warps < 1:
             return {}
         return {"QASYNC": QASYNC, "QA_ROWS": rows, "QA_C16": c16, "QA_SB16": sb16, "QA_WARPS": warps}
@@ -386,7 +428,9 @@ class GpuKernels:
         M = math.prod(x.shape[:-1])
         n = len(linears)
         mma = self._mma(QMV_MMA, x, linears)
-        R = 16 if mma else qmv_rows(sum(l.out_features for l in linears))
+        total = sum(l.out_features for l in linears)
+        qint = 0 if mma else self._qint(K, linears, 4 * 32)
+        R = 16 if mma else qmv_rows(total, bool(qint))
         mode = 0 if norm is None else 1 if norm[0] is None else 2
         defines = {"KDIM": K, "NSLOT": n, "QMV_R": R, "QMV_MMA": int(mma), "NORM": mode,
                    "EPS": float(norm[2]) if norm else 0.0}
@@ -401,13 +445,13 @@ class GpuKernels:
             args += [lin.weight, lin.scales, lin.biases]
         outputs = [f"y{i}" for i in range(n)] + (["hout", "nout"] if mode == 2 else [])
         shapes = [(*x.shape[:-1], l.out_features) for l in linears] + [x.shape] * (len(outputs) - n)
-        qint = 0 if mma else self._qint(K, linears, 4 * 32)
         defines.update(QINT=qint, QDIG=_qdig(x))
         # fast memory besides the rings: the staged input and its sums, the norm's partials
         ring = {} if mma else self._ring(K, linears, R, _xs_bytes(K, qint) + 4 * 32)
-        threads = 32 * ring["QA_WARPS"] if ring else MV_THREADS
+        threads, grid = _qint_shape(total) if qint else (mv_threads(), 0.0)
+        threads = 32 * ring["QA_WARPS"] if ring else threads
         defines.update(ring, **_mv_defines(threads))
-        blocks, defines["QMV_GW"] = self._mv_grid(sum(_ceil(l.out_features, R) for l in linears), mma, threads)
+        blocks, defines["QMV_GW"] = self._mv_grid(sum(_ceil(l.out_features, R) for l in linears), mma, threads, grid)
         k = self.kernel("qmv", tuple(inputs), tuple(outputs), defines)
         outs = k(inputs=args, template=[("T", x.dtype)], grid=(blocks * threads, M, 1),
                  threadgroup=(threads, 1, 1), output_shapes=shapes, output_dtypes=[x.dtype] * len(outputs), **self._fill)
@@ -479,9 +523,10 @@ class GpuKernels:
         defines.update(QINT=qint, QDIG=_qdig(x))
         # the ring beside the staged input and its sums, and the experts' rows
         ring = {} if mma or addressed else self._ring(H, (gate, shared_gate), 2 * R, _xs_bytes(H, qint) + 8 * K + reserve)
-        threads = 32 * ring["QA_WARPS"] if ring else MV_THREADS
+        threads, grid = _qint_shape(None) if qint else (mv_threads(), 0.0)
+        threads = 32 * ring["QA_WARPS"] if ring else threads
         defines.update(ring, **_mv_defines(threads))
-        blocks, defines["GU_GW"] = self._mv_grid(_ceil(K * I, R) + _ceil(Is, R), mma, threads)
+        blocks, defines["GU_GW"] = self._mv_grid(_ceil(K * I, R) + _ceil(Is, R), mma, threads, grid)
         kw = dict(template=[("T", x.dtype)], grid=(blocks * threads, 1, 1), threadgroup=(threads, 1, 1),
                   output_shapes=[(K, I), (Is,)], **self._fill)
         return defines, stacks, kw
@@ -502,10 +547,10 @@ class GpuKernels:
         kern = self.kernel("moe_down", names, ("out",), defines)
         ids = rows if addressed else rows.astype(mx.int32)
         args = [h, ids, weights.astype(mx.float32), *_parts(down), hs, *_parts(shared_down), shared_gate_logit, residual]
-        W = MV_THREADS // 32
-        blocks = _ceil(H, 16) if mma else _ceil(_ceil(H, MOE_DOWN_ROWS), W)   # mma: a group per 16 rows
-        return kern(inputs=args, template=[("T", residual.dtype)], grid=(blocks * MV_THREADS, 1, 1),
-                    threadgroup=(MV_THREADS, 1, 1), output_shapes=[residual.shape], output_dtypes=[residual.dtype],
+        threads = mv_threads()
+        blocks = _ceil(H, 16) if mma else _ceil(_ceil(H, MOE_DOWN_ROWS), threads // 32)   # mma: a group per 16 rows
+        return kern(inputs=args, template=[("T", residual.dtype)], grid=(blocks * threads, 1, 1),
+                    threadgroup=(threads, 1, 1), output_shapes=[residual.shape], output_dtypes=[residual.dtype],
                     **self._fill)[0]
 
     # -- family 3 ---------------------------------------------------------
