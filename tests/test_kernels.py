@@ -383,7 +383,7 @@ def test_qasync_takes_the_launches_whose_rows_fit_the_ring_and_sizes_groups_to_f
 
 
 def test_qint_stages_integers_for_launches_of_one_code_width():
-    """FLASHMOE_QINT=1: a qmv or gate/up launch whose rows are all 4-bit (or all 8-bit) is built with
+    """FLASHMOE_QINT=1: a qmv, gate/up or (FMA form) down launch whose rows are all 4-bit (or all 8-bit) is built with
     QINT 4 (8) and its input's digits QDIG, 2 for bf16 activations and 3 for float32
     (FLASHMOE_QINT_DIGITS sets them); mixed widths, 2- and 3-bit codes and the tensor-core form
     keep the FMA form (QINT 0); auto (the default) takes it on CUDA, not on Metal; bad values are
@@ -411,6 +411,9 @@ def test_qint_stages_integers_for_launches_of_one_code_width():
             assert defines("cuda", 512, parts)["QINT"] == 0, parts
         for name in ("moe_gate_up", "moe_route_gate_up"):
             assert defines("cuda", 0, [], name=name) == {"QINT": 4, "QDIG": 2}
+        assert defines("cuda", 0, [], name="moe_down")["QINT"] == 0   # its tensor-core form (FLASHMOE_MOE_MMA)
+        gpu.configure({"FLASHMOE_QINT": "1", "FLASHMOE_MOE_MMA": "0"})
+        assert defines("cuda", 0, [], name="moe_down") == {"QINT": 4, "QDIG": 2}
         gpu.configure({"FLASHMOE_QINT": "1", "FLASHMOE_QINT_DIGITS": "3"})
         assert defines("cuda", 512, [(40, 4)])["QDIG"] == 3
         gpu.configure({"FLASHMOE_QINT": "1", "FLASHMOE_QMV_MMA": "1"})

@@ -132,11 +132,12 @@ def render_all(nvcc: bool = False) -> dict[str, str]:
             if name in ("qmv", "norm_qmv", "moe_gate_up", "moe_route_gate_up"):
                 for label in labels:
                     make(label, mx.bfloat16)[0](kernels)
-        # the integer staging (FLASHMOE_QINT) of the matrix-vector and gate/up cases, alone and with the ring
+        # the integer staging (FLASHMOE_QINT) of the matrix-vector and MoE cases (moe_down's FMA form),
+        # alone and with the ring
         for gpu.QASYNC in (0, 3):
             gpu.QINT = 1
             for name, make, labels in check.CASES:
-                if name in ("qmv", "norm_qmv", "moe_gate_up", "moe_route_gate_up"):
+                if name in ("qmv", "norm_qmv", "moe_gate_up", "moe_route_gate_up", "moe_down"):
                     for label in labels:
                         for dtype in (mx.bfloat16, mx.float32):
                             make(label, dtype)[0](kernels)

@@ -69,7 +69,7 @@ MIN_GROUPS = 0
 # (FLASHMOE_MIN_GROUPS) no help: this puts more bytes in flight per warp instead. Not yet timed.
 QASYNC = 0
 # FLASHMOE_QINT (default auto: on for CUDA, off for Metal; 1, 0): the matrix-vector launches (qmv,
-# the MoE's gate/up) whose rows are all 4-bit or all 8-bit stage their input as integers and take each
+# the MoE's gate/up, and its down in the FMA form, FLASHMOE_MOE_MMA without "down") whose rows are all 4-bit or all 8-bit stage their input as integers and take each
 # chunk's dot products four bytes at a time (common.kern's QINT: dp4a on CUDA, the sum written out on
 # Metal): two (bf16) or three (float32) balanced base-256 digits per input against the chunk's largest,
 # so each input is off by at most 1.5e-5 (6e-8) of the chunk's largest, exact sums after. About a third
@@ -540,9 +540,11 @@ class GpuKernels:
             _no_addresses(addressed)
             return plain.moe_down(h, rows, weights, down, hs, shared_down, shared_gate_logit, residual)
         mma = self._mma("down" in self.moe_mma, h, (down, shared_down)) and Is % 64 == 0 and H % 16 == 0
+        # (the FMA form: the experts' inputs and the shared expert's staged one after the other)
+        qint = 0 if mma else self._qint(K * I, (down, shared_down), _xs_bytes(Is, True) + 24 * K)
         defines = {"HD": H, "KE": K, "IE": I, "BE": down.bits, "GE": down.group_size, "SHI": Is,
                    "SHB": shared_down.bits, "SHG": shared_down.group_size, "ADDRESSED": int(addressed), "DOWN_R": MOE_DOWN_ROWS,
-                   "DOWN_MMA": int(mma), **_mv_defines()}
+                   "DOWN_MMA": int(mma), "QINT": qint, "QDIG": _qdig(h), **_mv_defines()}
         names = ("h", "ids", "weights", "dw", "ds", "db", "hs", "sdw", "sds", "sdb", "sg", "res")
         kern = self.kernel("moe_down", names, ("out",), defines)
         ids = rows if addressed else rows.astype(mx.int32)
