@@ -515,6 +515,30 @@ def test_qint_kernels_run_on_the_host_match_the_twins(tmp_path):
     assert max(errs["2"]) > max(errs["3"]), errs   # two digits do round the inputs
 
 
+def test_moe_down_fma_form_strides_its_warps_over_the_rows_of_a_smaller_grid(tmp_path):
+    """moe_down's FMA form (FLASHMOE_MOE_MMA without down) under FLASHMOE_GRID_BLOCKS: one thread
+    group whose warps take the output rows in turn (DOWN_GW, the grid's warps), the input staged
+    once; run on the host (kernels.emulate), with and without FLASHMOE_QINT, it matches the float32
+    twin, and its launch is the one group asked for."""
+    from llm_flashmoe.kernels import check, emulate, gpu
+
+    try:
+        for qint in ("1", "0"):
+            gpu.configure({"FLASHMOE_MOE_MMA": "0", "FLASHMOE_GRID_BLOCKS": "1", "FLASHMOE_QINT": qint})
+            launches = []
+            kern = emulate.emulated_kernels(tmp_path)
+            make = kern._make
+            kern._make = lambda **kw: launches.append(kw["header"]) or make(**kw)
+            f, _, t32 = check.case_moe_down("tiny", mx.float32)
+            got = f(kern)
+            (header,) = launches
+            assert f"#define QINT {4 if qint == '1' else 0}\n" in header
+            assert f"#define DOWN_GW {gpu.mv_threads() // 32}\n" in header   # one group's warps for 256 rows
+            assert check.rel_err(got, t32()) < 1e-5
+    finally:
+        gpu.configure()
+
+
 def test_qmv_mma_switch_takes_4bit_bf16_launches_through_tensor_core_products():
     """FLASHMOE_QMV_MMA=1: a qmv launch whose slots are all 4-bit with groups of 64 or 128 on bf16
     activations is built with QMV_MMA 1 and a thread group per 16 rows, on CUDA and on Metal (its

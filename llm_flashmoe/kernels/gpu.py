@@ -545,12 +545,14 @@ class GpuKernels:
         defines = {"HD": H, "KE": K, "IE": I, "BE": down.bits, "GE": down.group_size, "SHI": Is,
                    "SHB": shared_down.bits, "SHG": shared_down.group_size, "ADDRESSED": int(addressed), "DOWN_R": MOE_DOWN_ROWS,
                    "DOWN_MMA": int(mma), "QINT": qint, "QDIG": _qdig(h), **_mv_defines()}
+        threads = mv_threads()
+        # mma: a group per 16 rows; else a warp per DOWN_R rows, or a grid of fewer (FLASHMOE_GRID)
+        blocks = _ceil(H, 16) if mma else self.grid_blocks(_ceil(_ceil(H, MOE_DOWN_ROWS), threads // 32))
+        defines["DOWN_GW"] = blocks * (threads // 32)
         names = ("h", "ids", "weights", "dw", "ds", "db", "hs", "sdw", "sds", "sdb", "sg", "res")
         kern = self.kernel("moe_down", names, ("out",), defines)
         ids = rows if addressed else rows.astype(mx.int32)
         args = [h, ids, weights.astype(mx.float32), *_parts(down), hs, *_parts(shared_down), shared_gate_logit, residual]
-        threads = mv_threads()
-        blocks = _ceil(H, 16) if mma else _ceil(_ceil(H, MOE_DOWN_ROWS), threads // 32)   # mma: a group per 16 rows
         return kern(inputs=args, template=[("T", residual.dtype)], grid=(blocks * threads, 1, 1),
                     threadgroup=(threads, 1, 1), output_shapes=[residual.shape], output_dtypes=[residual.dtype],
                     **self._fill)[0]
