@@ -51,7 +51,7 @@ GRID_BLOCKS: int | None = None
 # 65535 rows (`_qint_shape`).
 MV_THREADS: int | None = None
 # FLASHMOE_MIN_GROUPS=N (default 0: off): the matrix-vector kernels are compiled so that N thread groups
-# of MV_THREADS fit on a multiprocessor at once (CUDA's __launch_bounds__: the compiler holds each
+# of the launch's threads fit on a multiprocessor at once (CUDA's __launch_bounds__: the compiler holds each
 # thread to 65536 / (N * MV_THREADS) registers, spilling if it must), for more warps resident and so
 # more of the weights' reads in flight. Metal ignores it. H200 (`overhead ncusettings`, GPU time of 3
 # decode steps of 8 resident 397B layers, one process): 4 (64 registers, small spills in the MoE
@@ -64,16 +64,19 @@ MIN_GROUPS = 0
 # qrows_async_*; cp.async on CUDA, plain copies on Metal), so that a warp keeps S - 1 chunks per
 # row in flight while it computes one, in fast memory rather than registers; the first stages start
 # before the group stages its input. The same sums in the same order. Thread groups then have
-# as many warps as fit their rings in fast memory (at most FLASHMOE_MV_THREADS / 32). The H200 showed the
-# launches at 2.3-2.7x what reading their bytes costs (`overhead bwfloor`), with more warps
-# (FLASHMOE_MIN_GROUPS) no help: this puts more bytes in flight per warp instead. Not yet timed.
+# as many warps as fit their rings in fast memory (at most FLASHMOE_MV_THREADS / 32). The H200
+# showed the launches at 2.3-2.7x what reading their bytes costs (`overhead bwfloor`), with more
+# warps (FLASHMOE_MIN_GROUPS) no help: this puts more bytes in flight per warp instead. On the card
+# (fifteenth session, ncu, all kernels of 3 decode steps of 8 layers): correct but slower, 5140 /
+# 5818 / 8699 us at 2 / 3 / 4 stages against 3827 (in_proj 76.4 against 34.4 us: too few warps).
 QASYNC = 0
 # FLASHMOE_QINT (default auto: on for CUDA, off for Metal; 1, 0): the matrix-vector launches (qmv,
-# the MoE's gate/up, and its down in the FMA form, FLASHMOE_MOE_MMA without "down") whose rows are all 4-bit or all 8-bit stage their input as integers and take each
-# chunk's dot products four bytes at a time (common.kern's QINT: dp4a on CUDA, the sum written out on
-# Metal): two (bf16) or three (float32) balanced base-256 digits per input against the chunk's largest,
-# so each input is off by at most 1.5e-5 (6e-8) of the chunk's largest, exact sums after. About a third
-# of the FMA form's instructions per code: on the H200 (fifteenth session, `overhead ncusol`)
+# the MoE's gate/up, and its down in the FMA form, FLASHMOE_MOE_MMA without "down") whose rows are
+# all 4-bit or all 8-bit stage their input as integers and take each chunk's dot products four
+# bytes at a time (common.kern's QINT: dp4a on CUDA, the sum written out on Metal): two (bf16) or
+# three (float32) balanced base-256 digits per input against the chunk's largest, so each input is
+# off by at most 1.5e-5 (6e-8) of the chunk's largest, exact sums after. About a third of the FMA
+# form's instructions per code: on the H200 (fifteenth session, `overhead ncusol`)
 # GatedDeltaNet's in_proj issued an instruction on most cycles (compute throughput 54% against DRAM
 # 23%, warps waiting on issue and the ALU pipe: the FMA form's shift and mask per code run at half
 # rate). H200, ncu over 3 decode steps of 8 resident 397B layers, the card's own clocks, every
