@@ -21,6 +21,7 @@
 #   kcheck   every kernel vs its twin, and timings (KCHECK_ONLY: a comma-separated subset)
 #   kdecode  fused vs plain decode, tolerance check
 #            (KDECODE_ARGS replaces its default --check-layers 2,all)
+#   ktiny    the same tolerance check on the tiny preset (4 layers, built under /tmp; no timing)
 #   normbisect where the fused input norm's error comes from, layer by layer (decode_bench --norm-bisect)
 #   kncu     each kernel's GPU time (ncu, NCU_ARGS as below) in the check's MoE block and qmv cases
 #   settings decode under each kernel setting in $SETTINGS (';'-separated, e.g. "-;grid=2 words=16"),
@@ -259,6 +260,7 @@ for s in "$@"; do
     kcheck) step kcheck.log env $(best) python3 -m llm_flashmoe.kernels.check --runs "$runs" ${KCHECK_ONLY:+--only "$KCHECK_ONLY"} ;;
     normbisect) step normbisect.log python3 -m llm_flashmoe.kernels.decode_bench --dir "$M/mlx" --norm-bisect ;;
     kdecode) step kdecode.log env $(best) python3 -m llm_flashmoe.kernels.decode_bench --dir "$M/mlx" ${KDECODE_ARGS:---check-layers 2,all} ;;
+    ktiny) step ktiny.log env $(best) python3 -m llm_flashmoe.kernels.decode_bench --preset tiny --layers 4 --no-timing --check-layers 2,all ;;
     kncu) profile kncu -- env $(best) python3 -m llm_flashmoe.kernels.check --only "MoE block,qmv" --runs 1 --dtypes bfloat16 ;;
     *) echo "unknown step $s" ;;
   esac
