@@ -208,6 +208,22 @@ def recording(launches: list):
     return make
 
 
+def launch_defines(header: str, *names: str) -> dict:
+    """The launch's own values of the #defines `names` in a kernel's header (the first of each: the
+    kernels' fallback defaults come after)."""
+    d = {}
+    for k, v in re.findall(rf"#define ({'|'.join(names)}) (\d+)\n", header):
+        d.setdefault(k, int(v))
+    return d
+
+
+def headers_of(kern, headers: list):
+    """kern (a GpuKernels) with each kernel it builds also putting its header in `headers`."""
+    make = kern._make
+    kern._make = lambda **kw: headers.append(kw["header"]) or make(**kw)
+    return kern
+
+
 def test_kv_inplace_switch_picks_the_kernel_that_writes_the_buffers_it_is_given(monkeypatch):
     """FLASHMOE_KV_INPLACE=1 (and auto, the default, on CUDA): the table has qk_norm_rope_kv, whose
     launch takes the KV buffers as inputs, writes them through a cast pointer at pos (its source)
@@ -316,9 +332,7 @@ def test_qasync_takes_the_launches_whose_rows_fit_the_ring_and_sizes_groups_to_f
         kern._make = recording(launches)
         kern.qmv(mx.zeros((1, K), dtype), [check.qlinear(n, K, bits, gs, dtype) for n in Ns])
         (_, _, header, _, _, grid, group), = launches
-        d = {}
-        for k, v in re.findall(r"#define (QASYNC|QA_ROWS|QA_C16|QA_SB16|QA_WARPS|QMV_R|QMV_GW) (\d+)\n", header):
-            d.setdefault(k, int(v))   # the launch's own, before the kernel's fallback defaults
+        d = launch_defines(header, "QASYNC", "QA_ROWS", "QA_C16", "QA_SB16", "QA_WARPS", "QMV_R", "QMV_GW")
         if d["QASYNC"] == 0:
             del d["QASYNC"]
         if "QASYNC" in d:
@@ -399,8 +413,7 @@ def test_qint_stages_integers_for_launches_of_one_code_width():
             kern.qmv(mx.zeros((1, K), dtype), [check.qlinear(n, K, bits, 64, dtype) for n, bits in parts])
         else:
             next(make for n, make, _ in check.CASES if n == name)("tiny", dtype)[0](kern)
-        header = [l for l in launches if name in l[0]][0][2]
-        return {k: int(v) for k, v in re.findall(r"#define (QINT|QDIG) (\d+)\n", header)[:2]}
+        return launch_defines([l for l in launches if name in l[0]][0][2], "QINT", "QDIG")
 
     try:
         gpu.configure({"FLASHMOE_QINT": "1"})
@@ -449,10 +462,7 @@ def test_qint_launches_take_their_measured_shapes_unless_the_knobs_say_otherwise
         else:
             next(make for n, make, _ in check.CASES if n == name)("397b", mx.bfloat16)[0](kern)
         (_, _, header, _, _, grid, group), = [l for l in launches if name in l[0]]
-        d = {}
-        for k, v in re.findall(r"#define (QMV_R|QMV_GW|GU_GW|GU_R) (\d+)\n", header):
-            d.setdefault(k, int(v))   # the launch's own, before the kernel's fallback defaults
-        return d, grid[0] // group[0], group[0]
+        return launch_defines(header, "QMV_R", "QMV_GW", "GU_GW"), grid[0] // group[0], group[0]
 
     try:
         gpu.configure({})
@@ -500,12 +510,10 @@ def test_qint_kernels_run_on_the_host_match_the_twins(tmp_path):
         for digits in ("3", "2"):
             gpu.configure({"FLASHMOE_QINT": "1", "FLASHMOE_QINT_DIGITS": digits})
             launches = []
-            kern = emulate.emulated_kernels(tmp_path)
-            make = kern._make
-            kern._make = lambda **kw: launches.append(kw["header"]) or make(**kw)
+            kern = headers_of(emulate.emulated_kernels(tmp_path), launches)
             got8 = kern.qmv(x, [lin8])[0]
             (got4,), h, n = kern.norm_qmv(x, xa, nw, 1e-6, [lin4])
-            assert [re.search(r"#define QINT (\d)\n", hd).group(1) for hd in launches] == ["8", "4"]
+            assert [launch_defines(hd, "QINT")["QINT"] for hd in launches] == [8, 4]
             np.testing.assert_allclose(np.array(h), np.array(h_want), rtol=1e-6)   # the add, as the twin's
             errs[digits] = [check.rel_err(got8, want8), check.rel_err(got4, want4)]
     finally:
@@ -526,9 +534,7 @@ def test_moe_down_fma_form_strides_its_warps_over_the_rows_of_a_smaller_grid(tmp
         for qint in ("1", "0"):
             gpu.configure({"FLASHMOE_MOE_MMA": "0", "FLASHMOE_GRID_BLOCKS": "1", "FLASHMOE_QINT": qint})
             launches = []
-            kern = emulate.emulated_kernels(tmp_path)
-            make = kern._make
-            kern._make = lambda **kw: launches.append(kw["header"]) or make(**kw)
+            kern = headers_of(emulate.emulated_kernels(tmp_path), launches)
             f, _, t32 = check.case_moe_down("tiny", mx.float32)
             got = f(kern)
             (header,) = launches

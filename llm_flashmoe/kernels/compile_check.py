@@ -134,8 +134,8 @@ def render_all(nvcc: bool = False) -> dict[str, str]:
                     make(label, mx.bfloat16)[0](kernels)
         # the integer staging (FLASHMOE_QINT) of the matrix-vector and MoE cases (moe_down's FMA form),
         # alone and with the ring
-        for gpu.QASYNC in (0, 3):
-            gpu.QINT = 1
+        for ring in (0, 3):
+            gpu.QASYNC, gpu.QINT = ring, 1
             for name, make, labels in check.CASES:
                 if name in ("qmv", "norm_qmv", "moe_gate_up", "moe_route_gate_up", "moe_down"):
                     for label in labels:

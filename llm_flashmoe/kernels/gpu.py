@@ -255,8 +255,7 @@ def qmv_rows(total_rows: int, qint: bool = False) -> int:
     return 8 if total_rows >= (16384 if qint else 65536) else 4 if total_rows >= 16384 else 2
 
 
-# The shapes of the launches that take QINT, by default: (threads per group, groups per
-# multiprocessor or 0) of qmv launches of `rows` rows, or (rows None) of the MoE's gate/up. H200,
+# The shapes of the launches that take QINT, by default: each launch's fastest measured. H200,
 # fifteenth session (ncu over 3 decode steps of 8 resident 397B layers, the card's own clocks, us per
 # call; QINT alone / with 512 threads / with 8 rows a warp / with 512 threads and 8 rows / with 512
 # threads and a grid of 2 groups per multiprocessor): in_proj (20608 rows) 37.0 / 36.4 / 24.8 / 30.7;
@@ -265,6 +264,8 @@ def qmv_rows(total_rows: int, qint: bool = False) -> int:
 # 25.8 / - / 25.9 / 18.8 (22.3 with the grid at 256 threads). Without QINT: 34.7, 38.0, 17.6, 12.9,
 # 243.4 and 29.3.
 def _qint_shape(rows: int | None) -> tuple[int, float]:
+    """(threads per group, groups per multiprocessor or 0) of a qmv launch of `rows` rows that
+    takes QINT, or (rows None) of the MoE's gate/up."""
     if rows is None:
         return mv_threads(True), 2.0
     return mv_threads(not 16384 <= rows < 65536), 0.0
@@ -397,6 +398,13 @@ class GpuKernels:
                 self._sms = 4
         return self._sms
 
+    @staticmethod
+    def _shape(qint: int, rows: int | None, ring: dict) -> tuple[int, float]:
+        """(threads per group, grid_blocks's auto) of a matrix-vector launch: the ring's warps where it
+        takes one (FLASHMOE_QASYNC), else _qint_shape's where it takes QINT, else mv_threads()."""
+        threads, grid = _qint_shape(rows) if qint else (mv_threads(), 0.0)
+        return (32 * ring["QA_WARPS"] if ring else threads), grid
+
     def _mv_grid(self, tasks: int, mma: bool, threads: int, grid: float = 0.0) -> tuple[int, int]:
         """(thread groups to launch, the kernel's grid-stride count) for `tasks` row groups: a warp
         each (groups of `threads`), or (mma) a whole thread group each, its warps splitting the
@@ -451,8 +459,7 @@ class GpuKernels:
         defines.update(QINT=qint, QDIG=_qdig(x))
         # fast memory besides the rings: the staged input and its sums, the norm's partials
         ring = {} if mma else self._ring(K, linears, R, _xs_bytes(K, qint) + 4 * 32)
-        threads, grid = _qint_shape(total) if qint else (mv_threads(), 0.0)
-        threads = 32 * ring["QA_WARPS"] if ring else threads
+        threads, grid = self._shape(qint, total, ring)
         defines.update(ring, **_mv_defines(threads))
         blocks, defines["QMV_GW"] = self._mv_grid(sum(_ceil(l.out_features, R) for l in linears), mma, threads, grid)
         k = self.kernel("qmv", tuple(inputs), tuple(outputs), defines)
@@ -526,8 +533,7 @@ class GpuKernels:
         defines.update(QINT=qint, QDIG=_qdig(x))
         # the ring beside the staged input and its sums, and the experts' rows
         ring = {} if mma or addressed else self._ring(H, (gate, shared_gate), 2 * R, _xs_bytes(H, qint) + 8 * K + reserve)
-        threads, grid = _qint_shape(None) if qint else (mv_threads(), 0.0)
-        threads = 32 * ring["QA_WARPS"] if ring else threads
+        threads, grid = self._shape(qint, None, ring)
         defines.update(ring, **_mv_defines(threads))
         blocks, defines["GU_GW"] = self._mv_grid(_ceil(K * I, R) + _ceil(Is, R), mma, threads, grid)
         kw = dict(template=[("T", x.dtype)], grid=(blocks * threads, 1, 1), threadgroup=(threads, 1, 1),
