@@ -29,7 +29,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-ENV = ("MLX_USE_CUDA_GRAPHS", "MLX_MAX_OPS_PER_BUFFER", "FLASHMOE_COMPILE", "FLASHMOE_SETTLE")
+ENV = ("MLX_USE_CUDA_GRAPHS", "MLX_MAX_OPS_PER_BUFFER", "FLASHMOE_COMPILE")
 
 
 def _env() -> str:
