@@ -449,18 +449,18 @@ def test_qint_launches_take_their_measured_shapes_unless_the_knobs_say_otherwise
     (gpu._qint_shape): qmv launches of 16384-65535 rows 8 rows a warp in groups of 256 threads, other
     qmv launches groups of 512 (8 rows a warp from 65536, 2 below 16384), the MoE's gate/up groups of
     512 in a grid of 2 groups a multiprocessor (the host has no CUDA runtime: 4 multiprocessors), the
-    warps striding over the row groups; FLASHMOE_QMV_ROWS, FLASHMOE_MV_THREADS and FLASHMOE_GRID=off
+    warps striding over the row groups; float32 launches (3 digits) 256 threads and no grid; FLASHMOE_QMV_ROWS, FLASHMOE_MV_THREADS and FLASHMOE_GRID=off
     override them; launches without QINT keep 256 threads and a warp per row group."""
     from llm_flashmoe.kernels import check, gpu
 
-    def launch(K, N, name="qmv", backend="cuda"):
+    def launch(K, N, name="qmv", backend="cuda", dtype=mx.bfloat16):
         launches = []
         kern = gpu.GpuKernels(backend)
         kern._make = recording(launches)
         if name == "qmv":
-            kern.qmv(mx.zeros((1, K), mx.bfloat16), [check.qlinear(N, K, 4, 64, mx.bfloat16)])
+            kern.qmv(mx.zeros((1, K), dtype), [check.qlinear(N, K, 4, 64, dtype)])
         else:
-            next(make for n, make, _ in check.CASES if n == name)("397b", mx.bfloat16)[0](kern)
+            next(make for n, make, _ in check.CASES if n == name)("397b", dtype)[0](kern)
         (_, _, header, _, _, grid, group), = [l for l in launches if name in l[0]]
         return launch_defines(header, "QMV_R", "QMV_GW", "GU_GW"), grid[0] // group[0], group[0]
 
@@ -475,6 +475,11 @@ def test_qint_launches_take_their_measured_shapes_unless_the_knobs_say_otherwise
         d, blocks, threads = launch(0, 0, "moe_gate_up")
         assert threads == 512 and blocks == 2 * 4 and d["GU_GW"] == blocks * 16
         _, blocks, threads = launch(0, 0, "moe_gate_up", "metal")   # no QINT there
+        assert threads == 256 and blocks > 8
+        # float32 activations (3 digits): 256 threads (a norm_qmv's registers do not fit 512 there)
+        d, blocks, threads = launch(256, 4096, dtype=mx.float32)
+        assert (d["QMV_R"], threads) == (2, 256) and d["QMV_GW"] == blocks * 8 == 4096 // 2
+        _, blocks, threads = launch(0, 0, "moe_gate_up", dtype=mx.float32)
         assert threads == 256 and blocks > 8
         gpu.configure({"FLASHMOE_QMV_ROWS": "4", "FLASHMOE_MV_THREADS": "128", "FLASHMOE_GRID": "off"})
         d, blocks, threads = launch(64, 20608)

@@ -263,12 +263,16 @@ def qmv_rows(total_rows: int, qint: bool = False) -> int:
 # router (513) 13.3 / 10.3 / 20.2 / 17.2 / 10.5; lm_head (248320, 8 rows) 198.7 / 181.6; gate/up 29.2 /
 # 25.8 / - / 25.9 / 18.8 (22.3 with the grid at 256 threads). Without QINT: 34.7, 38.0, 17.6, 12.9,
 # 243.4 and 29.3.
-def _qint_shape(rows: int | None) -> tuple[int, float]:
+def _qint_shape(rows: int | None, qdig: int = 2) -> tuple[int, float]:
     """(threads per group, groups per multiprocessor or 0) of a qmv launch of `rows` rows that
-    takes QINT, or (rows None) of the MoE's gate/up."""
+    takes QINT at `qdig` digits, or (rows None) of the MoE's gate/up. Launches of 3 digits
+    (float32 activations: the checks) keep 256 threads: a norm_qmv with the residual add needs
+    more than 128 registers a thread there, which 512 threads cannot have (H200, sixteenth session:
+    "too many resources requested for launch")."""
+    narrow = qdig > 2
     if rows is None:
-        return mv_threads(True), 2.0
-    return mv_threads(not 16384 <= rows < 65536), 0.0
+        return mv_threads(not narrow), 0.0 if narrow else 2.0
+    return mv_threads(not (narrow or 16384 <= rows < 65536)), 0.0
 
 
 def _addressed(rows, x, *stacks) -> bool:
@@ -399,10 +403,10 @@ class GpuKernels:
         return self._sms
 
     @staticmethod
-    def _shape(qint: int, rows: int | None, ring: dict) -> tuple[int, float]:
+    def _shape(qint: int, qdig: int, rows: int | None, ring: dict) -> tuple[int, float]:
         """(threads per group, grid_blocks's auto) of a matrix-vector launch: the ring's warps where it
         takes one (FLASHMOE_QASYNC), else _qint_shape's where it takes QINT, else mv_threads()."""
-        threads, grid = _qint_shape(rows) if qint else (mv_threads(), 0.0)
+        threads, grid = _qint_shape(rows, qdig) if qint else (mv_threads(), 0.0)
         return (32 * ring["QA_WARPS"] if ring else threads), grid
 
     def _mv_grid(self, tasks: int, mma: bool, threads: int, grid: float = 0.0) -> tuple[int, int]:
@@ -459,7 +463,7 @@ class GpuKernels:
         defines.update(QINT=qint, QDIG=_qdig(x))
         # fast memory besides the rings: the staged input and its sums, the norm's partials
         ring = {} if mma else self._ring(K, linears, R, _xs_bytes(K, qint) + 4 * 32)
-        threads, grid = self._shape(qint, total, ring)
+        threads, grid = self._shape(qint, _qdig(x), total, ring)
         defines.update(ring, **_mv_defines(threads))
         blocks, defines["QMV_GW"] = self._mv_grid(sum(_ceil(l.out_features, R) for l in linears), mma, threads, grid)
         k = self.kernel("qmv", tuple(inputs), tuple(outputs), defines)
@@ -533,7 +537,7 @@ class GpuKernels:
         defines.update(QINT=qint, QDIG=_qdig(x))
         # the ring beside the staged input and its sums, and the experts' rows
         ring = {} if mma or addressed else self._ring(H, (gate, shared_gate), 2 * R, _xs_bytes(H, qint) + 8 * K + reserve)
-        threads, grid = self._shape(qint, None, ring)
+        threads, grid = self._shape(qint, _qdig(x), None, ring)
         defines.update(ring, **_mv_defines(threads))
         blocks, defines["GU_GW"] = self._mv_grid(_ceil(K * I, R) + _ceil(Is, R), mma, threads, grid)
         kw = dict(template=[("T", x.dtype)], grid=(blocks * threads, 1, 1), threadgroup=(threads, 1, 1),
