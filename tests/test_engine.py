@@ -77,6 +77,36 @@ def test_fewer_experts_per_token_changes_output(tiny_mlx):
     assert fewer.experts_per_token == 2 and full.experts_per_token == 4
 
 
+def test_expert_stacks_with_room_behind_give_the_same_logits(tiny_mlx, monkeypatch):
+    """On MLX's CUDA backend the loader gives each resident expert stack a row of room behind its
+    last (linear.with_room: MLX's gather_qmm reads past a stack's end there): the stacks keep their
+    shapes and values and are views into the longer buffers, and the prompt's and a decode step's
+    logits are those of the plain stacks."""
+    from llm_flashmoe.engine import linear
+
+    plain = load_model(tiny_mlx, dtype=mx.float32)
+    monkeypatch.setattr(linear, "room_behind", lambda: True)
+    roomy = load_model(tiny_mlx, dtype=mx.float32)
+    for a, b in zip(plain.experts.layers, roomy.experts.layers):
+        for la, lb in zip(a, b):
+            for pa, pb in ((la.weight, lb.weight), (la.scales, lb.scales), (la.biases, lb.biases)):
+                assert pa.shape == pb.shape and pa.dtype == pb.dtype
+                assert mx.array_equal(pa, pb)
+    w = mx.arange(24, dtype=mx.uint32).reshape(4, 3, 2)
+    r = linear.with_room(w)
+    assert r.shape == w.shape and mx.array_equal(r, w)
+    # the row behind, read through the view's address the way the CUDA kernels overrun: zeros
+    import ctypes
+
+    start = np.array(r, copy=False).__array_interface__["data"][0]
+    behind = np.ctypeslib.as_array((ctypes.c_uint32 * (w.size + 6)).from_address(start))
+    assert behind[: w.size].tolist() == list(range(24)) and not behind[w.size:].any()
+    c1, c2 = plain.make_cache(), roomy.make_cache()
+    a, b = plain(PROMPT[:12], c1), roomy(PROMPT[:12], c2)
+    assert mx.array_equal(a, b)
+    assert mx.array_equal(plain(PROMPT[12:13], c1), roomy(PROMPT[12:13], c2))
+
+
 @pytest.mark.parametrize("k", [0, 5, -1])
 def test_invalid_experts_per_token(tiny_mlx, k):
     with pytest.raises(FlashMoeError, match="experts_per_token must be between 1 and the model's top-k \\(4\\)"):

@@ -66,6 +66,31 @@ class Linear:
         return Linear(self.weight.astype(dtype))
 
 
+# MLX's CUDA quantized matmuls read a little past the last row of the stack they multiply (0.32.4's
+# qmm_sm80_kernel, MLX issue 3487: tile loads not bounded by the matrix's end). Seen on the H200
+# (compute-sanitizer, sixteenth session): 16-byte reads 1-13 bytes past a [64, 128, 32] uint32 expert
+# stack in the tiny preset's prompt, then "an illegal memory access" where nothing was mapped there.
+# Stacks that gather_qmm reads on CUDA therefore get one more leading row of room behind them.
+def room_behind() -> bool:
+    """Whether stacks for gather_qmm need room behind their last row (MLX's CUDA backend)."""
+    return mx.default_device() != mx.cpu and not mx.metal.is_available() and mx.cuda.is_available()
+
+
+def with_room(a: mx.array) -> mx.array:
+    """`a` (evaluated) as the first rows of a buffer one leading row longer: equal values, and
+    reads a little past its end stay inside the buffer."""
+    b = mx.concatenate([a, mx.zeros((1, *a.shape[1:]), a.dtype)])[: a.shape[0]]
+    mx.eval(b)
+    return b
+
+
+def stack_with_room(lin: Linear) -> Linear:
+    """An expert stack whose parts each have a row of room behind (`with_room`)."""
+    if not lin.quantized:
+        return Linear(with_room(lin.weight))
+    return Linear(with_room(lin.weight), with_room(lin.scales), with_room(lin.biases), lin.bits, lin.group_size)
+
+
 def embedding_rows(table: Linear, ids: mx.array) -> mx.array:
     """Rows `ids` of an embedding table (dense or quantized) -> [..., H]."""
     if table.quantized:

@@ -33,7 +33,7 @@ def load_model(model_dir: str | Path, *, experts_per_token: int | None = None, d
     """`gpu_cache`: size of the GPU expert cache of a packed model on CUDA (experts/cache.py:
     auto, off, 50%, 40GB, or a slot count); default FLASHMOE_GPU_CACHE, else auto."""
     from ..checkpoint import load_tensors
-    from ..engine.linear import Linear
+    from ..engine.linear import Linear, room_behind, stack_with_room
     from ..experts.source import ResidentExperts
     from .qwen35 import Qwen35Model
 
@@ -56,7 +56,7 @@ def load_model(model_dir: str | Path, *, experts_per_token: int | None = None, d
             raise
     else:
         weights = load_tensors(model_dir, cfg, experts=True)
-        layers = []
+        layers, room = [], room_behind()
         for i in range(cfg.num_hidden_layers):
             stacks = []
             for proj in ("gate_proj", "up_proj", "down_proj"):
@@ -67,6 +67,6 @@ def load_model(model_dir: str | Path, *, experts_per_token: int | None = None, d
                 else:
                     stacks.append(Linear(weights.pop(name + ".weight"), weights.pop(name + ".scales").astype(dtype),
                                          weights.pop(name + ".biases").astype(dtype), q.bits, q.group_size))
-            layers.append(tuple(stacks))
+            layers.append(tuple(map(stack_with_room, stacks)) if room else tuple(stacks))
         experts = ResidentExperts(layers)
     return Qwen35Model(cfg, weights, experts, dtype=dtype, experts_per_token=experts_per_token)

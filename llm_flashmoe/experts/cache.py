@@ -203,7 +203,8 @@ class CudaTransport:
 
         typed, address = [], []
         for c, dt in zip(components, dtypes):
-            t = mx.zeros((rows, *c.shape), dt)
+            # a row of room behind the last (engine/linear.py's with_room: MLX's gather_qmm reads past it)
+            t = mx.zeros((rows + 1, *c.shape), dt)[:rows]
             mx.eval(t)
             typed.append(t)
             address.append(device_address(t))  # plain device memory; the host never asks for it
