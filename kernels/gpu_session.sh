@@ -53,6 +53,8 @@
 #   ncusettings as ncusweep, every setting of $SETTINGS (';'-separated, as for `settings`) in one process
 #            (one model load, where ncusweep loads it per setting: 40-50 s each for 8 layers; and a
 #            setting compiles only the kernels it changes)
+#   downids  moe_down's GPU time per expert set (patterned and random sets, twice over), per setting in
+#            $SETTINGS: whether the set decides a call's ~13 or ~25-30 us (no model needed)
 #   ncusol   as ncu, with each kernel's throughputs (% of peak), occupancy, registers and warp-stall
 #            reasons (ncu sections SpeedOfLight, Occupancy, LaunchStats, WarpStateStats, SchedulerStats).
 #            Slow: each kernel is replayed once per pass with the device memory saved and restored,
@@ -247,6 +249,12 @@ for s in "$@"; do
         --dir "$M/mlx" --settings="${SETTINGS:--}"
       python3 -m llm_flashmoe.kernels.overhead ncu "$out/ncusettings.csv" --marked="${SETTINGS:--}" \
         | tee -a "$out/ncusettings.log" ;;
+    downids)  # moe_down's time per expert set (sweeps.down_id_sets), twice over, per setting in $SETTINGS:
+              # does the set decide whether a call takes ~13 or ~25-30 us? (ncu flushes the caches before
+              # each call unless NCU_ARGS says --cache-control none: cold weights, as in decode)
+      NO_SUMMARY=1 profile downids -- python3 -m llm_flashmoe.kernels.overhead downids --settings="${SETTINGS:--}"
+      python3 -m llm_flashmoe.kernels.overhead downids --summary "$out/downids.csv" --settings="${SETTINGS:--}" \
+        | tee -a "$out/downids.log" ;;
     ncusol)  # the same decode steps with ncu's speed-of-light, occupancy and warp-stall figures per kernel
       profile ncusol --profile-from-start off --launch-count "${NCU_COUNT:-12}" --section SpeedOfLight --section Occupancy --section LaunchStats \
         --section WarpStateStats --section SchedulerStats \

@@ -1147,3 +1147,34 @@ def test_kernel_positions_from_ints_or_device_arrays():
     for v in (7, mx.array(7), mx.array([7], mx.int64)):
         a = gpu._index(v)
         assert a.dtype == mx.int32 and a.shape == (1,) and int(a[0]) == 7
+
+
+def test_downids_summary_reads_each_sets_time_per_round_and_whether_the_rounds_agree(tmp_path, capsys):
+    """`overhead downids --summary LOG`: moe_down's calls in a setting's segment are the expert sets
+    (down_id_sets: patterned, then seeded random ones, the same each time) round after round; the
+    summary prints each set's time per round, the share of slow calls, and whether the sets are
+    slow or fast alike in both rounds (the question the experiment asks); a segment whose call
+    count does not fit is named."""
+    from llm_flashmoe.kernels import overhead, sweeps
+
+    sets = sweeps.down_id_sets(512, 4)
+    assert sets == sweeps.down_id_sets(512, 4) and len({tuple(ids) for _, ids in sets}) == len(sets)
+    assert all(len(ids) == 4 == len(set(ids)) and max(ids) < 512 for _, ids in sets)
+    # setting 0: sets with an odd first expert slow in both rounds; setting 1: one round short
+    slow = [30.0 if ids[0] % 2 else 13.0 for _, ids in sets]
+    rows = ([("custom_kernel_fm_mark_0(const float *, float *)", 1)]
+            + [("custom_kernel_fm_moe_down_0a1b_bfloat16", t) for t in slow + slow]
+            + [("custom_kernel_fm_mark_1(const float *, float *)", 1)]
+            + [("custom_kernel_fm_moe_down_0a1b_bfloat16", 20.0) for _ in sets])
+    head = '"ID","Kernel Name","Section Name","Metric Name","Metric Unit","Metric Value"\n'
+    path = tmp_path / "downids.csv"
+    path.write_text(head + "".join(f'"{i}","{k}","Command line profiler metrics","gpu__time_duration.sum",'
+                                   f'"usecond","{us}"\n' for i, (k, us) in enumerate(rows)))
+    assert overhead.main(["downids", "--summary", str(path), "--settings=-;grid=2"]) == 0
+    out = capsys.readouterr().out
+    share = sum(t > 20 for t in slow) / len(slow)
+    assert f"calls over 1.5x the fastest: {share:.0%}" in out and "alike in every round: 100%" in out
+    assert "correlation of rounds 1 and 2: 1.00" in out
+    line = next(l for l in out.splitlines() if l.strip().startswith("stride 129"))
+    assert line.split()[-2:] == ["13.0", "13.0"]        # first expert 0: fast in both rounds
+    assert f"setting 2: {len(sets)} moe_down calls, expected {2 * len(sets)}" in out

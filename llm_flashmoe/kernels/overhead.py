@@ -363,6 +363,13 @@ def main(argv=None) -> int:
     p.add_argument("--profiled", type=int, default=3, help="the last this many steps of each setting profiled")
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--backend", default="cuda", help="kernel backend (twin: a CPU run of the flow itself)")
+    p = sub.add_parser("downids", help="moe_down's time per expert set, twice over, per setting (run under ncu; "
+                                       "--summary LOG reads the log)")
+    p.add_argument("--settings", default="-",
+                   help="';'-separated settings, each space-separated key=value of " + ", ".join(SETTING_KEYS))
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--backend", default="cuda", help="kernel backend (twin: a CPU run of the flow itself)")
+    p.add_argument("--summary", default=None, help="an ncu CSV log of a run: print its times per set")
     args = ap.parse_args(argv)
     if args.cmd == "launch":
         launch(args.n)
@@ -386,6 +393,13 @@ def main(argv=None) -> int:
         bw_floor(backend, reps=args.reps, runs=args.runs)
     elif args.cmd == "ncusettings":
         ncu_settings(args)
+    elif args.cmd == "downids":
+        from .sweeps import down_ids, down_ids_summary
+
+        if args.summary:
+            down_ids_summary(args.summary, args.settings.split(";"), args.rounds)
+        else:
+            down_ids(args)
     elif args.cmd == "ncu":
         if args.marked is not None:
             if len(args.csv) != 1:

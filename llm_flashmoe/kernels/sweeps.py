@@ -296,3 +296,80 @@ def ncu_settings(args) -> None:
     finally:
         with_ops(model, None)
         set_knobs({})
+
+
+def down_id_sets(E: int, K: int) -> list[tuple[str, list[int]]]:
+    """The experts sets `downids` times moe_down on: laid out in patterns (neighbours, strides),
+    then random ones (seeded: the run and its summary make the same)."""
+    rng = np.random.default_rng(0)
+    sets = [("neighbours 0", list(range(K))), ("neighbours mid", list(range(E // 2 - K // 2, E // 2 - K // 2 + K))),
+            ("neighbours end", list(range(E - K, E)))]
+    for stride in (2, 8, 64, 128, 129):
+        if stride * (K - 1) < E:
+            sets.append((f"stride {stride}", [i * stride for i in range(K)]))
+    sets += [(f"random {i}", sorted(int(e) for e in rng.choice(E, K, replace=False))) for i in range(24)]
+    return sets
+
+
+def down_ids(args) -> None:
+    """moe_down of the 397B shapes (512 experts resident, K=4) on a fixed list of expert sets
+    (`down_id_sets`), twice over, under each setting of --settings (';'-separated, as for
+    `settings`), each setting after a marker kernel: run under ncu, whose log `--summary` reads.
+    In decode steps moe_down took either ~13 us or ~25-30 us a call (sixteenth session): if the
+    time follows the set (both rounds alike), where the experts lie decides it; if not, something
+    else (what ran before, the clocks)."""
+    from . import check
+    from .ncu import MARK
+
+    texts = args.settings.split(";")
+    settings = [parse_setting(text) for text in texts]
+    mx.random.seed(0)
+    dt = mx.bfloat16
+    d = check.moe_inputs("397b", dt)
+    K, I, Is = d["K"], d["gate"].weight.shape[1], d["sg"].out_features
+    h, hs, sgl = check.rnd((K, I), dt), check.rnd((Is,), dt), check.rnd((1,), dt)
+    mx.eval(h, hs, sgl, d["w"], d["res"], d["down"].weight, d["down"].scales, d["down"].biases)
+    sets = down_id_sets(d["E"], K)
+    rows = [mx.array(np.array(ids, np.int32)) for _, ids in sets]
+    mx.eval(rows)
+    try:
+        for i, setting in enumerate(settings):
+            o = apply_setting(setting, args.backend)
+            if args.backend == "cuda":
+                mark = mx.fast.cuda_kernel(name=f"{MARK}{i}", input_names=["x"], output_names=["y"],
+                                           source="y[0] = x[0];")
+                mx.eval(mark(inputs=[mx.zeros((1,))], grid=(1, 1, 1), threadgroup=(1, 1, 1), output_shapes=[(1,)],
+                             output_dtypes=[mx.float32])[0])
+            for _ in range(args.rounds):
+                for r in rows:
+                    mx.eval(o.moe_down(h, r, d["w"], d["down"], hs, d["sd"], sgl, d["res"]))
+            print(f"setting {i + 1} ({texts[i]}): {args.rounds} rounds of {len(rows)} sets", flush=True)
+    finally:
+        set_knobs({})
+
+
+def down_ids_summary(path: str, texts: list[str], rounds: int) -> None:
+    """`downids`'s ncu log -> per setting and expert set, moe_down's us per call in each round, and
+    how far the rounds agree."""
+    from .ncu import ncu_segments
+
+    sets = down_id_sets(512, 4)
+    for number, kernels in ncu_segments(path):
+        name = next((k for k in kernels if "moe_down" in k), None)
+        if name is None:
+            continue
+        us = kernels[name]["us"]
+        if len(us) != rounds * len(sets):
+            print(f"setting {number + 1}: {len(us)} moe_down calls, expected {rounds * len(sets)}")
+            continue
+        t = np.array(us).reshape(rounds, len(sets))
+        label = texts[number] if number < len(texts) else str(number)
+        print(f"setting {number + 1} ({label}): moe_down us per call, {rounds} rounds")
+        for j, (what, ids) in enumerate(sets):
+            print(f"  {what:16} {str(ids):22} " + " ".join(f"{v:6.1f}" for v in t[:, j]))
+        fast = t.min()
+        slow = t > 1.5 * fast
+        same = (slow[0] == slow[1:]).mean() if rounds > 1 else float("nan")
+        corr = np.corrcoef(t[0], t[1])[0, 1] if rounds > 1 else float("nan")
+        print(f"  fastest {fast:.1f} us, median {np.median(t):.1f}; calls over 1.5x the fastest: {slow.mean():.0%}; "
+              f"sets slow or fast alike in every round: {same:.0%}; correlation of rounds 1 and 2: {corr:.2f}")
