@@ -120,7 +120,9 @@ class _Buffers:
         for c in components:
             size = capacity * c.nbytes
             if zero_copy:
-                raw = mx.zeros((size + PAGE,), mx.uint8)
+                # a page to align the start, at least a page of room behind the end (engine/linear.py's
+                # with_room: MLX's CUDA gather_qmm reads a little past a stack's last row)
+                raw = mx.zeros((size + 2 * PAGE,), mx.uint8)
                 mx.eval(raw)
                 view = np.array(raw, copy=False)
                 k = (-view.__array_interface__["data"][0]) % PAGE
