@@ -447,8 +447,8 @@ def test_qint_stages_integers_for_launches_of_one_code_width():
 def test_qint_launches_take_their_measured_shapes_unless_the_knobs_say_otherwise():
     """By default the launches that take QINT get the shapes measured fastest for them on the H200
     (gpu._qint_shape): qmv launches of 16384-65535 rows 8 rows a warp in groups of 256 threads, other
-    qmv launches groups of 512 (8 rows a warp from 65536, 2 below 16384), the MoE's gate/up groups of
-    512 in a grid of 2 groups a multiprocessor (the host has no CUDA runtime: 4 multiprocessors), the
+    qmv launches groups of 512 (8 rows a warp from 65536, in a grid of 2 groups a multiprocessor
+    there; 2 rows below 16384), the MoE's gate/up groups of 512 in a grid of 2 groups a multiprocessor (the host has no CUDA runtime: 4 multiprocessors), the
     warps striding over the row groups; float32 launches (3 digits) 256 threads and no grid; FLASHMOE_QMV_ROWS, FLASHMOE_MV_THREADS and FLASHMOE_GRID=off
     override them; launches without QINT keep 256 threads and a warp per row group."""
     from llm_flashmoe.kernels import check, gpu
@@ -468,8 +468,8 @@ def test_qint_launches_take_their_measured_shapes_unless_the_knobs_say_otherwise
         gpu.configure({})
         d, blocks, threads = launch(64, 20608)
         assert (d["QMV_R"], threads) == (8, 256) and blocks == -(-20608 // 8 // 8) and d["QMV_GW"] == blocks * 8
-        d, blocks, threads = launch(64, 65536)
-        assert (d["QMV_R"], threads) == (8, 512) and d["QMV_GW"] == blocks * 16 == 65536 // 8
+        d, blocks, threads = launch(64, 65536)   # the head: a grid of 2 groups a multiprocessor too
+        assert (d["QMV_R"], threads) == (8, 512) and blocks == 2 * 4 and d["QMV_GW"] == blocks * 16
         d, blocks, threads = launch(256, 4096)
         assert (d["QMV_R"], threads) == (2, 512) and d["QMV_GW"] == blocks * 16 == 4096 // 2
         d, blocks, threads = launch(0, 0, "moe_gate_up")
