@@ -351,9 +351,10 @@ def down_ids(args) -> None:
 def down_ids_summary(path: str, texts: list[str], rounds: int) -> None:
     """`downids`'s ncu log -> per setting and expert set, moe_down's us per call in each round, and
     how far the rounds agree."""
+    from .check import MOE_SHAPES
     from .ncu import ncu_segments
 
-    sets = down_id_sets(512, 4)
+    sets = down_id_sets(*MOE_SHAPES["397b"][:2])   # down_ids's shapes
     for number, kernels in ncu_segments(path):
         name = next((k for k in kernels if "moe_down" in k), None)
         if name is None:
