@@ -251,8 +251,10 @@ for s in "$@"; do
         | tee -a "$out/ncusettings.log" ;;
     downids)  # moe_down's time per expert set (sweeps.down_id_sets), twice over, per setting in $SETTINGS:
               # does the set decide whether a call takes ~13 or ~25-30 us? (ncu flushes the caches before
-              # each call unless NCU_ARGS says --cache-control none: cold weights, as in decode)
-      NO_SUMMARY=1 profile downids -- python3 -m llm_flashmoe.kernels.overhead downids --settings="${SETTINGS:--}"
+              # each call unless NCU_ARGS says --cache-control none: cold weights, as in decode;
+              # DOWNIDS_ARGS=--gate-up: each after the gate/up launch of the same experts)
+      NO_SUMMARY=1 profile downids -- python3 -m llm_flashmoe.kernels.overhead downids --settings="${SETTINGS:--}" \
+        ${DOWNIDS_ARGS:-}
       python3 -m llm_flashmoe.kernels.overhead downids --summary "$out/downids.csv" --settings="${SETTINGS:--}" \
         | tee -a "$out/downids.log" ;;
     ncusol)  # the same decode steps with ncu's speed-of-light, occupancy and warp-stall figures per kernel

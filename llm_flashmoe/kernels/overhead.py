@@ -370,6 +370,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--backend", default="cuda", help="kernel backend (twin: a CPU run of the flow itself)")
     p.add_argument("--summary", default=None, help="an ncu CSV log of a run: print its times per set")
+    p.add_argument("--gate-up", action="store_true",
+                   help="each moe_down after the gate/up launch of the same experts, as in a decode step")
     args = ap.parse_args(argv)
     if args.cmd == "launch":
         launch(args.n)

@@ -316,8 +316,10 @@ def down_ids(args) -> None:
     (`down_id_sets`), twice over, under each setting of --settings (';'-separated, as for
     `settings`), each setting after a marker kernel: run under ncu, whose log `--summary` reads.
     In decode steps moe_down took either ~13 us or ~25-30 us a call (sixteenth session): if the
-    time follows the set (both rounds alike), where the experts lie decides it; if not, something
-    else (what ran before, the clocks)."""
+    time follows the set (both rounds alike), where the experts lie decides it (the run prints the
+    stacks' device addresses and an expert's stride, to read the sets against); if not, something
+    else (what ran before, the clocks). --gate-up: each moe_down after the gate/up launch of the
+    same experts, whose output it takes, as in a decode step."""
     from . import check
     from .ncu import MARK
 
@@ -332,6 +334,13 @@ def down_ids(args) -> None:
     sets = down_id_sets(d["E"], K)
     rows = [mx.array(np.array(ids, np.int32)) for _, ids in sets]
     mx.eval(rows)
+    if args.backend == "cuda":
+        from ..experts.cuda import device_address
+
+        down = d["down"]
+        print("down stack: codes at " + ", scales at ".join(
+            f"{device_address(a):#x}" for a in (down.weight, down.scales)) + f", biases at {device_address(down.biases):#x};"
+              f" an expert's codes {down.weight[0].nbytes} bytes, its scales {down.scales[0].nbytes}", flush=True)
     try:
         for i, setting in enumerate(settings):
             o = apply_setting(setting, args.backend)
@@ -342,8 +351,13 @@ def down_ids(args) -> None:
                              output_dtypes=[mx.float32])[0])
             for _ in range(args.rounds):
                 for r in rows:
-                    mx.eval(o.moe_down(h, r, d["w"], d["down"], hs, d["sd"], sgl, d["res"]))
-            print(f"setting {i + 1} ({texts[i]}): {args.rounds} rounds of {len(rows)} sets", flush=True)
+                    if args.gate_up:
+                        hr, hsr = o.moe_gate_up(d["x"], r, d["gate"], d["up"], d["sg"], d["su"])
+                        mx.eval(o.moe_down(hr, r, d["w"], d["down"], hsr, d["sd"], sgl, d["res"]))
+                    else:
+                        mx.eval(o.moe_down(h, r, d["w"], d["down"], hs, d["sd"], sgl, d["res"]))
+            print(f"setting {i + 1} ({texts[i]}): {args.rounds} rounds of {len(rows)} sets"
+                  + (", each after its gate/up" if args.gate_up else ""), flush=True)
     finally:
         set_knobs({})
 
