@@ -465,7 +465,7 @@ class GpuKernels:
         defines.update(QINT=qint, QDIG=_qdig(x))
         # fast memory besides the rings: the staged input and its sums, the norm's partials
         ring = {} if mma else self._ring(K, linears, R, _xs_bytes(K, qint) + 4 * 32)
-        threads, grid = self._shape(qint, _qdig(x), total, ring)
+        threads, grid = self._shape(qint, defines["QDIG"], total, ring)
         defines.update(ring, **_mv_defines(threads))
         blocks, defines["QMV_GW"] = self._mv_grid(sum(_ceil(l.out_features, R) for l in linears), mma, threads, grid)
         k = self.kernel("qmv", tuple(inputs), tuple(outputs), defines)
@@ -539,7 +539,7 @@ class GpuKernels:
         defines.update(QINT=qint, QDIG=_qdig(x))
         # the ring beside the staged input and its sums, and the experts' rows
         ring = {} if mma or addressed else self._ring(H, (gate, shared_gate), 2 * R, _xs_bytes(H, qint) + 8 * K + reserve)
-        threads, grid = self._shape(qint, _qdig(x), None, ring)
+        threads, grid = self._shape(qint, defines["QDIG"], None, ring)
         defines.update(ring, **_mv_defines(threads))
         blocks, defines["GU_GW"] = self._mv_grid(_ceil(K * I, R) + _ceil(Is, R), mma, threads, grid)
         kw = dict(template=[("T", x.dtype)], grid=(blocks * threads, 1, 1), threadgroup=(threads, 1, 1),
