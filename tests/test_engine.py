@@ -79,9 +79,10 @@ def test_fewer_experts_per_token_changes_output(tiny_mlx):
 
 def test_expert_stacks_with_room_behind_give_the_same_logits(tiny_mlx, monkeypatch):
     """On MLX's CUDA backend the loader gives each resident expert stack a row of room behind its
-    last (linear.with_room: MLX's gather_qmm reads past a stack's end there): the stacks keep their
-    shapes and values and are views into the longer buffers, and the prompt's and a decode step's
-    logits are those of the plain stacks."""
+    last (linear.with_room: MLX's gather_qmm reads past a stack's end there), and quantized 2-D
+    weights room up to a whole tile of rows (linear.matrix_with_room): they keep their shapes and
+    values and are views into the longer buffers, and the prompt's and a decode step's logits are
+    those of the plain weights."""
     from llm_flashmoe.engine import linear
 
     plain = load_model(tiny_mlx, dtype=mx.float32)
@@ -101,6 +102,19 @@ def test_expert_stacks_with_room_behind_give_the_same_logits(tiny_mlx, monkeypat
     start = np.array(r, copy=False).__array_interface__["data"][0]
     behind = np.ctypeslib.as_array((ctypes.c_uint32 * (w.size + 6)).from_address(start))
     assert behind[: w.size].tolist() == list(range(24)) and not behind[w.size:].any()
+    # quantized 2-D weights of fewer rows than a whole 128-row tile (GatedDeltaNet's in_proj_a, a
+    # row per value head): views into buffers of 128 rows, the rest zeros
+    pa, pb = plain.layers[0].mixer.in_proj_a, roomy.layers[0].mixer.in_proj_a
+    assert pa.quantized and pa.weight.shape[0] % linear.QMM_TILE_ROWS
+    for xa, xb in ((pa.weight, pb.weight), (pa.scales, pb.scales), (pa.biases, pb.biases)):
+        assert xa.shape == xb.shape and mx.array_equal(xa, xb)
+        start = np.array(xb, copy=False).__array_interface__["data"][0]
+        row = xb.size // xb.shape[0]
+        whole = np.ctypeslib.as_array((ctypes.c_char * (128 * row * xb.itemsize)).from_address(start))
+        assert whole[: xb.nbytes].tobytes() == np.array(xb).tobytes() and not whole[xb.nbytes:].view(np.uint8).any()
+    assert linear.matrix_with_room(pa).weight.shape == pa.weight.shape
+    monkeypatch.setattr(linear, "room_behind", lambda: False)
+    assert linear.matrix_with_room(pa) is pa   # elsewhere: as it is
     c1, c2 = plain.make_cache(), roomy.make_cache()
     a, b = plain(PROMPT[:12], c1), roomy(PROMPT[:12], c2)
     assert mx.array_equal(a, b)

@@ -910,7 +910,7 @@ def test_compile_check_renders_every_kernel_and_the_addressed_mode():
 
 def test_launch_knobs_reach_the_kernels_and_bad_ones_are_refused():
     """FLASHMOE_GDN_ROWS becomes gdn_step's GROWS define, FLASHMOE_XV_INNER and FLASHMOE_L2_PREFETCH
-    the matvecs' XV_INNER and L2PF; FLASHMOE_FUSE_ROUTE=0 routes in a launch of its own;
+    the matvecs' XV_INNER and L2PF (L2PF=down: moe_down's alone); FLASHMOE_FUSE_ROUTE=0 routes in a launch of its own;
     FLASHMOE_MV_THREADS and FLASHMOE_GDN_THREADS must be multiples of 32 from 64 to 1024 (the error
     names the variable), and the latter is gdn_step's thread group."""
     from llm_flashmoe.errors import FlashMoeError
@@ -930,6 +930,14 @@ def test_launch_knobs_reach_the_kernels_and_bad_ones_are_refused():
         # the routing in a launch of its own: moe_route and moe_gate_up, no fused launch
         assert not any(n.startswith("fm_moe_route_gate_up_") for n in units)
         assert any(n.startswith("fm_moe_route_") and not n.startswith("fm_moe_route_gate_up_") for n in units)
+        # FLASHMOE_L2_PREFETCH=down: moe_down alone asks for its rows ahead
+        gpu.configure({"FLASHMOE_L2_PREFETCH": "down"})
+        units = compile_check.render_all()
+        down = [t for n, t in units.items() if n.startswith("fm_moe_down_")]
+        rest = [t for n, t in units.items() if n.startswith(("fm_qmv_", "fm_moe_gate_up_", "fm_moe_route_gate_up_"))]
+        assert down and rest and all("#define L2PF 1" in t for t in down) and all("#define L2PF 0" in t for t in rest)
+        with pytest.raises(FlashMoeError, match="FLASHMOE_L2_PREFETCH=2"):
+            gpu.configure({"FLASHMOE_L2_PREFETCH": "2"})
         gpu.configure({"FLASHMOE_MOE_ROWS": "2:4"})      # ':' as well as ',' (gpu_session's sweeps)
         assert (gpu.MOE_GU_ROWS, gpu.MOE_DOWN_ROWS) == (2, 4)
         for bad in ("4", "0,1", "a,b"):
@@ -959,8 +967,9 @@ def test_launch_knobs_reach_the_kernels_and_bad_ones_are_refused():
         assert len(heads) == 1 and heads.pop() > 1
     finally:
         gpu.configure()
-    assert (gpu.GDN_ROWS, gpu.GDN_THREADS, gpu.MV_THREADS, gpu.XV_INNER, gpu.L2PF, gpu.FUSE_ROUTE, gpu.QWORDS,
-            gpu.QPIPE, gpu.MOE_MMA, gpu.QINT, gpu.GRID_PER_SM) == (8, None, None, 1, 0, True, 16, 0, None, None, None)
+    assert (gpu.GDN_ROWS, gpu.GDN_THREADS, gpu.MV_THREADS, gpu.XV_INNER, gpu.L2PF, gpu.L2PF_DOWN, gpu.FUSE_ROUTE,
+            gpu.QWORDS, gpu.QPIPE, gpu.MOE_MMA, gpu.QINT, gpu.GRID_PER_SM) == (8, None, None, 1, 0, False, True, 16, 0,
+                                                                               None, None, None)
 
 
 def test_settings_set_the_engine_read_knobs_in_the_environment(monkeypatch):

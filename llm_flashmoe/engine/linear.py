@@ -66,20 +66,25 @@ class Linear:
         return Linear(self.weight.astype(dtype))
 
 
-# MLX's CUDA quantized matmuls read a little past the last row of the stack they multiply (0.32.4's
-# qmm_sm80_kernel, MLX issue 3487: tile loads not bounded by the matrix's end). Seen on the H200
-# (compute-sanitizer, sixteenth session): 16-byte reads 1-13 bytes past a [64, 128, 32] uint32 expert
-# stack in the tiny preset's prompt, then "an illegal memory access" where nothing was mapped there.
-# Stacks that gather_qmm reads on CUDA therefore get one more leading row of room behind them.
+# MLX's CUDA quantized matmuls read past the end of what they multiply (0.32.4's qmm_sm80_kernel,
+# MLX issue 3487: tile loads not bounded by the matrix's rows). Seen on the H200 (compute-sanitizer,
+# sixteenth session): 16-byte reads 1-13 bytes past a [64, 128, 32] uint32 expert stack, and up to
+# 96 bytes past the [4, 4] bf16 scales of a 4-row linear (the tiny preset's in_proj_a/b), in a
+# prompt's matmuls, then "an illegal memory access" where nothing was mapped there. So on CUDA the
+# stacks gather_qmm reads get one more leading row of room behind them, and quantized 2-D weights
+# whose rows are not a multiple of the kernel's 128-row tile get room up to the next multiple.
+QMM_TILE_ROWS = 128
+
+
 def room_behind() -> bool:
-    """Whether stacks for gather_qmm need room behind their last row (MLX's CUDA backend)."""
+    """Whether quantized weights need room behind their last row (MLX's CUDA backend)."""
     return mx.default_device() != mx.cpu and not mx.metal.is_available() and mx.cuda.is_available()
 
 
-def with_room(a: mx.array) -> mx.array:
-    """`a` (evaluated) as the first rows of a buffer one leading row longer: equal values, and
+def with_room(a: mx.array, rows: int = 1) -> mx.array:
+    """`a` (evaluated) as the first rows of a buffer `rows` leading rows longer: equal values, and
     reads a little past its end stay inside the buffer."""
-    b = mx.concatenate([a, mx.zeros((1, *a.shape[1:]), a.dtype)])[: a.shape[0]]
+    b = mx.concatenate([a, mx.zeros((rows, *a.shape[1:]), a.dtype)])[: a.shape[0]]
     mx.eval(b)
     return b
 
@@ -89,6 +94,17 @@ def stack_with_room(lin: Linear) -> Linear:
     if not lin.quantized:
         return Linear(with_room(lin.weight))
     return Linear(with_room(lin.weight), with_room(lin.scales), with_room(lin.biases), lin.bits, lin.group_size)
+
+
+def matrix_with_room(lin: Linear) -> Linear:
+    """Where room_behind(): a quantized 2-D weight whose parts each have room behind up to a whole
+    tile of rows (QMM_TILE_ROWS); any other weight, or elsewhere, `lin` as it is."""
+    n = lin.weight.shape[0]
+    pad = -n % QMM_TILE_ROWS
+    if not lin.quantized or lin.weight.ndim != 2 or not pad or not room_behind():
+        return lin
+    return Linear(with_room(lin.weight, pad), with_room(lin.scales, pad), with_room(lin.biases, pad),
+                  lin.bits, lin.group_size)
 
 
 def embedding_rows(table: Linear, ids: mx.array) -> mx.array:

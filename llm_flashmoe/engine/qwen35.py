@@ -23,7 +23,7 @@ from ..experts.source import ExpertSource, ResidentExperts
 from .. import kernels
 from .cache import KVCache, LinearAttentionState, ModelCache
 from .compiled import WholeStep, compile_attention, compile_default
-from .linear import Linear, embedding_rows
+from .linear import Linear, embedding_rows, matrix_with_room
 
 
 def rms_norm(x: mx.array, weight: mx.array | None, eps: float) -> mx.array:
@@ -39,8 +39,9 @@ def take_linear(w: dict, name: str, cfg: ModelConfig, dtype) -> Linear:
     q = cfg.quant_for(name)
     if q is None:
         return Linear(w[name + ".weight"].astype(dtype))
-    return Linear(w[name + ".weight"], w[name + ".scales"].astype(dtype),
-                  w[name + ".biases"].astype(dtype), q.bits, q.group_size)
+    lin = Linear(w[name + ".weight"], w[name + ".scales"].astype(dtype), w[name + ".biases"].astype(dtype),
+                 q.bits, q.group_size)
+    return matrix_with_room(lin)
 
 
 class GatedDeltaNet:

@@ -106,7 +106,10 @@ QPIPE = 0
 # time of every kernel, one process) off took 3760 against 3933 us with the card's own clocks and 5170
 # against 5438 us at ncu's base clocks on another machine (moe_down 392 against 475, 611 against 712);
 # the kernels pass the check without it and the 4-layer tolerance ratio is 1.24 either way.
+# FLASHMOE_L2_PREFETCH=down: moe_down alone (its tensor-core form: a warp per expert asks for the
+# group's 16 rows before the input is staged), the rest without (the figures above predate that form).
 L2PF = 0
+L2PF_DOWN = False
 # FLASHMOE_FUSE_ROUTE=0: the MoE's routing in a launch of its own (moe_route, then moe_gate_up)
 # rather than inside the gate/up launch, where warp 0 of every thread group routes while the
 # others wait (ncu: the barrier is that kernel's top stall). On the H200 the separate launch timed
@@ -167,7 +170,7 @@ def configure(env=os.environ) -> None:
     FLASHMOE_MOE_MMA, FLASHMOE_QPIPE; absent: the defaults). Kernels
     built before keep their settings: make a new GpuKernels after changing them."""
     global QMV_ROWS, MOE_GU_ROWS, MOE_DOWN_ROWS, QWORDS, GRID_PER_SM, GRID_BLOCKS, GDN_ROWS, GDN_THREADS, MV_THREADS
-    global XV_INNER, L2PF, FUSE_ROUTE, KV_INPLACE, QMV_MMA, MOE_MMA, QPIPE, MIN_GROUPS, QASYNC, QINT
+    global XV_INNER, L2PF, L2PF_DOWN, FUSE_ROUTE, KV_INPLACE, QMV_MMA, MOE_MMA, QPIPE, MIN_GROUPS, QASYNC, QINT
     global QINT_DIGITS
     rows = env.get("FLASHMOE_QMV_ROWS", "auto").strip().lower()
     QMV_ROWS = None if rows in ("", "auto") else int(rows)
@@ -189,7 +192,11 @@ def configure(env=os.environ) -> None:
     MIN_GROUPS = int(env.get("FLASHMOE_MIN_GROUPS", "0") or 0)
     QASYNC = int(env.get("FLASHMOE_QASYNC", "0") or 0)
     XV_INNER = int(env.get("FLASHMOE_XV_INNER", "1"))
-    L2PF = int(env.get("FLASHMOE_L2_PREFETCH", "0"))
+    l2pf = env.get("FLASHMOE_L2_PREFETCH", "0").strip().lower() or "0"
+    if l2pf not in ("0", "1", "down"):
+        raise FlashMoeError(f"FLASHMOE_L2_PREFETCH={l2pf}: use 0, 1 (every matrix-vector and MoE kernel) "
+                            "or down (moe_down alone).")
+    L2PF, L2PF_DOWN = int(l2pf == "1"), l2pf == "down"
     FUSE_ROUTE = env.get("FLASHMOE_FUSE_ROUTE", "1").strip().lower() not in ("0", "off", "no", "false")
     kv = env.get("FLASHMOE_KV_INPLACE", "auto").strip().lower()
     KV_INPLACE = None if kv in ("", "auto") else int(kv in ("1", "on", "yes", "true"))
@@ -560,6 +567,8 @@ class GpuKernels:
         defines = {"HD": H, "KE": K, "IE": I, "BE": down.bits, "GE": down.group_size, "SHI": Is,
                    "SHB": shared_down.bits, "SHG": shared_down.group_size, "ADDRESSED": int(addressed), "DOWN_R": MOE_DOWN_ROWS,
                    "DOWN_MMA": int(mma), "QINT": qint, "QDIG": _qdig(h), **_mv_defines()}
+        if L2PF_DOWN:
+            defines["L2PF"] = 1
         threads = mv_threads()
         # mma: a group per 16 rows; else a warp per DOWN_R rows, or a grid of fewer (FLASHMOE_GRID)
         blocks = _ceil(H, 16) if mma else self.grid_blocks(_ceil(_ceil(H, MOE_DOWN_ROWS), threads // 32))
