@@ -550,6 +550,61 @@ def test_moe_down_fma_form_strides_its_warps_over_the_rows_of_a_smaller_grid(tmp
         gpu.configure()
 
 
+def test_gate_up_launch_asks_for_moe_downs_rows_ahead(tmp_path):
+    """FLASHMOE_DOWN_PF=1: moe_route_gate_up, given moe_down's stacks (`then`), asks for exactly the
+    chosen experts' down rows (codes, scales, biases) and the shared expert's into L2, every line
+    of them once its launch knows the experts, and nothing outside its buffers (kernels.emulate
+    checks each address); its outputs are those of the launch without it, bit for bit. Off by
+    default, and without `then` (or on Metal) the launch is the plain one."""
+    from llm_flashmoe.kernels import check, emulate, gpu
+
+    d = check.moe_inputs("tiny", mx.bfloat16)
+    E, K = d["E"], d["K"]
+    logits = check.rnd((E,), mx.float32, 3.0)
+    args = (logits, K, True, None, d["x"], d["gate"], d["up"], d["sg"], d["su"])
+    then = (d["down"], d["sd"])
+    try:
+        outs, launches = {}, {}
+        for pf in ("0", "1"):
+            gpu.configure({"FLASHMOE_DOWN_PF": pf})
+            kern = emulate.emulated_kernels(tmp_path)
+            made = []
+            make = kern._make
+            kern._make = lambda **kw: made.append(make(**kw)) or made[-1]
+            outs[pf] = kern.moe_route_gate_up(*args, then=then)
+            (launches[pf],) = made
+        assert launches["0"].spec[1] == launches["1"].spec[1][:-6]
+        assert launches["1"].spec[1][-6:] == ["pdw", "pds", "pdb", "psdw", "psds", "psdb"]
+        assert not launches["0"].prefetched
+        for a, b in zip(outs["0"], outs["1"]):
+            assert mx.array_equal(a, b)
+        rows = sorted(np.array(outs["1"][2]).tolist())
+        assert len(set(rows)) == K
+        got = launches["1"].prefetched
+
+        def lines(nbytes, starts):
+            return {s + o for s in starts for o in range(0, nbytes, 128)}
+
+        for name, a in (("pdw", d["down"].weight), ("pds", d["down"].scales), ("pdb", d["down"].biases)):
+            per = a.nbytes // E
+            assert got[name] == lines(per, [r * per for r in rows]), name
+        for name, a in (("psdw", d["sd"].weight), ("psds", d["sd"].scales), ("psdb", d["sd"].biases)):
+            assert got[name] == lines(a.nbytes, [0]), name
+        assert set(got) == {"pdw", "pds", "pdb", "psdw", "psds", "psdb"}
+        # without `then`, or on Metal: the plain launch
+        gpu.configure({"FLASHMOE_DOWN_PF": "1"})
+        for backend, given in (("cuda", None), ("metal", then)):
+            recorded = []
+            k = gpu.GpuKernels(backend)
+            k._make = recording(recorded)
+            k.moe_route_gate_up(*args, then=given)
+            (launch,) = recorded
+            assert "pdw" not in launch[1] and "#define DOWN_PF 1" not in launch[2]
+    finally:
+        gpu.configure()
+    assert gpu.DOWN_PF == 0
+
+
 def test_qmv_mma_switch_takes_4bit_bf16_launches_through_tensor_core_products():
     """FLASHMOE_QMV_MMA=1: a qmv launch whose slots are all 4-bit with groups of 64 or 128 on bf16
     activations is built with QMV_MMA 1 and a thread group per 16 rows, on CUDA and on Metal (its

@@ -293,7 +293,8 @@ class SparseMoE:
         compiled."""
         logits, shared_logit, h, n = self._router(x, y, norm_w, eps, flat=False)
         hh, hs, rows, scores = self.ops.moe_route_gate_up(logits, self.k, self.norm_topk_prob, lookup, n, gate, up,
-                                                          self.shared_gate_proj, self.shared_up_proj)
+                                                          self.shared_gate_proj, self.shared_up_proj,
+                                                          then=(down, self.shared_down_proj))
         return self.ops.moe_down(hh, rows, scores, down, hs, self.shared_down_proj, shared_logit, h)
 
     def decode_fused(self, x: mx.array, y: mx.array, norm_w: mx.array, eps: float) -> mx.array:

@@ -93,8 +93,9 @@ class _Recorder:
 def render_all(nvcc: bool = False) -> dict[str, str]:
     """{kernel name: translation unit} for every kernel the check's cases launch, their
     tensor-core variants, their rings of asynchronous copies (FLASHMOE_QASYNC), their integer staging
-    (FLASHMOE_QINT: 2 digits for bf16, 3 for float32), and the MoE
-    kernels' ADDRESSED mode (experts given by address: the GPU cache's host tier)."""
+    (FLASHMOE_QINT: 2 digits for bf16, 3 for float32), the MoE kernels' ADDRESSED mode (experts
+    given by address: the GPU cache's host tier), and the gate/up launches that ask for moe_down's
+    rows ahead (FLASHMOE_DOWN_PF)."""
     from . import check, gpu
 
     units: dict[str, str] = {}
@@ -111,7 +112,7 @@ def render_all(nvcc: bool = False) -> dict[str, str]:
             kernels.moe_down(check.rnd((K, I)), rows, d["w"], d["down"], check.rnd((Is,)), d["sd"], check.rnd((1,)),
                              d["res"])
 
-    saved = (gpu.QMV_MMA, gpu.MOE_MMA, gpu.QASYNC, gpu.QINT)
+    saved = (gpu.QMV_MMA, gpu.MOE_MMA, gpu.QASYNC, gpu.QINT, gpu.DOWN_PF)
     try:
         gpu.QMV_MMA, gpu.MOE_MMA, gpu.QINT = 0, frozenset(), 0   # the FMA forms, every case and dtype
         for _, make, labels in check.CASES:
@@ -141,8 +142,18 @@ def render_all(nvcc: bool = False) -> dict[str, str]:
                     for label in labels:
                         for dtype in (mx.bfloat16, mx.float32):
                             make(label, dtype)[0](kernels)
+        # the gate/up launches asking for moe_down's rows ahead (FLASHMOE_DOWN_PF), QINT and tensor-core forms
+        gpu.QASYNC, gpu.DOWN_PF = 0, 1
+        for mma in (frozenset(), frozenset({"gateup"})):
+            gpu.MOE_MMA = mma
+            for label in ("397b", "odd", "odd-4bit"):
+                d = check.moe_inputs(label, mx.bfloat16)
+                then = (d["down"], d["sd"])
+                kernels.moe_route_gate_up(check.rnd((d["E"],)), d["K"], True, None, d["x"], d["gate"], d["up"], d["sg"],
+                                          d["su"], then=then)
+                kernels.moe_gate_up(d["x"], d["rows"], d["gate"], d["up"], d["sg"], d["su"], then=then)
     finally:
-        gpu.QMV_MMA, gpu.MOE_MMA, gpu.QASYNC, gpu.QINT = saved
+        gpu.QMV_MMA, gpu.MOE_MMA, gpu.QASYNC, gpu.QINT, gpu.DOWN_PF = saved
     # the benchmark kernel (`overhead bwfloor`), each variant, launched as bwfloor launches it
     from .overhead import stream_read
 

@@ -119,6 +119,30 @@ inline void fm_host_mma(float* d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_
   for (int i = 0; i < 4; i++) d[i] = out[i];
 }
 #endif
+// PREFETCH_L2 (an L2 hint on the GPU) checked and recorded: each address must lie inside one of the
+// launch's buffers (fm_bufs, set by fm_launch); the log keeps (buffer index, offset) of each.
+#include <mutex>
+static std::mutex fm_pf_mu;
+static std::vector<std::pair<const char*, int64_t>> fm_bufs;
+static std::vector<int64_t> fm_pf_log;
+static int64_t fm_pf_bad = 0;
+inline void fm_prefetch(const void* p) {
+  const char* c = (const char*)p;
+  std::lock_guard<std::mutex> g(fm_pf_mu);
+  for (size_t i = 0; i < fm_bufs.size(); i++)
+    if (c >= fm_bufs[i].first && c < fm_bufs[i].first + fm_bufs[i].second) {
+      fm_pf_log.push_back((int64_t(i) << 40) | int64_t(c - fm_bufs[i].first));
+      return;
+    }
+  fm_pf_bad++;
+}
+extern "C" int64_t fm_prefetch_count() { return int64_t(fm_pf_log.size()); }
+extern "C" int64_t fm_prefetch_take(int64_t* out) {
+  for (size_t i = 0; i < fm_pf_log.size(); i++) out[i] = fm_pf_log[i];
+  const int64_t bad = fm_pf_bad;
+  fm_pf_log.clear(); fm_pf_bad = 0;
+  return bad;
+}
 struct bf16 {   // round to nearest even, as MLX converts
   uint16_t v;
   bf16() {}
@@ -164,14 +188,16 @@ class _Launch:
     def _library(self, inputs, output_dtypes, template) -> tuple[ctypes.CDLL, str]:
         name, _, _, body, header = self.spec
         header = header.replace('#define PREFETCH_L2(p) asm volatile("prefetch.global.L2 [%0];" ::"l"(p))',
-                                "#define PREFETCH_L2(p) ((void)(p))")
+                                "#define PREFETCH_L2(p) fm_prefetch((const void*)(p))")
         params = kernel_params(self.spec, inputs, output_dtypes, C_TYPES)
         t = C_TYPES[dict(template)["T"]]
         casts = [f"({p.rsplit(' ', 1)[0]})a[{i}]" for i, p in enumerate(params)]
         # FLASHMOE_EMULATE_MMA=0: the tensor-core products summed as Metal sums them (FMAs, shuffles)
         mma = os.environ.get("FLASHMOE_EMULATE_MMA", "1").strip() != "0"
         text = (f"#define FM_HOST_MMA {int(mma)}\n" + SHIM + header + f"\ntemplate <typename T> void {name}({', '.join(params)}) {{\n{body}\n}}\n"
-                f'extern "C" void fm_launch(void** a, int gx, int gy, int tx) {{\n'
+                f'extern "C" void fm_launch(void** a, const int64_t* sizes, int n, int gx, int gy, int tx) {{\n'
+                f"  fm_bufs.clear();\n"
+                f"  for (int i = 0; i < n; i++) fm_bufs.push_back({{(const char*)a[i], sizes[i]}});\n"
                 f"  blockDim = {{unsigned(tx), 1, 1}};\n"
                 f"  std::barrier<> block(tx); fm_block_barrier = &block;\n"
                 f"  std::vector<std::barrier<>*> warps;\n"
@@ -196,6 +222,7 @@ class _Launch:
             if r.returncode:
                 raise RuntimeError(f"{name}: g++ failed ({src}):\n{r.stderr[:3000]}")
             lib = _LIBS[key] = ctypes.CDLL(str(so))
+            lib.fm_prefetch_count.restype = lib.fm_prefetch_take.restype = ctypes.c_int64
         return lib, key
 
     def __call__(self, inputs, template, grid, threadgroup, output_shapes, output_dtypes, init_value=None, **_):
@@ -211,9 +238,21 @@ class _Launch:
             if init_value is not None and mx.issubdtype(dt, mx.floating):   # poison, as the GPU check does
                 o[...] = _np_view(mx.full((1,), init_value, dt))
             outs.append(o)
-        args = (ctypes.c_void_p * (len(ins) + len(outs)))(*[a.ctypes.data for a in ins + outs])
+        bufs = ins + outs
+        args = (ctypes.c_void_p * len(bufs))(*[a.ctypes.data for a in bufs])
+        sizes = (ctypes.c_int64 * len(bufs))(*[a.nbytes for a in bufs])
         tx = threadgroup[0]
-        lib.fm_launch(args, ctypes.c_int(grid[0] // tx), ctypes.c_int(grid[1] // max(threadgroup[1], 1)), ctypes.c_int(tx))
+        lib.fm_launch(args, sizes, ctypes.c_int(len(bufs)), ctypes.c_int(grid[0] // tx),
+                      ctypes.c_int(grid[1] // max(threadgroup[1], 1)), ctypes.c_int(tx))
+        n_log = lib.fm_prefetch_count()
+        log = (ctypes.c_int64 * max(1, n_log))()
+        bad = lib.fm_prefetch_take(log)
+        if bad:
+            raise RuntimeError(f"{self.spec[0]}: {bad} L2 prefetches outside the launch's buffers")
+        names = self.spec[1] + [f"{n}_shape" for n in self.shaped()] + self.spec[2]
+        self.prefetched = {}   # input or output name -> offsets of the lines asked for
+        for v in log[:n_log]:
+            self.prefetched.setdefault(names[v >> 40], set()).add(v & ((1 << 40) - 1))
         res = []
         for o, dt in zip(outs, output_dtypes):
             a = mx.array(o)

@@ -110,6 +110,13 @@ QPIPE = 0
 # group's 16 rows before the input is staged), the rest without (the figures above predate that form).
 L2PF = 0
 L2PF_DOWN = False
+# FLASHMOE_DOWN_PF=1 (default 0: off until timed; CUDA only): the MoE's gate/up launch, once it knows
+# the experts, asks for moe_down's bytes (those experts' down rows and the shared expert's) into L2
+# while it streams its own (moe.kern's DOWN_PF), each thread group a slice. moe_down's time is its
+# memory round trips: on the H200 (seventeenth session, ncu over 3 decode steps of 8 resident 397B
+# layers) it took 24.0 us a call (13-16 or 26-32) for 11.3 MB, where the gate/up took 18.9 for twice
+# the bytes, and 26.3 with its own prefetch just before its loads (FLASHMOE_L2_PREFETCH=down).
+DOWN_PF = 0
 # FLASHMOE_FUSE_ROUTE=0: the MoE's routing in a launch of its own (moe_route, then moe_gate_up)
 # rather than inside the gate/up launch, where warp 0 of every thread group routes while the
 # others wait (ncu: the barrier is that kernel's top stall). On the H200 the separate launch timed
@@ -170,7 +177,7 @@ def configure(env=os.environ) -> None:
     FLASHMOE_MOE_MMA, FLASHMOE_QPIPE; absent: the defaults). Kernels
     built before keep their settings: make a new GpuKernels after changing them."""
     global QMV_ROWS, MOE_GU_ROWS, MOE_DOWN_ROWS, QWORDS, GRID_PER_SM, GRID_BLOCKS, GDN_ROWS, GDN_THREADS, MV_THREADS
-    global XV_INNER, L2PF, L2PF_DOWN, FUSE_ROUTE, KV_INPLACE, QMV_MMA, MOE_MMA, QPIPE, MIN_GROUPS, QASYNC, QINT
+    global XV_INNER, L2PF, L2PF_DOWN, DOWN_PF, FUSE_ROUTE, KV_INPLACE, QMV_MMA, MOE_MMA, QPIPE, MIN_GROUPS, QASYNC, QINT
     global QINT_DIGITS
     rows = env.get("FLASHMOE_QMV_ROWS", "auto").strip().lower()
     QMV_ROWS = None if rows in ("", "auto") else int(rows)
@@ -197,6 +204,7 @@ def configure(env=os.environ) -> None:
         raise FlashMoeError(f"FLASHMOE_L2_PREFETCH={l2pf}: use 0, 1 (every matrix-vector and MoE kernel) "
                             "or down (moe_down alone).")
     L2PF, L2PF_DOWN = int(l2pf == "1"), l2pf == "down"
+    DOWN_PF = int(env.get("FLASHMOE_DOWN_PF", "0").strip().lower() in ("1", "on", "yes", "true"))
     FUSE_ROUTE = env.get("FLASHMOE_FUSE_ROUTE", "1").strip().lower() not in ("0", "off", "no", "false")
     kv = env.get("FLASHMOE_KV_INPLACE", "auto").strip().lower()
     KV_INPLACE = None if kv in ("", "auto") else int(kv in ("1", "on", "yes", "true"))
@@ -490,47 +498,51 @@ class GpuKernels:
                       threadgroup=(256, 1, 1), output_shapes=[(k,), (k,)], output_dtypes=[mx.int32, mx.float32], **self._fill)
         return ids, w
 
-    def moe_gate_up(self, x, rows, gate: Linear, up: Linear, shared_gate: Linear, shared_up: Linear):
+    def moe_gate_up(self, x, rows, gate: Linear, up: Linear, shared_gate: Linear, shared_up: Linear, then=None):
+        """`then`: (down, shared_down), the stacks moe_down reads next (for FLASHMOE_DOWN_PF)."""
         addressed = _addressed(rows, x, gate, up)
         K = rows.shape[0] if addressed else rows.size
-        launch = self._gate_up_launch(x, K, addressed, gate, up, shared_gate, shared_up)
+        launch = self._gate_up_launch(x, K, addressed, gate, up, shared_gate, shared_up, then=then)
         if launch is None:
             _no_addresses(addressed)
             return plain.moe_gate_up(x, rows, gate, up, shared_gate, shared_up)
-        defines, stacks, kw = launch
-        kern = self.kernel("moe_gate_up", ("x", "ids", *_GATE_UP_STACKS), ("h", "hs"), defines)
+        defines, names, stacks, kw = launch
+        kern = self.kernel("moe_gate_up", ("x", "ids", *names), ("h", "hs"), defines)
         ids = rows if addressed else rows.astype(mx.int32)
         h, hs = kern(inputs=[x, ids, *stacks], output_dtypes=[x.dtype, x.dtype], **kw)
         return h, hs
 
     def moe_route_gate_up(self, logits, k: int, norm_topk: bool, lookup, x, gate: Linear, up: Linear,
-                          shared_gate: Linear, shared_up: Linear):
+                          shared_gate: Linear, shared_up: Linear, then=None):
         """moe_route, the rows (ids, or lookup[ids]: int32 [E] rows of the stacks or uint64 [E, 9]
         addresses) and moe_gate_up in one launch -> h, hs, rows, weights. Up to 1024 experts (a
-        lane holds E/32 probabilities in registers), else the two ops in turn."""
+        lane holds E/32 probabilities in registers), else the two ops in turn. `then`: (down,
+        shared_down), the stacks moe_down reads next (for FLASHMOE_DOWN_PF)."""
         E = logits.size
         addressed = lookup is not None and _addressed(lookup, x, gate, up)
-        launch = (self._gate_up_launch(x, k, addressed, gate, up, shared_gate, shared_up, reserve=4 * E + 256)
+        launch = (self._gate_up_launch(x, k, addressed, gate, up, shared_gate, shared_up, reserve=4 * E + 256,
+                                       then=then)
                   if FUSE_ROUTE and E <= 1024 and k <= 32 and (lookup is None or lookup.shape[0] == E) else None)
         if launch is None:   # the two ops (each falls back where its kernel does not cover the shapes)
             return plain.route_gate_up(self.moe_route, self.moe_gate_up)(
                 logits, k, norm_topk, lookup, x, gate, up, shared_gate, shared_up)
-        defines, stacks, kw = launch
+        defines, stack_names, stacks, kw = launch
         defines.update({"NE": E, "NORM": bool(norm_topk), "LOOKUP": int(lookup is not None)})
         names, args = ["logits"], [logits]
         if lookup is not None:
             names.append("lookup")
             args.append(lookup if addressed else lookup.astype(mx.int32))
-        kern = self.kernel("moe_route_gate_up", (*names, "x", *_GATE_UP_STACKS), ("h", "hs", "rows", "weights"), defines)
+        kern = self.kernel("moe_route_gate_up", (*names, "x", *stack_names), ("h", "hs", "rows", "weights"), defines)
         kw["output_shapes"] += [(k, 9) if addressed else (k,), (k,)]
         return tuple(kern(inputs=[*args, x, *stacks],
                           output_dtypes=[x.dtype, x.dtype, mx.uint64 if addressed else mx.int32, mx.float32], **kw))
 
     def _gate_up_launch(self, x, K: int, addressed: bool, gate: Linear, up: Linear, shared_gate: Linear,
-                        shared_up: Linear, reserve: int = 0):
-        """(defines, the stacks' arrays, launch keywords) of the gate/up kernels for K experts, or
-        None where they do not cover the shapes; `reserve`: bytes of fast memory the launch's
-        kernel takes besides (the routing's)."""
+                        shared_up: Linear, reserve: int = 0, then=None):
+        """(defines, the stacks' input names and arrays, launch keywords) of the gate/up kernels for K
+        experts, or None where they do not cover the shapes; `reserve`: bytes of fast memory the
+        launch's kernel takes besides (the routing's); `then`: (down, shared_down), moe_down's stacks,
+        whose chosen rows the launch asks for into L2 (FLASHMOE_DOWN_PF, CUDA, experts by row)."""
         H = x.size
         if not (H % 32 == 0 and _xs_bytes(H) <= self.max_shared and _q3d(gate, H) and _q3d(up, H) and _same_q(gate, up)
                 and _q2d(shared_gate, H) and _q2d(shared_up, H) and _same_q(shared_gate, shared_up)):
@@ -551,7 +563,16 @@ class GpuKernels:
         blocks, defines["GU_GW"] = self._mv_grid(_ceil(K * I, R) + _ceil(Is, R), mma, threads, grid)
         kw = dict(template=[("T", x.dtype)], grid=(blocks * threads, 1, 1), threadgroup=(threads, 1, 1),
                   output_shapes=[(K, I), (Is,)], **self._fill)
-        return defines, stacks, kw
+        names = list(_GATE_UP_STACKS)
+        if DOWN_PF and then is not None and not addressed and self.backend == "cuda":
+            down, shared_down = then
+            if (down.quantized and shared_down.quantized and down.weight.ndim == 3
+                    and down.weight.shape[0] == gate.weight.shape[0] and down.weight.shape[1] == H
+                    and shared_down.weight.ndim == 2 and shared_down.weight.shape[0] == H):
+                defines.update(DOWN_PF=1, DPF_WARPS=blocks * threads // 32, SHI=Is)
+                names += ["pdw", "pds", "pdb", "psdw", "psds", "psdb"]
+                stacks += [*_parts(down), *_parts(shared_down)]
+        return defines, names, stacks, kw
 
     def moe_down(self, h, rows, weights, down: Linear, hs, shared_down: Linear, shared_gate_logit, residual):
         K, I = h.shape

@@ -83,9 +83,10 @@ def moe_gate_up(x: mx.array, rows: mx.array, gate: Linear, up: Linear,
 def route_gate_up(route, gate_up):
     """moe_route_gate_up made of a backend's own `route` (moe_route) and `gate_up` (moe_gate_up)."""
     def moe_route_gate_up(logits: mx.array, k: int, norm_topk: bool, lookup: mx.array | None, x: mx.array,
-                          gate: Linear, up: Linear, shared_gate: Linear, shared_up: Linear):
+                          gate: Linear, up: Linear, shared_gate: Linear, shared_up: Linear, then=None):
         """moe_route, then moe_gate_up on the chosen experts' rows: ids, or lookup[ids] (int32 [E]
-        rows of the stacks, or uint64 [E, 9] addresses) -> h [K, I], hs [Is], those rows, weights [K]."""
+        rows of the stacks, or uint64 [E, 9] addresses) -> h [K, I], hs [Is], those rows, weights [K].
+        `then` (the stacks moe_down reads next, which a fused launch may ask for ahead) is not used."""
         ids, weights = route(logits, k, norm_topk)
         rows = ids if lookup is None else lookup[ids]
         h, hs = gate_up(x, rows, gate, up, shared_gate, shared_up)
