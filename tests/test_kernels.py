@@ -605,6 +605,44 @@ def test_gate_up_launch_asks_for_moe_downs_rows_ahead(tmp_path):
     assert gpu.DOWN_PF == 0
 
 
+def test_launches_before_an_output_projection_ask_for_its_matrix_ahead(tmp_path):
+    """FLASHMOE_NEXT_PF=1: gdn_step and decode_attention, given the matrix the next launch reads
+    (`then`: the output projection), ask for every line of its codes, scales and biases into L2,
+    dealt out over their warps (more slices than warps here), nothing outside their buffers (the
+    host emulator checks each address), and their outputs are those without it, bit for bit. Off
+    by default; on Metal, or without `then`, the launch is the plain one."""
+    from llm_flashmoe.kernels import check, emulate, gpu
+
+    nxt = check.qlinear(1500, 512, 4, 32, mx.float32)            # 140 slices of 4 KB
+    cases = {name: check.case_args(make, "odd", mx.float32)
+             for name, make in (("gdn_step", check.case_gdn), ("decode_attention", check.case_attention))}
+    want = {n: set(range(0, a.nbytes, 128)) for n, a in zip(("npfw", "npfs", "npfb"), (nxt.weight, nxt.scales, nxt.biases))}
+    try:
+        for name, args in cases.items():
+            outs, launches = {}, {}
+            for pf in ("0", "1"):
+                gpu.configure({"FLASHMOE_NEXT_PF": pf})
+                kern = emulate.emulated_kernels(tmp_path)
+                made = []
+                make = kern._make
+                kern._make = lambda **kw: made.append(make(**kw)) or made[-1]
+                out = getattr(kern, name)(*args, then=nxt)
+                outs[pf] = list(out) if isinstance(out, (tuple, list)) else [out]
+                (launches[pf],) = made
+            assert all(mx.array_equal(a, b) for a, b in zip(outs["0"], outs["1"])), name
+            assert not launches["0"].prefetched and launches["1"].prefetched == want, name
+            assert launches["1"].spec[1][-3:] == ["npfw", "npfs", "npfb"]
+            for backend, given in (("cuda", None), ("metal", nxt)):
+                recorded = []
+                k = gpu.GpuKernels(backend)
+                k._make = recording(recorded)
+                getattr(k, name)(*args, then=given)
+                assert "npfw" not in recorded[0][1] and "#define NPF 1" not in recorded[0][2], (name, backend)
+    finally:
+        gpu.configure()
+    assert gpu.NEXT_PF == 0
+
+
 def test_qmv_mma_switch_takes_4bit_bf16_launches_through_tensor_core_products():
     """FLASHMOE_QMV_MMA=1: a qmv launch whose slots are all 4-bit with groups of 64 or 128 on bf16
     activations is built with QMV_MMA 1 and a thread group per 16 rows, on CUDA and on Metal (its

@@ -327,8 +327,8 @@ def _state_out(layer_key: mx.array, name: str, given, shape: tuple) -> mx.array:
 
 
 def gdn_step(qkv, z, b, a, conv_state, conv_w, A, dt_bias, norm_w, state, n_key_heads: int,
-             key_dim: int, eps: float):
-    """One GatedDeltaNet token (see kernels/plain.py for the contract) -> out [Hv*Dv] (numpy),
+             key_dim: int, eps: float, then=None):
+    """One GatedDeltaNet token (see kernels/plain.py for the contract; `then` unused) -> out [Hv*Dv] (numpy),
     new conv_state [1, Kc-1, C] and new state [1, Hv, Dv, Dk] float32 (MLX: cache state)."""
     lib = load()
     Hk, Dk = n_key_heads, key_dim
@@ -465,9 +465,10 @@ def qk_norm_rope(qg, k, q_w: mx.array, k_w: mx.array, pos: int, rope_dims: int, 
     return _rope(q, pos, rope_dims, theta), _rope(kk, pos, rope_dims, theta).reshape(1, n_kv_heads, 1, Dh)
 
 
-def decode_attention(q, keys, values, n: int, qg) -> np.ndarray:
+def decode_attention(q, keys, values, n: int, qg, then=None) -> np.ndarray:
     """q [Hq, Dh] attends over the first n of keys/values [1, Hkv, capacity, Dh]; the
-    output is gated by sigmoid of the second half of each head of qg [Hq, 2*Dh] -> [Hq*Dh]."""
+    output is gated by sigmoid of the second half of each head of qg [Hq, 2*Dh] -> [Hq*Dh]
+    (`then` unused: see kernels/plain.py)."""
     qn, qgn = f32([q, qg])
     kv = f32([keys, values])                                   # whole buffers: no MLX slice to evaluate
     K, V = kv[0][0, :, :n], kv[1][0, :, :n]                    # [Hkv, n, Dh]

@@ -107,7 +107,7 @@ class GatedDeltaNet:
         qkv, z, b, a = _in_proj(self.ops, x, norm, [self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a])
         o, state.conv, state.recurrent = self.ops.gdn_step(
             qkv, z, b, a, state.conv, self.conv_weight, self.A, self.dt_bias, self.norm_weight,
-            state.recurrent, self.Hk, self.Dk, self.eps)
+            state.recurrent, self.Hk, self.Dk, self.eps, then=self.out_proj)
         return self.ops.qmv(o, [self.out_proj])[0].reshape(x.shape)
 
 
@@ -180,7 +180,7 @@ class Attention:
                                      self.rope_theta, self.eps, Hkv)
         # The cache holds MLX arrays (a backend may hand back host arrays).
         cache.update(*(mx.array(t, dtype=self.q_norm.dtype).reshape(1, Hkv, 1, Dh) for t in (k, v)))
-        out = self.ops.decode_attention(q, cache.keys, cache.values, cache.offset, qg)
+        out = self.ops.decode_attention(q, cache.keys, cache.values, cache.offset, qg, then=self.o_proj)
         return self.ops.qmv(out, [self.o_proj])[0].reshape(x.shape)
 
 
@@ -192,7 +192,7 @@ class Attention:
         qg, k, v = _in_proj(self.ops, x, norm, [self.q_proj, self.k_proj, self.v_proj])
         q, _, keys, values = self.ops.qk_norm_rope_kv(qg, k, v, keys, values, self.q_norm, self.k_norm, pos,
                                                       self.rope_dims, self.rope_theta, self.eps, self.Hkv)
-        out = self.ops.decode_attention(q, keys, values, n, qg)
+        out = self.ops.decode_attention(q, keys, values, n, qg, then=self.o_proj)
         return self.ops.qmv(out, [self.o_proj])[0].reshape(x.shape), keys, values
 
 

@@ -94,8 +94,8 @@ def render_all(nvcc: bool = False) -> dict[str, str]:
     """{kernel name: translation unit} for every kernel the check's cases launch, their
     tensor-core variants, their rings of asynchronous copies (FLASHMOE_QASYNC), their integer staging
     (FLASHMOE_QINT: 2 digits for bf16, 3 for float32), the MoE kernels' ADDRESSED mode (experts
-    given by address: the GPU cache's host tier), and the gate/up launches that ask for moe_down's
-    rows ahead (FLASHMOE_DOWN_PF)."""
+    given by address: the GPU cache's host tier), and the launches that ask for the next launch's
+    bytes ahead (FLASHMOE_DOWN_PF: the gate/up; FLASHMOE_NEXT_PF: gdn_step, decode_attention)."""
     from . import check, gpu
 
     units: dict[str, str] = {}
@@ -112,7 +112,7 @@ def render_all(nvcc: bool = False) -> dict[str, str]:
             kernels.moe_down(check.rnd((K, I)), rows, d["w"], d["down"], check.rnd((Is,)), d["sd"], check.rnd((1,)),
                              d["res"])
 
-    saved = (gpu.QMV_MMA, gpu.MOE_MMA, gpu.QASYNC, gpu.QINT, gpu.DOWN_PF)
+    saved = (gpu.QMV_MMA, gpu.MOE_MMA, gpu.QASYNC, gpu.QINT, gpu.DOWN_PF, gpu.NEXT_PF)
     try:
         gpu.QMV_MMA, gpu.MOE_MMA, gpu.QINT = 0, frozenset(), 0   # the FMA forms, every case and dtype
         for _, make, labels in check.CASES:
@@ -152,8 +152,16 @@ def render_all(nvcc: bool = False) -> dict[str, str]:
                 kernels.moe_route_gate_up(check.rnd((d["E"],)), d["K"], True, None, d["x"], d["gate"], d["up"], d["sg"],
                                           d["su"], then=then)
                 kernels.moe_gate_up(d["x"], d["rows"], d["gate"], d["up"], d["sg"], d["su"], then=then)
+        # gdn_step and decode_attention asking for the output projection's matrix ahead (FLASHMOE_NEXT_PF)
+        gpu.NEXT_PF = 1
+        nxt = check.qlinear(64, 256, 4, 64)   # (only its sizes go in the source)
+        for name, make in (("gdn_step", check.case_gdn), ("decode_attention", check.case_attention)):
+            for label in ("397b", "odd"):
+                for dtype in (mx.bfloat16, mx.float32):
+                    args = check.case_args(make, label, dtype)
+                    getattr(kernels, name)(*args, then=nxt)
     finally:
-        gpu.QMV_MMA, gpu.MOE_MMA, gpu.QASYNC, gpu.QINT, gpu.DOWN_PF = saved
+        gpu.QMV_MMA, gpu.MOE_MMA, gpu.QASYNC, gpu.QINT, gpu.DOWN_PF, gpu.NEXT_PF = saved
     # the benchmark kernel (`overhead bwfloor`), each variant, launched as bwfloor launches it
     from .overhead import stream_read
 

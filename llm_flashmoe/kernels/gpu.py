@@ -117,6 +117,10 @@ L2PF_DOWN = False
 # layers) it took 24.0 us a call (13-16 or 26-32) for 11.3 MB, where the gate/up took 18.9 for twice
 # the bytes, and 26.3 with its own prefetch just before its loads (FLASHMOE_L2_PREFETCH=down).
 DOWN_PF = 0
+# FLASHMOE_NEXT_PF=1 (default 0: off until timed; CUDA only): gdn_step and decode_attention, launches that
+# wait on round trips with the memory bus mostly idle, ask for the output projection's matrix (the
+# next launch's, 16.8 MB at 397B shapes, 14.2 us a call from memory) into L2 (common.kern's ASK_NEXT).
+NEXT_PF = 0
 # FLASHMOE_FUSE_ROUTE=0: the MoE's routing in a launch of its own (moe_route, then moe_gate_up)
 # rather than inside the gate/up launch, where warp 0 of every thread group routes while the
 # others wait (ncu: the barrier is that kernel's top stall). On the H200 the separate launch timed
@@ -177,7 +181,7 @@ def configure(env=os.environ) -> None:
     FLASHMOE_MOE_MMA, FLASHMOE_QPIPE; absent: the defaults). Kernels
     built before keep their settings: make a new GpuKernels after changing them."""
     global QMV_ROWS, MOE_GU_ROWS, MOE_DOWN_ROWS, QWORDS, GRID_PER_SM, GRID_BLOCKS, GDN_ROWS, GDN_THREADS, MV_THREADS
-    global XV_INNER, L2PF, L2PF_DOWN, DOWN_PF, FUSE_ROUTE, KV_INPLACE, QMV_MMA, MOE_MMA, QPIPE, MIN_GROUPS, QASYNC, QINT
+    global XV_INNER, L2PF, L2PF_DOWN, DOWN_PF, NEXT_PF, FUSE_ROUTE, KV_INPLACE, QMV_MMA, MOE_MMA, QPIPE, MIN_GROUPS, QASYNC, QINT
     global QINT_DIGITS
     rows = env.get("FLASHMOE_QMV_ROWS", "auto").strip().lower()
     QMV_ROWS = None if rows in ("", "auto") else int(rows)
@@ -205,6 +209,7 @@ def configure(env=os.environ) -> None:
                             "or down (moe_down alone).")
     L2PF, L2PF_DOWN = int(l2pf == "1"), l2pf == "down"
     DOWN_PF = int(env.get("FLASHMOE_DOWN_PF", "0").strip().lower() in ("1", "on", "yes", "true"))
+    NEXT_PF = int(env.get("FLASHMOE_NEXT_PF", "0").strip().lower() in ("1", "on", "yes", "true"))
     FUSE_ROUTE = env.get("FLASHMOE_FUSE_ROUTE", "1").strip().lower() not in ("0", "off", "no", "false")
     kv = env.get("FLASHMOE_KV_INPLACE", "auto").strip().lower()
     KV_INPLACE = None if kv in ("", "auto") else int(kv in ("1", "on", "yes", "true"))
@@ -602,15 +607,26 @@ class GpuKernels:
                     threadgroup=(threads, 1, 1), output_shapes=[residual.shape], output_dtypes=[residual.dtype],
                     **self._fill)[0]
 
+    def _next_pf(self, then: Linear | None, warps: int) -> tuple[list, list, dict]:
+        """(input names, arrays, defines) with which a launch of `warps` warps asks for `then`, the
+        quantized matrix the next launch reads, into L2 (FLASHMOE_NEXT_PF, CUDA); nothing otherwise."""
+        if not (NEXT_PF and then is not None and then.quantized and self.backend == "cuda"):
+            return [], [], {}
+        parts = _parts(then)
+        return (["npfw", "npfs", "npfb"], parts,
+                {"NPF": 1, "NPF_WARPS": warps, "NPF_W": parts[0].nbytes, "NPF_S": parts[1].nbytes, "NPF_B": parts[2].nbytes})
+
     # -- family 3 ---------------------------------------------------------
-    def decode_attention(self, q, keys, values, n: int, qg):
+    def decode_attention(self, q, keys, values, n: int, qg, then: Linear | None = None):
+        """`then`: the matrix the next launch reads (FLASHMOE_NEXT_PF)."""
         Hq, Dh = q.shape
         Hkv = keys.shape[1]
         if not (Dh % 32 == 0 and Dh <= 512 and Hq % Hkv == 0 and keys.dtype == q.dtype == values.dtype):
             return plain.decode_attention(q, keys, values, n, qg)
-        kern = self.kernel("decode_attention", ("q", "keys", "values", "n_ctx", "qg"), ("out",),
-                           {"HQ": Hq, "HKV": Hkv, "DH": Dh, "NWARPS": 8})
-        return kern(inputs=[q, keys, values, _index(n), qg], template=[("T", q.dtype)],
+        names, parts, npf = self._next_pf(then, Hq * 8)
+        kern = self.kernel("decode_attention", ("q", "keys", "values", "n_ctx", "qg", *names), ("out",),
+                           {"HQ": Hq, "HKV": Hkv, "DH": Dh, "NWARPS": 8, **npf})
+        return kern(inputs=[q, keys, values, _index(n), qg, *parts], template=[("T", q.dtype)],
                     grid=(Hq * 256, 1, 1), threadgroup=(256, 1, 1), output_shapes=[(*qg.shape[:-1], Hq * Dh)],
                     output_dtypes=[q.dtype], **self._fill)[0]
 
@@ -655,7 +671,9 @@ class GpuKernels:
         return qo, ko
 
     # -- family 5 ---------------------------------------------------------
-    def gdn_step(self, qkv, z, b, a, conv_state, conv_w, A, dt_bias, norm_w, state, n_key_heads, key_dim, eps):
+    def gdn_step(self, qkv, z, b, a, conv_state, conv_w, A, dt_bias, norm_w, state, n_key_heads, key_dim, eps,
+                 then: Linear | None = None):
+        """`then`: the matrix the next launch reads (FLASHMOE_NEXT_PF)."""
         Hk, Dk = n_key_heads, key_dim
         Hv = b.size
         Dv = z.size // Hv
@@ -668,11 +686,12 @@ class GpuKernels:
             conv_state = mx.zeros((1, Kc - 1, C), qkv.dtype)
         if state is None:
             state = mx.zeros((1, Hv, Dv, Dk), mx.float32)
-        defines = {"HK": Hk, "HV": Hv, "DK": Dk, "DV": Dv, "KC": Kc, "EPS": float(eps), "GROWS": GDN_ROWS}
-        names = ("qkv", "z", "b", "a", "conv_state", "conv_w", "A", "dt_bias", "norm_w", "state")
+        pf_names, parts, npf = self._next_pf(then, Hv * threads // 32)
+        defines = {"HK": Hk, "HV": Hv, "DK": Dk, "DV": Dv, "KC": Kc, "EPS": float(eps), "GROWS": GDN_ROWS, **npf}
+        names = ("qkv", "z", "b", "a", "conv_state", "conv_w", "A", "dt_bias", "norm_w", "state", *pf_names)
         kern = self.kernel("gdn_step", names, ("out", "conv_out", "state_out"), defines)
         args = [qkv, z, b, a, conv_state, conv_w,
-                A.astype(mx.float32), dt_bias.astype(mx.float32), norm_w, state]
+                A.astype(mx.float32), dt_bias.astype(mx.float32), norm_w, state, *parts]
         out, conv_out, state_out = kern(
             inputs=args, template=[("T", qkv.dtype)], grid=(Hv * threads, 1, 1), threadgroup=(threads, 1, 1),
             output_shapes=[(*qkv.shape[:-1], Hv * Dv), (1, Kc - 1, C), (1, Hv, Dv, Dk)],

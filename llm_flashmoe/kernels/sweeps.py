@@ -119,7 +119,7 @@ SETTING_KEYS = {"grid": "FLASHMOE_GRID", "blocks": "FLASHMOE_GRID_BLOCKS", "word
                 "qmma": "FLASHMOE_QMV_MMA", "moemma": "FLASHMOE_MOE_MMA", "kvinplace": "FLASHMOE_KV_INPLACE",
                 "qpipe": "FLASHMOE_QPIPE", "mingroups": "FLASHMOE_MIN_GROUPS",
                 "qasync": "FLASHMOE_QASYNC", "qint": "FLASHMOE_QINT", "qdig": "FLASHMOE_QINT_DIGITS",
-                "downpf": "FLASHMOE_DOWN_PF"}
+                "downpf": "FLASHMOE_DOWN_PF", "nextpf": "FLASHMOE_NEXT_PF"}
 # read by the engine at each call rather than by the kernel module: set in the environment itself
 _ENGINE_KEYS = ("FLASHMOE_FUSE_INPUT_NORM", "FLASHMOE_COMPILE_ATTENTION", "FLASHMOE_COMPILE_STEP")
 
