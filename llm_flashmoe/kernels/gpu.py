@@ -574,7 +574,10 @@ class GpuKernels:
             if (down.quantized and shared_down.quantized and down.weight.ndim == 3
                     and down.weight.shape[0] == gate.weight.shape[0] and down.weight.shape[1] == H
                     and shared_down.weight.ndim == 2 and shared_down.weight.shape[0] == H):
-                defines.update(DOWN_PF=1, DPF_WARPS=blocks * threads // 32, SHI=Is)
+                E = down.weight.shape[0]   # bytes of one expert's down parts, and of the shared expert's
+                defines.update(DOWN_PF=1, DPF_WARPS=blocks * threads // 32, DPF_CB=down.weight.nbytes // E,
+                               DPF_SB=down.scales.nbytes // E, DPF_SCB=shared_down.weight.nbytes,
+                               DPF_SSB=shared_down.scales.nbytes)
                 names += ["pdw", "pds", "pdb", "psdw", "psds", "psdb"]
                 stacks += [*_parts(down), *_parts(shared_down)]
         return defines, names, stacks, kw
