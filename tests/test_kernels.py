@@ -605,18 +605,19 @@ def test_gate_up_launch_asks_for_moe_downs_rows_ahead(tmp_path):
     assert gpu.DOWN_PF == 0
 
 
-def test_launches_before_an_output_projection_ask_for_its_matrix_ahead(tmp_path):
-    """FLASHMOE_NEXT_PF=1: gdn_step and decode_attention, given the matrix the next launch reads
-    (`then`: the output projection), ask for every line of its codes, scales and biases into L2,
-    dealt out over their warps (more slices than warps here), nothing outside their buffers (the
-    host emulator checks each address), and their outputs are those without it, bit for bit. Off
-    by default; on Metal, or without `then`, the launch is the plain one."""
+def test_launches_before_an_output_projection_ask_for_the_next_matrices_ahead(tmp_path):
+    """FLASHMOE_NEXT_PF=1: gdn_step and decode_attention, given the matrices the next launches read
+    (`then`: the output projection, the router), ask for every line of their codes, scales and
+    biases into L2, dealt out over their warps (more slices than warps here), nothing outside their
+    buffers (the host emulator checks each address), and their outputs are those without it, bit
+    for bit. Off by default; on Metal, or without `then`, the launch is the plain one."""
     from llm_flashmoe.kernels import check, emulate, gpu
 
-    nxt = check.qlinear(1500, 512, 4, 32, mx.float32)            # 140 slices of 4 KB
+    nxt = [check.qlinear(1500, 512, 4, 32, mx.float32), check.qlinear(40, 512, 8, 64, mx.float32)]   # 140 + 6 slices
     cases = {name: check.case_args(make, "odd", mx.float32)
              for name, make in (("gdn_step", check.case_gdn), ("decode_attention", check.case_attention))}
-    want = {n: set(range(0, a.nbytes, 128)) for n, a in zip(("npfw", "npfs", "npfb"), (nxt.weight, nxt.scales, nxt.biases))}
+    parts = [a for lin in nxt for a in (lin.weight, lin.scales, lin.biases)]
+    want = {f"npf{i}": set(range(0, a.nbytes, 128)) for i, a in enumerate(parts)}
     try:
         for name, args in cases.items():
             outs, launches = {}, {}
@@ -631,13 +632,13 @@ def test_launches_before_an_output_projection_ask_for_its_matrix_ahead(tmp_path)
                 (launches[pf],) = made
             assert all(mx.array_equal(a, b) for a, b in zip(outs["0"], outs["1"])), name
             assert not launches["0"].prefetched and launches["1"].prefetched == want, name
-            assert launches["1"].spec[1][-3:] == ["npfw", "npfs", "npfb"]
+            assert launches["1"].spec[1][-6:] == [f"npf{i}" for i in range(6)]
             for backend, given in (("cuda", None), ("metal", nxt)):
                 recorded = []
                 k = gpu.GpuKernels(backend)
                 k._make = recording(recorded)
                 getattr(k, name)(*args, then=given)
-                assert "npfw" not in recorded[0][1] and "#define NPF 1" not in recorded[0][2], (name, backend)
+                assert "npf0" not in recorded[0][1] and "#define NPF 6" not in recorded[0][2], (name, backend)
     finally:
         gpu.configure()
     assert gpu.NEXT_PF == 0

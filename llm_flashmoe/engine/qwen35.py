@@ -59,6 +59,7 @@ class GatedDeltaNet:
         self.Dk, self.Dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
         self.eps = cfg.rms_norm_eps
         self.ops = kernels.ops()
+        self.after: list[Linear] = []   # the matrices the launches after out_proj read (DecoderLayer sets them)
 
     def __call__(self, x: mx.array, state: LinearAttentionState) -> mx.array:
         _, T, _ = x.shape
@@ -107,7 +108,7 @@ class GatedDeltaNet:
         qkv, z, b, a = _in_proj(self.ops, x, norm, [self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a])
         o, state.conv, state.recurrent = self.ops.gdn_step(
             qkv, z, b, a, state.conv, self.conv_weight, self.A, self.dt_bias, self.norm_weight,
-            state.recurrent, self.Hk, self.Dk, self.eps, then=self.out_proj)
+            state.recurrent, self.Hk, self.Dk, self.eps, then=[self.out_proj, *self.after])
         return self.ops.qmv(o, [self.out_proj])[0].reshape(x.shape)
 
 
@@ -144,6 +145,7 @@ class Attention:
         self.Hq, self.Hkv, self.Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.rope_dims, self.rope_theta, self.eps = cfg.rope_dims, cfg.rope_theta, cfg.rms_norm_eps
         self.ops = kernels.ops()
+        self.after: list[Linear] = []   # the matrices the launches after o_proj read (DecoderLayer sets them)
 
     def __call__(self, x: mx.array, cache: KVCache) -> mx.array:
         _, T, _ = x.shape
@@ -180,7 +182,8 @@ class Attention:
                                      self.rope_theta, self.eps, Hkv)
         # The cache holds MLX arrays (a backend may hand back host arrays).
         cache.update(*(mx.array(t, dtype=self.q_norm.dtype).reshape(1, Hkv, 1, Dh) for t in (k, v)))
-        out = self.ops.decode_attention(q, cache.keys, cache.values, cache.offset, qg, then=self.o_proj)
+        out = self.ops.decode_attention(q, cache.keys, cache.values, cache.offset, qg,
+                                        then=[self.o_proj, *self.after])
         return self.ops.qmv(out, [self.o_proj])[0].reshape(x.shape)
 
 
@@ -192,7 +195,7 @@ class Attention:
         qg, k, v = _in_proj(self.ops, x, norm, [self.q_proj, self.k_proj, self.v_proj])
         q, _, keys, values = self.ops.qk_norm_rope_kv(qg, k, v, keys, values, self.q_norm, self.k_norm, pos,
                                                       self.rope_dims, self.rope_theta, self.eps, self.Hkv)
-        out = self.ops.decode_attention(q, keys, values, n, qg, then=self.o_proj)
+        out = self.ops.decode_attention(q, keys, values, n, qg, then=[self.o_proj, *self.after])
         return self.ops.qmv(out, [self.o_proj])[0].reshape(x.shape), keys, values
 
 
@@ -353,6 +356,7 @@ class DecoderLayer:
         else:
             self.mixer = Attention(cfg, w, p + "self_attn.", dtype)
         self.moe = SparseMoE(cfg, w, p + "mlp.", i, experts, k, dtype)
+        self.mixer.after = [self.moe.router, self.moe.shared_expert_gate]   # the launch after its output projection
         self.eps = cfg.rms_norm_eps
         self.ops = kernels.ops()
         self.compile = compile_default(self.ops)

@@ -154,7 +154,7 @@ def render_all(nvcc: bool = False) -> dict[str, str]:
                 kernels.moe_gate_up(d["x"], d["rows"], d["gate"], d["up"], d["sg"], d["su"], then=then)
         # gdn_step and decode_attention asking for the output projection's matrix ahead (FLASHMOE_NEXT_PF)
         gpu.NEXT_PF = 1
-        nxt = check.qlinear(64, 256, 4, 64)   # (only its sizes go in the source)
+        nxt = [check.qlinear(64, 256, 4, 64), check.qlinear(8, 256, 8, 64)]   # (only their sizes go in the source)
         for name, make in (("gdn_step", check.case_gdn), ("decode_attention", check.case_attention)):
             for label in ("397b", "odd"):
                 for dtype in (mx.bfloat16, mx.float32):

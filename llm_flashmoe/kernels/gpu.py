@@ -118,8 +118,9 @@ L2PF_DOWN = False
 # the bytes, and 26.3 with its own prefetch just before its loads (FLASHMOE_L2_PREFETCH=down).
 DOWN_PF = 0
 # FLASHMOE_NEXT_PF=1 (default 0: off until timed; CUDA only): gdn_step and decode_attention, launches that
-# wait on round trips with the memory bus mostly idle, ask for the output projection's matrix (the
-# next launch's, 16.8 MB at 397B shapes, 14.2 us a call from memory) into L2 (common.kern's ASK_NEXT).
+# wait on round trips with the memory bus mostly idle, ask for the matrices of the launches after them
+# into L2 (common.kern's ASK_NEXT): the output projection's (16.8 MB at 397B shapes, 14.2 us a call
+# from memory) and the router's and shared expert gate's (1.1 MB, 10.5 us a call with the norm).
 NEXT_PF = 0
 # FLASHMOE_FUSE_ROUTE=0: the MoE's routing in a launch of its own (moe_route, then moe_gate_up)
 # rather than inside the gate/up launch, where warp 0 of every thread group routes while the
@@ -610,18 +611,21 @@ class GpuKernels:
                     threadgroup=(threads, 1, 1), output_shapes=[residual.shape], output_dtypes=[residual.dtype],
                     **self._fill)[0]
 
-    def _next_pf(self, then: Linear | None, warps: int) -> tuple[list, list, dict]:
-        """(input names, arrays, defines) with which a launch of `warps` warps asks for `then`, the
-        quantized matrix the next launch reads, into L2 (FLASHMOE_NEXT_PF, CUDA); nothing otherwise."""
-        if not (NEXT_PF and then is not None and then.quantized and self.backend == "cuda"):
+    def _next_pf(self, then: list[Linear] | None, warps: int) -> tuple[list, list, dict]:
+        """(input names, arrays, defines) with which a launch of `warps` warps asks for `then`'s
+        quantized matrices, those the next launches read, into L2 (FLASHMOE_NEXT_PF, CUDA); nothing
+        otherwise."""
+        parts = [a for lin in then or () if lin.quantized for a in _parts(lin)]
+        if not (NEXT_PF and parts and self.backend == "cuda"):
             return [], [], {}
-        parts = _parts(then)
-        return (["npfw", "npfs", "npfb"], parts,
-                {"NPF": 1, "NPF_WARPS": warps, "NPF_W": parts[0].nbytes, "NPF_S": parts[1].nbytes, "NPF_B": parts[2].nbytes})
+        names = [f"npf{i}" for i in range(len(parts))]
+        return (names, parts, {"NPF": len(parts), "NPF_WARPS": warps,
+                               "NPF_PTRS": ", ".join(f"(const GLOBAL char*){n}" for n in names),
+                               "NPF_BYTES": ", ".join(str(a.nbytes) for a in parts)})
 
     # -- family 3 ---------------------------------------------------------
-    def decode_attention(self, q, keys, values, n: int, qg, then: Linear | None = None):
-        """`then`: the matrix the next launch reads (FLASHMOE_NEXT_PF)."""
+    def decode_attention(self, q, keys, values, n: int, qg, then: list[Linear] | None = None):
+        """`then`: the matrices the next launches read (FLASHMOE_NEXT_PF)."""
         Hq, Dh = q.shape
         Hkv = keys.shape[1]
         if not (Dh % 32 == 0 and Dh <= 512 and Hq % Hkv == 0 and keys.dtype == q.dtype == values.dtype):
@@ -675,8 +679,8 @@ class GpuKernels:
 
     # -- family 5 ---------------------------------------------------------
     def gdn_step(self, qkv, z, b, a, conv_state, conv_w, A, dt_bias, norm_w, state, n_key_heads, key_dim, eps,
-                 then: Linear | None = None):
-        """`then`: the matrix the next launch reads (FLASHMOE_NEXT_PF)."""
+                 then: list[Linear] | None = None):
+        """`then`: the matrices the next launches read (FLASHMOE_NEXT_PF)."""
         Hk, Dk = n_key_heads, key_dim
         Hv = b.size
         Dv = z.size // Hv

@@ -115,8 +115,8 @@ def decode_attention(q: mx.array, keys: mx.array, values: mx.array, n, qg: mx.ar
     """q [Hq, Dh] attends over the first n of keys/values [1, Hkv, capacity, Dh] (n: an int, or
     an int32 array computed on the device: then the rest of the capacity is masked out); the
     output is gated by sigmoid of the second half of each head of qg [..., Hq*2*Dh] -> [..., Hq*Dh]
-    (qg's leading shape). `then` (the matrix the next launch reads, which a fused launch may ask
-    for ahead) is not used."""
+    (qg's leading shape). `then` (the matrices the next launches read, which a fused launch may
+    ask for ahead) is not used."""
     Hq, Dh = q.shape
     if isinstance(n, mx.array):
         mask = (mx.arange(keys.shape[2]) < n.reshape(())).reshape(1, 1, 1, -1)
@@ -168,8 +168,8 @@ def gdn_step(qkv, z, b, a, conv_state, conv_w, A, dt_bias, norm_w, state, n_key_
     """One GatedDeltaNet token: qkv [..., C], z [Hv*Dv], b and a [Hv], conv_state [1, Kc-1, C] (or
     None), conv_w [C, Kc], A = -exp(A_log) and dt_bias [Hv] float32, norm_w [Dv], state
     [1, Hv, Dv, Dk] float32 (or None) -> out [..., Hv*Dv] (qkv's leading shape), new conv_state,
-    new state. `then` (the matrix the next launch reads, which a fused launch may ask for ahead) is
-    not used."""
+    new state. `then` (the matrices the next launches read, which a fused launch may ask for ahead)
+    is not used."""
     Hk, Dk = n_key_heads, key_dim
     Hv = b.size
     Dv = z.size // Hv
