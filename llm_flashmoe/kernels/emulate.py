@@ -11,7 +11,10 @@ exchange through memory between two warp barriers, blocks run one after another.
 compared with the plain twins run in float32 (the `kernels.check` verdict and bounds), on the
 check's small shape sets, and the MoE kernels also in ADDRESSED mode (experts given by their
 parts' host addresses: the GPU cache's host tier) through the same addresses the CPU twin reads.
-It says nothing about speed, and Metal is not covered. Slow (a thread per lane): small shapes only.
+Each L2 prefetch a kernel asks for must lie inside one of its launch's buffers (else the launch
+raises); the lines asked for are kept per input (`_Launch.prefetched`), for tests of what a launch
+asks for ahead. It says nothing about speed, and Metal is not covered. Slow (a thread per lane):
+small shapes only.
 """
 
 from __future__ import annotations
