@@ -23,7 +23,8 @@
 #            (KDECODE_ARGS replaces its default --check-layers 2,all)
 #   ktiny    the same tolerance check on the tiny preset (4 layers, built under /tmp; no timing)
 #   normbisect where the fused input norm's error comes from, layer by layer (decode_bench --norm-bisect)
-#   kncu     each kernel's GPU time (ncu, NCU_ARGS as below) in the check's MoE block and qmv cases
+#   kncu     the check's GPU time per call, fused and plain side by side (ncu, NCU_ARGS as below; the
+#            check's timed regions between marker kernels), of KNCU_ONLY's kernels (default the MoE block)
 #   settings decode under each kernel setting in $SETTINGS (';'-separated, e.g. "-;grid=2 words=16"),
 #            one process, step by step and pipelined, medians of SETTINGS_ROUNDS rounds (default 3)
 #            visiting the settings in turn; the fastest one's environment (pipelined) goes to
@@ -271,7 +272,10 @@ for s in "$@"; do
     normbisect) step normbisect.log python3 -m llm_flashmoe.kernels.decode_bench --dir "$M/mlx" --norm-bisect ;;
     kdecode) step kdecode.log env $(best) python3 -m llm_flashmoe.kernels.decode_bench --dir "$M/mlx" ${KDECODE_ARGS:---check-layers 2,all} ;;
     ktiny) step ktiny.log env $(best) python3 -m llm_flashmoe.kernels.decode_bench --preset tiny --layers 4 --no-timing --check-layers 2,all ;;
-    kncu) profile kncu -- env $(best) python3 -m llm_flashmoe.kernels.check --only "MoE block,qmv" --runs 1 --dtypes bfloat16 ;;
+    kncu)  # KNCU_ONLY: the check's kernels (default the MoE block alone: qmv's ten shapes take minutes under ncu)
+      NO_SUMMARY=1 profile kncu -- env $(best) python3 -m llm_flashmoe.kernels.check --only "${KNCU_ONLY:-MoE block}" \
+        --runs 1 --dtypes bfloat16 --ncu-marks
+      python3 -m llm_flashmoe.kernels.overhead ncu "$out/kncu.csv" --check-log "$out/kncu.log" | tee -a "$out/kncu.log" ;;
     *) echo "unknown step $s" ;;
   esac
 done

@@ -1196,6 +1196,36 @@ def test_ncu_log_of_several_settings_is_cut_at_their_markers(tmp_path, capsys):
     assert table["fm_qmv"] == ["40.0", "(", "1)", "61.0", "(", "2)"] and table["fm_gdn_step"][-1] == "-"
 
 
+def test_ncu_log_of_the_check_gives_fused_and_plain_gpu_time_per_call(tmp_path, capsys):
+    """`overhead ncu LOG --check-log CHECKLOG` (gpu_session's kncu): the check's timed regions lie
+    between marker kernels 2i and 2i+1 (its log names each and its calls); what runs outside them
+    (the heat, warm-up, set-up) counts for none; per case the fused and plain GPU time per call and
+    their ratio, op by op and compiled."""
+    from llm_flashmoe.kernels import overhead
+
+    head = '"ID","Kernel Name","Section Name","Metric Name","Metric Unit","Metric Value"\n'
+    mark = "custom_kernel_fm_mark_{}(const float *, float *)"
+    rows = [("nvjet_heat", 500), (mark.format(0), 1), ("custom_kernel_fm_moe_down_1", 20), ("custom_kernel_fm_qmv_2", 10),
+            ("custom_kernel_fm_moe_down_1", 22), ("custom_kernel_fm_qmv_2", 8), (mark.format(1), 1), ("nvjet_heat", 500),
+            ("void mlx::gather_qmv", 70), (mark.format(2), 1), ("void mlx::gather_qmv", 100), ("void mlx::qmv", 20),
+            ("void mlx::gather_qmv", 90), ("void mlx::qmv", 30), (mark.format(3), 1), ("void mlx::copy", 5),
+            (mark.format(4), 1), ("custom_kernel_fm_moe_down_1", 30), ("custom_kernel_fm_moe_down_1", 30), (mark.format(5), 1)]
+    path = tmp_path / "kncu.csv"
+    path.write_text(head + "".join(f'"{i}","{k}","Command line profiler metrics","gpu__time_duration.sum","usecond",'
+                                   f'"{us}"\n' for i, (k, us) in enumerate(rows)))
+    log = tmp_path / "kncu.log"
+    log.write_text("backend cuda\nncu mark 0: MoE block 397b bfloat16 | fused, 2 calls\n"
+                   "ncu mark 2: MoE block 397b bfloat16 | plain, 2 calls\n"
+                   "ncu mark 4: MoE block 397b bfloat16 | fused, compiled, 2 calls\n"
+                   "ncu mark 6: MoE block 397b bfloat16 | plain, compiled, 2 calls\n")
+    assert overhead.main(["ncu", str(path), "--check-log", str(log)]) == 0
+    out = capsys.readouterr().out
+    table = {l[:44].strip(): l[44:].split() for l in out.splitlines() if l.startswith("MoE block")}
+    assert table["MoE block 397b bfloat16"] == ["30.0", "120.0", "4.00x"]
+    assert table["MoE block 397b bfloat16, compiled"] == ["30.0", "-", "-"]
+    assert "no marker fm_mark_6" in out
+
+
 def test_ncu_marked_log_compares_each_launch_shape_of_a_family(tmp_path, capsys):
     """Where the log has the grid, a family launched at several shapes (a layer's projections, all
     fm_qmv) keeps a row per shape in the summary, and `--marked` prints us per call of each shape

@@ -324,21 +324,36 @@ def rel_err(got, ref) -> float:
     return worst
 
 
-def time_call(fn, runs: int) -> float:
+# --ncu-marks: the timed regions' labels in order; region i lies between the marker kernels 2i and
+# 2i + 1 (ncu.MARK), which `overhead ncu LOG --check-log LOG` cuts an ncu log at.
+NCU_MARKS: list[str] | None = None
+
+
+def time_call(fn, runs: int, label: str | None = None) -> float:
     """Median microseconds per call, REPS calls per graph, the GPU kept busy for a moment first
-    (decode_bench.heat: its clocks ramp up under load)."""
+    (decode_bench.heat: its clocks ramp up under load). With --ncu-marks, the timed calls between
+    two marker kernels, and their `label` and count printed."""
     from .decode_bench import heat
+    from .sweeps import ncu_mark
 
     heat(0.25)
     for _ in range(3):
         mx.eval(*[_flat(fn()) for _ in range(REPS)])
     mx.synchronize()
+    marked = NCU_MARKS is not None and label is not None
+    if marked:
+        NCU_MARKS.append(label)
+        n = 2 * (len(NCU_MARKS) - 1)
+        print(f"ncu mark {n}: {label}, {runs * REPS} calls", flush=True)
+        ncu_mark(n)
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
         mx.eval(*[_flat(fn()) for _ in range(REPS)])
         mx.synchronize()
         times.append((time.perf_counter() - t0) / REPS * 1e6)
+    if marked:
+        ncu_mark(n + 1)
     return float(np.median(times))
 
 
@@ -348,11 +363,15 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=15)
     ap.add_argument("--dtypes", default="bfloat16,float32")
     ap.add_argument("--only", default=None, help="comma-separated kernel names")
+    ap.add_argument("--ncu-marks", action="store_true",
+                    help="(CUDA, under ncu) marker kernels around each timed region, for `overhead ncu LOG --check-log`")
     args = ap.parse_args(argv)
     backend = args.backend or active_backend()
     if backend not in ("cuda", "metal"):
         print(f"no GPU kernel backend here (active: {backend}); run on a Metal or CUDA device.")
         return 2
+    global NCU_MARKS
+    NCU_MARKS = [] if args.ncu_marks and backend == "cuda" else None
     fused = GpuKernels(backend, poison=True)       # correctness: outputs start as NaN
     timed = GpuKernels(backend)                      # timing: no fill launches
     mx.random.seed(int(time.time()))
@@ -381,13 +400,14 @@ def main(argv=None) -> int:
                     fails += 1
                     continue
                 fails += not ok
-                tf = time_call(lambda: f(timed), args.runs)
-                tp = time_call(t, args.runs)
+                case = f"{name} {label} {dt}"
+                tf = time_call(lambda: f(timed), args.runs, f"{case} | fused")
+                tp = time_call(t, args.runs, f"{case} | plain")
                 print(f"{name:18} {label:11} {dt:8} {err:9.2e} {BOUND[dtype]:7.0e} {perr:9.2e} {'yes' if ok else 'NO':3} "
                       f"{tf:9.1f} {tp:9.1f} {tp / tf:6.2f}x", flush=True)
                 if name in COMPILED:   # as the engine runs it on a GPU: one mx.compile graph each
-                    tf = time_call(mx.compile(lambda: _flat(f(timed))), args.runs)
-                    tp = time_call(mx.compile(lambda: _flat(t())), args.runs)
+                    tf = time_call(mx.compile(lambda: _flat(f(timed))), args.runs, f"{case} | fused, compiled")
+                    tp = time_call(mx.compile(lambda: _flat(t())), args.runs, f"{case} | plain, compiled")
                     print(f"{'  compiled':18} {label:11} {dt:8} {'':9} {'':7} {'':9} {'':3} "
                           f"{tf:9.1f} {tp:9.1f} {tp / tf:6.2f}x", flush=True)
     print("all kernels pass" if not fails else f"{fails} FAILED")

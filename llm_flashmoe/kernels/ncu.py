@@ -68,6 +68,34 @@ def ncu_segments(path: str, marked: bool = True) -> list[tuple[int, dict]]:
     return segments
 
 
+def check_marked(path: str, log: str) -> None:
+    """The ncu log of `kernels.check --ncu-marks` and that run's own log -> per timed region (the
+    check's log names each, with its calls), the GPU time per call of every kernel between its two
+    marker kernels; each case's fused and plain figures side by side."""
+    regions: dict[int, tuple[str, int]] = {}
+    with open(log) as f:
+        for line in f:
+            m = re.match(r"ncu mark (\d+): (.*), (\d+) calls$", line.strip())
+            if m:
+                regions[int(m.group(1))] = (m.group(2), int(m.group(3)))
+    segments = dict(ncu_segments(path))
+    per_call = {}
+    for n, (label, calls) in regions.items():
+        if n not in segments:
+            print(f"no marker {MARK}{n} in {path} ({label})")
+            continue
+        per_call[label] = sum(sum(m.get("us", [])) for m in segments[n].values()) / calls
+    print("GPU time per call, us (ncu, between each timed region's markers)")
+    print(f"{'case':44} {'fused':>9} {'plain':>9} {'plain/fused':>11}")
+    for label, us in per_call.items():
+        case, _, how = label.partition(" | ")
+        if how.startswith("fused"):
+            plain = per_call.get(f"{case} | {how.replace('fused', 'plain', 1)}")
+            ratio = f"{plain / us:10.2f}x" if plain and us else f"{'-':>11}"
+            shown = f"{plain:9.1f}" if plain is not None else f"{'-':>9}"
+            print(f"{case + ('' if how == 'fused' else ', ' + how.split(', ', 1)[1]):44} {us:9.1f} {shown} {ratio}")
+
+
 def _key(name: str, grid: str | None) -> str:
     """A kernel's row: its name (60 characters) and, where the log has it, its grid as
     [groups]: one kernel family launched at several shapes (a layer's projections) keeps a row

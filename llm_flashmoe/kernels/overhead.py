@@ -306,7 +306,7 @@ def first_calls(path: str) -> None:
 # setting key -> the environment variable it stands for
 def main(argv=None) -> int:
     from .host import host_loop, host_profile
-    from .ncu import ncu_compare, ncu_compare_marked, ncu_summary
+    from .ncu import check_marked, ncu_compare, ncu_compare_marked, ncu_summary
     from .sweeps import SETTING_KEYS, ncu_settings, rows_sweep, settings_sweep
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -351,6 +351,8 @@ def main(argv=None) -> int:
     p.add_argument("--labels", default=None, help="comma-separated names of the logs' settings (several logs)")
     p.add_argument("--marked", default=None,
                    help="one log of `ncusettings`: its ';'-separated settings, compared per kernel family")
+    p.add_argument("--check-log", default=None,
+                   help="one log of `kernels.check --ncu-marks` and that run's output: GPU time per call, fused and plain")
     p = sub.add_parser("bwfloor", help="what launches that only read a decode layer's launches' bytes cost here")
     p.add_argument("--reps", type=int, default=20, help="calls per graph")
     p.add_argument("--runs", type=int, default=5, help="graphs timed (the median reported)")
@@ -403,7 +405,11 @@ def main(argv=None) -> int:
         else:
             down_ids(args)
     elif args.cmd == "ncu":
-        if args.marked is not None:
+        if args.check_log is not None:
+            if len(args.csv) != 1:
+                ap.error("--check-log takes one log")
+            check_marked(args.csv[0], args.check_log)
+        elif args.marked is not None:
             if len(args.csv) != 1:
                 ap.error("--marked takes one log")
             ncu_compare_marked(args.csv[0], args.marked.split(";"))

@@ -254,6 +254,15 @@ def settings_sweep(args) -> None:
         Path(args.best).write_text(env + "\n")
 
 
+def ncu_mark(i: int) -> None:
+    """Launch (and wait for) the marker kernel ncu.MARK + i, where `overhead ncu` cuts a log."""
+    from .ncu import MARK
+
+    mark = mx.fast.cuda_kernel(name=f"{MARK}{i}", input_names=["x"], output_names=["y"], source="y[0] = x[0];")
+    mx.eval(mark(inputs=[mx.zeros((1,))], grid=(1, 1, 1), threadgroup=(1, 1, 1), output_shapes=[(1,)],
+                 output_dtypes=[mx.float32])[0])
+
+
 def ncu_settings(args) -> None:
     """Each setting's GPU time per kernel in one process, for `ncu --profile-from-start off`: the
     model loaded once; per setting (in turn), fresh kernels, compiled decode steps (fresh tokens),
@@ -262,7 +271,6 @@ def ncu_settings(args) -> None:
     A process per setting (`ncusweep`) paid the model's load and the first step's compilation of
     every kernel each time; here a setting compiles only the kernels it changes."""
     from .decode_bench import decode_steps, with_ops
-    from .ncu import MARK
 
     texts, settings, model = _settings_and_model(args)
     prompt = list(range(1, 9))
@@ -281,10 +289,7 @@ def ncu_settings(args) -> None:
                     mx.synchronize()
                     if rt is not None:
                         rt.lib.cudaProfilerStart()
-                        mark = mx.fast.cuda_kernel(name=f"{MARK}{i}", input_names=["x"], output_names=["y"],
-                                                   source="y[0] = x[0];")
-                        mx.eval(mark(inputs=[mx.zeros((1,))], grid=(1, 1, 1), threadgroup=(1, 1, 1),
-                                     output_shapes=[(1,)], output_dtypes=[mx.float32])[0])
+                        ncu_mark(i)
 
             rows = decode_steps(model, prompt, args.steps, fresh_tokens=True, before_step=start)
             if rt is not None:
@@ -322,7 +327,6 @@ def down_ids(args) -> None:
     else (what ran before, the clocks). --gate-up: each moe_down after the gate/up launch of the
     same experts, whose output it takes, as in a decode step."""
     from . import check
-    from .ncu import MARK
 
     texts = args.settings.split(";")
     settings = [parse_setting(text) for text in texts]
@@ -346,10 +350,7 @@ def down_ids(args) -> None:
         for i, setting in enumerate(settings):
             o = apply_setting(setting, args.backend)
             if args.backend == "cuda":
-                mark = mx.fast.cuda_kernel(name=f"{MARK}{i}", input_names=["x"], output_names=["y"],
-                                           source="y[0] = x[0];")
-                mx.eval(mark(inputs=[mx.zeros((1,))], grid=(1, 1, 1), threadgroup=(1, 1, 1), output_shapes=[(1,)],
-                             output_dtypes=[mx.float32])[0])
+                ncu_mark(i)
             for _ in range(args.rounds):
                 for r in rows:
                     if args.gate_up:
