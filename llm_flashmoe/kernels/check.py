@@ -200,8 +200,9 @@ def moe_block(o, d, fused):
     """The whole MoE block at decode: router + shared gate, top-k, experts, shared expert, residual."""
     x1 = d["x"].reshape(1, -1)
     logits, sgl = o.qmv(x1, [d["router"], d["sgate"]])
-    if fused:   # routing folded into the gate/up launch, as the engine runs it
-        h, hs, ids, w = o.moe_route_gate_up(logits, d["K"], True, None, d["x"], d["gate"], d["up"], d["sg"], d["su"])
+    if fused:   # routing folded into the gate/up launch, handed moe_down's stacks, as the engine runs it
+        h, hs, ids, w = o.moe_route_gate_up(logits, d["K"], True, None, d["x"], d["gate"], d["up"], d["sg"], d["su"],
+                                            then=(d["down"], d["sd"]))
     else:
         ids, w = o.moe_route(logits, d["K"], True)
         h, hs = o.moe_gate_up(d["x"], ids, d["gate"], d["up"], d["sg"], d["su"])
