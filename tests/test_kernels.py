@@ -550,13 +550,28 @@ def test_moe_down_fma_form_strides_its_warps_over_the_rows_of_a_smaller_grid(tmp
         gpu.configure()
 
 
+def emulated_launch(tmp_path, env: dict, call):
+    """call(kernels) on the host emulator's CUDA kernels under the launch knobs `env` (gpu.configure)
+    -> (its output, its one launch: kernels.emulate's _Launch, with what it prefetched)."""
+    from llm_flashmoe.kernels import emulate, gpu
+
+    gpu.configure(env)
+    kern = emulate.emulated_kernels(tmp_path)
+    made = []
+    make = kern._make
+    kern._make = lambda **kw: made.append(make(**kw)) or made[-1]
+    out = call(kern)
+    (launch,) = made
+    return out, launch
+
+
 def test_gate_up_launch_asks_for_moe_downs_rows_ahead(tmp_path):
     """FLASHMOE_DOWN_PF=1: moe_route_gate_up, given moe_down's stacks (`then`), asks for exactly the
     chosen experts' down rows (codes, scales, biases) and the shared expert's into L2, every line
     of them once its launch knows the experts, and nothing outside its buffers (kernels.emulate
     checks each address); its outputs are those of the launch without it, bit for bit. Off by
     default, and without `then` (or on Metal) the launch is the plain one."""
-    from llm_flashmoe.kernels import check, emulate, gpu
+    from llm_flashmoe.kernels import check, gpu
 
     d = check.moe_inputs("tiny", mx.bfloat16)
     E, K = d["E"], d["K"]
@@ -566,13 +581,8 @@ def test_gate_up_launch_asks_for_moe_downs_rows_ahead(tmp_path):
     try:
         outs, launches = {}, {}
         for pf in ("0", "1"):
-            gpu.configure({"FLASHMOE_DOWN_PF": pf})
-            kern = emulate.emulated_kernels(tmp_path)
-            made = []
-            make = kern._make
-            kern._make = lambda **kw: made.append(make(**kw)) or made[-1]
-            outs[pf] = kern.moe_route_gate_up(*args, then=then)
-            (launches[pf],) = made
+            outs[pf], launches[pf] = emulated_launch(tmp_path, {"FLASHMOE_DOWN_PF": pf},
+                                                     lambda k: k.moe_route_gate_up(*args, then=then))
         assert launches["0"].spec[1] == launches["1"].spec[1][:-6]
         assert launches["1"].spec[1][-6:] == ["pdw", "pds", "pdb", "psdw", "psds", "psdb"]
         assert not launches["0"].prefetched
@@ -611,7 +621,7 @@ def test_launches_before_an_output_projection_ask_for_the_next_matrices_ahead(tm
     biases into L2, dealt out over their warps (more slices than warps here), nothing outside their
     buffers (the host emulator checks each address), and their outputs are those without it, bit
     for bit. Off by default; on Metal, or without `then`, the launch is the plain one."""
-    from llm_flashmoe.kernels import check, emulate, gpu
+    from llm_flashmoe.kernels import check, gpu
 
     nxt = [check.qlinear(1500, 512, 4, 32, mx.float32), check.qlinear(40, 512, 8, 64, mx.float32)]   # 140 + 6 slices
     cases = {name: check.case_args(make, "odd", mx.float32)
@@ -622,14 +632,9 @@ def test_launches_before_an_output_projection_ask_for_the_next_matrices_ahead(tm
         for name, args in cases.items():
             outs, launches = {}, {}
             for pf in ("0", "1"):
-                gpu.configure({"FLASHMOE_NEXT_PF": pf})
-                kern = emulate.emulated_kernels(tmp_path)
-                made = []
-                make = kern._make
-                kern._make = lambda **kw: made.append(make(**kw)) or made[-1]
-                out = getattr(kern, name)(*args, then=nxt)
+                out, launches[pf] = emulated_launch(tmp_path, {"FLASHMOE_NEXT_PF": pf},
+                                                    lambda k: getattr(k, name)(*args, then=nxt))
                 outs[pf] = list(out) if isinstance(out, (tuple, list)) else [out]
-                (launches[pf],) = made
             assert all(mx.array_equal(a, b) for a, b in zip(outs["0"], outs["1"])), name
             assert not launches["0"].prefetched and launches["1"].prefetched == want, name
             assert launches["1"].spec[1][-6:] == [f"npf{i}" for i in range(6)]
