@@ -615,8 +615,10 @@ class GpuKernels:
         """(input names, arrays, defines) with which a launch of `warps` warps asks for `then`'s
         quantized matrices, those the next launches read, into L2 (FLASHMOE_NEXT_PF, CUDA); nothing
         otherwise."""
-        parts = [a for lin in then or () if lin.quantized for a in _parts(lin)]
-        if not (NEXT_PF and parts and self.backend == "cuda"):
+        if not (NEXT_PF and then and self.backend == "cuda"):   # (every op-by-op decode step asks)
+            return [], [], {}
+        parts = [a for lin in then if lin.quantized for a in _parts(lin)]
+        if not parts:
             return [], [], {}
         names = [f"npf{i}" for i in range(len(parts))]
         return (names, parts, {"NPF": len(parts), "NPF_WARPS": warps,
