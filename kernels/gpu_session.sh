@@ -256,7 +256,7 @@ for s in "$@"; do
               # DOWNIDS_ARGS=--gate-up: each after the gate/up launch of the same experts)
       NO_SUMMARY=1 profile downids -- python3 -m llm_flashmoe.kernels.overhead downids --settings="${SETTINGS:--}" \
         ${DOWNIDS_ARGS:-}
-      python3 -m llm_flashmoe.kernels.overhead downids --summary "$out/downids.csv" --settings="${SETTINGS:--}" \
+      python3 -m llm_flashmoe.kernels.overhead downids --summary "$out/downids.csv" --settings="${SETTINGS:--}" ${DOWNIDS_ARGS:-} \
         | tee -a "$out/downids.log" ;;
     ncusol)  # the same decode steps with ncu's speed-of-light, occupancy and warp-stall figures per kernel
       profile ncusol --profile-from-start off --launch-count "${NCU_COUNT:-12}" --section SpeedOfLight --section Occupancy --section LaunchStats \

@@ -259,10 +259,37 @@ def _mv_defines(threads: int | None = None) -> dict:
     return d
 
 
-def _index(v) -> mx.array:
-    """A position or a length for a kernel: an int32 [1] array, from a Python int or from an array
-    computed on the device (compiled attention steps)."""
+# MLX's CUDA allocator puts every buffer of SMALL_BYTES bytes or fewer in a pool of managed memory
+# that lives on the host, which the GPU reads over the bus. On the H200 moe_down spent 55% of its
+# time (ncu's stall samples: 25 us of a call) waiting on one such read, the shared expert gate's
+# logit, a [1] bf16 output of the router's launch, that each of its 2048 warps makes. So on CUDA no
+# launch reads or writes a buffer that small: small outputs are made in ROOMY_BYTES and viewed back
+# down (_Roomy), and positions and lengths are given four times over (_index).
+SMALL_BYTES, ROOMY_BYTES = 8, 16
+
+
+def _index(v, cuda: bool = False) -> mx.array:
+    """A position or a length for a kernel, from a Python int or from an array computed on the
+    device (compiled attention steps): an int32 [1] array, or on CUDA [4] (ROOMY_BYTES), the
+    kernel reading element 0."""
+    if cuda:   # made on the device (an array made on the host is in managed memory too)
+        return mx.full((ROOMY_BYTES // 4,), v.reshape(1) if isinstance(v, mx.array) else v, mx.int32)
     return v.reshape(1).astype(mx.int32) if isinstance(v, mx.array) else mx.array([v], mx.int32)
+
+
+class _Roomy:
+    """A CUDA kernel whose outputs of SMALL_BYTES or fewer are made ROOMY_BYTES long and come back
+    as views of their first elements, in the shapes asked for."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __call__(self, *, output_shapes, output_dtypes, **kw):
+        shapes = [tuple(s) for s in output_shapes]
+        made = [(ROOMY_BYTES // d.size,) if math.prod(s) * d.size <= SMALL_BYTES else s
+                for s, d in zip(shapes, output_dtypes)]
+        outs = self.kernel(output_shapes=made, output_dtypes=output_dtypes, **kw)
+        return [o if m == s else o[:math.prod(s)].reshape(s) for o, s, m in zip(outs, shapes, made)]
 
 
 def mv_threads(wide: bool = False) -> int:
@@ -338,6 +365,8 @@ class GpuKernels:
             tag = zlib.crc32(repr(key).encode()) & 0xFFFFFFFF
             k = self._make(name=f"fm_{name}_{tag:08x}", input_names=list(inputs),
                            output_names=list(outputs), source=body, header=header)
+            if self.backend == "cuda":
+                k = _Roomy(k)
             self._kernels[key] = k
         return k
 
@@ -635,7 +664,7 @@ class GpuKernels:
         names, parts, npf = self._next_pf(then, Hq * 8)
         kern = self.kernel("decode_attention", ("q", "keys", "values", "n_ctx", "qg", *names), ("out",),
                            {"HQ": Hq, "HKV": Hkv, "DH": Dh, "NWARPS": 8, **npf})
-        return kern(inputs=[q, keys, values, _index(n), qg, *parts], template=[("T", q.dtype)],
+        return kern(inputs=[q, keys, values, _index(n, self.backend == "cuda"), qg, *parts], template=[("T", q.dtype)],
                     grid=(Hq * 256, 1, 1), threadgroup=(256, 1, 1), output_shapes=[(*qg.shape[:-1], Hq * Dh)],
                     output_dtypes=[q.dtype], **self._fill)[0]
 
@@ -674,7 +703,7 @@ class GpuKernels:
         defines = {"HQ": Hq, "HKV": n_kv_heads, "DH": Dh, "ROPE": rope_dims,
                    "LOG_THETA": float(math.log(theta)), "EPS": float(eps)}
         kern = self.kernel(name, ("qg", "k", "qw", "kw", "pos", *extra), ("qo", "ko"), defines)
-        qo, ko = kern(inputs=[qg, k, q_w, k_w, _index(pos), *extra.values()],
+        qo, ko = kern(inputs=[qg, k, q_w, k_w, _index(pos, self.backend == "cuda"), *extra.values()],
                       template=[("T", qg.dtype)], grid=((Hq + n_kv_heads) * Dh, 1, 1), threadgroup=(Dh, 1, 1),
                       output_shapes=[(Hq, Dh), (1, n_kv_heads, 1, Dh)], output_dtypes=[qg.dtype, qg.dtype], **self._fill)
         return qo, ko

@@ -374,6 +374,9 @@ def main(argv=None) -> int:
     p.add_argument("--summary", default=None, help="an ncu CSV log of a run: print its times per set")
     p.add_argument("--gate-up", action="store_true",
                    help="each moe_down after the gate/up launch of the same experts, as in a decode step")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="moe_down launched this many times in a row on each set (the later calls: its bytes "
+                        "and their address translations at hand)")
     args = ap.parse_args(argv)
     if args.cmd == "launch":
         launch(args.n)
@@ -401,7 +404,7 @@ def main(argv=None) -> int:
         from .sweeps import down_ids, down_ids_summary
 
         if args.summary:
-            down_ids_summary(args.summary, args.settings.split(";"), args.rounds)
+            down_ids_summary(args.summary, args.settings.split(";"), args.rounds, args.repeat)
         else:
             down_ids(args)
     elif args.cmd == "ncu":

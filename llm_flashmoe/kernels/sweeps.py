@@ -334,7 +334,7 @@ def down_ids(args) -> None:
     dt = mx.bfloat16
     d = check.moe_inputs("397b", dt)
     K, I, Is = d["K"], d["gate"].weight.shape[1], d["sg"].out_features
-    h, hs, sgl = check.rnd((K, I), dt), check.rnd((Is,), dt), check.rnd((1,), dt)
+    h, hs, sgl = check.rnd((K, I), dt), check.rnd((Is,), dt), check.rnd((8,), dt)[:1]   # (as case_moe_down)
     mx.eval(h, hs, sgl, d["w"], d["res"], d["down"].weight, d["down"].scales, d["down"].biases)
     sets = down_id_sets(d["E"], K)
     rows = [mx.array(np.array(ids, np.int32)) for _, ids in sets]
@@ -353,20 +353,23 @@ def down_ids(args) -> None:
                 ncu_mark(i)
             for _ in range(args.rounds):
                 for r in rows:
+                    hr, hsr = h, hs
                     if args.gate_up:
                         hr, hsr = o.moe_gate_up(d["x"], r, d["gate"], d["up"], d["sg"], d["su"])
+                        mx.eval(hr, hsr)
+                    for _ in range(args.repeat):
                         mx.eval(o.moe_down(hr, r, d["w"], d["down"], hsr, d["sd"], sgl, d["res"]))
-                    else:
-                        mx.eval(o.moe_down(h, r, d["w"], d["down"], hs, d["sd"], sgl, d["res"]))
             print(f"setting {i + 1} ({texts[i]}): {args.rounds} rounds of {len(rows)} sets"
-                  + (", each after its gate/up" if args.gate_up else ""), flush=True)
+                  + (", each after its gate/up" if args.gate_up else "")
+                  + (f", moe_down {args.repeat} times a set" if args.repeat > 1 else ""), flush=True)
     finally:
         set_knobs({})
 
 
-def down_ids_summary(path: str, texts: list[str], rounds: int) -> None:
+def down_ids_summary(path: str, texts: list[str], rounds: int, repeat: int = 1) -> None:
     """`downids`'s ncu log -> per setting and expert set, moe_down's us per call in each round, and
-    how far the rounds agree."""
+    how far the rounds agree (with --repeat, the first call of each set; the later ones' median
+    after it)."""
     from .check import MOE_SHAPES
     from .ncu import ncu_segments
 
@@ -376,10 +379,12 @@ def down_ids_summary(path: str, texts: list[str], rounds: int) -> None:
         if name is None:
             continue
         us = kernels[name]["us"]
-        if len(us) != rounds * len(sets):
-            print(f"setting {number + 1}: {len(us)} moe_down calls, expected {rounds * len(sets)}")
+        if len(us) != rounds * len(sets) * repeat:
+            print(f"setting {number + 1}: {len(us)} moe_down calls, expected {rounds * len(sets) * repeat}")
             continue
-        t = np.array(us).reshape(rounds, len(sets))
+        t = np.array(us).reshape(rounds, len(sets), repeat)
+        later = np.median(t[:, :, 1:]) if repeat > 1 else None
+        t = t[:, :, 0]
         label = texts[number] if number < len(texts) else str(number)
         print(f"setting {number + 1} ({label}): moe_down us per call, {rounds} rounds")
         for j, (what, ids) in enumerate(sets):
@@ -389,4 +394,5 @@ def down_ids_summary(path: str, texts: list[str], rounds: int) -> None:
         same = (slow[0] == slow[1:]).mean() if rounds > 1 else float("nan")
         corr = np.corrcoef(t[0], t[1])[0, 1] if rounds > 1 else float("nan")
         print(f"  fastest {fast:.1f} us, median {np.median(t):.1f}; calls over 1.5x the fastest: {slow.mean():.0%}; "
-              f"sets slow or fast alike in every round: {same:.0%}; correlation of rounds 1 and 2: {corr:.2f}")
+              f"sets slow or fast alike in every round: {same:.0%}; correlation of rounds 1 and 2: {corr:.2f}"
+              + (f"; the calls after the first on a set: median {later:.1f}" if later is not None else ""))
