@@ -1279,12 +1279,49 @@ def test_ncusettings_runs_each_setting_in_one_process_and_restores_the_knobs(tin
 
 def test_kernel_positions_from_ints_or_device_arrays():
     """qk_norm_rope and decode_attention take the position as a Python int (op by op) or as an
-    array computed on the device (compiled attention layers); either reaches the kernel as int32 [1]."""
+    array computed on the device (compiled attention layers); either reaches the kernel as int32 [1],
+    or on CUDA as int32 [4], all of it the position (no buffer of 8 bytes or fewer: gpu.SMALL_BYTES)."""
     from llm_flashmoe.kernels import gpu
 
     for v in (7, mx.array(7), mx.array([7], mx.int64)):
         a = gpu._index(v)
         assert a.dtype == mx.int32 and a.shape == (1,) and int(a[0]) == 7
+        a = gpu._index(v, cuda=True)
+        assert a.dtype == mx.int32 and a.nbytes > gpu.SMALL_BYTES and a.tolist() == [7] * a.size
+
+
+def test_cuda_launches_make_no_output_of_8_bytes_or_fewer(tmp_path):
+    """MLX's CUDA allocator keeps buffers of 8 bytes or fewer in managed memory on the host side:
+    moe_down spent half its time reading the shared expert gate's logit from one. On CUDA a launch's
+    outputs that small are made ROOMY_BYTES long, and come back as views in the shapes asked for,
+    with the values the plain twin gives; larger outputs are made as asked."""
+    from llm_flashmoe.kernels import check, emulate, gpu
+
+    kern = emulate.emulated_kernels(tmp_path)
+    made, make = [], kern._make
+
+    def recording(**spec):
+        launch = make(**spec)
+
+        def call(**kw):
+            made.append([(tuple(s), d) for s, d in zip(kw["output_shapes"], kw["output_dtypes"])])
+            return launch(**kw)
+        return call
+
+    kern._make = recording
+    mx.random.seed(3)
+    for dtype in (mx.float32, mx.bfloat16):
+        d = check.moe_inputs("tiny", dtype)
+        x = check.rnd((d["router"].weight.shape[1] * 32 // d["router"].bits,), dtype)
+        made.clear()
+        logits, sgl = kern.qmv(x, [d["router"], d["sgate"]])
+        want_logits, want_sgl = plain.qmv(x, [d["router"], d["sgate"]])
+        assert sgl.shape == want_sgl.shape == (1,) and logits.shape == want_logits.shape
+        assert made == [[(logits.shape, dtype), ((gpu.ROOMY_BYTES // dtype.size,), dtype)]]
+        if dtype == mx.float32:   # (two bf16 sums differ by more than either's error against float32)
+            got, want = (np.array(mx.concatenate([a, b])) for a, b in ((logits, sgl), (want_logits, want_sgl)))
+            assert np.linalg.norm(got - want) <= 2e-4 * np.linalg.norm(want)   # check's bound
+            assert abs(got[-1] - want[-1]) <= 1e-4 * max(1.0, abs(want[-1]))
 
 
 def test_downids_summary_reads_each_sets_time_per_round_and_whether_the_rounds_agree(tmp_path, capsys):
@@ -1316,3 +1353,11 @@ def test_downids_summary_reads_each_sets_time_per_round_and_whether_the_rounds_a
     line = next(l for l in out.splitlines() if l.strip().startswith("stride 129"))
     assert line.split()[-2:] == ["13.0", "13.0"]        # first expert 0: fast in both rounds
     assert f"setting 2: {len(sets)} moe_down calls, expected {2 * len(sets)}" in out
+    # --repeat 2: each set's first call, then the later ones' median apart
+    rows = [("custom_kernel_fm_mark_0(const float *, float *)", 1)]
+    rows += [("custom_kernel_fm_moe_down_0a1b_bfloat16", t) for _ in range(2) for f in slow for t in (f, 11.0)]
+    path.write_text(head + "".join(f'"{i}","{k}","Command line profiler metrics","gpu__time_duration.sum",'
+                                   f'"usecond","{us}"\n' for i, (k, us) in enumerate(rows)))
+    assert overhead.main(["downids", "--summary", str(path), "--repeat", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"calls over 1.5x the fastest: {share:.0%}" in out and "after the first on a set: median 11.0" in out

@@ -259,12 +259,16 @@ def _mv_defines(threads: int | None = None) -> dict:
     return d
 
 
-# MLX's CUDA allocator puts every buffer of SMALL_BYTES bytes or fewer in a pool of managed memory
-# that lives on the host, which the GPU reads over the bus. On the H200 moe_down spent 55% of its
-# time (ncu's stall samples: 25 us of a call) waiting on one such read, the shared expert gate's
-# logit, a [1] bf16 output of the router's launch, that each of its 2048 warps makes. So on CUDA no
-# launch reads or writes a buffer that small: small outputs are made in ROOMY_BYTES and viewed back
-# down (_Roomy), and positions and lengths are given four times over (_index).
+# MLX's CUDA allocator (0.32) puts every buffer of SMALL_BYTES bytes or fewer in one small pool of
+# managed memory (cudaMallocManaged, shared with the host), and the GPU's reads from it are slow: on
+# the H200, 55% of moe_down's stall samples (ncu) were its warps waiting on one such read, the shared
+# expert gate's logit, a [1] bf16 output of the router's launch, and positions and lengths ([1] int32)
+# cost decode_attention and qk_norm_rope_kv as much. So on CUDA our launches make no buffer that
+# small: small outputs are made ROOMY_BYTES long and viewed back down (_Roomy), and positions and
+# lengths are made on the device four times over (_index). (Inputs made elsewhere may still be that
+# small: the routing of K <= 2 experts, whose weights and rows are 8 bytes.) Measured (ncu, 3 decode steps of 8 resident
+# 397B layers, us a call): moe_down 24-28 (or 14 at times) -> 10.8-11.7, decode_attention 8.9 -> 4.6,
+# qk_norm_rope_kv 8.0 -> 2.7; the fills of the positions take 2.9 each.
 SMALL_BYTES, ROOMY_BYTES = 8, 16
 
 
@@ -273,7 +277,7 @@ def _index(v, cuda: bool = False) -> mx.array:
     device (compiled attention steps): an int32 [1] array, or on CUDA [4] (ROOMY_BYTES), the
     kernel reading element 0."""
     if cuda:   # made on the device (an array made on the host is in managed memory too)
-        return mx.full((ROOMY_BYTES // 4,), v.reshape(1) if isinstance(v, mx.array) else v, mx.int32)
+        return mx.full((ROOMY_BYTES // 4,), v.reshape(1).astype(mx.int32) if isinstance(v, mx.array) else v, mx.int32)
     return v.reshape(1).astype(mx.int32) if isinstance(v, mx.array) else mx.array([v], mx.int32)
 
 
