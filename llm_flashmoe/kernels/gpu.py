@@ -110,17 +110,19 @@ QPIPE = 0
 # group's 16 rows before the input is staged), the rest without (the figures above predate that form).
 L2PF = 0
 L2PF_DOWN = False
-# FLASHMOE_DOWN_PF=1 (default 0: off until timed; CUDA only): the MoE's gate/up launch, once it knows
-# the experts, asks for moe_down's bytes (those experts' down rows and the shared expert's) into L2
-# while it streams its own (moe.kern's DOWN_PF), each thread group a slice. moe_down's time is its
-# memory round trips: on the H200 (seventeenth session, ncu over 3 decode steps of 8 resident 397B
-# layers) it took 24.0 us a call (13-16 or 26-32) for 11.3 MB, where the gate/up took 18.9 for twice
-# the bytes, and 26.3 with its own prefetch just before its loads (FLASHMOE_L2_PREFETCH=down).
+# FLASHMOE_DOWN_PF=1 (default 0; CUDA only): the MoE's gate/up launch, once it knows the experts,
+# asks for moe_down's bytes (those experts' down rows and the shared expert's) into L2 while it
+# streams its own (moe.kern's DOWN_PF), each thread group a slice. Off: on the H200 (eighteenth
+# session, ncu over 3 decode steps of 8 resident 397B layers) the gate/up took 27.7 us a call with it
+# against 19.0, and moe_down 26.3 against 24.4: moe_down was not waiting on its weights but on the
+# shared gate's logit in MLX's small managed buffers (SMALL_BYTES below); it now takes 11 us.
 DOWN_PF = 0
-# FLASHMOE_NEXT_PF=1 (default 0: off until timed; CUDA only): gdn_step and decode_attention, launches that
-# wait on round trips with the memory bus mostly idle, ask for the matrices of the launches after them
-# into L2 (common.kern's ASK_NEXT): the output projection's (16.8 MB at 397B shapes, 14.2 us a call
-# from memory) and the router's and shared expert gate's (1.1 MB, 10.5 us a call with the norm).
+# FLASHMOE_NEXT_PF=1 (default 0; CUDA only): gdn_step and decode_attention, launches that wait on round
+# trips with the memory bus mostly idle, ask for the matrices of the launches after them into L2
+# (common.kern's ASK_NEXT): the output projection's (16.8 MB at 397B shapes) and the router's and
+# shared expert gate's (1.1 MB). Off: on the H200 (same run) gdn_step took 14.0 us a call with it
+# against 9.5 and decode_attention 13.0 against 9.1, for 13.5 against 14.3 in the output projection
+# and nothing in the router: every kernel 3159 us against 3049.
 NEXT_PF = 0
 # FLASHMOE_FUSE_ROUTE=0: the MoE's routing in a launch of its own (moe_route, then moe_gate_up)
 # rather than inside the gate/up launch, where warp 0 of every thread group routes while the
