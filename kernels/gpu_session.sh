@@ -245,11 +245,12 @@ for s in "$@"; do
     ncusettings)  # kernel settings A/B on GPU time in ONE process: the model loaded once, each setting
                   # in $SETTINGS (';'-separated key=value lists as for `settings`, '-' = defaults) then
                   # decodes (compiled) and its last 3 steps are profiled after a marker kernel; the log is
-                  # cut at the markers and compared per kernel family
+                  # cut at the markers and compared per kernel family, then split per layer and the head
+                  # ("kernels=off": the plain path, as the engine runs it, beside the kernels)
       NO_SUMMARY=1 profile ncusettings --profile-from-start off -- python3 -m llm_flashmoe.kernels.overhead ncusettings \
         --dir "$M/mlx" --settings="${SETTINGS:--}"
       python3 -m llm_flashmoe.kernels.overhead ncu "$out/ncusettings.csv" --marked="${SETTINGS:--}" \
-        | tee -a "$out/ncusettings.log" ;;
+        --layers "$LAYERS" --steps 3 | tee -a "$out/ncusettings.log" ;;
     downids)  # moe_down's time per expert set (sweeps.down_id_sets), twice over, per setting in $SETTINGS:
               # does the set decide whether a call takes ~13 or ~25-30 us? (ncu flushes the caches before
               # each call unless NCU_ARGS says --cache-control none: cold weights, as in decode;

@@ -1199,6 +1199,14 @@ def test_ncu_log_of_several_settings_is_cut_at_their_markers(tmp_path, capsys):
     table = {l.split()[0]: l.split()[1:] for l in out.splitlines() if l.startswith(("fm_", "all"))}
     assert table["all"] == ["55.0", "(", "2)", "61.0", "(", "2)"]
     assert table["fm_qmv"] == ["40.0", "(", "1)", "61.0", "(", "2)"] and table["fm_gdn_step"][-1] == "-"
+    # per layer and the head: launches of 100 us or more are the head's, whoever's kernel they are
+    rows[3:3] = [("void mlx_qmv<bf16>(const T *)", 160), ("void mlx_qmv<bf16>(const T *)", 150)]
+    path.write_text(head + "".join(f'"{i}","{k}","Command line profiler metrics","gpu__time_duration.sum",'
+                                   f'"usecond","{us}"\n' for i, (k, us) in enumerate(rows)))
+    assert overhead.main(["ncu", str(path), "--marked=-;qpipe=1", "--layers", "2", "--steps", "2"]) == 0
+    split = {l.split()[0]: l.split()[1:] for l in capsys.readouterr().out.splitlines() if "per layer" in l}
+    assert split["-"] == ["head", "155.0", "per", "layer", "13.8"]          # (310) / 2; (40 + 15) / 4
+    assert split["qpipe=1"] == ["head", "0.0", "per", "layer", "15.2"]
 
 
 def test_ncu_log_of_the_check_gives_fused_and_plain_gpu_time_per_call(tmp_path, capsys):
@@ -1268,13 +1276,17 @@ def test_ncusettings_runs_each_setting_in_one_process_and_restores_the_knobs(tin
     compiled decode steps run in turn in one process, and the kernel knobs are the defaults after."""
     from llm_flashmoe.kernels import gpu, overhead
 
-    assert overhead.main(["ncusettings", "--dir", str(tiny_mlx), "--settings=-;qpipe=1 words=8", "--backend",
-                          "twin", "--steps", "3", "--profiled", "1"]) == 0
+    assert overhead.main(["ncusettings", "--dir", str(tiny_mlx), "--settings=-;qpipe=1 words=8;kernels=off",
+                          "--backend", "twin", "--steps", "3", "--profiled", "1"]) == 0
     out = capsys.readouterr().out
     assert "setting 1 (-): first step" in out and "setting 2 (qpipe=1 words=8): first step" in out
-    assert (gpu.QPIPE, gpu.QWORDS) == (0, 16)
-    with pytest.raises(SystemExit, match="bad setting"):     # refused before the model loads
-        overhead.main(["ncusettings", "--dir", "/nonexistent", "--settings=-;qpipe=1 wrods=8", "--backend", "twin"])
+    assert "setting 3 (kernels=off) (the plain path): first step" in out and "(-) (the plain path)" not in out
+    assert (gpu.QPIPE, gpu.QWORDS) == (0, 16) and "FLASHMOE_KERNELS" not in os.environ
+    for bad in ("-;qpipe=1 wrods=8", "-;kernels=twin"):     # refused before the model loads
+        with pytest.raises(SystemExit, match="bad setting|ncusettings alone"):
+            overhead.main(["ncusettings", "--dir", "/nonexistent", f"--settings={bad}", "--backend", "twin"])
+    with pytest.raises(SystemExit, match="ncusettings alone"):   # the plain path: ncusettings' alone
+        overhead.main(["settings", "--dir", "/nonexistent", "--settings=-;kernels=off", "--backend", "twin"])
 
 
 def test_kernel_positions_from_ints_or_device_arrays():

@@ -146,9 +146,13 @@ def ncu_compare(paths: list[str], labels: list[str]) -> None:
     compare_families([ncu_rows(path) for path in paths], labels)
 
 
-def ncu_compare_marked(path: str, labels: list[str]) -> None:
+HEAD_US = 100.0   # a decode step's launches of at least this many us: the output head's (397B shapes)
+
+
+def ncu_compare_marked(path: str, labels: list[str], layers: int = 0, steps: int = 0) -> None:
     """As ncu_compare, for one log of several settings cut at their markers (`ncusettings`):
-    marker i is setting labels[i]."""
+    marker i is setting labels[i]. With the profiled decode steps' `layers` and `steps`: each
+    setting's GPU time split into the head a token and the rest per layer (per_layer)."""
     segments = dict(ncu_segments(path))
     missing = [l for i, l in enumerate(labels) if i not in segments]
     if missing:
@@ -156,6 +160,21 @@ def ncu_compare_marked(path: str, labels: list[str]) -> None:
     present = [i for i in range(len(labels)) if i in segments]
     if present:
         compare_families([segments[i] for i in present], [labels[i] for i in present])
+    if present and layers and steps:
+        print(f"\nper setting, {steps} decode steps of {layers} layers: the head (launches of {HEAD_US:.0f} us or "
+              f"more) us a token; the rest us per layer (the embedding and final norm included)")
+        for i in present:
+            head, rest = per_layer(segments[i], layers, steps)
+            print(f"  {labels[i]:30} head {head:8.1f}   per layer {rest:8.1f}")
+
+
+def per_layer(rows: dict, layers: int, steps: int) -> tuple[float, float]:
+    """(the head's us a token, the rest's us per layer) of ncu_rows of `steps` decode steps of
+    `layers` layers: the head's launches are those of HEAD_US or more, whichever kernel they are
+    (ours, or MLX's on the plain path)."""
+    us = [t for m in rows.values() for t in m.get("us", [])]
+    head = sum(t for t in us if t >= HEAD_US)
+    return head / steps, (sum(us) - head) / (steps * layers)
 
 
 def _grouped(logs: list[dict], key) -> list[dict]:

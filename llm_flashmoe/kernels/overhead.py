@@ -351,6 +351,9 @@ def main(argv=None) -> int:
     p.add_argument("--labels", default=None, help="comma-separated names of the logs' settings (several logs)")
     p.add_argument("--marked", default=None,
                    help="one log of `ncusettings`: its ';'-separated settings, compared per kernel family")
+    p.add_argument("--layers", type=int, default=0,
+                   help="with --marked: the model's layers, to split each setting's time per layer and the head")
+    p.add_argument("--steps", type=int, default=3, help="with --layers: the decode steps profiled per setting")
     p.add_argument("--check-log", default=None,
                    help="one log of `kernels.check --ncu-marks` and that run's output: GPU time per call, fused and plain")
     p = sub.add_parser("bwfloor", help="what launches that only read a decode layer's launches' bytes cost here")
@@ -415,7 +418,7 @@ def main(argv=None) -> int:
         elif args.marked is not None:
             if len(args.csv) != 1:
                 ap.error("--marked takes one log")
-            ncu_compare_marked(args.csv[0], args.marked.split(";"))
+            ncu_compare_marked(args.csv[0], args.marked.split(";"), args.layers, args.steps)
         elif len(args.csv) == 1:
             ncu_summary(args.csv[0])
         else:

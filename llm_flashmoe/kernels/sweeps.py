@@ -117,7 +117,7 @@ SETTING_KEYS = {"grid": "FLASHMOE_GRID", "blocks": "FLASHMOE_GRID_BLOCKS", "word
                 "fuseroute": "FLASHMOE_FUSE_ROUTE", "fusenorm": "FLASHMOE_FUSE_INPUT_NORM",
                 "cattn": "FLASHMOE_COMPILE_ATTENTION", "cstep": "FLASHMOE_COMPILE_STEP",
                 "qmma": "FLASHMOE_QMV_MMA", "moemma": "FLASHMOE_MOE_MMA", "kvinplace": "FLASHMOE_KV_INPLACE",
-                "qpipe": "FLASHMOE_QPIPE", "mingroups": "FLASHMOE_MIN_GROUPS",
+                "qpipe": "FLASHMOE_QPIPE", "mingroups": "FLASHMOE_MIN_GROUPS", "kernels": "FLASHMOE_KERNELS",
                 "qasync": "FLASHMOE_QASYNC", "qint": "FLASHMOE_QINT", "qdig": "FLASHMOE_QINT_DIGITS",
                 "downpf": "FLASHMOE_DOWN_PF", "nextpf": "FLASHMOE_NEXT_PF"}
 # read by the engine at each call rather than by the kernel module: set in the environment itself
@@ -150,22 +150,39 @@ def set_knobs(env: dict) -> None:
     gpu.configure(env)
 
 
-def apply_setting(env: dict, backend: str = "cuda"):
-    """`set_knobs(env)`, then fresh kernels -> the backend's ops with them."""
+def plain_setting(env: dict, plain_ok: bool = True) -> bool:
+    """Whether setting `env` is the plain path (kernels=off); one that names the kernels otherwise,
+    or at all where not `plain_ok` (a run other than ncusettings), is refused."""
+    if "FLASHMOE_KERNELS" not in env:
+        return False
+    if not plain_ok or env["FLASHMOE_KERNELS"].strip().lower() not in ("off", "plain", "0", "none"):
+        raise SystemExit("kernels=off is a setting of ncusettings alone (its plain path beside the kernels)")
+    return True
+
+
+def apply_setting(env: dict, backend: str = "cuda", plain_ok: bool = False):
+    """`set_knobs(env)`, then fresh kernels -> the backend's ops with them; None for the plain path
+    (kernels=off), where `plain_ok` says a run takes it."""
     from . import _built, ops
 
+    plain = plain_setting(env, plain_ok)
     set_knobs(env)
+    if plain:
+        return None
     _built.pop(backend, None)
     return ops(backend)
 
 
-def _settings_and_model(args) -> tuple[list[str], list[dict], object]:
-    """--settings parsed (a bad one refused before the load), then the model of --dir loaded and
-    moved to the device -> (the settings' texts, their environments, the model)."""
+def _settings_and_model(args, plain_ok: bool = False) -> tuple[list[str], list[dict], object]:
+    """--settings parsed (a bad one refused before the load: kernels=off unless `plain_ok`), then the
+    model of --dir loaded and moved to the device -> (the settings' texts, their environments, the
+    model)."""
     from ..engine.load import load_model
 
     texts = args.settings.split(";")
     settings = [parse_setting(text) for text in texts]
+    for setting in settings:
+        plain_setting(setting, plain_ok)
     t0 = time.perf_counter()
     model = load_model(args.dir, experts_per_token=args.k)
     touch(model)
@@ -272,7 +289,7 @@ def ncu_settings(args) -> None:
     every kernel each time; here a setting compiles only the kernels it changes."""
     from .decode_bench import decode_steps, with_ops
 
-    texts, settings, model = _settings_and_model(args)
+    texts, settings, model = _settings_and_model(args, plain_ok=True)
     prompt = list(range(1, 9))
     rt = None
     if args.backend == "cuda":
@@ -281,8 +298,8 @@ def ncu_settings(args) -> None:
         rt = cuda.runtime()
     try:
         for i, (text, setting) in enumerate(zip(texts, settings)):
-            ops = apply_setting(setting, args.backend)
-            with_ops(model, ops, True)
+            ops = apply_setting(setting, args.backend, plain_ok=True)
+            with_ops(model, ops, True if ops is not None else None)   # the plain path as the engine runs it
 
             def start(step, i=i):
                 if step == args.steps - args.profiled:
@@ -297,8 +314,8 @@ def ncu_settings(args) -> None:
                 rt.lib.cudaProfilerStop()
             first = sum(rows[0]) * 1e3
             b, e = np.median(np.array(rows[1:]), axis=0) if len(rows) > 1 else rows[0]
-            print(f"setting {i + 1} ({text}): first step {first:.0f} ms, then {(b + e) * 1e3:.2f} ms/token "
-                  f"(under the profiler: not a speed)", flush=True)
+            print(f"setting {i + 1} ({text}){' (the plain path)' if ops is None else ''}: first step {first:.0f} ms, "
+                  f"then {(b + e) * 1e3:.2f} ms/token (under the profiler: not a speed)", flush=True)
     finally:
         with_ops(model, None)
         set_knobs({})
