@@ -254,7 +254,8 @@ for s in "$@"; do
     downids)  # moe_down's time per expert set (sweeps.down_id_sets), twice over, per setting in $SETTINGS:
               # does the set decide whether a call takes ~13 or ~25-30 us? (ncu flushes the caches before
               # each call unless NCU_ARGS says --cache-control none: cold weights, as in decode;
-              # DOWNIDS_ARGS=--gate-up: each after the gate/up launch of the same experts)
+              # DOWNIDS_ARGS=--gate-up: each after the gate/up launch of the same experts; --repeat N:
+              # moe_down N times a set, the later calls with everything at hand)
       NO_SUMMARY=1 profile downids -- python3 -m llm_flashmoe.kernels.overhead downids --settings="${SETTINGS:--}" \
         ${DOWNIDS_ARGS:-}
       python3 -m llm_flashmoe.kernels.overhead downids --summary "$out/downids.csv" --settings="${SETTINGS:--}" ${DOWNIDS_ARGS:-} \
