@@ -1300,6 +1300,53 @@ def test_kernel_positions_from_ints_or_device_arrays():
         assert a.dtype == mx.int32 and a.shape == (1,) and int(a[0]) == 7
         a = gpu._index(v, cuda=True)
         assert a.dtype == mx.int32 and a.nbytes > gpu.SMALL_BYTES and a.tolist() == [7] * a.size
+        assert gpu._index(a, cuda=True) is a          # already in the launches' form: no fill a launch
+        assert gpu.GpuKernels("cuda").index(v).tolist() == a.tolist()
+        assert gpu.GpuKernels("metal").index(v).tolist() == [7] == kernels.plain.index(v).tolist()
+
+
+def test_decode_step_makes_its_positions_once_in_its_backends_form(tiny_mlx):
+    """`state_in` gives the attention layers the position and the length as their ops' `index`
+    makes them (on CUDA int32 [4], made on the device; elsewhere [1]), one pair a step for all."""
+    import dataclasses
+
+    from llm_flashmoe.engine.load import load_model
+    from llm_flashmoe.kernels import gpu
+
+    model = load_model(tiny_mlx, dtype=mx.float32)
+    cache = model.make_cache()
+    attn = [(l, c) for l, c in zip(model.layers, cache.layers) if not l.is_linear]
+    assert len(attn) >= 2
+    for ops, width in ((None, 1), (dataclasses.replace(kernels.ops("twin"), index=gpu.GpuKernels("cuda").index), 4)):
+        positions: dict = {}
+        got = []
+        for layer, c in attn:
+            layer.ops = ops
+            got.append(layer.state_in(c, mx.float32, positions)[2:])
+        assert all(p is q for p, q in zip(got[0], got[1]))          # shared by the step's layers
+        pos, n = got[0]
+        assert pos.dtype == n.dtype == mx.int32 and pos.tolist() == [0] * width and n.tolist() == [1] * width
+
+
+def test_plain_ops_read_element_0_of_any_backends_positions():
+    """The decode step makes its position and length once, in the form its backend's launches read
+    (`index`: int32 [1], on CUDA [4]); the plain ops a fused backend falls back to read element 0 of
+    either, with the same results."""
+    mx.random.seed(5)
+    Hq, Hkv, Dh, cap, rope = 4, 2, 32, 12, 16
+    qg, k, v = (mx.random.normal((n,)) for n in (Hq * 2 * Dh, Hkv * Dh, Hkv * Dh))
+    q_w, k_w = mx.random.uniform(0.5, 1.5, (Dh,)), mx.random.uniform(0.5, 1.5, (Dh,))
+    keys, values = mx.random.normal((1, Hkv, cap, Dh)), mx.random.normal((1, Hkv, cap, Dh))
+    results = []
+    for width in (1, 4):
+        pos, n = mx.array([5] * width, mx.int32), mx.array([6] * width, mx.int32)
+        q, kk, ks, vs = plain.qk_norm_rope_kv(qg, k, v, keys, values, q_w, k_w, pos, rope, 1e6, 1e-6, Hkv)
+        results.append([q, kk, ks, vs, plain.decode_attention(q, ks, vs, n, qg)])
+    for a, b in zip(*results):
+        assert a.shape == b.shape and mx.array_equal(a, b)
+    want_q, _ = plain.qk_norm_rope(qg, k, q_w, k_w, 5, rope, 1e6, 1e-6, Hkv)   # the position as an int
+    assert mx.allclose(results[1][0], want_q)
+    assert not mx.array_equal(results[1][2], keys) and mx.array_equal(results[1][2][:, :, :5], keys[:, :, :5])
 
 
 def test_cuda_launches_make_no_output_of_8_bytes_or_fewer(tmp_path):

@@ -189,7 +189,7 @@ class Attention:
 
     def decode_math(self, x: mx.array, keys: mx.array, values: mx.array, pos: mx.array, n: mx.array, norm):
         """decode_fused's math with the KV buffers [1, Hkv, capacity, Dh], the position and the
-        length pos + 1 (int32 [1] each, both made by the host: no add on the device) as arrays,
+        length pos + 1 (the ops' `index` arrays, both made once a step by `state_in`: no add here) as arrays,
         all arrays in and out so that it compiles (FLASHMOE_COMPILE_ATTENTION) -> (y, keys,
         values), this token's key and value written at pos (the capacity reserved)."""
         qg, k, v = _in_proj(self.ops, x, norm, [self.q_proj, self.k_proj, self.v_proj])
@@ -422,8 +422,8 @@ class DecoderLayer:
 
     def state_in(self, cache, dtype, positions: dict | None = None) -> list:
         """The state arrays `step_math` takes: conv and recurrent state, or the KV buffers (room
-        reserved for one more token), the position and the length after this token (int32 [1]
-        arrays, shared through `positions` by the layers of one step)."""
+        reserved for one more token), the position and the length after this token (the ops'
+        `index` arrays, shared through `positions` by the layers of one step)."""
         if self.is_linear:
             if cache.conv is None or cache.recurrent is None:
                 cache.conv, cache.recurrent = self.mixer.zero_state(dtype)
@@ -431,8 +431,9 @@ class DecoderLayer:
         cache.reserve(1, self.mixer.Hkv, self.mixer.Dh, self.mixer.q_norm.dtype, ahead=True)
         positions = {} if positions is None else positions
         pos = positions.get(cache.offset)
-        if pos is None:
-            pos = positions[cache.offset] = [mx.array([cache.offset], mx.int32), mx.array([cache.offset + 1], mx.int32)]
+        if pos is None:   # in the form the launches read (on CUDA int32 [4], made on the device)
+            index = self.ops.index if self.ops is not None else kernels.plain.index
+            pos = positions[cache.offset] = [index(cache.offset), index(cache.offset + 1)]
         return [cache.keys, cache.values, *pos]
 
     def state_size(self) -> int:

@@ -91,6 +91,7 @@ class Ops:
     gdn_step: Callable
     add_rms_norm: Callable
     rms_norm: Callable
+    index: Callable   # a position or a length in the form the backend's launches read
 
 
 def ops(backend: str | None = None) -> Ops | None:

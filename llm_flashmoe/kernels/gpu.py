@@ -276,11 +276,15 @@ SMALL_BYTES, ROOMY_BYTES = 8, 16
 
 def _index(v, cuda: bool = False) -> mx.array:
     """A position or a length for a kernel, from a Python int or from an array computed on the
-    device (compiled attention steps): an int32 [1] array, or on CUDA [4] (ROOMY_BYTES), the
-    kernel reading element 0."""
-    if cuda:   # made on the device (an array made on the host is in managed memory too)
-        return mx.full((ROOMY_BYTES // 4,), v.reshape(1).astype(mx.int32) if isinstance(v, mx.array) else v, mx.int32)
-    return v.reshape(1).astype(mx.int32) if isinstance(v, mx.array) else mx.array([v], mx.int32)
+    device (compiled attention steps): an int32 [1] array (plain.index), or on CUDA [4]
+    (ROOMY_BYTES), the kernel reading element 0; one already in that form (GpuKernels.index, once
+    a step) as it is."""
+    if not cuda:
+        return plain.index(v)
+    if isinstance(v, mx.array) and v.dtype == mx.int32 and v.shape == (ROOMY_BYTES // 4,):
+        return v
+    # made on the device (an array made on the host is in managed memory too)
+    return mx.full((ROOMY_BYTES // 4,), v.reshape(1).astype(mx.int32) if isinstance(v, mx.array) else v, mx.int32)
 
 
 class _Roomy:
@@ -385,6 +389,11 @@ class GpuKernels:
         FLASHMOE_KV_INPLACE; the engine composes it of qk_norm_rope and slice updates otherwise)."""
         skip = () if self.kv_inplace else ("qk_norm_rope_kv",)
         return {n: getattr(self, n) for n in plain.OPS if hasattr(self, n) and n not in skip}
+
+    def index(self, v) -> mx.array:
+        """A position or a length in the form this backend's launches read (`_index`): the decode
+        step makes each once (`state_in`), not each launch."""
+        return _index(v, self.backend == "cuda")
 
     # -- family 1 ---------------------------------------------------------
     def qmv(self, x: mx.array, linears: list[Linear]) -> list[mx.array]:

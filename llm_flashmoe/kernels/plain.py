@@ -111,6 +111,18 @@ def moe_down(h: mx.array, rows: mx.array, weights: mx.array, down: Linear, hs: m
     return (residual.reshape(-1) + (y + shared).astype(residual.dtype)).reshape(residual.shape)
 
 
+def index(v) -> mx.array:
+    """A position or a length as the decode steps' launches take it (`state_in`, once a step): an
+    int32 [1] array, of a Python int or of an array made on the device. (The CUDA kernels' is int32
+    [4]: kernels/gpu.py's SMALL_BYTES.)"""
+    return v.reshape(1).astype(mx.int32) if isinstance(v, mx.array) else mx.array([v], mx.int32)
+
+
+def _scalar(i: mx.array) -> mx.array:
+    """Element 0 of a position or length array (`index`'s, of any backend) as a scalar array."""
+    return i.reshape(()) if i.size == 1 else i[0]
+
+
 def decode_attention(q: mx.array, keys: mx.array, values: mx.array, n, qg: mx.array, then=None) -> mx.array:
     """q [Hq, Dh] attends over the first n of keys/values [1, Hkv, capacity, Dh] (n: an int, or
     an int32 array computed on the device: then the rest of the capacity is masked out); the
@@ -119,7 +131,7 @@ def decode_attention(q: mx.array, keys: mx.array, values: mx.array, n, qg: mx.ar
     ask for ahead) is not used."""
     Hq, Dh = q.shape
     if isinstance(n, mx.array):
-        mask = (mx.arange(keys.shape[2]) < n.reshape(())).reshape(1, 1, 1, -1)
+        mask = (mx.arange(keys.shape[2]) < _scalar(n)).reshape(1, 1, 1, -1)
         out = mx.fast.scaled_dot_product_attention(q.reshape(1, Hq, 1, Dh), keys, values, scale=Dh ** -0.5,
                                                    mask=mask)
     else:
@@ -136,7 +148,7 @@ def qk_norm_rope(qg: mx.array, k: mx.array, q_w: mx.array, k_w: mx.array, pos,
     on the device) -> q [Hq, Dh], k [1, Hkv, 1, Dh] (a KV cache's layout)."""
     Dh = q_w.size
     if isinstance(pos, mx.array):
-        pos = pos.reshape(())
+        pos = _scalar(pos)
     q = qg.reshape(1, -1, 1, 2 * Dh)[..., :Dh]                      # [1, Hq, 1, Dh]
     kk = k.reshape(1, n_kv_heads, 1, Dh)
     q = mx.fast.rope(mx.fast.rms_norm(q, q_w, eps), rope_dims, traditional=False, base=theta,
@@ -155,7 +167,7 @@ def compose_qk_norm_rope_kv(qk_norm_rope):
         [1, Hkv, capacity, Dh] -> (q, k, keys, values): new buffers here; the GPU kernel
         (FLASHMOE_KV_INPLACE=1) writes the given ones in place and hands them back."""
         q, kk = qk_norm_rope(qg, k, q_w, k_w, pos, rope_dims, theta, eps, n_kv_heads)
-        at = pos if isinstance(pos, mx.array) else mx.array([pos], mx.int32)
+        at = pos[:1] if isinstance(pos, mx.array) else mx.array([pos], mx.int32)
         shape = (1, n_kv_heads, 1, q_w.size)
         keys = mx.slice_update(keys, kk.astype(keys.dtype).reshape(shape), at, axes=(2,))
         values = mx.slice_update(values, v.astype(values.dtype).reshape(shape), at, axes=(2,))
@@ -216,4 +228,4 @@ qk_norm_rope_kv = compose_qk_norm_rope_kv(qk_norm_rope)
 
 OPS = {name: globals()[name] for name in (
     "qmv", "norm_qmv", "moe_route", "moe_gate_up", "moe_route_gate_up", "moe_down", "decode_attention", "qk_norm_rope",
-    "qk_norm_rope_kv", "gdn_step", "add_rms_norm", "rms_norm")}
+    "qk_norm_rope_kv", "gdn_step", "add_rms_norm", "rms_norm", "index")}
