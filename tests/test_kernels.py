@@ -1354,7 +1354,7 @@ def test_cuda_launches_make_no_output_of_8_bytes_or_fewer(tmp_path):
     moe_down spent half its time reading the shared expert gate's logit from one. On CUDA a launch's
     outputs that small are made ROOMY_BYTES long, and come back as views in the shapes asked for,
     with the values the plain twin gives; larger outputs are made as asked."""
-    from llm_flashmoe.kernels import check, emulate, gpu
+    from llm_flashmoe.kernels import check, emulate, gpu, overhead
 
     kern = emulate.emulated_kernels(tmp_path)
     made, make = [], kern._make
@@ -1381,6 +1381,13 @@ def test_cuda_launches_make_no_output_of_8_bytes_or_fewer(tmp_path):
             got, want = (np.array(mx.concatenate([a, b])) for a, b in ((logits, sgl), (want_logits, want_sgl)))
             assert np.linalg.norm(got - want) <= 2e-4 * np.linalg.norm(want)   # check's bound
             assert abs(got[-1] - want[-1]) <= 1e-4 * max(1.0, abs(want[-1]))
+        # as a decode step has it, [1, 1, H]: made longer in the first dimension, back through one slice
+        made.clear()
+        logits3, sgl3 = kern.qmv(x.reshape(1, 1, -1), [d["router"], d["sgate"]])
+        assert sgl3.shape == (1, 1, 1) and made == [[((1, 1, logits.size), dtype), ((gpu.ROOMY_BYTES // dtype.size, 1, 1), dtype)]]
+        census = overhead.graph_census([sgl3])   # (before it is evaluated; the emulator adds a View for bf16)
+        assert census.get("Slice") == 1 and "Reshape" not in census
+        assert mx.array_equal(sgl3.reshape(-1), sgl) and mx.array_equal(logits3.reshape(-1), logits)
 
 
 def test_downids_summary_reads_each_sets_time_per_round_and_whether_the_rounds_agree(tmp_path, capsys):

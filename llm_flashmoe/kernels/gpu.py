@@ -296,13 +296,16 @@ class _Roomy:
 
     def __call__(self, *, output_shapes, output_dtypes, **kw):
         shapes = [tuple(s) for s in output_shapes]
-        made = [(ROOMY_BYTES // d.size,) if math.prod(s) * d.size <= SMALL_BYTES else s
+        # a small output is made longer in its first dimension (a scalar's: made [n]), so that its
+        # values, the buffer's first, come back through one slice (each operation costs the host
+        # time: no reshape)
+        made = [s if math.prod(s) * d.size > SMALL_BYTES else
+                (-(-ROOMY_BYTES // (d.size * math.prod(s[1:]))), *s[1:]) if s else (ROOMY_BYTES // d.size,)
                 for s, d in zip(shapes, output_dtypes)]
         outs = list(self.kernel(output_shapes=made, output_dtypes=output_dtypes, **kw))
         for i, (s, m) in enumerate(zip(shapes, made)):
-            if m != s:   # (each operation costs the host time: the reshape only where the shape differs)
-                outs[i] = outs[i][:math.prod(s)]
-                outs[i] = outs[i] if outs[i].shape == s else outs[i].reshape(s)
+            if m != s:
+                outs[i] = outs[i][:s[0]] if s else outs[i][0]
         return outs
 
 
