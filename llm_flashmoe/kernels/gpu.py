@@ -267,11 +267,11 @@ def _mv_defines(threads: int | None = None) -> dict:
 # expert gate's logit, a [1] bf16 output of the router's launch, and positions and lengths ([1] int32)
 # cost decode_attention and qk_norm_rope_kv as much. So on CUDA our launches make no buffer that
 # small: small outputs are made ROOMY_BYTES long and viewed back down (_Roomy), and positions and
-# lengths are made on the device four times over (_index; GpuKernels.index, once a step). (An input made by MLX's own operations
-# may still be that small: the routing of K <= 2 experts where the plain routing runs.) Measured (ncu, 3 decode steps of 8 resident
-# 397B layers, us a call): moe_down 24-28 (or 14 at times) -> 10.8-11.7, decode_attention 8.9 -> 4.6,
-# qk_norm_rope_kv 8.0 -> 2.7; a fill of a position takes 2.9 (two a step since they are made once
-# a step, two per full-attention layer when measured).
+# lengths are made on the device four times over (_index; GpuKernels.index, once a step). (An input
+# made by MLX's own operations may still be that small: the routing of K <= 2 experts where the
+# plain routing runs.) Measured (ncu, 3 decode steps of 8 resident 397B layers, us a call):
+# moe_down 24-28 (or 14 at times) -> 10.8-11.7, decode_attention 8.9 -> 4.6, qk_norm_rope_kv
+# 8.0 -> 2.7; a fill of a position takes 2.9 (two a step now, two per full-attention layer then).
 SMALL_BYTES, ROOMY_BYTES = 8, 16
 
 
