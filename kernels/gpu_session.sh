@@ -53,7 +53,8 @@
 #            ways: one wave, one wave with the staging, short-lived staged groups in several waves, the same normalizing)
 #   ncusettings as ncusweep, every setting of $SETTINGS (';'-separated, as for `settings`) in one process
 #            (one model load, where ncusweep loads it per setting: 40-50 s each for 8 layers; and a
-#            setting compiles only the kernels it changes)
+#            setting compiles only the kernels it changes); "kernels=off" is the plain path beside them,
+#            and each setting's GPU time is split into the head's a token and the rest per layer
 #   downids  moe_down's GPU time per expert set (patterned and random sets, twice over), per setting in
 #            $SETTINGS: whether the set decides a call's ~13 or ~25-30 us (no model needed)
 #   ncusol   as ncu, with each kernel's throughputs (% of peak), occupancy, registers and warp-stall
