@@ -94,6 +94,12 @@ def rnd(shape, dtype=mx.bfloat16, scale=1.0):
     return (mx.random.normal(shape) * scale).astype(dtype)
 
 
+def rnd_gate_logit(dtype=mx.bfloat16) -> mx.array:
+    """A random shared-gate logit [1] as the engine has it: the first of a longer buffer
+    (gpu.SMALL_BYTES: MLX keeps buffers of 8 bytes or fewer where the GPU reads them slowly)."""
+    return rnd((8,), dtype)[:1]
+
+
 # -- cases: name -> list of (shape label, (fused fn, twin fn, args builder)) ----------
 
 def case_qmv(label, dtype):
@@ -192,9 +198,8 @@ def case_moe_route_gate_up(label, dtype):
 def case_moe_down(label, dtype):
     d = moe_inputs(label, dtype)
     K, I, Is = d["K"], d["gate"].weight.shape[1], d["sg"].out_features
-    # the shared gate's logit as the engine has it: the first of a longer buffer (gpu.SMALL_BYTES)
     return pair("moe_down", rnd((K, I), dtype), d["rows"], d["w"], d["down"], rnd((Is,), dtype), d["sd"],
-                rnd((8,), dtype)[:1], d["res"])
+                rnd_gate_logit(dtype), d["res"])
 
 
 def moe_block(o, d, fused):

@@ -687,7 +687,7 @@ class GpuKernels:
         names, parts, npf = self._next_pf(then, Hq * 8)
         kern = self.kernel("decode_attention", ("q", "keys", "values", "n_ctx", "qg", *names), ("out",),
                            {"HQ": Hq, "HKV": Hkv, "DH": Dh, "NWARPS": 8, **npf})
-        return kern(inputs=[q, keys, values, _index(n, self.backend == "cuda"), qg, *parts], template=[("T", q.dtype)],
+        return kern(inputs=[q, keys, values, self.index(n), qg, *parts], template=[("T", q.dtype)],
                     grid=(Hq * 256, 1, 1), threadgroup=(256, 1, 1), output_shapes=[(*qg.shape[:-1], Hq * Dh)],
                     output_dtypes=[q.dtype], **self._fill)[0]
 
@@ -726,7 +726,7 @@ class GpuKernels:
         defines = {"HQ": Hq, "HKV": n_kv_heads, "DH": Dh, "ROPE": rope_dims,
                    "LOG_THETA": float(math.log(theta)), "EPS": float(eps)}
         kern = self.kernel(name, ("qg", "k", "qw", "kw", "pos", *extra), ("qo", "ko"), defines)
-        qo, ko = kern(inputs=[qg, k, q_w, k_w, _index(pos, self.backend == "cuda"), *extra.values()],
+        qo, ko = kern(inputs=[qg, k, q_w, k_w, self.index(pos), *extra.values()],
                       template=[("T", qg.dtype)], grid=((Hq + n_kv_heads) * Dh, 1, 1), threadgroup=(Dh, 1, 1),
                       output_shapes=[(Hq, Dh), (1, n_kv_heads, 1, Dh)], output_dtypes=[qg.dtype, qg.dtype], **self._fill)
         return qo, ko

@@ -351,7 +351,7 @@ def down_ids(args) -> None:
     dt = mx.bfloat16
     d = check.moe_inputs("397b", dt)
     K, I, Is = d["K"], d["gate"].weight.shape[1], d["sg"].out_features
-    h, hs, sgl = check.rnd((K, I), dt), check.rnd((Is,), dt), check.rnd((8,), dt)[:1]   # (as case_moe_down)
+    h, hs, sgl = check.rnd((K, I), dt), check.rnd((Is,), dt), check.rnd_gate_logit(dt)
     mx.eval(h, hs, sgl, d["w"], d["res"], d["down"].weight, d["down"].scales, d["down"].biases)
     sets = down_id_sets(d["E"], K)
     rows = [mx.array(np.array(ids, np.int32)) for _, ids in sets]
