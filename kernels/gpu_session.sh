@@ -45,6 +45,9 @@
 #            the Python profile), tiny preset and the 397B model, under each MLX setting in $MLX_SETTINGS
 #   perf     where MLX's host time per operation goes: perf (or gdb) samples of a bare pipelined decode
 #            loop on the tiny preset, by shared object and symbol (PERF_S, PERF_REC_S seconds)
+#   pyspy    where the host's time goes by native function (py-spy, carried in .gpu/tools: no perf or
+#            gdb there) in the bare pipelined loop, tiny and 397B; then the loop under Python's collector
+#            modes (PYSPY_GC)
 #   cudatrace the CUDA calls MLX makes per pipelined decode step and the time inside them
 #            (kernels/cudatrace preloaded into `overhead loop`, tiny preset), per MLX setting
 #   ncusweep kernel settings compared on GPU time alone: ncu over the same decode steps per setting in
@@ -208,6 +211,30 @@ for s in "$@"; do
         echo "== neither perf nor gdb here" | tee -a "$out/perf.log"
       fi
       wait "$lpid"; cat /tmp/loop.log | tee -a "$out/perf.log" ;;
+    pyspy)  # where the host's time goes, by native function: py-spy (wheel carried in .gpu/tools) samples
+            # the bare pipelined loop (`overhead loop`) of the tiny preset and of the 397B model where
+            # prepared, PYSPY_S seconds each, then `overhead stacks` sums the raw samples; then the
+            # tiny loop alone under each of Python's collector modes in $PYSPY_GC (default "on freeze
+            # off"), PYSPY_GC_ROUNDS times over (default 2)
+      tiny
+      [ -x /tmp/pyspy/bin/py-spy ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/pyspy \
+        .gpu/tools/py_spy-*.whl || { echo "== no py-spy wheel in .gpu/tools"; continue; }
+      for d in "$M/tiny" "$M/mlx"; do
+        [ -f "$d/config.json" ] || continue
+        name=$(basename "$d")
+        python3 -m llm_flashmoe.kernels.overhead loop --dir "$d" --seconds $((${PYSPY_S:-12} + 8)) > /tmp/loop.log 2>&1 &
+        lpid=$!
+        for _ in $(seq 150); do grep -q "^looping" /tmp/loop.log && break; sleep 1; done
+        step pyspy.log /tmp/pyspy/bin/py-spy record --native --threads -r "${PYSPY_RATE:-200}" -d "${PYSPY_S:-12}" -p "$lpid" \
+          -f raw -o "$out/stacks-$name.txt"
+        wait "$lpid"; tee -a "$out/pyspy.log" < /tmp/loop.log
+        python3 -m llm_flashmoe.kernels.overhead stacks "$out/stacks-$name.txt" --top 50 | tee -a "$out/pyspy.log"
+      done
+      for r in $(seq "${PYSPY_GC_ROUNDS:-2}"); do
+        for g in ${PYSPY_GC:-on freeze off}; do
+          step pyspy.log python3 -m llm_flashmoe.kernels.overhead loop --dir "$M/tiny" --seconds 6 --gc "$g"
+        done
+      done ;;
     cudatrace)  # how much of MLX's host time per decode step is spent inside CUDA calls: the bare
                 # pipelined loop on the tiny preset with kernels/cudatrace preloaded, per MLX setting
       tiny

@@ -7,6 +7,7 @@ host|loop ...`."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import time
 
 import mlx.core as mx
@@ -124,6 +125,8 @@ def host_loop(args) -> None:
     from ..engine.load import load_model
     from ..engine.sampling import DeviceSampler, SamplingParams
 
+    import gc
+
     model = load_model(args.dir)
     touch(model)
     sample = DeviceSampler(SamplingParams(temperature=0.0))
@@ -135,6 +138,10 @@ def host_loop(args) -> None:
         mx.async_eval(following)
         y.item()
         y = following
+    if args.gc == "freeze":     # the objects made so far (the model's) out of the collector's way
+        gc.freeze()
+    elif args.gc == "off":
+        gc.disable()
     print(f"looping: {len(model.layers)} layers, {model.dtype}, pid {os.getpid()}", flush=True)
     y.item()
     mark = cache.mark()
@@ -153,8 +160,8 @@ def host_loop(args) -> None:
         n += 1
     y.item()
     dt = time.perf_counter() - t0
-    print(f"{n} steps in {dt:.1f} s: {dt / n * 1e6:.0f} us per token, {dt / n / len(model.layers) * 1e6:.0f} per layer",
-          flush=True)
+    print(f"{n} steps in {dt:.1f} s: {dt / n * 1e6:.0f} us per token, {dt / n / len(model.layers) * 1e6:.0f} per layer"
+          f" (Python's collector: {args.gc})", flush=True)
     if trace is not None:
         import ctypes
 
@@ -167,3 +174,51 @@ def _cudatrace():
 
     lib = ctypes.CDLL(None)
     return lib if hasattr(lib, "cudatrace_dump") else None
+
+
+def stacks_summary(path: str, top: int = 40, keep: str | None = None) -> dict:
+    """py-spy's raw (folded) samples of a process (`record --native -f raw`: a line per stack,
+    "frame;frame;...;leaf count", the first frame naming the thread) summed: per thread, and for
+    the busiest thread (the one that builds and launches the steps) the functions most often on
+    top of the stack (self) and anywhere in it (inclusive: counted once per stack), as shares of
+    that thread's samples. `keep`: only stacks through a frame containing it. Prints the tables
+    and returns {"threads": {name: samples}, "self": {fn: samples}, "inclusive": {fn: samples}}."""
+    import re
+    from collections import Counter
+
+    threads, stacks = Counter(), {}
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if not line or " " not in line:
+            continue
+        text, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        frames = text.split(";")
+        thread = frames[0] if frames[0].startswith("thread") else "-"
+        body = frames[1:] if thread != "-" else frames
+        if keep and not any(keep in f for f in body):
+            continue
+        threads[thread] += int(count)
+        stacks.setdefault(thread, []).append((body, int(count)))
+    if not threads:
+        raise SystemExit(f"{path}: no samples" + (f" through a frame containing {keep!r}" if keep else ""))
+    main, total = threads.most_common(1)[0]
+
+    def name(f: str) -> str:   # "fn (file:line)" -> "fn (file)": one row per function; an address
+        f = re.sub(r" \(([^():]*)(:\d+)?\)$", r" (\1)", f)       # without a symbol -> its library's row
+        return re.sub(r"^0x[0-9a-f]+ ", "? ", f)
+
+    own, incl = Counter(), Counter()
+    for body, c in stacks[main]:
+        names = [name(f) for f in body] or ["?"]
+        own[names[-1]] += c
+        for f in set(names):
+            incl[f] += c
+    print(f"{path}: {sum(threads.values())} samples; per thread: "
+          + ", ".join(f"{t} {c}" for t, c in threads.most_common(6)))
+    for title, table in (("self", own), ("inclusive", incl)):
+        print(f"busiest thread ({main}, {total} samples), {title}, % of its samples:")
+        for f, c in table.most_common(top):
+            print(f"  {100 * c / total:6.2f}  {f[:150]}")
+    return {"threads": dict(threads), "self": dict(own), "inclusive": dict(incl)}

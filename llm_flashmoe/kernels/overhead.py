@@ -346,6 +346,13 @@ def main(argv=None) -> int:
     p = sub.add_parser("loop", help="a bare pipelined decode for a while (for a sampling profiler)")
     p.add_argument("--dir", required=True)
     p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--gc", choices=("on", "freeze", "off"), default="on",
+                   help="Python's collector in the loop: as it is, with the objects made before it frozen, or off")
+    p = sub.add_parser("stacks", help="summarise py-spy's raw samples (record --native -f raw): per thread, "
+                                      "the busiest thread's functions, self and inclusive")
+    p.add_argument("raw")
+    p.add_argument("--top", type=int, default=40)
+    p.add_argument("--keep", default=None, help="only stacks through a frame containing this")
     p = sub.add_parser("ncu", help="summarise an ncu CSV log per kernel, or compare several per kernel family")
     p.add_argument("csv", nargs="+")
     p.add_argument("--labels", default=None, help="comma-separated names of the logs' settings (several logs)")
@@ -393,6 +400,10 @@ def main(argv=None) -> int:
         host_profile(args)
     elif args.cmd == "loop":
         host_loop(args)
+    elif args.cmd == "stacks":
+        from .host import stacks_summary
+
+        stacks_summary(args.raw, args.top, args.keep)
     elif args.cmd == "bwfloor":
         from . import active_backend
 
