@@ -198,11 +198,15 @@ def test_qk_norm_rope_kv_twin_writes_the_token_at_its_position(array_pos):
 
 def recording(launches: list):
     """A stand-in for mx.fast.cuda_kernel / metal_kernel (GpuKernels._make): each launch goes to
-    `launches` as (the kernel's name, input names, header and source; the launch's inputs, grid and
-    thread group), and its outputs are zeros."""
+    `launches` as (the kernel's name, input names, header and source as the compiler reads them
+    (the CUDA launches' files in place of their #includes); the launch's inputs, grid and thread
+    group), and its outputs are zeros."""
+    from llm_flashmoe.kernels.gpu import inline_sources
+
     def make(**kw):
         def launch(inputs, output_shapes, output_dtypes, grid=None, threadgroup=None, **_):
-            launches.append((kw["name"], kw["input_names"], kw["header"], kw["source"], inputs, grid, threadgroup))
+            launches.append((kw["name"], kw["input_names"], inline_sources(kw["header"]), inline_sources(kw["source"]),
+                             inputs, grid, threadgroup))
             return [mx.zeros(shape, dt) for shape, dt in zip(output_shapes, output_dtypes)]
         return launch
     return make
@@ -217,10 +221,72 @@ def launch_defines(header: str, *names: str) -> dict:
     return d
 
 
+def test_cuda_launches_take_their_header_and_body_from_files_named_by_their_text(monkeypatch, tmp_path):
+    """MLX 0.32's CUDA backend hashes each launch's whole source, so the CUDA kernels are made with
+    two #include lines of files holding the rendered header and body (written once, named by their
+    text's hash), plus a comment naming the inputs' shapes the body reads (MLX passes those it finds
+    in the source); FLASHMOE_CUDA_SOURCE_FILES=0, Metal, and a folder that cannot be written give the
+    text inline. The emulator's launches (g++ reading the same files) match the plain twin."""
+    from llm_flashmoe.kernels import check, emulate, gpu, plain, source
+
+    monkeypatch.setenv("FLASHMOE_CACHE_DIR", str(tmp_path / "cache"))
+    made = []
+
+    def kernels(backend):
+        k = gpu.GpuKernels(backend)
+        k._make = lambda **kw: made.append(kw) or recording([])(**kw)
+        return k
+
+    q = mx.zeros((2, 256), mx.bfloat16)
+    keys = values = mx.zeros((1, 1, 16, 256), mx.bfloat16)
+    try:
+        gpu.configure({})
+        kernels("cuda").decode_attention(q, keys, values, 5, mx.zeros((1, 1024), mx.bfloat16))
+        kw = made.pop()
+        header, body = source.render("decode_attention", "cuda", {})
+        folder = gpu.source_dir()
+        assert folder == tmp_path / "cache" / "cuda-sources"
+        inc = re.findall(r'^#include "([^"]+)"$', kw["header"] + kw["source"], flags=re.M)
+        assert len(inc) == 2 and all(p.startswith(str(folder.resolve())) for p in inc)
+        assert len(kw["header"]) + len(kw["source"]) < 400 < len(header)
+        assert "keys_shape" in kw["source"] and "keys_shape" in body   # MLX passes it where named
+        assert emulate.inline_sources(kw["source"]).endswith(body)
+        assert emulate.inline_sources(kw["header"]).startswith(header.split("#define")[0])
+        files = sorted(folder.iterdir())
+        assert all(f.suffix == ".cuh" for f in files)      # no temporary left
+        kernels("cuda").decode_attention(q, keys, values, 5, mx.zeros((1, 1024), mx.bfloat16))
+        assert made.pop()["source"] == kw["source"] and sorted(folder.iterdir()) == files
+        # inline: the switch off, Metal, a folder that cannot be written
+        for backend, env in (("cuda", {"FLASHMOE_CUDA_SOURCE_FILES": "0"}), ("metal", {})):
+            gpu.configure(env)
+            kernels(backend).decode_attention(q, keys, values, 5, mx.zeros((1, 1024), mx.bfloat16))
+            kw = made.pop()
+            assert "#include" not in kw["source"] and kw["source"].endswith(
+                source.render("decode_attention", backend, {})[1])
+        gpu.configure({})
+        (tmp_path / "file").write_text("")
+        monkeypatch.setenv("FLASHMOE_CACHE_DIR", str(tmp_path / "file"))
+        kernels("cuda").decode_attention(q, keys, values, 5, mx.zeros((1, 1024), mx.bfloat16))
+        assert made.pop()["source"].endswith(body)
+        # the emulator compiles the files (g++) and its launch matches the twin
+        monkeypatch.setenv("FLASHMOE_CACHE_DIR", str(tmp_path / "cache"))
+        f32 = mx.float32
+        qq, kk, vv = check.rnd((2, 256), f32), check.rnd((1, 1, 16, 256), f32), check.rnd((1, 1, 16, 256), f32)
+        qg = check.rnd((1, 1024), f32)
+        got = emulate.emulated_kernels(tmp_path).decode_attention(qq, kk, vv, 5, qg)
+        ref = plain.decode_attention(qq, kk, vv, 5, qg)
+        assert check.judge(got, ref, None, mx.float32)[2]
+    finally:
+        gpu.configure()
+
+
 def headers_of(kern, headers: list):
-    """kern (a GpuKernels) with each kernel it builds also putting its header in `headers`."""
+    """kern (a GpuKernels) with each kernel it builds also putting its header in `headers` (as the
+    compiler reads it)."""
+    from llm_flashmoe.kernels.gpu import inline_sources
+
     make = kern._make
-    kern._make = lambda **kw: headers.append(kw["header"]) or make(**kw)
+    kern._make = lambda **kw: headers.append(inline_sources(kw["header"])) or make(**kw)
     return kern
 
 

@@ -33,11 +33,15 @@ def disabled() -> bool:
     return os.environ.get("FLASHMOE_KERNELS", "").strip().lower() in ("off", "0", "false", "no", "mlx")
 
 
-def cache_dir() -> Path:
+def cache_root() -> Path:
+    """Where built kernels live: FLASHMOE_CACHE_DIR, else the user's cache folder's llm-flashmoe."""
     if os.environ.get("FLASHMOE_CACHE_DIR"):
-        return Path(os.environ["FLASHMOE_CACHE_DIR"]) / "cpu-kernels"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "llm-flashmoe" / "cpu-kernels"
+        return Path(os.environ["FLASHMOE_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llm-flashmoe"
+
+
+def cache_dir() -> Path:
+    return cache_root() / "cpu-kernels"
 
 
 def find_compiler() -> str | None:

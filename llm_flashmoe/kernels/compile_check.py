@@ -80,7 +80,10 @@ class _Recorder:
         self.spec = (name, list(input_names), list(output_names), source, header)
 
     def __call__(self, inputs, template, grid, threadgroup, output_shapes, output_dtypes, **_):
+        from .gpu import inline_sources
+
         name, _, _, body, header = self.spec
+        body, header = inline_sources(body), inline_sources(header)   # the unit whole (no cache paths)
         types = CUDA_TYPES if self.nvcc else C_TYPES
         params = kernel_params(self.spec, inputs, output_dtypes, types)
         t, fn = types[dict(template)["T"]], "__global__ void" if self.nvcc else "void"

@@ -34,6 +34,7 @@ import mlx.core as mx
 import numpy as np
 
 from .compile_check import C_TYPES, kernel_params
+from .gpu import inline_sources
 
 # What the CUDA dialect and MLX's wrapper provide, made to run: thread-local indices, a block
 # barrier, warp shuffles through memory. (Blocks run one at a time, so `static` shared memory
@@ -183,13 +184,15 @@ class _Launch:
     def __init__(self, workdir: Path, name, input_names, output_names, source, header):
         self.workdir = workdir
         self.spec = (name, list(input_names), list(output_names), source, header)
+        # the body and header the compiler reads (the CUDA launches' are #includes of files)
+        self.body, self.header = inline_sources(source), inline_sources(header)
 
     def shaped(self) -> list[str]:
-        """Inputs whose shape the body reads (MLX passes `NAME_shape` for those)."""
+        """Inputs whose shape the body reads (MLX passes `NAME_shape` for those its source names)."""
         return [n for n in self.spec[1] if f"{n}_shape" in self.spec[3]]
 
     def _library(self, inputs, output_dtypes, template) -> tuple[ctypes.CDLL, str]:
-        name, _, _, body, header = self.spec
+        name, body, header = self.spec[0], self.body, self.header
         header = header.replace('#define PREFETCH_L2(p) asm volatile("prefetch.global.L2 [%0];" ::"l"(p))',
                                 "#define PREFETCH_L2(p) fm_prefetch((const void*)(p))")
         params = kernel_params(self.spec, inputs, output_dtypes, C_TYPES)
@@ -231,7 +234,7 @@ class _Launch:
     def __call__(self, inputs, template, grid, threadgroup, output_shapes, output_dtypes, init_value=None, **_):
         lib, _ = self._library(inputs, output_dtypes, template)
         # inputs the body writes through a cast pointer, `(GLOBAL T*)NAME)`: their own memory
-        ins = [_np_inplace(a, n) if f"(GLOBAL T*){n})" in self.spec[3] else _np_view(a)
+        ins = [_np_inplace(a, n) if f"(GLOBAL T*){n})" in self.body else _np_view(a)
                for n, a in zip(self.spec[1], inputs)]
         by_name = dict(zip(self.spec[1], inputs))
         ins += [np.array(by_name[n].shape, np.int32) for n in self.shaped()]

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import zlib
+from pathlib import Path
 
 import mlx.core as mx
 
@@ -176,16 +178,27 @@ QMV_MMA = 0
 # a warp per 16 rows), so only moe_down takes them by default. None: auto.
 MOE_MMA: frozenset | None = None
 
+# MLX 0.32's CUDA backend hashes a custom kernel's whole source at every launch (CustomKernel::
+# eval_gpu names the kernel's JIT module by std::hash of it), and ours are 42-50 KB, nearly all of it
+# the dialect and the family's helpers: on the H200's host that hashing was 26% of a pipelined
+# decode's host time (py-spy, tiny preset, 8 layers: std::_Hash_bytes under CustomKernel::eval_gpu,
+# nineteenth session). So the CUDA launches take their header and body from files named by their
+# content's hash (`_source_files`): their source is two #include lines. FLASHMOE_CUDA_SOURCE_FILES=0
+# puts the text inline. (Metal's launches name their library once, when the kernel is made.)
+SOURCE_FILES = True
+
+
 def configure(env=os.environ) -> None:
     """Set the launch knobs above from `env` (FLASHMOE_QMV_ROWS, FLASHMOE_MOE_ROWS,
     FLASHMOE_QMV_WORDS, FLASHMOE_GRID, FLASHMOE_GRID_BLOCKS, FLASHMOE_GDN_ROWS, FLASHMOE_GDN_THREADS,
     FLASHMOE_MV_THREADS, FLASHMOE_MIN_GROUPS, FLASHMOE_QASYNC, FLASHMOE_QINT, FLASHMOE_QINT_DIGITS,
     FLASHMOE_XV_INNER, FLASHMOE_L2_PREFETCH, FLASHMOE_FUSE_ROUTE, FLASHMOE_KV_INPLACE, FLASHMOE_QMV_MMA,
-    FLASHMOE_MOE_MMA, FLASHMOE_QPIPE; absent: the defaults). Kernels
+    FLASHMOE_MOE_MMA, FLASHMOE_QPIPE, FLASHMOE_CUDA_SOURCE_FILES; absent: the defaults). Kernels
     built before keep their settings: make a new GpuKernels after changing them."""
     global QMV_ROWS, MOE_GU_ROWS, MOE_DOWN_ROWS, QWORDS, GRID_PER_SM, GRID_BLOCKS, GDN_ROWS, GDN_THREADS, MV_THREADS
     global XV_INNER, L2PF, L2PF_DOWN, DOWN_PF, NEXT_PF, FUSE_ROUTE, KV_INPLACE, QMV_MMA, MOE_MMA, QPIPE, MIN_GROUPS, QASYNC, QINT
-    global QINT_DIGITS
+    global QINT_DIGITS, SOURCE_FILES
+    SOURCE_FILES = env.get("FLASHMOE_CUDA_SOURCE_FILES", "1").strip().lower() not in ("0", "off", "no", "false")
     rows = env.get("FLASHMOE_QMV_ROWS", "auto").strip().lower()
     QMV_ROWS = None if rows in ("", "auto") else int(rows)
     # GU,DOWN or GU:DOWN (gpu_session.sh's sweeps keep ',' for separating variables)
@@ -288,6 +301,51 @@ def _index(v, cuda: bool = False) -> mx.array:
     return mx.full((ROOMY_BYTES // 4,), v.reshape(1).astype(mx.int32) if isinstance(v, mx.array) else v, mx.int32)
 
 
+def source_dir() -> Path:
+    """Where the CUDA launches' header and body files are written (`_source_files`)."""
+    from ..cpu.build import cache_root
+
+    return cache_root() / "cuda-sources"
+
+
+def _source_files(header: str, body: str) -> tuple[str, str]:
+    """(header, body) as #include lines of files holding them, each named by its text's hash and
+    written once (to a temporary name, then renamed: a file of that name is always whole), so that
+    MLX hashes a short source at each launch (SOURCE_FILES). As they were where the folder cannot
+    be written or its path cannot be written in an #include line."""
+    import hashlib
+
+    folder = source_dir()
+    text = str(folder.resolve())
+    if any(c in text for c in '"\\\n'):
+        return header, body
+    lines = []
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for part in (header, body):
+            path = folder / f"fm_{hashlib.sha256(part.encode()).hexdigest()[:24]}.cuh"
+            if not path.exists():
+                tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+                tmp.write_text(part)
+                os.replace(tmp, path)
+            lines.append(f'#include "{path.resolve()}"\n')
+    except OSError:
+        return header, body
+    # MLX passes an input's shape, strides or ndim where the body's text names them: named here too
+    reads = sorted(set(re.findall(r"\b\w+_(?:shape|strides|ndim)\b", body)))
+    return lines[0], (f"// reads {' '.join(reads)}\n" if reads else "") + lines[1]
+
+
+def inline_sources(text: str) -> str:
+    """`text` with each #include of a file of `_source_files` replaced by the file's text: what
+    the compiler reads (the host emulator's and compile_check's translation units are whole)."""
+    folder = str(source_dir().resolve())
+
+    def read(m):
+        return Path(m.group(1)).read_text() if m.group(1).startswith(folder + "/") else m.group(0)
+    return re.sub(r'^#include "([^"]+)"\n?', read, text, flags=re.M)
+
+
 class _Roomy:
     """A CUDA kernel whose outputs of SMALL_BYTES or fewer are made ROOMY_BYTES long and come back
     as views of their first elements, in the shapes asked for."""
@@ -380,6 +438,8 @@ class GpuKernels:
         k = self._kernels.get(key)
         if k is None:
             header, body = render(name, self.backend, defines)
+            if self.backend == "cuda" and SOURCE_FILES:
+                header, body = _source_files(header, body)
             tag = zlib.crc32(repr(key).encode()) & 0xFFFFFFFF
             k = self._make(name=f"fm_{name}_{tag:08x}", input_names=list(inputs),
                            output_names=list(outputs), source=body, header=header)
