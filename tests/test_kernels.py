@@ -1265,13 +1265,15 @@ def test_ncu_log_of_several_settings_is_cut_at_their_markers(tmp_path, capsys):
     table = {l.split()[0]: l.split()[1:] for l in out.splitlines() if l.startswith(("fm_", "all"))}
     assert table["all"] == ["55.0", "(", "2)", "61.0", "(", "2)"]
     assert table["fm_qmv"] == ["40.0", "(", "1)", "61.0", "(", "2)"] and table["fm_gdn_step"][-1] == "-"
-    # per layer and the head: launches of 100 us or more are the head's, whoever's kernel they are
+    # per layer and the head: a kernel's launches of 100 us or more are the head's where it has one a
+    # step, whoever's kernel it is; one with more (the plain path's routing gather) is the layers'
     rows[3:3] = [("void mlx_qmv<bf16>(const T *)", 160), ("void mlx_qmv<bf16>(const T *)", 150)]
+    rows[3:3] = [("void gather_axis<float>(const T *)", 120)] * 4
     path.write_text(head + "".join(f'"{i}","{k}","Command line profiler metrics","gpu__time_duration.sum",'
                                    f'"usecond","{us}"\n' for i, (k, us) in enumerate(rows)))
     assert overhead.main(["ncu", str(path), "--marked=-;qpipe=1", "--layers", "2", "--steps", "2"]) == 0
     split = {l.split()[0]: l.split()[1:] for l in capsys.readouterr().out.splitlines() if "per layer" in l}
-    assert split["-"] == ["head", "155.0", "per", "layer", "13.8"]          # (310) / 2; (40 + 15) / 4
+    assert split["-"] == ["head", "155.0", "per", "layer", "133.8"]         # (310) / 2; (40 + 15 + 480) / 4
     assert split["qpipe=1"] == ["head", "0.0", "per", "layer", "15.2"]
 
 
