@@ -1458,6 +1458,70 @@ def test_cuda_launches_make_no_output_of_8_bytes_or_fewer(tmp_path):
         assert mx.array_equal(sgl3.reshape(-1), sgl) and mx.array_equal(logits3.reshape(-1), logits)
 
 
+def test_a_small_outputs_view_goes_into_the_next_launch_as_its_buffer(tmp_path):
+    """The router's launch gives the shared expert gate's logit back as a view of a longer buffer
+    (one slice); moe_down, a launch of the same GpuKernels, takes that buffer in its place (the
+    logit its first value), so the step's graph has no slice: one operation fewer per layer for the
+    host. Same result as with the view (and as the plain path), op by op and compiled; a view
+    given to another GpuKernels' launch, or an array it did not make, goes in as it is."""
+    from llm_flashmoe.kernels import check, emulate, gpu, overhead
+
+    mx.random.seed(5)
+    d = check.moe_inputs("tiny", mx.float32)
+    H, I, Is, K = d["x"].size, d["gate"].weight.shape[1], d["sg"].out_features, d["K"]
+    x, y = d["x"].reshape(1, 1, H), d["res"].reshape(1, 1, H)
+    nw = check.rnd((H,), mx.float32, 0.2) + 1
+    h_in, hs = check.rnd((K, I), mx.float32), check.rnd((Is,), mx.float32)
+    kern = emulate.emulated_kernels(tmp_path)
+    given, make = [], kern._make
+
+    def recording(**spec):
+        launch = make(**spec)
+
+        def call(**kw):
+            given.append((spec["name"], dict(zip(spec["input_names"], kw["inputs"]))))
+            return launch(**kw)
+        return call
+
+    kern._make = recording
+
+    def step(o, sg=None):
+        (logits, sgl), hh, n = o.norm_qmv(x, y, nw, 1e-6, [d["router"], d["sgate"]])
+        out = o.moe_down(h_in, d["rows"], d["w"], d["down"], hs, d["sd"], sgl if sg is None else sg, hh)
+        return out, sgl
+
+    out, sgl = step(kern)
+    (_, router), (name, down) = given
+    assert name.startswith("fm_moe_down") and sgl.shape == (1, 1, 1)
+    assert down["sg"].shape == (gpu.ROOMY_BYTES // 4, 1, 1)                 # the buffer, not the view
+    want, want_sgl = step(plain)
+    assert mx.array_equal(sgl, want_sgl) or check.rel_err(sgl, want_sgl) < 2e-4
+    assert check.rel_err(out, want) < 2e-4
+    given.clear()
+    again, _ = step(kern, mx.array(np.array(sgl)))         # an array it did not make: as it is
+    assert given[-1][1]["sg"].shape == (1, 1, 1) and mx.allclose(again, out)
+    other = emulate.emulated_kernels(tmp_path)
+    (_, sgl2), _, _ = other.norm_qmv(x, y, nw, 1e-6, [d["router"], d["sgate"]])
+    given.clear()
+    kern.moe_down(h_in, d["rows"], d["w"], d["down"], hs, d["sd"], sgl2, y)   # another GpuKernels' view
+    assert given[-1][1]["sg"].shape == (1, 1, 1)
+    compiled = mx.compile(lambda: step(kern)[0])()
+    assert mx.allclose(compiled, out)
+
+    # the graph (launches stubbed lazily: each output a function of all its inputs): no slice
+    def lazy(**spec):
+        def launch(inputs, output_shapes, output_dtypes, **_):
+            tot = sum(mx.sum(a.astype(mx.float32)) for a in inputs)
+            return [(mx.zeros(sh, dt) + tot).astype(dt) for sh, dt in zip(output_shapes, output_dtypes)]
+        return launch
+
+    stubbed, apart = gpu.GpuKernels("cuda"), gpu.GpuKernels("cuda")
+    stubbed._make = apart._make = lazy
+    assert "Slice" not in overhead.graph_census([step(stubbed)[0]])
+    (_, sgl_apart), _, _ = apart.norm_qmv(x, y, nw, 1e-6, [d["router"], d["sgate"]])
+    assert overhead.graph_census([step(stubbed, sgl_apart)[0]]).get("Slice") == 1
+
+
 def test_downids_summary_reads_each_sets_time_per_round_and_whether_the_rounds_agree(tmp_path, capsys):
     """`overhead downids --summary LOG`: moe_down's calls in a setting's segment are the expert sets
     (down_id_sets: patterned, then seeded random ones, the same each time) round after round; the

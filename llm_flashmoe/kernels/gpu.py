@@ -348,12 +348,21 @@ def inline_sources(text: str) -> str:
 
 class _Roomy:
     """A CUDA kernel whose outputs of SMALL_BYTES or fewer are made ROOMY_BYTES long and come back
-    as views of their first elements, in the shapes asked for."""
+    as views of their first elements, in the shapes asked for. A view it gave back, given to a
+    launch of the same GpuKernels as an input whose shape the kernel does not read, goes in as the
+    buffer it is a view of (`made`, shared by the GpuKernels' launches): its values are that
+    buffer's first, so the kernel reads the same, and the slice that made the view goes unused
+    (a compiled step leaves it out: the router's shared-gate logit on its way to moe_down, one
+    operation fewer per layer for the host)."""
 
-    def __init__(self, kernel):
-        self.kernel = kernel
+    KEEP = 64   # views remembered (the newest): a decode step's, many times over
 
-    def __call__(self, *, output_shapes, output_dtypes, **kw):
+    def __init__(self, kernel, names: list, shaped: frozenset, made: dict):
+        self.kernel, self.names, self.shaped, self.made = kernel, names, shaped, made
+
+    def __call__(self, *, output_shapes, output_dtypes, inputs, **kw):
+        if self.made:
+            inputs = [a if n in self.shaped else self._buffer(a) for n, a in zip(self.names, inputs)]
         shapes = [tuple(s) for s in output_shapes]
         # a small output is made longer in its first dimension (a scalar's: made [n]), so that its
         # values, the buffer's first, come back through one slice (each operation costs the host
@@ -361,11 +370,20 @@ class _Roomy:
         made = [s if math.prod(s) * d.size > SMALL_BYTES else
                 (-(-ROOMY_BYTES // (d.size * math.prod(s[1:]))), *s[1:]) if s else (ROOMY_BYTES // d.size,)
                 for s, d in zip(shapes, output_dtypes)]
-        outs = list(self.kernel(output_shapes=made, output_dtypes=output_dtypes, **kw))
+        outs = list(self.kernel(output_shapes=made, output_dtypes=output_dtypes, inputs=inputs, **kw))
         for i, (s, m) in enumerate(zip(shapes, made)):
             if m != s:
-                outs[i] = outs[i][:s[0]] if s else outs[i][0]
+                whole = outs[i]
+                outs[i] = whole[:s[0]] if s else whole[0]
+                self.made[id(outs[i])] = (outs[i], whole)
+                if len(self.made) > self.KEEP:
+                    del self.made[next(iter(self.made))]
         return outs
+
+    def _buffer(self, a):
+        """The buffer `a` is a view of, where this kernel's GpuKernels made it (else `a`)."""
+        seen = self.made.get(id(a))
+        return seen[1] if seen is not None and seen[0] is a else a
 
 
 def mv_threads(wide: bool = False) -> int:
@@ -429,6 +447,7 @@ class GpuKernels:
         self._fill = {"init_value": float("nan")} if poison else {}
         self._make = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
         self._kernels: dict = {}
+        self._small: dict = {}   # the small outputs' views and their buffers (_Roomy)
         # static threadgroup memory a kernel may declare (the staged input vector)
         self.max_shared = 32768 if backend == "metal" else 49152
         self._sms = None
@@ -438,13 +457,14 @@ class GpuKernels:
         k = self._kernels.get(key)
         if k is None:
             header, body = render(name, self.backend, defines)
+            shaped = frozenset(n for n in inputs if f"{n}_shape" in body)
             if self.backend == "cuda" and SOURCE_FILES:
                 header, body = _source_files(header, body)
             tag = zlib.crc32(repr(key).encode()) & 0xFFFFFFFF
             k = self._make(name=f"fm_{name}_{tag:08x}", input_names=list(inputs),
                            output_names=list(outputs), source=body, header=header)
             if self.backend == "cuda":
-                k = _Roomy(k)
+                k = _Roomy(k, list(inputs), shaped, self._small)
             self._kernels[key] = k
         return k
 
