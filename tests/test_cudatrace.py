@@ -68,3 +68,54 @@ def test_overhead_loop_runs_a_pipelined_decode_and_reports_its_cuda_calls(trace_
     assert m and int(m.group(1)) >= 1 and int(m.group(2)) > 0, out
     # the twins run on the CPU: a dump with no CUDA call in it
     assert re.search(r"^cudatrace: 0\.0 us per step .*\(" + m.group(1) + " steps\\)", out, re.M), out
+
+
+def test_overhead_loop_can_run_with_pythons_collector_frozen_or_off(tiny_mlx, monkeypatch, capsys):
+    """`overhead loop --gc freeze|off`: the objects made before the loop are frozen out of the
+    collector's way (or the collector is off) while it runs, and the report says which."""
+    import gc
+
+    from llm_flashmoe.kernels import overhead
+
+    monkeypatch.setenv("FLASHMOE_KERNELS", "twin")
+    try:
+        assert overhead.main(["loop", "--dir", str(tiny_mlx), "--seconds", "0.2", "--gc", "freeze"]) == 0
+        assert gc.get_freeze_count() > 0 and gc.isenabled()
+        assert "(Python's collector: freeze)" in capsys.readouterr().out
+        gc.unfreeze()
+        assert overhead.main(["loop", "--dir", str(tiny_mlx), "--seconds", "0.2", "--gc", "off"]) == 0
+        assert not gc.isenabled() and gc.get_freeze_count() == 0
+        assert "(Python's collector: off)" in capsys.readouterr().out
+    finally:
+        gc.unfreeze()
+        gc.enable()
+
+
+def test_stacks_summary_sums_py_spys_raw_samples_per_function(tmp_path, capsys):
+    """`overhead stacks RAW` (py-spy's `record --native -f raw`): samples summed per thread; for the
+    busiest thread, each function's share on top of the stack (self) and anywhere in it (inclusive,
+    once per stack, however often it recurs), lines and symbol-less addresses folded into one row
+    per function or library; --keep takes only the stacks through a frame."""
+    from llm_flashmoe.kernels import overhead
+    from llm_flashmoe.kernels.host import stacks_summary
+
+    raw = tmp_path / "raw.txt"
+    raw.write_text(
+        "thread (1): MainThread;main (run.py:3);step (engine.py:10);std::_Hash_bytes (libstdc++.so.6) 6\n"
+        "thread (1): MainThread;main (run.py:3);step (engine.py:12);0x7f00aa (libc.so.6) 2\n"
+        "thread (1): MainThread;main (run.py:4);f (x.py:1);f (x.py:2);0x7f00bb (libc.so.6) 2\n"
+        "thread (2): worker;poll (libcuda.so) 3\n"
+        "not a sample line\n")
+    s = stacks_summary(str(raw), top=10)
+    assert s["threads"] == {"thread (1): MainThread": 10, "thread (2): worker": 3}
+    assert s["self"] == {"std::_Hash_bytes (libstdc++.so.6)": 6, "? (libc.so.6)": 4}
+    assert s["inclusive"]["main (run.py)"] == 10 and s["inclusive"]["step (engine.py)"] == 8
+    assert s["inclusive"]["f (x.py)"] == 2                      # recursion counted once per stack
+    assert "poll (libcuda.so)" not in s["inclusive"]             # another thread's
+    out = capsys.readouterr().out
+    assert "   60.00  std::_Hash_bytes (libstdc++.so.6)" in out and "   80.00  step (engine.py)" in out
+    assert overhead.main(["stacks", str(raw), "--keep", "f (x.py"]) == 0
+    kept = capsys.readouterr().out
+    assert "  100.00  ? (libc.so.6)" in kept and "Hash_bytes" not in kept
+    with pytest.raises(SystemExit, match="no samples through a frame containing 'nothing'"):
+        stacks_summary(str(raw), keep="nothing")

@@ -6,8 +6,10 @@ host|loop ...`."""
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
+import re
 import time
 
 import mlx.core as mx
@@ -125,8 +127,6 @@ def host_loop(args) -> None:
     from ..engine.load import load_model
     from ..engine.sampling import DeviceSampler, SamplingParams
 
-    import gc
-
     model = load_model(args.dir)
     touch(model)
     sample = DeviceSampler(SamplingParams(temperature=0.0))
@@ -183,7 +183,6 @@ def stacks_summary(path: str, top: int = 40, keep: str | None = None) -> dict:
     top of the stack (self) and anywhere in it (inclusive: counted once per stack), as shares of
     that thread's samples. `keep`: only stacks through a frame containing it. Prints the tables
     and returns {"threads": {name: samples}, "self": {fn: samples}, "inclusive": {fn: samples}}."""
-    import re
     from collections import Counter
 
     threads, stacks = Counter(), {}
