@@ -7,6 +7,7 @@ cover (dense weights, odd widths, prefill) goes to the plain-MLX twin.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -308,16 +309,20 @@ def source_dir() -> Path:
     return cache_root() / "cuda-sources"
 
 
-def _source_files(header: str, body: str) -> tuple[str, str]:
+def _shape_reads(body: str) -> frozenset:
+    """The words `NAME_shape`, `NAME_strides`, `NAME_ndim` a kernel's body names: MLX passes an
+    input's shape, strides or ndim where its source names them."""
+    return frozenset(re.findall(r"\b\w+_(?:shape|strides|ndim)\b", body))
+
+
+def _source_files(header: str, body: str, reads: frozenset) -> tuple[str, str]:
     """(header, body) as #include lines of files holding them, each named by its text's hash and
     written once (to a temporary name, then renamed: a file of that name is always whole), so that
-    MLX hashes a short source at each launch (SOURCE_FILES). As they were where the folder cannot
-    be written or its path cannot be written in an #include line."""
-    import hashlib
-
-    folder = source_dir()
-    text = str(folder.resolve())
-    if any(c in text for c in '"\\\n'):
+    MLX hashes a short source at each launch (SOURCE_FILES); the body's `reads` (_shape_reads)
+    named in a comment, for MLX to find. As they were where the folder cannot be written or its
+    path cannot be written in an #include line."""
+    folder = source_dir().resolve()
+    if any(c in str(folder) for c in '"\\\n'):
         return header, body
     lines = []
     try:
@@ -328,12 +333,10 @@ def _source_files(header: str, body: str) -> tuple[str, str]:
                 tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
                 tmp.write_text(part)
                 os.replace(tmp, path)
-            lines.append(f'#include "{path.resolve()}"\n')
+            lines.append(f'#include "{path}"\n')
     except OSError:
         return header, body
-    # MLX passes an input's shape, strides or ndim where the body's text names them: named here too
-    reads = sorted(set(re.findall(r"\b\w+_(?:shape|strides|ndim)\b", body)))
-    return lines[0], (f"// reads {' '.join(reads)}\n" if reads else "") + lines[1]
+    return lines[0], (f"// reads {' '.join(sorted(reads))}\n" if reads else "") + lines[1]
 
 
 def inline_sources(text: str) -> str:
@@ -349,11 +352,11 @@ def inline_sources(text: str) -> str:
 class _Roomy:
     """A CUDA kernel whose outputs of SMALL_BYTES or fewer are made ROOMY_BYTES long and come back
     as views of their first elements, in the shapes asked for. A view it gave back, given to a
-    launch of the same GpuKernels as an input whose shape the kernel does not read, goes in as the
-    buffer it is a view of (`made`, shared by the GpuKernels' launches): its values are that
-    buffer's first, so the kernel reads the same, and the slice that made the view goes unused
-    (a compiled step leaves it out: the router's shared-gate logit on its way to moe_down, one
-    operation fewer per layer for the host)."""
+    launch of the same GpuKernels as an input whose shape, strides or ndim the kernel does not
+    read (`shaped`: those it reads), goes in as the buffer it is a view of (`made`, shared by the
+    GpuKernels' launches): its values are that buffer's first, so the kernel reads the same, and
+    the slice that made the view goes unused (a compiled step leaves it out: the router's
+    shared-gate logit on its way to moe_down, one operation fewer per layer for the host)."""
 
     KEEP = 64   # views remembered (the newest): a decode step's, many times over
 
@@ -457,9 +460,10 @@ class GpuKernels:
         k = self._kernels.get(key)
         if k is None:
             header, body = render(name, self.backend, defines)
-            shaped = frozenset(n for n in inputs if f"{n}_shape" in body)
+            reads = _shape_reads(body)
+            shaped = frozenset(n for n in inputs if any(f"{n}_{w}" in reads for w in ("shape", "strides", "ndim")))
             if self.backend == "cuda" and SOURCE_FILES:
-                header, body = _source_files(header, body)
+                header, body = _source_files(header, body, reads)
             tag = zlib.crc32(repr(key).encode()) & 0xFFFFFFFF
             k = self._make(name=f"fm_{name}_{tag:08x}", input_names=list(inputs),
                            output_names=list(outputs), source=body, header=header)

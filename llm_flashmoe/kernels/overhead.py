@@ -305,7 +305,7 @@ def first_calls(path: str) -> None:
 
 # setting key -> the environment variable it stands for
 def main(argv=None) -> int:
-    from .host import host_loop, host_profile
+    from .host import host_loop, host_profile, stacks_summary
     from .ncu import check_marked, ncu_compare, ncu_compare_marked, ncu_summary
     from .sweeps import SETTING_KEYS, ncu_settings, rows_sweep, settings_sweep
 
@@ -401,8 +401,6 @@ def main(argv=None) -> int:
     elif args.cmd == "loop":
         host_loop(args)
     elif args.cmd == "stacks":
-        from .host import stacks_summary
-
         stacks_summary(args.raw, args.top, args.keep)
     elif args.cmd == "bwfloor":
         from . import active_backend
