@@ -309,6 +309,20 @@ def test_pipelined_timing_of_the_first_layers_runs_those_and_restores_the_model(
     assert abs(rest + len(layers) * per_layer - whole) < 1e-9    # (the split of the whole model's time)
 
 
+def test_pipelined_rounds_summary_is_the_median_of_each_column():
+    """decode_bench's summary of its pipelined rounds: each figure the median over the rounds
+    (a round's missing marginal figure left out), each round's marginal figure listed."""
+    from llm_flashmoe.kernels.decode_bench import pipe_summary
+
+    rounds = [(1.4, 0.0, 0.6, 100.0, 147.0, 0.24), (1.2, 0.1, 0.7, 80.0, 93.8, 0.30),
+              (1.0, 0.2, 0.5, 60.0, float("nan"), float("nan"))]
+    line = pipe_summary(rounds, 8)
+    assert "median of 3 rounds: 1.20 ms/token (host waits 0.10), embed+head 0.60 ms, 80.0 us/layer" in line
+    assert "8 layers against 4: 120.4 us per layer, the rest 0.27 ms/token" in line
+    assert f"-> 60 layers: {0.27 + 60 * 120.4 / 1e3:.1f} ms/token" in line
+    assert "(marginal per round: 147.0 93.8 nan)" in line
+
+
 def test_kv_buffers_grow_ahead_by_doubling_for_compiled_steps():
     """A compiled step is traced again whenever the KV buffers change shape: for those steps
     (`ahead`) the buffers double, up to _KV_AHEAD_MAX tokens at a time; otherwise they grow in

@@ -162,6 +162,16 @@ def marginal_layer_time(model, prompt, steps: int, whole: float | None = None) -
     return per_layer, whole - L * per_layer, whole
 
 
+def pipe_summary(rounds: list[tuple], layers: int) -> str:
+    """The pipelined rounds' medians, one line: each round is (ms/token, host waits ms, embed+head
+    ms, us/layer with embed+head taken out, marginal us/layer, marginal rest ms/token)."""
+    tok, wait, eh, per, marg, rest = (float(np.nanmedian(c)) for c in zip(*rounds))
+    return (f"pipelined, median of {len(rounds)} rounds: {tok:.2f} ms/token (host waits {wait:.2f}), embed+head "
+            f"{eh:.2f} ms, {per:.1f} us/layer; {layers} layers against {layers // 2}: {marg:.1f} us per layer, "
+            f"the rest {rest:.2f} ms/token  -> 60 layers: {rest + 60 * marg / 1e3:.1f} ms/token "
+            f"(marginal per round: {' '.join(f'{r[4]:.1f}' for r in rounds)})")
+
+
 def logits_run(model, ops, prompt, steps: int) -> list[np.ndarray]:
     """Prefill `prompt` on the plain path, then decode `steps` given tokens (the prompt's,
     cycled) through `ops` -> float32 logits of the prefill's last token and of each step."""
@@ -396,6 +406,7 @@ def main(argv=None) -> int:
                   flush=True)
         print(f"speedup per layer {rows['plain'][2] / rows['fused'][2]:.2f}x", flush=True)
         with_ops(model, fused)
+        pipe = []
         for r in range(args.pipe_rounds):
             whole, wait = pipelined_time(model, prompt, args.pipe_steps)
             tok, wait = whole * 1e3, wait * 1e3
@@ -403,11 +414,15 @@ def main(argv=None) -> int:
             print(f"fused, pipelined (as generate runs it): {tok:8.2f} ms/token (host waits {wait:5.2f}), embed+head "
                   f"{eh:6.2f} ms (waits {ehw:5.2f}), {(tok - eh) / L * 1e3:7.1f} us/layer  -> 60 layers: "
                   f"{eh + 60 * (tok - eh) / L:7.1f} ms/token", flush=True)
+            per = rest = float("nan")
             if L >= 2:   # the same whole-model timing against the first half's
                 per, rest, _ = marginal_layer_time(model, prompt, args.pipe_steps, whole)
                 print(f"  the same, {L} layers against {L // 2}: {per * 1e6:7.1f} us per layer, the rest "
                       f"(embedding, head, sampling) {rest * 1e3:6.2f} ms/token  -> 60 layers: "
                       f"{(rest + 60 * per) * 1e3:7.1f} ms/token", flush=True)
+            pipe.append((tok, wait, eh, (tok - eh) / L * 1e3, per * 1e6, rest * 1e3))
+        if len(pipe) > 1:
+            print(pipe_summary(pipe, L), flush=True)
         with_ops(model, None)
     tol_ok = True
     if model.dtype != mx.float32 and args.check_steps > 0:
