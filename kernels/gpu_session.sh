@@ -18,6 +18,8 @@
 #   profile  the host round trip's cost per layer; hostread: kernels reading host memory directly
 #   firstuse the host tier's first-use stall taken apart (registration, first reads, page touches)
 # Steps (issue 6, fused kernels):
+# DUMP_EVERY=S (any steps; py-spy carried in .gpu/tools): every S seconds the native stacks of each
+#            running llm_flashmoe process go to dumps.log (what a silent step is doing)
 #   kcheck   every kernel vs its twin, and timings (KCHECK_ONLY: a comma-separated subset)
 #   kdecode  fused vs plain decode, tolerance check
 #            (KDECODE_ARGS replaces its default --check-layers 2,all)
@@ -86,7 +88,28 @@ runs=${RUNS:-5}
 nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,pstate,temperature.gpu --format=csv -lms 250 \
   > "$out/clocks.csv" 2>/dev/null &
 clocks_pid=$!
-trap 'kill $clocks_pid 2>/dev/null' EXIT
+pyspy_install() {  # py-spy from the wheel carried in .gpu/tools (no registry there) -> /tmp/pyspy/bin/py-spy
+  [ -x /tmp/pyspy/bin/py-spy ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/pyspy \
+    .gpu/tools/py_spy-*.whl >/dev/null 2>&1
+  [ -x /tmp/pyspy/bin/py-spy ]
+}
+# DUMP_EVERY=S: every S seconds, each running llm_flashmoe process's native stacks (py-spy dump) go to
+# $out/dumps.log: what a step that prints nothing for long is doing (compiling, waiting on the GPU, ...)
+dump_pid=
+if [ -n "${DUMP_EVERY:-}" ]; then
+  if pyspy_install; then
+    (while sleep "$DUMP_EVERY"; do
+       for p in $(pgrep -f "^python3 -m llm_flashmoe"); do
+         { echo "== $(date +%T) pid $p: $(tr '\0' ' ' < /proc/$p/cmdline 2>/dev/null)"
+           /tmp/pyspy/bin/py-spy dump --native --pid "$p" 2>&1 | head -${DUMP_LINES:-60}; } >> "$out/dumps.log"
+       done
+     done) &
+    dump_pid=$!
+  else
+    echo "== DUMP_EVERY: no py-spy wheel in .gpu/tools (carry it)"
+  fi
+fi
+trap 'kill $clocks_pid $dump_pid 2>/dev/null' EXIT
 step() {  # step LOG CMD...: run CMD until the deadline, output to the terminal and $out/LOG
   local log=$1; shift
   local left=$((end - SECONDS))
@@ -217,8 +240,7 @@ for s in "$@"; do
             # tiny loop alone under each of Python's collector modes in $PYSPY_GC (default "on freeze
             # off"), PYSPY_GC_ROUNDS times over (default 2)
       tiny
-      [ -x /tmp/pyspy/bin/py-spy ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/pyspy \
-        .gpu/tools/py_spy-*.whl || { echo "== no py-spy wheel in .gpu/tools"; continue; }
+      pyspy_install || { echo "== no py-spy wheel in .gpu/tools"; continue; }
       for d in "$M/tiny" "$M/mlx"; do
         [ -f "$d/config.json" ] || continue
         name=$(basename "$d")

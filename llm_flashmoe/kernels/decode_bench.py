@@ -389,9 +389,11 @@ def main(argv=None) -> int:
         ref = load_model(dest, experts_per_token=model.experts_per_token, dtype=mx.float32)
         layers = [int(n) if n != "all" else None for n in args.check_layers.split(",")]
         return 0 if variants(ref, model, fused, prompt, args.check_steps, layers) else 1
+    t0 = time.perf_counter()
     err, top1 = compare(model, fused, prompt, 8)
     print(f"logits fused vs plain ({fused.backend}, {args.preset} L={len(model.layers)}): "
-          f"max rel diff {err:.3e}, top-1 agreement {top1:.2f}", flush=True)
+          f"max rel diff {err:.3e}, top-1 agreement {top1:.2f} ({time.perf_counter() - t0:.1f} s, "
+          f"the kernels' first compilation included)", flush=True)
     if not args.no_timing:   # (first: the tolerance check below loads a float32 copy and takes longer)
         L = len(model.layers)
         rows = {}
@@ -428,8 +430,10 @@ def main(argv=None) -> int:
     if model.dtype != mx.float32 and args.check_steps > 0:
         ref = load_model(dest, experts_per_token=model.experts_per_token, dtype=mx.float32)
         layers = [int(n) if n != "all" else None for n in args.check_layers.split(",")]
+        t0 = time.perf_counter()
         rows = tolerance_check(ref, model, fused, prompt, args.check_steps, layers)
         print_tolerance(rows, f"{fused.backend}, {args.preset}", model.dtype)
+        print(f"(the tolerance check took {time.perf_counter() - t0:.1f} s)", flush=True)
         tol_ok = all(r["ok"] for r in rows)
         del ref
     return 0 if tol_ok else 1
