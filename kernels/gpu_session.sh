@@ -7,6 +7,8 @@
 #   bash kernels/gpu_session.sh STEP...
 #
 # DECODE_ARGS replaces decode's default extra arguments (--resident $M/mlx).
+# DUMP_EVERY=S (any steps; py-spy carried in .gpu/tools): every S seconds the native stacks of each
+# running llm_flashmoe process go to $OUT/dumps.log (what a step that prints nothing is doing).
 # Steps (issue 7, GPU streaming; the model is built once per machine under $M, default /dev/shm/m
 # where /dev/shm has room for it, else /tmp/m):
 #   prep     synthetic 397b-shaped model, LAYERS layers (default 4): MLX layout, then converted (packed)
@@ -18,8 +20,6 @@
 #   profile  the host round trip's cost per layer; hostread: kernels reading host memory directly
 #   firstuse the host tier's first-use stall taken apart (registration, first reads, page touches)
 # Steps (issue 6, fused kernels):
-# DUMP_EVERY=S (any steps; py-spy carried in .gpu/tools): every S seconds the native stacks of each
-#            running llm_flashmoe process go to dumps.log (what a silent step is doing)
 #   kcheck   every kernel vs its twin, and timings (KCHECK_ONLY: a comma-separated subset)
 #   kdecode  fused vs plain decode, tolerance check
 #            (KDECODE_ARGS replaces its default --check-layers 2,all)

@@ -165,7 +165,11 @@ def marginal_layer_time(model, prompt, steps: int, whole: float | None = None) -
 def pipe_summary(rounds: list[tuple], layers: int) -> str:
     """The pipelined rounds' medians, one line: each round is (ms/token, host waits ms, embed+head
     ms, us/layer with embed+head taken out, marginal us/layer, marginal rest ms/token)."""
-    tok, wait, eh, per, marg, rest = (float(np.nanmedian(c)) for c in zip(*rounds))
+    def median(column):   # of the figures a round has (a model of one layer has no marginal one)
+        have = [v for v in column if not np.isnan(v)]
+        return float(np.median(have)) if have else float("nan")
+
+    tok, wait, eh, per, marg, rest = (median(c) for c in zip(*rounds))
     return (f"pipelined, median of {len(rounds)} rounds: {tok:.2f} ms/token (host waits {wait:.2f}), embed+head "
             f"{eh:.2f} ms, {per:.1f} us/layer; {layers} layers against {layers // 2}: {marg:.1f} us per layer, "
             f"the rest {rest:.2f} ms/token  -> 60 layers: {rest + 60 * marg / 1e3:.1f} ms/token "
