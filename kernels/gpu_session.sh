@@ -7,6 +7,8 @@
 #   bash kernels/gpu_session.sh STEP...
 #
 # DECODE_ARGS replaces decode's default extra arguments (--resident $M/mlx).
+# CLOCK_MS=N: the card's clocks logged every N ms (default 250; 0: not at all). PIN=CPUS: the steps'
+# processes kept on those cores (taskset -c).
 # DUMP_EVERY=S (any steps; py-spy carried in .gpu/tools): every S seconds the native stacks of each
 # running llm_flashmoe process go to $OUT/dumps.log (what a step that prints nothing is doing).
 # Steps (issue 7, GPU streaming; the model is built once per machine under $M, default /dev/shm/m
@@ -24,6 +26,8 @@
 #   kdecode  fused vs plain decode, tolerance check
 #            (KDECODE_ARGS replaces its default --check-layers 2,all)
 #   ktiny    the same tolerance check on the tiny preset (4 layers, built under /tmp; no timing)
+#   interop  what MLX arrays' DLPack exports give on CUDA (device addresses?) and what the driver says of
+#            them: whether the kernels could be launched outside MLX's graph (kernels/interop.py)
 #   normbisect where the fused input norm's error comes from, layer by layer (decode_bench --norm-bisect)
 #   kncu     the check's GPU time per call, fused and plain side by side (ncu, NCU_ARGS as below; the
 #            check's timed regions between marker kernels), of KNCU_ONLY's kernels (default the MoE block)
@@ -84,10 +88,20 @@ if [ -z "${M:-}" ]; then
 fi
 echo "== model directory $M (/dev/shm: ${shm_gb:-?} GB free)"
 runs=${RUNS:-5}
-# the card's clocks, power and performance state through the session (the timings depend on them)
-nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,pstate,temperature.gpu --format=csv -lms 250 \
-  > "$out/clocks.csv" 2>/dev/null &
-clocks_pid=$!
+# the card's clocks, power and performance state through the session (the timings depend on them),
+# every CLOCK_MS ms (0: not logged; NVML's queries may take driver locks that CUDA calls then wait on)
+clocks_pid=
+if [ "${CLOCK_MS:-250}" != 0 ]; then
+  nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,pstate,temperature.gpu --format=csv \
+    -lms "${CLOCK_MS:-250}" > "$out/clocks.csv" 2>/dev/null &
+  clocks_pid=$!
+fi
+# PIN=CPUS: every step's process kept on those cores (taskset -c), against the host's timings moving
+# with the scheduler
+pin=()
+if [ -n "${PIN:-}" ]; then
+  if command -v taskset >/dev/null; then pin=(taskset -c "$PIN"); else echo "== PIN: no taskset here"; fi
+fi
 pyspy_install() {  # py-spy from the wheel carried in .gpu/tools (no registry there) -> /tmp/pyspy/bin/py-spy
   [ -x /tmp/pyspy/bin/py-spy ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/pyspy \
     .gpu/tools/py_spy-*.whl >/dev/null 2>&1
@@ -115,7 +129,7 @@ step() {  # step LOG CMD...: run CMD until the deadline, output to the terminal 
   local left=$((end - SECONDS))
   if [ "$left" -lt 15 ]; then echo "== skipped (deadline): $*"; return; fi
   echo "== [$SECONDS s, $left s left] $*"
-  timeout "$left" "$@" 2>&1 | grep --line-buffered -v "^synth\|^convert \[" | tee -a "$out/$log"
+  timeout "$left" "${pin[@]}" "$@" 2>&1 | grep --line-buffered -v "^synth\|^convert \[" | tee -a "$out/$log"
 }
 prep() {  # prep [mlx]: the MLX layout, then (unless "mlx") the packed conversion
   if [ ! -f "$M/mlx/config.json" ]; then
@@ -324,6 +338,7 @@ for s in "$@"; do
     normbisect) step normbisect.log python3 -m llm_flashmoe.kernels.decode_bench --dir "$M/mlx" --norm-bisect ;;
     kdecode) step kdecode.log env $(best) python3 -m llm_flashmoe.kernels.decode_bench --dir "$M/mlx" ${KDECODE_ARGS:---check-layers 2,all} ;;
     ktiny) step ktiny.log env $(best) python3 -m llm_flashmoe.kernels.decode_bench --preset tiny --layers 4 --no-timing --check-layers 2,all ;;
+    interop) step interop.log python3 -m llm_flashmoe.kernels.interop ;;
     kncu)  # KNCU_ONLY: the check's kernels (default the MoE block alone: qmv's ten shapes take minutes under ncu)
       NO_SUMMARY=1 profile kncu -- env $(best) python3 -m llm_flashmoe.kernels.check --only "${KNCU_ONLY:-MoE block}" \
         --runs 1 --dtypes bfloat16 --ncu-marks

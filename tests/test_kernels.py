@@ -1561,3 +1561,24 @@ def test_downids_summary_reads_each_sets_time_per_round_and_whether_the_rounds_a
     assert overhead.main(["downids", "--summary", str(path), "--repeat", "2"]) == 0
     out = capsys.readouterr().out
     assert f"calls over 1.5x the fastest: {share:.0%}" in out and "after the first on a set: median 11.0" in out
+
+
+def test_dlpack_info_gives_each_arrays_address_with_its_byte_offset_strides_and_dtype(capsys):
+    """kernels.interop reads an MLX array's DLPack export: the address of its first element (a
+    view's buffer plus its byte offset), its shape, strides in elements and DLPack dtype; on this
+    CPU the bytes there are the array's (the probe checks the same through the driver on CUDA)."""
+    from llm_flashmoe.kernels import interop
+
+    cases = {label: (a, want) for label, a, want in interop.probe_cases()}
+    whole, rows = (interop.dlpack_info(cases[k][0]) for k in ("float32 [6, 8]", "rows 2: of it (a byte offset)"))
+    assert whole["device"] == rows["device"] == "cpu" and whole["shape"] == (6, 8) and rows["shape"] == (4, 8)
+    assert rows["byte_offset"] == 64 and rows["address"] == whole["address"] + 64
+    t = interop.dlpack_info(cases["its transpose (strides)"][0])
+    assert t["shape"] == (8, 6) and t["strides"] == (1, 8) and t["address"] == whole["address"]
+    assert interop.dlpack_info(cases["bf16 [64]"][0])["dtype"] == (4, 16, 1)     # DLPack's bfloat code
+    for a, want in cases.values():
+        assert interop.host_bytes(interop.dlpack_info(a), len(want)) == want
+    x = mx.arange(10, dtype=mx.int32)
+    assert np.frombuffer(interop.host_bytes(interop.dlpack_info(x[3:]), 8), np.int32).tolist() == [3, 4]
+    assert interop.probe() == 0
+    assert capsys.readouterr().out.count("host bytes at the address: the array") == len(cases)
