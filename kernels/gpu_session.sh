@@ -28,6 +28,8 @@
 #   ktiny    the same tolerance check on the tiny preset (4 layers, built under /tmp; no timing)
 #   interop  what MLX arrays' DLPack exports give on CUDA (device addresses?) and what the driver says of
 #            them: whether the kernels could be launched outside MLX's graph (kernels/interop.py)
+#   hostpad  what an input costs the host: the tiny preset's pipelined loop, 6 s, with each launch given
+#            N more unread inputs, for each N in $PADS (default "0 20 0 20"; a process each)
 #   normbisect where the fused input norm's error comes from, layer by layer (decode_bench --norm-bisect)
 #   kncu     the check's GPU time per call, fused and plain side by side (ncu, NCU_ARGS as below; the
 #            check's timed regions between marker kernels), of KNCU_ONLY's kernels (default the MoE block)
@@ -339,6 +341,11 @@ for s in "$@"; do
     kdecode) step kdecode.log env $(best) python3 -m llm_flashmoe.kernels.decode_bench --dir "$M/mlx" ${KDECODE_ARGS:---check-layers 2,all} ;;
     ktiny) step ktiny.log env $(best) python3 -m llm_flashmoe.kernels.decode_bench --preset tiny --layers 4 --no-timing --check-layers 2,all ;;
     interop) step interop.log python3 -m llm_flashmoe.kernels.interop ;;
+    hostpad)  # the tiny preset's bare pipelined loop with each launch given N more (unread) inputs, N in $PADS
+      tiny
+      for n in ${PADS:-0 20 0 20}; do
+        step hostpad.log python3 -m llm_flashmoe.kernels.overhead loop --dir "$M/tiny" --seconds 6 --pad-inputs "$n"
+      done ;;
     kncu)  # KNCU_ONLY: the check's kernels (default the MoE block alone: qmv's ten shapes take minutes under ncu)
       NO_SUMMARY=1 profile kncu -- env $(best) python3 -m llm_flashmoe.kernels.check --only "${KNCU_ONLY:-MoE block}" \
         --runs 1 --dtypes bfloat16 --ncu-marks

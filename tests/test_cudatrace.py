@@ -119,3 +119,39 @@ def test_stacks_summary_sums_py_spys_raw_samples_per_function(tmp_path, capsys):
     assert "  100.00  ? (libc.so.6)" in kept and "Hash_bytes" not in kept
     with pytest.raises(SystemExit, match="no samples through a frame containing 'nothing'"):
         stacks_summary(str(raw), keep="nothing")
+
+
+def test_overhead_loop_pad_inputs_gives_each_launch_more_unread_arrays(tmp_path, monkeypatch):
+    """`overhead loop --pad-inputs N` (what an input costs the host): every fused launch after it
+    takes N more distinct arrays, named apart, that it does not read (a kernel of its own); its
+    outputs are the same (the CUDA source run by the emulator)."""
+    import mlx.core as mx
+
+    from llm_flashmoe.kernels import check, emulate, gpu
+    from llm_flashmoe.kernels.host import pad_inputs
+
+    monkeypatch.setattr(gpu.GpuKernels, "kernel", gpu.GpuKernels.kernel)   # restored after the test
+    mx.random.seed(3)
+    x, lin = check.rnd((1, 64), mx.float32), check.qlinear(32, 64, dtype=mx.float32)
+    kern = emulate.emulated_kernels(tmp_path)
+    given, make = [], kern._make
+
+    def recording(**spec):
+        launch = make(**spec)
+
+        def call(**kw):
+            given.append((spec["input_names"], kw["inputs"]))
+            return launch(**kw)
+        return call
+
+    kern._make = recording
+    before = kern.qmv(x, [lin])[0]
+    pad_inputs(3)
+    padded = kern.qmv(x, [lin])[0]
+    (plain_names, plain_inputs), (names, inputs) = given
+    assert names == [*plain_names, "fm_pad0", "fm_pad1", "fm_pad2"] and len(inputs) == len(plain_inputs) + 3
+    assert all(a is b for a, b in zip(inputs, plain_inputs))
+    assert len({id(a) for a in inputs[-3:]}) == 3 and all(a.shape == (4,) for a in inputs[-3:])
+    assert mx.array_equal(padded, before)
+    pad_inputs(0)                                       # adds nothing more
+    assert mx.array_equal(kern.qmv(x, [lin])[0], before) and len(given) == 3 and len(given[-1][1]) == len(inputs)

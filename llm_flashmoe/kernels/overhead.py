@@ -348,6 +348,8 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--gc", choices=("on", "freeze", "off"), default="on",
                    help="Python's collector in the loop: as it is, with the objects made before it frozen, or off")
+    p.add_argument("--pad-inputs", type=int, default=0,
+                   help="every fused launch takes this many more (unread) input arrays: what an input costs the host")
     p = sub.add_parser("stacks", help="summarise py-spy's raw samples (record --native -f raw): per thread, "
                                       "the busiest thread's functions, self and inclusive")
     p.add_argument("raw")
