@@ -309,6 +309,30 @@ def test_pipelined_timing_of_the_first_layers_runs_those_and_restores_the_model(
     assert abs(rest + len(layers) * per_layer - whole) < 1e-9    # (the split of the whole model's time)
 
 
+def test_marginal_layer_time_in_pairs_takes_each_half_against_the_whole_just_before(monkeypatch):
+    """`marginal_layer_time(..., pairs=N)`: the whole model and its first half timed in turn, each
+    half against the whole just before it; the medians of those differences and of the wholes
+    (the caller's whole time is the first pair's). The timings are scripted here: what is tested
+    is the order of the calls and the arithmetic."""
+    from llm_flashmoe.kernels import decode_bench
+
+    class Model:
+        layers = list(range(8))
+
+    script = iter([5.0, 9.0, 5.5, 10.0, 6.0])      # half, whole, half, whole, half (seconds/token)
+    calls = []
+
+    def timed(model, prompt, steps, embed_head_only=False, warmup=16, first=None):
+        calls.append(first)
+        return next(script), 0.0
+
+    monkeypatch.setattr(decode_bench, "pipelined_time", timed)
+    per, rest, whole = decode_bench.marginal_layer_time(Model(), [1], 4, whole=8.0, pairs=3)
+    assert calls == [4, None, 4, None, 4]
+    diffs = [(8.0 - 5.0) / 4, (9.0 - 5.5) / 4, (10.0 - 6.0) / 4]
+    assert per == sorted(diffs)[1] and whole == 9.0 and rest == 9.0 - 8 * per
+
+
 def test_pipelined_rounds_summary_is_the_median_of_each_column():
     """decode_bench's summary of its pipelined rounds: each figure the median over the rounds
     (a round's missing marginal figure left out), each round's marginal figure listed."""

@@ -145,21 +145,27 @@ def pipelined_time(model, prompt, steps: int, embed_head_only: bool = False, war
         return (time.perf_counter() - t0) / steps, wait / steps
 
 
-def marginal_layer_time(model, prompt, steps: int, whole: float | None = None) -> tuple[float, float, float]:
+def marginal_layer_time(model, prompt, steps: int, whole: float | None = None,
+                        pairs: int = 1) -> tuple[float, float, float]:
     """A pipelined decode layer's cost without taking a separately timed embedding and head out:
     the whole model and its first half, each pipelined (`pipelined_time`) -> (seconds per layer =
     the difference over the layers between them, seconds per token for the rest = the whole
     model's time less its layers', seconds per token of the whole model). Taking embed+head timed
     alone out of the whole model's time understates the layers' cost where, in the whole model,
     the head's GPU time hides behind the next step's host work. `whole`: the whole model's time
-    where the caller has it already."""
+    where the caller has it already (the first pair's). `pairs`: that many timings of each, in
+    turn (whole, half, whole, half, ...), each half against the whole timed just before it: the
+    medians, so that a host whose speed drifts between timings moves the figure less."""
     L = len(model.layers)
     half = L // 2
-    if whole is None:
-        whole = pipelined_time(model, prompt, steps)[0]
-    part = pipelined_time(model, prompt, steps, first=half)[0]
-    per_layer = (whole - part) / (L - half)
-    return per_layer, whole - L * per_layer, whole
+    wholes, diffs = [], []
+    for i in range(max(1, pairs)):
+        w = whole if i == 0 and whole is not None else pipelined_time(model, prompt, steps)[0]
+        part = pipelined_time(model, prompt, steps, first=half)[0]
+        wholes.append(w)
+        diffs.append((w - part) / (L - half))
+    per_layer, w = float(np.median(diffs)), float(np.median(wholes))
+    return per_layer, w - L * per_layer, w
 
 
 def pipe_summary(rounds: list[tuple], layers: int) -> str:
@@ -356,6 +362,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--pipe-steps", type=int, default=256, help="decode steps of the pipelined timing")
     ap.add_argument("--pipe-rounds", type=int, default=3, help="pipelined timings (each after a warm-up)")
+    ap.add_argument("--pipe-pairs", type=int, default=1,
+                    help="per round, timings of the whole model and its first half in turn (medians)")
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the engine's)")
@@ -422,8 +430,10 @@ def main(argv=None) -> int:
                   f"{eh + 60 * (tok - eh) / L:7.1f} ms/token", flush=True)
             per = rest = float("nan")
             if L >= 2:   # the same whole-model timing against the first half's
-                per, rest, _ = marginal_layer_time(model, prompt, args.pipe_steps, whole)
-                print(f"  the same, {L} layers against {L // 2}: {per * 1e6:7.1f} us per layer, the rest "
+                per, rest, _ = marginal_layer_time(model, prompt, args.pipe_steps, whole, args.pipe_pairs)
+                print(f"  the same, {L} layers against {L // 2}"
+                      + (f" (medians of {args.pipe_pairs} pairs)" if args.pipe_pairs > 1 else "")
+                      + f": {per * 1e6:7.1f} us per layer, the rest "
                       f"(embedding, head, sampling) {rest * 1e3:6.2f} ms/token  -> 60 layers: "
                       f"{(rest + 60 * per) * 1e3:7.1f} ms/token", flush=True)
             pipe.append((tok, wait, eh, (tok - eh) / L * 1e3, per * 1e6, rest * 1e3))
