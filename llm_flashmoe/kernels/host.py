@@ -123,7 +123,7 @@ def pad_inputs(n: int) -> None:
     (distinct float32 [4] arrays made once, as weights are distinct arrays; the kernels are
     made again with them in their signature). What each input costs the host (`loop
     --pad-inputs`) is what taking the weights' scales and biases into their codes' buffer
-    would save: a GatedDeltaNet layer's launches take 63 arrays, 28 of them those."""
+    would save: a GatedDeltaNet layer's launches take 63 arrays, 26 of them those."""
     from . import gpu
 
     if n <= 0:
