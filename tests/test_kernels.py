@@ -1419,6 +1419,38 @@ def test_plain_ops_read_element_0_of_any_backends_positions():
     assert not mx.array_equal(results[1][2], keys) and mx.array_equal(results[1][2][:, :, :5], keys[:, :, :5])
 
 
+def test_a_kernels_name_changes_with_its_text(monkeypatch, tmp_path):
+    """MLX's CUDA backend keeps compiled modules on disk across processes, and newer MLX names them
+    by the kernel's name alone: so the name covers the kernel's text as well as its launch shape
+    (the same name for the same text in a new GpuKernels; another name for another text under the
+    same defines), with the text in files (the #include lines name the files by their hash) and
+    inline."""
+    from llm_flashmoe.kernels import gpu, source
+
+    monkeypatch.setenv("FLASHMOE_CACHE_DIR", str(tmp_path / "cache"))
+    q = mx.zeros((2, 256), mx.bfloat16)
+    kv = mx.zeros((1, 1, 16, 256), mx.bfloat16)
+    gate = mx.zeros((1, 1024), mx.bfloat16)
+
+    def name_made(backend="cuda"):
+        k, made = gpu.GpuKernels(backend), []
+        k._make = lambda **kw: made.append(kw) or recording([])(**kw)
+        k.decode_attention(q, kv, kv, 5, gate)
+        return made[-1]["name"]
+
+    render = source.render
+    try:
+        for env in ({}, {"FLASHMOE_CUDA_SOURCE_FILES": "0"}):
+            gpu.configure(env)
+            monkeypatch.setattr(gpu, "render", render)
+            first = name_made()
+            assert first.startswith("fm_decode_attention_") and name_made() == first
+            monkeypatch.setattr(gpu, "render", lambda *a: (lambda h, b: (h, b + "\n// edited"))(*render(*a)))
+            assert name_made() != first
+    finally:
+        gpu.configure({})
+
+
 def test_cuda_launches_make_no_output_of_8_bytes_or_fewer(tmp_path):
     """MLX's CUDA allocator keeps buffers of 8 bytes or fewer in managed memory on the host side:
     moe_down spent half its time reading the shared expert gate's logit from one. On CUDA a launch's

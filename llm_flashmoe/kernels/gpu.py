@@ -464,7 +464,11 @@ class GpuKernels:
             shaped = frozenset(n for n in inputs if any(f"{n}_{w}" in reads for w in ("shape", "strides", "ndim")))
             if self.backend == "cuda" and SOURCE_FILES:
                 header, body = _source_files(header, body, reads)
-            tag = zlib.crc32(repr(key).encode()) & 0xFFFFFFFF
+            # the name covers the text too: MLX's CUDA backend keeps compiled modules on disk
+            # (the temp folder's mlx/<version>/ptx), and newer MLX names them by the kernel's name
+            # alone, so a name that outlived its text (another llm-flashmoe, an edited .kern file)
+            # would load the old code
+            tag = zlib.crc32(f"{key!r}\0{header}\0{body}".encode()) & 0xFFFFFFFF
             k = self._make(name=f"fm_{name}_{tag:08x}", input_names=list(inputs),
                            output_names=list(outputs), source=body, header=header)
             if self.backend == "cuda":
