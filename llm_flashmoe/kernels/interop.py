@@ -130,7 +130,7 @@ def probe() -> int:
             print(f"  host bytes at the address: {'the array' if ok else 'NOT the array'}")
     if cuda:
         k = mx.fast.cuda_kernel(name="fm_probe", input_names=["x"], output_names=["y"],
-                                source="uint i = threadIdx.x; y[i] = x[i] + 1;")
+                                source="unsigned int i = threadIdx.x; y[i] = x[i] + 1.0f;")
         mx.eval(k(inputs=[mx.zeros((32,))], grid=(32, 1, 1), threadgroup=(32, 1, 1),
                   output_shapes=[(32,)], output_dtypes=[mx.float32])[0])
         print(f"NVRTC loaded by MLX: {_loaded('nvrtc') or 'none found'}; driver: {_loaded('libcuda') or '?'}")
