@@ -40,7 +40,7 @@
 #            layers, against a float32 copy), and with USE_BEST=1
 #            the steps kcheck, kdecode, kncu and ncu run under it
 #   rows     rows per warp of qmv and the MoE kernels, checked and timed
-#   firststep the first decode step's stall in two processes in a row (MLX's kernel cache)
+#   firststep the first decode step's stall in two processes in a row (MLX's kernel cache; FIRST_MODEL=tiny: the tiny preset)
 #   firstcalls the first decode steps' fused ops timed one by one (what the first step's stall is)
 #   odecode  a decode step's build/evaluate split, op by op and compiled (resident; all experts cached)
 #   ncu      each kernel's GPU time in decode steps (ncu), summed per kernel; NCU_ARGS adds ncu
@@ -190,10 +190,12 @@ for s in "$@"; do
         export FLASHMOE_MOE_ROWS=1,1; echo "== MoE kernels FAIL with several rows per warp: FLASHMOE_MOE_ROWS=1,1 from here"
       fi ;;
     firststep)  # is the first decode step's stall compilation, and does MLX's kernel cache remove it?
+      d=$M/mlx; [ "${FIRST_MODEL:-}" = tiny ] && { tiny; d=$M/tiny; }
       rm -rf /tmp/mlx/*/ptx
       for i in 1 2; do
-        echo "== MLX kernel cache: $(ls /tmp/mlx/*/ptx 2>/dev/null | wc -l) files" | tee -a "$out/firststep.log"
-        step firststep.log python3 -m llm_flashmoe.kernels.overhead decode --dir "$M/mlx" --steps 4
+        echo "== MLX kernel cache: $(ls /tmp/mlx/*/ptx 2>/dev/null | wc -l) files; the driver's:" \
+          "$(du -sh ~/.nv/ComputeCache 2>/dev/null | cut -f1)" | tee -a "$out/firststep.log"
+        step firststep.log python3 -m llm_flashmoe.kernels.overhead decode --dir "$d" --steps 4
       done ;;
     firstcalls) step firstcalls.log python3 -m llm_flashmoe.kernels.overhead firstcalls --dir "$M/mlx" ;;
     odecode)

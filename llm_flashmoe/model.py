@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -119,6 +120,17 @@ class LoadedModel:
 _LOADED: dict[Path, LoadedModel] = {}
 
 
+def compile_notice(backend: str) -> str | None:
+    """The line shown when a process loads a model on `backend`, if its first answer will wait for
+    kernels to compile: on CUDA, MLX compiles each fused kernel with NVRTC in every process (MLX
+    0.32.4 keeps only its own kernels on disk), about 20 s a process on an H200."""
+    if backend != "cuda":
+        return None
+    return ("llm-flashmoe: this process's first answer waits while the CUDA kernels compile (about 20 s on an "
+            "H200; a machine's first run also compiles MLX's own kernels, a few minutes, which MLX keeps on disk). "
+            "`llm chat` pays it once a session.")
+
+
 def forget_loaded_models() -> None:
     """Drop the cached models, as a new process would start (tests use this)."""
     _LOADED.clear()
@@ -183,6 +195,10 @@ def load(name: str, model_dir: Path, experts_per_token: int | None) -> LoadedMod
         sampling = _sampling_defaults(model_dir)
         _LOADED.clear()
         model = load_model(model_dir, experts_per_token=k)
+        ops = model.layers[0].ops if model.layers else None
+        notice = compile_notice(ops.backend if ops is not None else "plain")
+        if notice:
+            print(notice, file=sys.stderr)
         loaded = LoadedModel(model_dir, model, tokenizer, template, sampling, Session(model))
         _LOADED[model_dir] = loaded
     else:

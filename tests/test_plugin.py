@@ -253,3 +253,24 @@ def test_pipelined_decode_through_llm_matches_step_by_step(llm_home, monkeypatch
         assert bool(steps) == (mode == "auto"), "pipelined steps ran only when wanted"
     assert seen["auto"] == seen["0"]
     assert seen["0"][2] == "stop_sequence"
+
+
+def test_a_load_whose_kernels_compile_says_so_once(tiny_hf, monkeypatch, capsys):
+    from llm_flashmoe import model
+
+    assert "CUDA kernels compile" in model.compile_notice("cuda")
+    assert all(model.compile_notice(b) is None for b in ("plain", "cpu", "twin", "metal"))
+    model.forget_loaded_models()
+    try:
+        model.load(registry.TINY_NAME, tiny_hf, None)   # this CPU's own backend: nothing to wait for
+        assert "kernels compile" not in capsys.readouterr().err
+        # The CUDA kernels' launchers are built at load without a GPU (they run only when called).
+        monkeypatch.setenv("FLASHMOE_KERNELS", "cuda")
+        model.forget_loaded_models()
+        loaded = model.load(registry.TINY_NAME, tiny_hf, None)
+        assert loaded.model.layers[0].ops.backend == "cuda"
+        assert capsys.readouterr().err.count("CUDA kernels compile") == 1
+        model.load(registry.TINY_NAME, tiny_hf, None)   # the process's loaded model again: no second notice
+        assert "kernels compile" not in capsys.readouterr().err
+    finally:
+        model.forget_loaded_models()
