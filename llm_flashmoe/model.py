@@ -451,13 +451,15 @@ class FlashMoeModel(llm.Model):
 def stats_line(stats: dict) -> str:
     """One line for humans from a response_json / GenerationStats.as_dict()."""
     mb = stats.get("peak_memory_bytes", 0) / 1e6
+    n, nbytes, gpu_hits = stats.get("experts_read", 0), stats.get("expert_bytes", 0), stats.get("expert_gpu_cache_hits")
+    if n and not nbytes and not gpu_hits:   # a model whose experts all stay in memory (an unconverted one)
+        experts = f"{n} experts used, all held in memory"
+    else:
+        experts = (f"{n} experts read ({nbytes / 1e6:.1f} MB, {stats.get('expert_page_cache_hits', 0)} from page cache"
+                   + (f", {gpu_hits} more found in the GPU cache" if gpu_hits else "") + ")")
     return (
         f"{stats.get('generated_tokens', 0)} tokens at {stats.get('decode_tokens_per_second', 0):.2f} tok/s; "
         f"prompt {stats.get('prompt_tokens', 0)} tokens ({stats.get('cached_prompt_tokens', 0)} cached) "
         f"at {stats.get('prompt_tokens_per_second', 0):.1f} tok/s; "
-        f"first token after {stats.get('time_to_first_token_s', 0):.2f} s; "
-        f"{stats.get('experts_read', 0)} experts read ({stats.get('expert_bytes', 0) / 1e6:.1f} MB, "
-        f"{stats.get('expert_page_cache_hits', 0)} from page cache"
-        + (f", {stats['expert_gpu_cache_hits']} more found in the GPU cache" if stats.get("expert_gpu_cache_hits") else "")
-        + f"); peak memory {mb:.0f} MB"
+        f"first token after {stats.get('time_to_first_token_s', 0):.2f} s; {experts}; peak memory {mb:.0f} MB"
     )

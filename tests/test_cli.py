@@ -93,5 +93,20 @@ def test_demo_runs_the_tiny_model(home, tiny_hf):
     result = invoke("flashmoe", "demo", "--max-tokens", "4")
     assert result.exit_code == 0, result.output
     assert "random weights" in result.stderr and "4 tokens at" in result.stderr
+    # an unconverted model keeps its experts in memory: its line says so, not "0.0 MB read"
+    assert "experts used, all held in memory" in result.stderr and "MB, 0 from page cache" not in result.stderr
     assert result.stdout.strip()
     assert registry.TINY_NAME in invoke("models").output
+
+
+def test_stats_line_names_reads_only_where_experts_were_read():
+    from llm_flashmoe.model import stats_line
+
+    streamed = {"generated_tokens": 5, "experts_read": 240, "expert_bytes": 1_770_000_000,
+                "expert_page_cache_hits": 200, "expert_gpu_cache_hits": 16}
+    line = stats_line(streamed)
+    assert "240 experts read (1770.0 MB, 200 from page cache, 16 more found in the GPU cache)" in line
+    all_gpu = stats_line({**streamed, "experts_read": 0, "expert_bytes": 0})
+    assert "0 experts read (0.0 MB, 200 from page cache, 16 more found in the GPU cache)" in all_gpu
+    resident = stats_line({"generated_tokens": 5, "experts_read": 40, "expert_bytes": 0})
+    assert "40 experts used, all held in memory" in resident and "read" not in resident
