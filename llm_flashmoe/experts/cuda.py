@@ -39,17 +39,24 @@ class _MemLocation(ctypes.Structure):
     _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
 
 
-def _candidates() -> list[str]:
-    """libcudart paths: the one this process already loaded first (MLX's), then usual places."""
+def loaded_libraries(fragment: str) -> list[str]:
+    """The shared objects this process has mapped whose file name contains `fragment`, in the
+    order they were first mapped (Linux's /proc/self/maps; elsewhere none)."""
     found = []
     try:
         with open("/proc/self/maps") as f:
             for line in f:
                 path = line.rsplit(None, 1)[-1]
-                if "libcudart.so" in os.path.basename(path) and path not in found:
+                if fragment in os.path.basename(path) and path not in found:
                     found.append(path)
     except OSError:
         pass
+    return found
+
+
+def _candidates() -> list[str]:
+    """libcudart paths: the one this process already loaded first (MLX's), then usual places."""
+    found = loaded_libraries("libcudart.so")
     import site
     import sys
 

@@ -86,15 +86,6 @@ def _cuda_facts(info: dict, want: bytes) -> list[str]:
     return lines
 
 
-def _loaded(name: str) -> list[str]:
-    """The shared objects of this process whose file name contains `name`."""
-    try:
-        with open("/proc/self/maps") as f:
-            return sorted({line.split()[-1] for line in f if name in line.rsplit("/", 1)[-1]})
-    except OSError:
-        return []
-
-
 def probe_cases() -> list[tuple[str, mx.array, bytes]]:
     """(label, array, the bytes its address should hold in memory order): a view with a byte
     offset, a transposed view (its base's bytes), bf16."""
@@ -133,7 +124,10 @@ def probe() -> int:
                                 source="unsigned int i = threadIdx.x; y[i] = x[i] + 1.0f;")
         mx.eval(k(inputs=[mx.zeros((32,))], grid=(32, 1, 1), threadgroup=(32, 1, 1),
                   output_shapes=[(32,)], output_dtypes=[mx.float32])[0])
-        print(f"NVRTC loaded by MLX: {_loaded('nvrtc') or 'none found'}; driver: {_loaded('libcuda') or '?'}")
+        from ..experts.cuda import loaded_libraries
+
+        print(f"NVRTC loaded by MLX: {loaded_libraries('nvrtc') or 'none found'}; "
+              f"driver: {loaded_libraries('libcuda') or '?'}")
     return 1 if bad else 0
 
 
