@@ -4,7 +4,10 @@ bookkeeping per operation is now the decode step's bound, at about the 100 us a 
 on the arrays MLX keeps. That needs each array's device address. This module reads what an MLX
 array's DLPack export gives: device, address, byte offset, shape, strides and dtype. On a CUDA
 machine, `python -m llm_flashmoe.kernels.interop` also asks the driver what that address is, and
-whether its bytes are the array's. A probe for that decision; nothing in the engine uses it."""
+whether its bytes are the array's. A probe for that decision; nothing in the engine uses it.
+On the H200 the export's address is the array's, but managed memory: MLX moves a buffer there
+when the host asks for its address. The engine's way to a device address that leaves the buffer
+alone is `experts.cuda.device_address` (a kernel reads it)."""
 
 from __future__ import annotations
 
